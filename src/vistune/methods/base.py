@@ -1,0 +1,187 @@
+"""The interface every tuning method implements, and the option parsing they share.
+
+A method object is created per attachment (it holds the hook handles and the modules it
+inserted), so two tuned models never share state. Methods identify what they tune
+structurally: they return the parameter objects themselves, never names to match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from vistune.errors import MethodError, NotMergeableError
+
+
+@dataclasses.dataclass
+class NoOptions:
+    """Options of a method that has none."""
+
+
+class Method:
+    """Base class: subclasses set ``name``/``Options`` and implement :meth:`attach`."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    #: True when merge() folds everything into base weights (or there is nothing to fold).
+    mergeable: ClassVar[bool] = False
+    #: True when the backbone itself trains (dropout, drop-path, BatchNorm statistics active).
+    backbone_trains: ClassVar[bool] = False
+
+    def __init__(self, options: Any | None = None) -> None:
+        self.options = options if options is not None else self.Options()
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self.merged = False
+
+    # -- what subclasses implement -------------------------------------------------------
+    def attach(self, model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Insert this method's modules/hooks into ``model`` (already frozen).
+
+        ``state`` holds the tensors of a tuned file being loaded (keyed by parameter/buffer
+        name), for methods whose structure depends on data (SPT's allocation).
+        """
+        raise NotImplementedError
+
+    def tuned_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The parameters this method trains, head excluded."""
+        return [p for m in self.modules() for p in m.parameters()]
+
+    def modules(self) -> list[nn.Module]:
+        """Modules this method inserted (their train/eval mode follows the tuned model's)."""
+        return []
+
+    def merge(self, model: nn.Module) -> None:
+        raise NotMergeableError(
+            f"method {self.name!r} adds computation that cannot be folded into the backbone "
+            "weights; keep it attached for inference"
+        )
+
+    def unmerge(self, model: nn.Module) -> None:
+        raise NotMergeableError(f"method {self.name!r} is not mergeable, so there is nothing to unmerge")
+
+    def spec_options(self) -> dict[str, Any]:
+        """Options as plain JSON-able data, stored in tuned files."""
+        return _to_plain(dataclasses.asdict(self.options))
+
+    # -- helpers for subclasses --------------------------------------------------------
+    def add_hook(self, handle: torch.utils.hooks.RemovableHandle) -> None:
+        self._hooks.append(handle)
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+
+class NothingToMerge:
+    """Mixin for methods that only re-train existing weights: merging is a no-op by nature."""
+
+    mergeable: ClassVar[bool] = True
+
+    def merge(self, model: nn.Module) -> None:
+        self.merged = True
+
+    def unmerge(self, model: nn.Module) -> None:
+        self.merged = False
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+# ----------------------------------------------------------------------------------------
+# Options parsing: CLI strings, YAML values and Python values all go through here.
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _coerce(method: str, key: str, value: Any, annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in {"none", "null"}):
+            return None
+        annotation = non_none[0]
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    try:
+        if annotation is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise ValueError("expected true/false")
+        if annotation is int:
+            if isinstance(value, bool):
+                raise ValueError("expected an integer")
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError("expected an integer")
+            return int(value)
+        if annotation is float:
+            return float(value)
+        if annotation is str:
+            return str(value)
+        if origin in (tuple, list):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            items = [str(i).strip() for i in items if str(i).strip()]
+            inner = args[0] if args else str
+            out = [_coerce(method, key, i, inner) for i in items]
+            return tuple(out) if origin is tuple else out
+    except (TypeError, ValueError) as err:
+        raise MethodError(f"method {method!r}: option {key}={value!r} is invalid ({err})") from None
+    return value
+
+
+def parse_options(method_cls: type[Method], options: dict[str, Any] | None) -> Any:
+    """Build the method's Options dataclass from loose values; unknown keys are an error."""
+    options = dict(options or {})
+    fields = {f.name: f for f in dataclasses.fields(method_cls.Options)}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        valid = ", ".join(sorted(fields)) or "(none)"
+        raise MethodError(
+            f"method {method_cls.name!r} has no option {unknown[0]!r}; valid options: {valid}"
+        )
+    hints = typing.get_type_hints(method_cls.Options)
+    values = {k: _coerce(method_cls.name, k, v, hints[k]) for k, v in options.items()}
+    try:
+        opts = method_cls.Options(**values)
+    except (TypeError, ValueError) as err:
+        raise MethodError(f"method {method_cls.name!r}: {err}") from None
+    validate = getattr(opts, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ValueError as err:
+            raise MethodError(f"method {method_cls.name!r}: {err}") from None
+    return opts
+
+
+def parse_kv(pairs: Iterable[str]) -> dict[str, str]:
+    """``["rank=8", "targets=q,v"]`` → dict; a malformed pair names itself in the error."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise MethodError(f"option {pair!r} is not of the form key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def hook_output(module: nn.Module, fn: Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor]):
+    """Register a forward hook that replaces the module's output (a tiny readability wrapper)."""
+    return module.register_forward_hook(fn)

@@ -1,0 +1,22 @@
+"""Full fine-tuning: every backbone parameter trains (the upper reference of every table)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vistune.backbones import head_parameters
+from vistune.methods.base import Method, NothingToMerge
+
+
+class Full(NothingToMerge, Method):
+    name = "full"
+    backbone_trains = True  # dropout/drop-path/BatchNorm statistics behave as in normal training
+
+    def attach(self, model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> None:
+        head = {id(p) for p in head_parameters(model)}
+        self._params = [p for p in model.parameters() if id(p) not in head]
+
+    def tuned_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return list(self._params)
+
