@@ -53,6 +53,7 @@ def create_backbone(
     img_size: int | None = None,
     num_classes: int = 0,
     device: str | torch.device | None = None,
+    load_weights: bool = True,
     **timm_kwargs: Any,
 ) -> nn.Module:
     """Create a timm model, optionally with weights from a local file or a vistune weights name.
@@ -61,6 +62,8 @@ def create_backbone(
     name (``dinov2-s14``, ``efficientnet-lite0``, ``mobilenetv2``, ``resnet20-cifar``...). For a zoo
     name, ``weights`` defaults to that name's converted file (fetched on first use). ``weights``
     may also be a path to a ``.safetensors``/``.pth`` file that loads into the architecture.
+    ``load_weights=False`` builds the architecture only (e.g. on the meta device, to count
+    parameters) while keeping the zoo entry's normalisation.
 
     Weights are loaded through timm's own ``pretrained_cfg_overlay=dict(file=...)`` route, so
     timm's checkpoint filters do what they do for hub weights: position embeddings are resampled
@@ -80,6 +83,8 @@ def create_backbone(
         )
     if entry is not None and weights is None:
         weights = name
+    if not load_weights:
+        weights = None
 
     kwargs: dict[str, Any] = dict(timm_kwargs)
     kwargs["num_classes"] = num_classes
@@ -117,6 +122,8 @@ def create_backbone(
         model = _create(arch, kwargs, pretrained=False)
 
     cfg = getattr(model, "pretrained_cfg", None) or {}
+    if mean is None and entry is not None:
+        mean, std = entry.mean, entry.std
     if mean is None:
         mean = tuple(cfg.get("mean", IMAGENET_MEAN))
         std = tuple(cfg.get("std", IMAGENET_STD))

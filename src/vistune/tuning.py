@@ -60,7 +60,7 @@ def fingerprint(model: nn.Module) -> str:
             return "meta"
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -131,8 +131,8 @@ class TunedModel(nn.Module):
         return [n for n, p in self.model.named_parameters() if id(p) in ids]
 
     def _method_buffers(self) -> dict[str, torch.Tensor]:
-        """Persistent buffers of the method's own modules (e.g. SPT's sparse indices)."""
-        owned = {id(b) for m in self.method.modules() for b in m.buffers()}
+        """Buffers the method owns or trains (SPT's sparse indices; BatchNorm statistics in full)."""
+        owned = {id(b) for b in self.method.tuned_buffers(self.model)}
         return {n: b for n, b in self.model.named_buffers() if id(b) in owned}
 
     def tuned_state_dict(self, include_head: bool = True) -> dict[str, torch.Tensor]:

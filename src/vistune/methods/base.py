@@ -52,6 +52,10 @@ class Method:
         """The parameters this method trains, head excluded."""
         return [p for m in self.modules() for p in m.parameters()]
 
+    def tuned_buffers(self, model: nn.Module) -> list[torch.Tensor]:
+        """Buffers saved with the tuned tensors: by default those of the inserted modules."""
+        return [b for m in self.modules() for b in m.buffers()]
+
     def modules(self) -> list[nn.Module]:
         """Modules this method inserted (their train/eval mode follows the tuned model's)."""
         return []

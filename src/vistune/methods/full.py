@@ -20,3 +20,7 @@ class Full(NothingToMerge, Method):
     def tuned_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return list(self._params)
 
+    def tuned_buffers(self, model: nn.Module) -> list[torch.Tensor]:
+        """BatchNorm statistics train along with the weights, so the file must carry them."""
+        return list(model.buffers())
+
