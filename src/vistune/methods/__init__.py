@@ -1,24 +1,29 @@
 """The method registry: name → Method class. One file per method; this maps names to them.
 
-The mapping is built once from an explicit tuple and is read-only, so there is no
-registration side effect or global mutable state to reason about.
+The mapping is a read-only table of ``module:Class`` strings, imported on first use: no
+registration side effects, no global mutable state, and ``vistune --help`` stays fast.
 """
 
 from __future__ import annotations
 
+import importlib
 from types import MappingProxyType
 
 from vistune.errors import MethodError
-from vistune.methods.adapter import Adapter
 from vistune.methods.base import Method, parse_kv, parse_options
-from vistune.methods.bitfit import BitFit
-from vistune.methods.full import Full
-from vistune.methods.linear import Linear
-from vistune.methods.lora import LoRA
-from vistune.methods.vpt import VPT
 
-_ALL: tuple[type[Method], ...] = (Linear, Full, BitFit, VPT, LoRA, Adapter)
-REGISTRY = MappingProxyType({cls.name: cls for cls in _ALL})
+REGISTRY = MappingProxyType(
+    {
+        "linear": "vistune.methods.linear:Linear",
+        "full": "vistune.methods.full:Full",
+        "bitfit": "vistune.methods.bitfit:BitFit",
+        "vpt": "vistune.methods.vpt:VPT",
+        "lora": "vistune.methods.lora:LoRA",
+        "adapter": "vistune.methods.adapter:Adapter",
+        "spt": "vistune.methods.spt:SPT",
+        "protuning": "vistune.methods.protuning:ProTuning",
+    }
+)
 
 
 def method_names() -> list[str]:
@@ -27,9 +32,11 @@ def method_names() -> list[str]:
 
 def get_method(name: str) -> type[Method]:
     try:
-        return REGISTRY[name]
+        target = REGISTRY[name]
     except KeyError:
         raise MethodError(f"unknown method {name!r}; known methods: {', '.join(REGISTRY)}") from None
+    module, _, cls = target.partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 __all__ = ["Method", "REGISTRY", "get_method", "method_names", "parse_kv", "parse_options"]
