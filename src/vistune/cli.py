@@ -50,6 +50,103 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    """Every TrainConfig key as a flag; defaults are None so a --config file's values survive."""
+    p.add_argument("--config", default=None, help="YAML file with the same keys as the flags")
+    p.add_argument("--backbone", default=None, help="timm model name or vistune weights name (dinov2-s14, ...)")
+    p.add_argument("--weights", default=None, help="vistune weights name or a local weights file")
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--method", default=None, help="linear, full, bitfit, vpt, lora, adapter, spt, protuning")
+    p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
+    p.add_argument("--data", default=None, help="fashion-mnist | npz:PATH | folder:PATH | vtab:PATH/TASK | fgvc:PATH")
+    p.add_argument("--shots", type=int, default=None, help="K examples per class from the training split")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--wd", type=float, default=None)
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default=None)
+    p.add_argument("--warmup-epochs", type=float, default=None)
+    p.add_argument("--clip-grad", type=float, default=None)
+    p.add_argument("--accum-steps", type=int, default=None)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None)
+    p.add_argument("--augment", choices=["flip"], default=None)
+    p.add_argument("--trainval", action="store_const", const=True, default=None,
+                   help="train on train+val (VTAB's final protocol); no validation split")
+    p.add_argument("--select", choices=["last", "best-val"], default=None,
+                   help="which epoch is tested: the last (VPT protocol) or the best on val")
+    p.add_argument("--eval-test-every", type=int, default=None,
+                   help="also evaluate test every N epochs (reported as periodic_test, never used for selection)")
+    p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--max-per-split", type=int, default=None, help="cap each split (quick runs)")
+    p.add_argument("--init-from", default=None, help="PVP: initialise the method's modules from a tuned/pretrained file")
+    p.add_argument("--sensitivity", default=None, help="SPT: sensitivity scores file (computed when absent)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None, help="output folder (tuned.safetensors, metrics.json, log.jsonl)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace, **forced):
+    from vistune.config import load_config_file, make_config
+    from vistune.methods import parse_kv
+
+    file_values = load_config_file(args.config) if args.config else {}
+    keys = ("backbone", "weights", "img_size", "method", "data", "shots", "seed", "epochs", "batch_size",
+            "lr", "wd", "optimizer", "warmup_epochs", "clip_grad", "accum_steps", "precision", "augment",
+            "trainval", "select", "eval_test_every", "checkpoint_every", "max_per_split", "init_from",
+            "sensitivity", "device", "out")
+    overrides = {k: getattr(args, k, None) for k in keys}
+    overrides["options"] = parse_kv(args.option) if args.option else None
+    if args.no_progress:
+        overrides["progress"] = False
+    overrides.update(forced)
+    return make_config(file_values, **overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vistune.engine import train
+
+    cfg = config_from_args(args)
+    metrics = train(cfg, resume=args.resume)
+    _print_metrics(metrics, cfg.out)
+    return 0
+
+
+def _print_metrics(metrics: dict, out: str) -> None:
+    keys = ("method", "val_top1", "test_top1", "tuned_params", "head_params", "train_seconds",
+            "train_img_per_s", "peak_memory_mb", "num_train", "num_test", "skipped_images")
+    width = max(len(k) for k in keys)
+    for k in keys:
+        v = metrics.get(k)
+        if isinstance(v, float):
+            v = f"{v:.2f}"
+        print(f"{k:<{width}}  {v}")
+    print(f"{'written':<{width}}  {out}/tuned.safetensors, {out}/metrics.json")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from vistune.engine import evaluate_file
+
+    res = evaluate_file(args.tuned, args.data, split=args.split, batch_size=args.batch_size,
+                        device=args.device, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{args.split}_top1  {res[f'{args.split}_top1']:.2f}  (n={res[f'num_{args.split}']})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from vistune.report import load_metrics, markdown_table
+
+    rows = load_metrics(args.runs)
+    if not rows:
+        print("vistune report: error: no metrics.json under " + ", ".join(args.runs), file=sys.stderr)
+        return 2
+    print(markdown_table(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vistune import __version__
 
@@ -65,6 +162,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "unless --weights is given)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("train", help="train a method on a dataset; writes tuned.safetensors + metrics.json")
+    _add_train_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a tuned file on a split")
+    p.add_argument("--tuned", required=True, help="a tuned.safetensors written by train")
+    p.add_argument("--data", default=None, help="data spec (default: the one recorded in the file)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="print a markdown table of run folders' metrics.json")
+    p.add_argument("runs", nargs="+")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -1,0 +1,156 @@
+"""Run configuration: one dataclass shared by the CLI, YAML files and the Python API.
+
+A YAML file may set any field; an unknown key is an error that names it (a typo must never
+silently fall back to a default and produce a different experiment).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vistune.errors import VistuneError
+
+
+class ConfigError(VistuneError, ValueError):
+    """A config file or value is invalid."""
+
+
+@dataclass
+class TrainConfig:
+    backbone: str = ""
+    weights: str | None = None
+    img_size: int | None = None
+    method: str = "linear"
+    options: dict[str, Any] = field(default_factory=dict)
+    data: str = ""
+    shots: int | None = None
+    seed: int = 0
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 0.01
+    wd: float = 1e-4
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.0
+    clip_grad: float | None = 1.0
+    accum_steps: int = 1
+    precision: str = "fp32"  # fp32 | bf16
+    augment: str | None = None  # None | flip
+    trainval: bool = False  # VTAB final protocol: train on train800val200, no val split
+    select: str = "last"  # last | best-val : which epoch's weights are tested
+    eval_test_every: int = 0  # >0: also evaluate test every N epochs (labelled as such)
+    checkpoint_every: int = 1
+    max_per_split: int | None = None
+    cache_features: bool = True  # linear probing: run the frozen backbone once
+    init_from: str | None = None  # PVP: a tuned file whose modules initialise this run
+    sensitivity: str | None = None  # SPT: a scores file (computed when absent)
+    num_workers: int = 0
+    device: str = "auto"
+    out: str = "runs/run"
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not self.backbone:
+            raise ConfigError("backbone is required (e.g. --backbone dinov2-s14)")
+        if not self.data:
+            raise ConfigError("data is required (e.g. --data folder:../shared/data/flowers5)")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ConfigError(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
+        if self.select not in ("last", "best-val"):
+            raise ConfigError(f"select must be 'last' or 'best-val', got {self.select!r}")
+        for name in ("epochs", "batch_size", "accum_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.shots is not None and self.shots < 1:
+            raise ConfigError(f"shots must be >= 1, got {self.shots}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def config_keys() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML mapping of TrainConfig keys (``-`` or ``_`` spelling); unknown keys are errors."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of keys, got {type(data).__name__}")
+    keys = set(config_keys())
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        norm = str(key).replace("-", "_")
+        if norm not in keys:
+            raise ConfigError(
+                f"config file {path}: unknown key {key!r}; valid keys: {', '.join(sorted(keys))}"
+            )
+        out[norm] = value
+    if "options" in out and not isinstance(out["options"], dict):
+        raise ConfigError(f"config file {path}: 'options' must be a mapping of method options")
+    return out
+
+
+def make_config(file_values: dict[str, Any] | None = None, **overrides: Any) -> TrainConfig:
+    """File values first, explicit (non-None) overrides on top; then validate."""
+    values = dict(file_values or {})
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key == "options":
+            values["options"] = {**values.get("options", {}), **value}
+        else:
+            values[key] = value
+    types_ = _field_types()
+    for key, value in list(values.items()):
+        values[key] = _coerce(key, value, types_[key])
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    if value is None:
+        return None
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    base = args[0] if args and typing.get_origin(annotation) in (typing.Union, type(int | None)) else annotation
+    try:
+        if base is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError("expected true/false")
+            return bool(value)
+        if base is int:
+            return int(value)
+        if base is float:
+            return float(value)
+        if base is str:
+            return str(value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"config key {key}={value!r} is invalid ({err})") from None
+    return value
