@@ -1,0 +1,452 @@
+"""``load_data``: spec -> three ready-to-train datasets plus a manifest.
+
+Pipeline (the same for every reader):
+
+1. read the layout (:mod:`.folder`, :mod:`.npz`, :mod:`.vtab`, :mod:`.fgvc`,
+   :mod:`.fashion_mnist`) into ids + labels per split;
+2. carve missing splits, seeded and stratified by ``split_seed``
+   (:func:`complete_splits`);
+3. ``trainval``: merge val into train, val = None;
+4. choose samples: ``shots`` -> exactly K per class from train (seeded by
+   ``seed``); ``max_per_split`` -> a class-proportional seeded cap;
+5. decode every chosen file once, *before training*: unreadable files are
+   skipped (one warning each, listed in ``skipped``); for few-shot/capped
+   selections the next file of the same class in the seeded order replaces
+   them, so K stays exact;
+6. keep the decoded ``uint8`` images in memory when they fit ``cache_mb``,
+   otherwise decode lazily per item (files were still all checked in 5).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .errors import DataError
+from .fashion_mnist import read_fashion_mnist
+from .fewshot import (
+    PURPOSE_CAP,
+    PURPOSE_FEWSHOT,
+    _check_seed,
+    class_orders,
+    fewshot_indices,
+    proportional_quota,
+    stratified_split,
+)
+from .fgvc import read_fgvc
+from .folder import read_folder
+from .npz import read_npz
+from .sources import SPLITS, ImageSource, RawSplit, SourceData, parse_spec
+from .transforms import Normalize, make_augment
+from .vtab import read_vtab
+
+log = logging.getLogger("vistune.data")
+
+#: Fractions carved when a split is missing (see :func:`complete_splits`).
+VAL_FRACTION = 0.1
+TEST_FRACTION = 0.2
+DEFAULT_CACHE_MB = 2048
+MANIFEST_FORMAT = "vistune.data/1"
+
+_READERS: dict[str, Callable[[str | None, bool], SourceData]] = {
+    "fashion-mnist": lambda arg, trainval: read_fashion_mnist(arg),
+    "npz": lambda arg, trainval: read_npz(arg),
+    "folder": lambda arg, trainval: read_folder(arg),
+    "vtab": lambda arg, trainval: read_vtab(arg, trainval=trainval),
+    "fgvc": lambda arg, trainval: read_fgvc(arg),
+}
+
+
+class ImageDataset(Dataset):
+    """One split. Items are ``(FloatTensor[3, H, W] normalised, int label)``.
+
+    ``images`` is the cached ``uint8 (N, C, H, W)`` tensor (C = 1 for grey
+    data, expanded to 3 on access) or ``None`` in lazy mode, where each item
+    is decoded from ``source`` on access. Engines that batch by hand can use
+    ``images[idx]`` + ``normalize(batch)`` directly; ``ids[i]`` is the
+    manifest id of item ``i``.
+    """
+
+    def __init__(
+        self,
+        ids: list[str],
+        targets: list[int],
+        *,
+        size: int,
+        normalize: Normalize,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None,
+        images: torch.Tensor | None,
+        source: ImageSource | None,
+    ) -> None:
+        if images is None and source is None:
+            raise DataError("internal: ImageDataset needs cached images or a source")
+        self.ids = ids
+        self.targets = targets
+        self.size = size
+        self.normalize = normalize
+        self.augment = augment
+        self.images = images
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def uint8(self, index: int) -> torch.Tensor:
+        """The resized, un-normalised, un-augmented image ``(C, H, W)``."""
+        if self.images is not None:
+            return self.images[index]
+        assert self.source is not None
+        return torch.from_numpy(self.source.load(self.ids[index], self.size))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x = self.uint8(index)
+        if self.augment is not None:
+            x = self.augment(x)
+        return self.normalize(x), self.targets[index]
+
+    @property
+    def cached(self) -> bool:
+        return self.images is not None
+
+
+@dataclass
+class DataSplits:
+    """The three splits of one data set plus everything needed to reproduce them.
+
+    ``val`` is None with ``trainval=True`` (the final run trains on train+val
+    and does no model selection). ``skipped`` lists ``(file, reason)`` for
+    every unreadable image left out. ``info`` carries the load options and
+    layout notes that :meth:`manifest` writes out.
+    """
+
+    train: ImageDataset
+    val: ImageDataset | None
+    test: ImageDataset | None
+    num_classes: int
+    class_names: list[str]
+    skipped: list[tuple[str, str]]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def _split(self, split: str) -> ImageDataset | None:
+        if split not in SPLITS:
+            raise DataError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+        return getattr(self, split)
+
+    def labels(self, split: str) -> list[int]:
+        """Labels of a split in item order; ``[]`` for an absent split."""
+        ds = self._split(split)
+        return [] if ds is None else list(ds.targets)
+
+    def manifest(self) -> dict[str, Any]:
+        """JSON-able record of exactly which samples are in which split.
+
+        Holds the spec and load options, the layout decisions (``notes``), the
+        class names, and per split its size, ids (relative paths, or
+        ``"<array>:<row>"``) and labels, plus few-shot K/seed. Given the same
+        files, ``load_data`` with the recorded options reproduces these ids;
+        the ids alone are enough to rebuild the splits by other means.
+        """
+        splits: dict[str, Any] = {}
+        for name in SPLITS:
+            ds = self._split(name)
+            splits[name] = None if ds is None else {
+                "size": len(ds), "ids": list(ds.ids), "labels": list(ds.targets),
+            }  # fmt: skip
+        out = dict(self.info)
+        out.update(
+            format=MANIFEST_FORMAT,
+            num_classes=self.num_classes,
+            class_names=list(self.class_names),
+            splits=splits,
+            skipped=[[f, r] for f, r in self.skipped],
+        )
+        return out
+
+
+def complete_splits(src: SourceData, split_seed: int) -> tuple[dict[str, RawSplit], list[str]]:
+    """Fill in missing val/test splits by seeded stratified carving.
+
+    Rules (never select a model on the test split):
+
+    * train+val+test given: used as is.
+    * train+test: val = 10% of train.
+    * train+val, no test (e.g. hymenoptera ``train/`` ``val/``): the given val
+      becomes **test** — it is the held-out set results on such layouts are
+      reported on — and a fresh 10% val is carved from train for model
+      selection.
+    * train only (flat class folder, e.g. flowers5): 70/10/20 train/val/test.
+
+    ``split_seed`` is separate from the few-shot ``seed`` so that runs over
+    several few-shot seeds share one test set.
+    """
+    splits = dict(src.splits)
+    if src.fixed_splits:
+        return splits, []
+    train = splits["train"]
+    has_val, has_test = "val" in splits, "test" in splits
+    if has_val and has_test:
+        return splits, ["train/val/test given"]
+    if has_val:
+        splits["test"] = splits.pop("val")
+    if has_val or has_test:
+        keep, val = stratified_split(train.labels, (VAL_FRACTION,), split_seed)
+        splits["train"], splits["val"] = train.subset(keep), train.subset(val)
+        note = (
+            "the given val split is used as test; " if has_val else ""
+        ) + f"val carved from train: {VAL_FRACTION:.0%} per class, split_seed={split_seed}"
+        return splits, [note]
+    keep, val, test = stratified_split(train.labels, (VAL_FRACTION, TEST_FRACTION), split_seed)
+    splits.update(train=train.subset(keep), val=train.subset(val), test=train.subset(test))
+    frac_train = 1 - VAL_FRACTION - TEST_FRACTION
+    return splits, [
+        f"no given splits: carved {frac_train:.0%}/{VAL_FRACTION:.0%}/{TEST_FRACTION:.0%} train/val/test "
+        f"per class, split_seed={split_seed}"
+    ]
+
+
+def _decode(
+    source: ImageSource, ids: list[str], size: int, keep: bool, workers: int
+) -> list[tuple[np.ndarray | None, str | None]]:
+    """Decode ids in parallel; (array-or-None, error-or-None) per id.
+
+    Threads, not processes: PIL releases the GIL while decoding/resampling,
+    and threads share the result arrays without pickling.
+    """
+
+    def work(chunk: list[str]) -> list[tuple[np.ndarray | None, str | None]]:
+        out: list[tuple[np.ndarray | None, str | None]] = []
+        for sid in chunk:
+            try:
+                arr = source.load(sid, size)
+            except Exception as e:  # any decoder failure means "unreadable file"
+                out.append((None, f"{type(e).__name__}: {e}"))
+            else:
+                out.append((arr if keep else None, None))
+        return out
+
+    if source.infallible:
+        # In-memory arrays: one vectorised call per chunk; threads would only
+        # fight over the GIL (measured slower on small images).
+        step = 1024
+        return [
+            (arr if keep else None, None)
+            for i in range(0, len(ids), step)
+            for arr in source.load_many(ids[i : i + step], size)
+        ]
+    chunk_size = 64
+    chunks = [ids[i : i + chunk_size] for i in range(0, len(ids), chunk_size)]
+    if workers <= 1 or len(chunks) <= 1:
+        return list(chain.from_iterable(map(work, chunks)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(chain.from_iterable(pool.map(work, chunks)))
+
+
+def _materialise(
+    name: str,
+    split: RawSplit,
+    source: ImageSource,
+    *,
+    size: int,
+    quota: dict[int, int] | None,
+    seed: int,
+    purpose: int,
+    keep: bool,
+    workers: int,
+    skipped: list[tuple[str, str]],
+) -> tuple[list[int], list[np.ndarray] | None, dict[int, int]]:
+    """Decode the selected samples of one split, replacing unreadable ones.
+
+    Without a quota every sample is taken. With a per-class quota, each class
+    walks its seeded order (:func:`class_orders`) until the quota is met with
+    *readable* files, so a corrupt file is replaced by the next one in that
+    order. Returns sorted positions, their arrays (if ``keep``) and the
+    per-class shortfall.
+    """
+    if quota is None:
+        queues = {-1: list(range(len(split)))}
+        need = {-1: len(split)}
+    else:
+        orders = class_orders(split.labels, seed, purpose)
+        queues = {c: orders.get(c, []) for c in quota}
+        need = dict(quota)
+    got = dict.fromkeys(queues, 0)
+    cursor = dict.fromkeys(queues, 0)
+    kept: dict[int, np.ndarray | None] = {}
+    validate = keep or not source.infallible
+    while True:
+        batch: list[tuple[int, int]] = []
+        for c, queue in queues.items():
+            take = queue[cursor[c] : cursor[c] + need[c] - got[c]]
+            cursor[c] += len(take)
+            batch.extend((c, p) for p in take)
+        if not batch:
+            break
+        if validate:
+            results = _decode(source, [split.ids[p] for _, p in batch], size, keep, workers)
+        else:
+            results = [(None, None)] * len(batch)
+        for (c, p), (arr, err) in zip(batch, results):
+            if err is not None:
+                where = source.describe(split.ids[p])
+                log.warning("vistune.data: skipping unreadable image %s (%s split): %s", where, name, err)
+                skipped.append((where, err))
+            else:
+                got[c] += 1
+                kept[p] = arr
+    positions = sorted(kept)
+    arrays = [kept[p] for p in positions] if keep else None
+    shortfall = {c: need[c] - got[c] for c in queues if got[c] < need[c]}
+    return positions, arrays, shortfall  # type: ignore[return-value]
+
+
+def _stack(arrays: list[np.ndarray]) -> torch.Tensor:
+    if all(a.shape[0] == 1 for a in arrays):
+        return torch.from_numpy(np.stack(arrays))
+    return torch.from_numpy(np.stack([np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a for a in arrays]))
+
+
+def _positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise DataError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def load_data(
+    spec: str,
+    *,
+    img_size: int,
+    mean: Sequence[float] = (0.485, 0.456, 0.406),
+    std: Sequence[float] = (0.229, 0.224, 0.225),
+    shots: int | None = None,
+    seed: int = 0,
+    augment: str | None = None,
+    trainval: bool = False,
+    max_per_split: int | None = None,
+    split_seed: int = 0,
+    cache_mb: float = DEFAULT_CACHE_MB,
+    workers: int | None = None,
+) -> DataSplits:
+    """Load the data set named by ``spec`` (see :func:`parse_spec`).
+
+    Args:
+        img_size: every image is resized (bicubic, directly, no crop) to
+            ``img_size x img_size``; grey becomes 3-channel.
+        mean, std: RGB normalisation applied per item.
+        shots, seed: exactly ``shots`` training samples per class, chosen by
+            ``seed``. Val and test are not subsampled (test never is).
+        augment: ``None``/``"none"`` or ``"flip"`` (train split only).
+        trainval: train on train+val, ``val=None`` (VTAB: ``train800val200``).
+        max_per_split: class-proportional seeded cap on every split's size
+            (for quick runs on large sets; not applied to a few-shot train
+            split, which ``shots`` already bounds). Results on a capped test
+            split are not comparable with published numbers; the manifest
+            records the cap.
+        split_seed: seed for carving missing splits and for the cap; kept
+            apart from ``seed`` so few-shot seeds share one test set.
+        cache_mb: keep decoded uint8 images in memory when they fit this
+            budget (fast epochs); above it, items are decoded on access.
+            Either way every file is decoded once here to find bad ones.
+        workers: decoding threads (default: CPU count, at most 8).
+
+    Raises:
+        DataError: on any problem with the spec, layout, labels or options,
+            before any training could start.
+    """
+    if isinstance(img_size, bool) or not isinstance(img_size, (int, np.integer)) or img_size < 1:
+        raise DataError(f"img_size must be a positive integer, got {img_size!r}")
+    img_size = int(img_size)
+    normalize = Normalize(mean, std)
+    train_augment = make_augment(augment, img_size)
+    seed, split_seed = _check_seed(seed), _check_seed(split_seed)
+    if shots is not None:
+        shots = _positive_int(shots, "shots")
+    if max_per_split is not None:
+        max_per_split = _positive_int(max_per_split, "max_per_split")
+    workers = max(1, min(8, os.cpu_count() or 1)) if workers is None else max(1, int(workers))
+
+    kind, arg = parse_spec(spec)
+    src = _READERS[kind](arg, trainval)
+    splits, notes = complete_splits(src, split_seed)
+    notes = src.notes + notes
+    if trainval and not src.handled_trainval:
+        if "val" in splits:
+            splits["train"] = splits["train"] + splits.pop("val")
+            order = sorted(range(len(splits["train"])), key=splits["train"].ids.__getitem__)
+            splits["train"] = splits["train"].subset(order)
+        notes.append("trainval: val merged into train, no val split")
+    if trainval:
+        splits.pop("val", None)
+
+    overlap = set(splits["train"].ids) & set(splits.get("test", RawSplit([], [])).ids)
+    if overlap:
+        example = sorted(overlap)[0]
+        log.warning("vistune.data: %d ids are in both train and test (e.g. %s)", len(overlap), example)
+        notes.append(f"WARNING: {len(overlap)} ids in both train and test, e.g. {example}")
+
+    quotas: dict[str, dict[int, int] | None] = {}
+    purposes: dict[str, tuple[int, int]] = {}
+    for name, split in splits.items():
+        quotas[name], purposes[name] = None, (split_seed, PURPOSE_CAP)
+        if name == "train" and shots is not None:
+            # validates the class sizes; _materialise walks the same seeded orders
+            fewshot_indices(split.labels, shots, seed, num_classes=src.num_classes, class_names=src.class_names)
+            quotas[name] = dict.fromkeys(range(src.num_classes), shots)
+            purposes[name] = (seed, PURPOSE_FEWSHOT)
+        elif max_per_split is not None and len(split) > max_per_split:
+            quotas[name] = proportional_quota(Counter(split.labels), max_per_split)
+
+    expected = sum(len(s) if quotas[n] is None else sum(quotas[n].values()) for n, s in splits.items())
+    estimate_mb = expected * src.source.channels * img_size * img_size / 2**20
+    keep = estimate_mb <= cache_mb
+
+    skipped: list[tuple[str, str]] = []
+    datasets: dict[str, ImageDataset | None] = dict.fromkeys(SPLITS)
+    for name in SPLITS:
+        if name not in splits:
+            continue
+        split = splits[name]
+        split_seed_or_seed, purpose = purposes[name]
+        positions, arrays, shortfall = _materialise(
+            name, split, src.source, size=img_size, quota=quotas[name], seed=split_seed_or_seed,
+            purpose=purpose, keep=keep, workers=workers, skipped=skipped,
+        )  # fmt: skip
+        if name == "train" and shots is not None and shortfall:
+            c = min(shortfall)
+            raise DataError(
+                f"few-shot: class {src.class_names[c]!r} (label {c}) has only {shots - shortfall[c]} readable "
+                f"training images, need {shots} (see the skipped-file warnings)"
+            )
+        if not positions:
+            raise DataError(f"{kind}: the {name} split of {src.root} has no readable images")
+        sub = split.subset(positions)
+        datasets[name] = ImageDataset(
+            sub.ids, sub.labels, size=img_size, normalize=normalize,
+            augment=train_augment if name == "train" else None,
+            images=_stack(arrays) if arrays is not None else None,
+            source=None if keep else src.source,
+        )  # fmt: skip
+
+    info = {
+        "spec": spec, "kind": kind, "root": src.root, "img_size": img_size,
+        "mean": list(normalize.shift.flatten().div(255).tolist()),
+        "std": list(normalize.scale.flatten().div(255).tolist()),
+        "split_seed": split_seed, "trainval": bool(trainval), "max_per_split": max_per_split,
+        "fewshot": None if shots is None else {"shots": shots, "seed": seed},
+        "augment": augment, "cached": keep, "notes": notes,
+    }  # fmt: skip
+    train = datasets["train"]
+    assert train is not None
+    return DataSplits(
+        train=train, val=datasets["val"], test=datasets["test"], num_classes=src.num_classes,
+        class_names=list(src.class_names), skipped=skipped, info=info,
+    )  # fmt: skip
