@@ -50,7 +50,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
+def _add_train_args(p: argparse.ArgumentParser, multi_data: bool = False, shots: bool = True) -> None:
     """Every TrainConfig key as a flag; defaults are None so a --config file's values survive."""
     p.add_argument("--config", default=None, help="YAML file with the same keys as the flags")
     p.add_argument("--backbone", default=None, help="timm model name or vistune weights name (dinov2-s14, ...)")
@@ -58,8 +58,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--method", default=None, help="linear, full, bitfit, vpt, lora, adapter, spt, protuning")
     p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
-    p.add_argument("--data", default=None, help="fashion-mnist | npz:PATH | folder:PATH | vtab:PATH/TASK | fgvc:PATH")
-    p.add_argument("--shots", type=int, default=None, help="K examples per class from the training split")
+    data_help = "fashion-mnist | npz:PATH | folder:PATH | vtab:PATH/TASK | fgvc:PATH"
+    if multi_data:
+        p.add_argument("--data", action="append", default=None, help=data_help + " (repeatable: several sources)")
+    else:
+        p.add_argument("--data", default=None, help=data_help)
+    if shots:
+        p.add_argument("--shots", type=int, default=None, help="K examples per class from the training split")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
@@ -96,6 +101,8 @@ def config_from_args(args: argparse.Namespace, **forced):
             "trainval", "select", "eval_test_every", "checkpoint_every", "max_per_split", "init_from",
             "sensitivity", "device", "out")
     overrides = {k: getattr(args, k, None) for k in keys}
+    if isinstance(overrides["data"], list):
+        overrides["data"] = overrides["data"][0]
     overrides["options"] = parse_kv(args.option) if args.option else None
     if args.no_progress:
         overrides["progress"] = False
@@ -122,6 +129,58 @@ def _print_metrics(metrics: dict, out: str) -> None:
             v = f"{v:.2f}"
         print(f"{k:<{width}}  {v}")
     print(f"{'written':<{width}}  {out}/tuned.safetensors, {out}/metrics.json")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from vistune.config import load_config_file
+    from vistune.pvp import pretrain
+
+    sources = args.data
+    if not sources and args.config:
+        sources = load_config_file(args.config).get("data")
+    if isinstance(sources, str):
+        sources = [sources]
+    if not sources:
+        raise ValueError("pretrain needs --data SPEC (repeat it for several sources)")
+    cfg = config_from_args(args, data=sources[0])
+    metrics = pretrain(cfg, list(sources), cfg.out)
+    for src in metrics["sources"]:
+        top1 = "-" if src["eval_top1"] is None else f"{src['eval_top1']:.2f}"
+        print(f"source {src['data']}: {src['num_train']} train images, {src['eval_split']} top-1 {top1}")
+    print(f"modules: {metrics['modules_file']} ({metrics['tuned_params']:,} tuned params)")
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def cmd_fewshot(args: argparse.Namespace) -> int:
+    from vistune.fewshot import markdown, parse_variants, run_fewshot
+
+    cfg = config_from_args(args, shots=1)
+    shots = _int_list(args.shots)
+    seeds = list(range(args.seeds)) if args.seed_list is None else _int_list(args.seed_list)
+    variants = parse_variants(args.compare or cfg.method)
+    pvp_files = {}
+    for item in args.pvp:
+        method, sep, path = item.partition("=")
+        if not sep:
+            raise ValueError(f"--pvp {item!r}: expected METHOD=FILE")
+        pvp_files[method] = path
+    lr_for = {}
+    for item in args.lr_for:
+        label, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--lr-for {item!r}: expected VARIANT=LR")
+        lr_for[label] = float(value)
+    result = run_fewshot(cfg, shots, seeds, variants, pvp_files, cfg.out, lr_for)
+    print(markdown(result["table"], shots))
+    print(f"written: {cfg.out}/fewshot.json, fewshot.md, fewshot.png")
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -167,6 +226,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("pretrain", help="PVP stage 1: pre-train a method's modules on source data")
+    _add_train_args(p, multi_data=True)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("fewshot", help="few-shot protocol: shots x seeds x variants, mean ± std table + plot")
+    _add_train_args(p, shots=False)
+    p.add_argument("--shots", default="1,2,4,8,16", help="comma-separated K values")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
+    p.add_argument("--seed-list", default=None, help="explicit comma-separated seeds")
+    p.add_argument("--compare", default=None, help="variants, e.g. vpt,vpt+pvp,lora,lora+pvp,linear")
+    p.add_argument("--pvp", action="append", default=[], metavar="METHOD=FILE",
+                   help="pre-trained module file for METHOD+pvp variants")
+    p.add_argument("--lr-for", action="append", default=[], metavar="VARIANT=LR",
+                   help="learning rate for one variant or method (default --lr)")
+    p.set_defaults(func=cmd_fewshot)
 
     p = sub.add_parser("eval", help="evaluate a tuned file on a split")
     p.add_argument("--tuned", required=True, help="a tuned.safetensors written by train")

@@ -87,7 +87,18 @@ class Prepared:
 
 
 def build_backbone_for(cfg: TrainConfig) -> nn.Module:
-    return create_backbone(cfg.backbone, weights=cfg.weights, img_size=cfg.img_size, num_classes=0)
+    return seeded_backbone(cfg.backbone, weights=cfg.weights, img_size=cfg.img_size)
+
+
+def seeded_backbone(name: str, weights: str | None, img_size: int | None) -> nn.Module:
+    """Create a backbone under a fixed seed, whatever the run's seed.
+
+    Only matters for randomly initialised backbones (tests, ablations): every run, seed and
+    ``eval`` then sees the same backbone, so tuned files and PVP modules fit across seeds.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return create_backbone(name, weights=weights, img_size=img_size, num_classes=0)
 
 
 def load_data_for(cfg: TrainConfig, model: nn.Module, spec: str | None = None):
@@ -122,6 +133,9 @@ def prepare(cfg: TrainConfig, backbone: nn.Module | None = None, data: Any = Non
     if cfg.init_from:
         from vistune.pvp import attach_from_pretrained
 
+        from vistune.pvp import check_source_target_disjoint
+
+        check_source_target_disjoint(cfg.init_from, data.test)
         tuned = attach_from_pretrained(backbone, cfg.method, cfg.init_from, data.num_classes,
                                        _transfer_options(options))
     else:
@@ -423,10 +437,7 @@ def evaluate_file(tuned_path: str | os.PathLike, data_spec: str | None = None, s
     meta, _ = read_tuned_file(tuned_path)
     bb = meta["backbone"]
     cfg_saved = (meta.get("extra") or {}).get("config", {})
-    # A randomly initialised backbone (tests, ablations) is reproducible only from the run's seed.
-    seed_everything(int(cfg_saved.get("seed", 0)))
-    model = create_backbone(bb["name"], weights=bb["weights"] if bb["weights"] != bb["name"] else None,
-                            img_size=bb["img_size"], num_classes=0)
+    model = seeded_backbone(bb["name"], bb["weights"] if bb["weights"] != bb["name"] else None, bb["img_size"])
     tuned = load_tuned(tuned_path, model)
     dev = resolve_device(device)
     tuned.to(dev).eval()
