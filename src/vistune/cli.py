@@ -80,6 +80,7 @@ def _add_train_args(p: argparse.ArgumentParser, multi_data: bool = False, shots:
                    help="train on train+val (VTAB's final protocol); no validation split")
     p.add_argument("--select", choices=["last", "best-val"], default=None,
                    help="which epoch is tested: the last (VPT protocol) or the best on val")
+    p.add_argument("--val-every", type=int, default=None, help="evaluate val every N epochs (default 1)")
     p.add_argument("--eval-test-every", type=int, default=None,
                    help="also evaluate test every N epochs (reported as periodic_test, never used for selection)")
     p.add_argument("--checkpoint-every", type=int, default=None)
@@ -98,7 +99,7 @@ def config_from_args(args: argparse.Namespace, **forced):
     file_values = load_config_file(args.config) if args.config else {}
     keys = ("backbone", "weights", "img_size", "method", "data", "shots", "seed", "epochs", "batch_size",
             "lr", "wd", "optimizer", "warmup_epochs", "clip_grad", "accum_steps", "precision", "augment",
-            "trainval", "select", "eval_test_every", "checkpoint_every", "max_per_split", "init_from",
+            "trainval", "select", "val_every", "eval_test_every", "checkpoint_every", "max_per_split", "init_from",
             "sensitivity", "device", "out")
     overrides = {k: getattr(args, k, None) for k in keys}
     if isinstance(overrides["data"], list):

@@ -44,6 +44,7 @@ class TrainConfig:
     augment: str | None = None  # None | flip
     trainval: bool = False  # VTAB final protocol: train on train800val200, no val split
     select: str = "last"  # last | best-val : which epoch's weights are tested
+    val_every: int = 1  # evaluate val every N epochs (and always after the last)
     eval_test_every: int = 0  # >0: also evaluate test every N epochs (labelled as such)
     checkpoint_every: int = 1
     max_per_split: int | None = None

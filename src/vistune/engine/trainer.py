@@ -212,7 +212,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def _config_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
     """The settings a resumed run must share with the interrupted one."""
     d = cfg.to_dict()
-    for k in ("out", "progress", "num_workers", "device", "eval_test_every", "checkpoint_every"):
+    for k in ("out", "progress", "num_workers", "device", "eval_test_every", "checkpoint_every", "val_every"):
         d.pop(k, None)
     return d
 
@@ -320,7 +320,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_epoch: int | Non
             "seconds": epoch_seconds,
         }
         eval_forward = forward if use_cache else tuned
-        if val_set is not None:
+        if val_set is not None and ((epoch + 1) % max(cfg.val_every, 1) == 0 or epoch + 1 == cfg.epochs):
             tuned.eval()
             v = evaluate(eval_forward, _loader(val_set, cfg.batch_size, False, 0), data.num_classes, device, autocast)
             record.update(val_top1=v["top1"], val_loss=v["loss"])
@@ -364,7 +364,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_epoch: int | Non
         selected_epoch = best["epoch"]
     tuned.eval()
     test = _evaluate_split(tuned, data.test, cfg, device, autocast, use_cache) if data.test is not None else None
-    val_final = _evaluate_split(tuned, data.val, cfg, device, autocast, use_cache) if data.val is not None else None
+    if data.val is None:
+        val_final = None
+    elif selected_epoch == cfg.epochs and "val_top1" in history[-1]:
+        val_final = {"top1": history[-1]["val_top1"], "loss": history[-1]["val_loss"]}  # already measured
+    else:
+        val_final = _evaluate_split(tuned, data.val, cfg, device, autocast, use_cache)
 
     report = tuned.parameter_report()
     num_train = len(data.train)
