@@ -196,6 +196,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_weights(args: argparse.Namespace) -> int:
+    from vistune.weights import get_weights, list_cached, zoo_names
+
+    if args.action == "get":
+        names = zoo_names() if args.name == "all" else [args.name]
+        for name in names:
+            path = get_weights(name, cache_dir=args.cache_dir, force=args.force)
+            print(f"{name}: {path}")
+        return 0
+    rows = list_cached(args.cache_dir)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no cached weights (available: {', '.join(zoo_names())}; fetch with `vistune weights get NAME`)")
+    for r in rows:
+        print(f"{r['name']:<20} {r['size_bytes'] / 2**20:7.1f} MiB  {r['licence']:<28} {r['source']}")
+        print(f"{'':<20} {r['path']}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from vistune.report import load_metrics, markdown_table
 
@@ -253,6 +274,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("weights", help="fetch/convert real pre-trained weights into the local cache")
+    wsub = p.add_subparsers(dest="action", required=True)
+    g = wsub.add_parser("get", help="fetch and convert NAME (or 'all'); idempotent")
+    g.add_argument("name")
+    g.add_argument("--force", action="store_true", help="re-download and re-convert")
+    g.add_argument("--cache-dir", default=None, help="default: $VISTUNE_WEIGHTS_DIR or ~/.cache/vistune/weights")
+    g.set_defaults(func=cmd_weights)
+    ls = wsub.add_parser("list", help="what is cached: sizes and provenance")
+    ls.add_argument("--cache-dir", default=None)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_weights)
 
     p = sub.add_parser("report", help="print a markdown table of run folders' metrics.json")
     p.add_argument("runs", nargs="+")

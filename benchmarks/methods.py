@@ -1,0 +1,78 @@
+"""Every method on the same real task: test top-1, tuned params, train img/s, peak memory.
+
+Each method runs in its own subprocess (``vistune train``) so that peak memory is that
+method's alone, then the table is printed from the runs' metrics.json by vistune's report code.
+
+    .venv/bin/python benchmarks/methods.py                     # defaults below (~10 min on 2 cores)
+    .venv/bin/python benchmarks/methods.py --methods linear,lora --epochs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+# Learning rates per method: SGD for head/prompt-style methods, AdamW for the rest (as in the
+# papers' recipes), scaled for few-shot batch sizes. Not tuned on test: chosen once, a priori.
+RECIPES = {
+    "linear": dict(optimizer="sgd", lr=0.1, options=[]),
+    "bitfit": dict(optimizer="adamw", lr=1e-3, options=[]),
+    "vpt": dict(optimizer="sgd", lr=0.5, options=["length=10", "deep=true"]),
+    "lora": dict(optimizer="adamw", lr=1e-3, options=["rank=8"]),
+    "adapter": dict(optimizer="adamw", lr=1e-3, options=["bottleneck=8"]),
+    "protuning": dict(optimizer="adamw", lr=1e-3, options=[]),
+    "spt": dict(optimizer="adamw", lr=1e-3, options=["budget=0.2M", "structured=lora"]),
+    "full": dict(optimizer="adamw", lr=1e-4, options=[]),
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="dinov2-s14")
+    ap.add_argument("--img-size", type=int, default=84)
+    ap.add_argument("--data", default=f"folder:{SHARED / 'data' / 'flowers5'}")
+    ap.add_argument("--shots", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=25)
+    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--methods", default="linear,bitfit,vpt,lora,adapter,full")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "bench-methods"))
+    args = ap.parse_args()
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from vistune.report import load_metrics, markdown_table
+
+    out = Path(args.out)
+    dirs = []
+    for method in args.methods.split(","):
+        r = RECIPES[method]
+        run = out / method
+        cmd = [sys.executable, "-m", "vistune.cli", "train", "--backbone", args.backbone,
+               "--img-size", str(args.img_size), "--method", method, "--data", args.data,
+               "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(r["lr"]),
+               "--optimizer", r["optimizer"], "--precision", args.precision, "--val-every", str(args.epochs),
+               "--out", str(run), "--no-progress"]
+        if args.shots:
+            cmd += ["--shots", str(args.shots)]
+        for o in r["options"]:
+            cmd += ["-o", o]
+        print("$", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        dirs.append(run)
+    rows = load_metrics(dirs)
+    first = rows[0]
+    print(f"\nbackbone {args.backbone} @ {args.img_size}px, data {args.data}, shots {args.shots}, "
+          f"{args.epochs} epochs, {args.precision}; train {first['num_train']} / test {first['num_test']} images\n")
+    print(markdown_table(rows))
+    (out / "table.json").write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
