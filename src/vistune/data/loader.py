@@ -387,6 +387,13 @@ def load_data(
     if trainval:
         splits.pop("val", None)
 
+    for name, split in splits.items():
+        if not len(split):
+            raise DataError(
+                f"{kind}: the {name} split of {src.root} is empty "
+                f"({'; '.join(notes)}); classes are too small to carve it — add images or give split folders"
+            )
+
     overlap = set(splits["train"].ids) & set(splits.get("test", RawSplit([], [])).ids)
     if overlap:
         example = sorted(overlap)[0]
