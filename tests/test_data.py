@@ -314,6 +314,11 @@ def test_normalisation_and_dataloader_batches(flat_tree: Path):
     want = (raw - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     assert torch.allclose(x, want, atol=1e-5)
     assert y.tolist() == d.labels("test")[:4]
+    # the batched path (__getitems__) and the per-item path agree, for RGB and grey data
+    assert torch.equal(x[2], d.test[2][0])
+    lazy = load_data(f"folder:{flat_tree}", img_size=12, mean=mean, std=std, cache_mb=0)
+    xl, _ = next(iter(torch.utils.data.DataLoader(lazy.test, batch_size=4)))
+    assert torch.allclose(xl, x)
 
 
 def test_folder_wrong_path_and_empty_class_are_errors(tmp_path: Path):
@@ -500,9 +505,11 @@ def test_npz_grey_and_rgb_with_both_label_shapes(tmp_path: Path):
     d = load_data(f"npz:{path}", img_size=16, **IDENTITY)
     assert (len(d.train), len(d.val), len(d.test)) == (30, 6, 9) and d.num_classes == 3
     assert split_ids(d, "val") == [f"val:{i}" for i in range(6)]
+    xb, yb = next(iter(torch.utils.data.DataLoader(d.train, batch_size=30)))
+    assert xb.shape == (30, 3, 16, 16) and torch.equal(xb[5], d.train[5][0])
     for i in range(len(d.train)):
         x, y = d.train[i]
-        assert x.shape == (3, 16, 16)
+        assert x.shape == (3, 16, 16) and int(yb[i]) == y
         assert torch.allclose(x * 255, torch.full_like(x, 100.0 * y), atol=0.5)  # constant image stays constant
 
     rgb = rng.integers(0, 256, (12, 5, 5, 3), dtype=np.uint8)

@@ -114,6 +114,14 @@ class ImageDataset(Dataset):
             x = self.augment(x)
         return self.normalize(x), self.targets[index]
 
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """Batched fetch used by DataLoader: one gather + one normalise per
+        batch instead of per item (cached, un-augmented case only)."""
+        if self.images is None or self.augment is not None:
+            return [self[i] for i in indices]
+        x = self.normalize(self.images[list(indices)])
+        return list(zip(x.unbind(0), (self.targets[i] for i in indices)))
+
     @property
     def cached(self) -> bool:
         return self.images is not None

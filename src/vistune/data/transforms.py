@@ -104,8 +104,8 @@ class Normalize:
         self.scale = torch.tensor([255.0 * v for v in s]).view(3, 1, 1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-3] == 1:
-            x = x.expand(*x.shape[:-3], 3, *x.shape[-2:])
+        # A 1-channel (grey) input broadcasts against the (3, 1, 1) shift,
+        # so grey -> 3 channels happens here for free.
         return (x.float() - self.shift) / self.scale
 
 
