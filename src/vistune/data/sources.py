@@ -130,7 +130,7 @@ class ArrayImages(ImageSource):
     Resizing is vectorised: bicubic resampling is separable and linear, so
     ``out = Rh @ X @ Rw^T`` with weight matrices taken from PIL itself (by
     resizing an identity matrix in float mode). That is PIL's bicubic kernel
-    without its intermediate 8-bit rounding, ~10x faster than resizing
+    without its intermediate 8-bit rounding, ~2-3x faster than resizing
     60k tiny images one by one, and identical for the cached and the lazy
     (one image at a time) path.
     """

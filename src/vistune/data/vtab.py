@@ -79,7 +79,7 @@ def read_vtab(arg: str, *, trainval: bool) -> SourceData:
     else:
         num_classes = 1 + max(max(s.labels) for s in splits.values())
         count_note = f"unknown task name {task!r}: num_classes = max label + 1 = {num_classes}"
-    notes = [f"VTAB-1k protocol: " + ", ".join(f"{s}={n}" for s, n in files.items()), count_note]
+    notes = ["VTAB-1k protocol: " + ", ".join(f"{s}={n}" for s, n in files.items()), count_note]
     return SourceData(
         "vtab", str(task_dir.resolve()), FileImages(task_dir), splits, [str(i) for i in range(num_classes)],
         notes, handled_trainval=True, fixed_splits=True,
