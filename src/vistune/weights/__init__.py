@@ -134,7 +134,10 @@ _CATALOGUE: tuple[ZooEntry, ...] = (
         img_size=32,
         num_classes=10,
         licence="BSD-2-Clause (pytorch_resnet_cifar10)",
-        source="CIFAR-10 ResNet-20 (91.78% top-1) from pytorch_resnet_cifar10, resnet20-12fca82f.th in the shared weights folder",
+        source=(
+            f"CIFAR-10 ResNet-20 (91.78% top-1) from pytorch_resnet_cifar10, resnet20-12fca82f.th in the "
+            "shared weights folder"
+        ),
     ),
     ZooEntry(
         name="resnet56-cifar",
@@ -144,7 +147,10 @@ _CATALOGUE: tuple[ZooEntry, ...] = (
         img_size=32,
         num_classes=10,
         licence="BSD-2-Clause (pytorch_resnet_cifar10)",
-        source="CIFAR-10 ResNet-56 (93.62% top-1) from pytorch_resnet_cifar10, resnet56-4bfd9763.th in the shared weights folder",
+        source=(
+            f"CIFAR-10 ResNet-56 (93.62% top-1) from pytorch_resnet_cifar10, resnet56-4bfd9763.th in the "
+            "shared weights folder"
+        ),
     ),
 )
 
@@ -154,7 +160,9 @@ _RECIPES: Mapping[str, _Recipe] = MappingProxyType(
         "efficientnet-lite0": _Recipe(
             efficientnet.REQUIREMENT, efficientnet.MEMBER, efficientnet.SHA256, efficientnet.convert_pth
         ),
-        "mobilenetv2": _Recipe(mobilenet.REQUIREMENT, mobilenet.MEMBER, mobilenet.SHA256, mobilenet.convert_pth),
+        "mobilenetv2": _Recipe(
+            mobilenet.REQUIREMENT, mobilenet.MEMBER, mobilenet.SHA256, mobilenet.convert_pth
+        ),
         **{
             name: _Recipe(None, filename, sha, cifar.convert_th)
             for name, (filename, sha) in cifar.FILES.items()

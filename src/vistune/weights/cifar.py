@@ -23,8 +23,14 @@ if TYPE_CHECKING:
 ENV_SHARED_WEIGHTS = "VISTUNE_SHARED_WEIGHTS"
 
 FILES = {
-    "resnet20-cifar": ("resnet20-12fca82f.th", "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8"),
-    "resnet56-cifar": ("resnet56-4bfd9763.th", "4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367"),
+    "resnet20-cifar": (
+        "resnet20-12fca82f.th",
+        "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8",
+    ),
+    "resnet56-cifar": (
+        "resnet56-4bfd9763.th",
+        "4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367",
+    ),
 }
 
 

@@ -97,11 +97,16 @@ def _name_matmul_weights(graph: Any, initializers: Mapping[str, np.ndarray]) -> 
             continue
         users = consumers.get(init_name, [])
         if len(users) != 1 or users[0].op_type != "MatMul":
-            problems.append(f"{init_name}: used by {[(n.op_type, n.name) for n in users]}, expected one MatMul")
+            used_by = [(n.op_type, n.name) for n in users]
+            problems.append(f"{init_name}: used by {used_by}, expected one MatMul")
             continue
         adds = consumers.get(users[0].output[0], [])
         biases = [
-            i for n in adds if n.op_type == "Add" for i in n.input if i in initializers and i.endswith(".bias")
+            i
+            for n in adds
+            if n.op_type == "Add"
+            for i in n.input
+            if i in initializers and i.endswith(".bias")
         ]
         if len(adds) != 1 or len(biases) != 1:
             problems.append(f"{init_name}: its MatMul output does not feed exactly one Add with a named bias")
@@ -143,14 +148,17 @@ class _Assigner:
         self.used.extend(sources)
 
 
-def convert_onnx(onnx_path: str | Path) -> dict[str, torch.Tensor]:
-    """State dict for timm ``vit_small_patch14_dinov2`` (``num_classes=0``) from the ONNX file."""
+def convert_onnx(onnx_model: str | Path | Any) -> dict[str, torch.Tensor]:
+    """State dict for timm ``vit_small_patch14_dinov2`` (``num_classes=0``) from the ONNX graph.
+
+    ``onnx_model`` is a path or an already loaded ``onnx.ModelProto``.
+    """
     import torch
 
     onnx = import_onnx()
     from onnx import numpy_helper
 
-    model = onnx.load(str(onnx_path))
+    model = onnx_model if isinstance(onnx_model, onnx.ModelProto) else onnx.load(str(onnx_model))
     graph = model.graph
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     hf: dict[str, str] = {n: n for n in inits if n.startswith("backbone.")}  # HF name -> source
@@ -166,7 +174,8 @@ def convert_onnx(onnx_path: str | Path) -> dict[str, torch.Tensor]:
             out.put(key, inits[hf[name]], hf[name])
     out.put("pos_embed", np.concatenate([inits[cls_pos], inits[grid_pos]], axis=1), cls_pos, grid_pos)
 
-    depth = 1 + max((int(n[len(_HF_BLOCK):].split(".")[0]) for n in hf if n.startswith(_HF_BLOCK)), default=-1)
+    layer_ids = {int(n[len(_HF_BLOCK):].split(".")[0]) for n in hf if n.startswith(_HF_BLOCK)}
+    depth = 1 + max(layer_ids, default=-1)
     for i in range(depth):
         pre = f"{_HF_BLOCK}{i}."
         for sub, key in _BLOCK_RENAMES.items():
