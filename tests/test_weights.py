@@ -235,6 +235,17 @@ def test_corrupted_shared_cifar_file(monkeypatch, tmp_path):
         get_weights("resnet20-cifar", cache_dir=out, progress=False)
 
 
+def test_conversion_is_reproducible(zoo_file, tmp_path):
+    """Equal inputs give byte-identical files (safetensors' metadata order is canonicalised)."""
+    zoo_file("resnet20-cifar")  # skips when the shared weights are absent
+    digests = [
+        cache.read_sidecar(get_weights("resnet20-cifar", cache_dir=tmp_path / d, progress=False))
+        for d in ("a", "b")
+    ]
+    assert digests[0] == digests[1]
+    assert digests[0] == cache.sha256_file(tmp_path / "a" / "resnet20-cifar.safetensors")
+
+
 def test_incomplete_mapping_is_refused():
     with torch.device("meta"):
         import timm

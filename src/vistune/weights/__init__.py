@@ -287,12 +287,15 @@ def get_weights(
     out = directory / f"{name}{cache.SUFFIX}"
     if not force and _cache_is_valid(out, progress):
         return out
-    with cache.staging_dir(directory) as staging:
-        source = _fetch_source(name, recipe, staging, progress)
-        _say(progress, f"converting {source.name} for timm {entry.arch}")
-        tensors = recipe.convert(source)
-        _check_against_timm(entry, tensors)
-        cache.save_safetensors_atomic(tensors, out, _metadata(entry, recipe), staging)
+    try:
+        with cache.staging_dir(directory) as staging:
+            source = _fetch_source(name, recipe, staging, progress)
+            _say(progress, f"converting {source.name} for timm {entry.arch}")
+            tensors = recipe.convert(source)
+            _check_against_timm(entry, tensors)
+            cache.save_safetensors_atomic(tensors, out, _metadata(entry, recipe), staging)
+    except OSError as err:  # unwritable cache folder, disk full, ...
+        raise WeightsError(f"could not build {out}: {err}") from err
     _say(progress, f"saved {out}")
     return out
 

@@ -17,7 +17,9 @@ Three rules shape this module:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -120,6 +122,7 @@ def save_safetensors_atomic(
     tmp = staging / (out.name + ".part")
     # safetensors refuses non-contiguous or storage-sharing tensors (e.g. transposed views).
     save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata))
+    _canonicalise_header(tmp)
     os.chmod(tmp, 0o644)  # a cache of public weights; the staging folder itself is private
     digest = sha256_file(tmp)
     side = sidecar_path(out)
@@ -127,6 +130,23 @@ def save_safetensors_atomic(
     os.replace(tmp, out)
     _atomic_write_text(side, f"{digest}  {out.name}\n", staging)
     return digest
+
+
+def _canonicalise_header(path: Path) -> None:
+    """Rewrite a safetensors header with sorted keys so equal tensors give equal file bytes.
+
+    safetensors serialises ``__metadata__`` from a hash map, so its key order (and with it the
+    file's sha256) changes from run to run. Sorting makes the recorded sha256 reproducible
+    across machines. Same JSON content, so the length is unchanged (any slack becomes the
+    space padding the format allows); if it ever were longer, the file is left as written.
+    """
+    with open(path, "r+b") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+        canonical = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(canonical) <= length:
+            fh.seek(8)
+            fh.write(canonical + b" " * (length - len(canonical)))
 
 
 def pip_download(requirement: str, dest: Path, progress: bool = True) -> Path:
