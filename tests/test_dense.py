@@ -475,6 +475,21 @@ def test_every_method_trains_and_round_trips(arch, method, tmp_path):
         assert meta["task"] == task and meta["method"]["name"] == method
 
 
+@pytest.mark.parametrize("arch,task", [("test_vit", "segment"), ("test_efficientnet", "detect")])
+def test_spt_scores_come_from_the_dense_loss(arch, task, tmp_path):
+    pytest.importorskip("vistune.methods.spt", reason="SPT is not in this checkout")
+    from vistune.sensitivity import read_scores
+
+    data = f"camvid:{make_camvid(tmp_path / 'cv')}" if task == "segment" else f"voc:{make_voc(tmp_path / 'voc')}"
+    cfg = tiny_cfg(tmp_path, data, method="spt", backbone=arch, options={"budget": "4k"}, epochs=1)
+    m = train_dense(cfg, task)
+    meta, scores = read_scores(Path(cfg.out) / "sensitivity.safetensors")
+    assert meta["loss"] == f"dense-{task}" and any(v.abs().sum() > 0 for v in scores.values())
+    assert 0 < m["tuned_params"] <= 4000 * 1.5
+    loaded, _ = load_dense(cfg.out)
+    assert loaded.tuned.spec.name == "spt"
+
+
 def test_run_files_eval_and_predict(tmp_path):
     root = make_pennfudan(tmp_path / "pf", n=8)
     cfg = tiny_cfg(tmp_path, f"pennfudan:{root}", method="protuning", epochs=2, augment="flip")

@@ -24,6 +24,8 @@ CNN levels are timm's ``feature_info`` entries (the same list Pro-tuning indexes
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -42,7 +44,7 @@ class FeatureError(VistuneError, ValueError):
     """The backbone does not expose the feature levels asked for."""
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised by the last capture hook: everything after it is not needed."""
 
 
@@ -152,28 +154,34 @@ class FeatureExtractor:
             tokens = norm(tokens)
         return tokens.transpose(1, 2).reshape(out.shape[0], -1, h, w)
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        captured: dict[int, torch.Tensor] = {}
-        last = len(self.modules) - 1
+    @contextlib.contextmanager
+    def capture(self, stop: bool = False) -> Iterator[dict[int, Any]]:
+        """Record each level module's output (after the method's hooks) while the block runs.
+
+        With ``stop=True`` the forward is cut short after the last level (callers must catch
+        :class:`StopForward`, as :meth:`__call__` does). Hooks exist only inside the block.
+        """
+        captured: dict[int, Any] = {}
 
         def make(i: int):
             def hook(module: nn.Module, args: tuple, out: Any) -> None:
                 captured[i] = out
-                if len(captured) == len(self.modules):
-                    raise _StopForward
+                if stop and len(captured) == len(self.modules):
+                    raise StopForward
 
             return hook
 
         handles = [m.register_forward_hook(make(i)) for i, m in enumerate(self.modules)]
         try:
-            self.model.forward_features(x)
-        except _StopForward:
-            pass
+            yield captured
         finally:
             for h in handles:
                 h.remove()
+
+    def maps(self, captured: dict[int, Any], x: torch.Tensor) -> list[torch.Tensor]:
+        """Captured raw outputs -> NCHW feature maps (ViT tokens to normed grids)."""
         if len(captured) != len(self.modules):
-            missing = [self.levels[i].module for i in range(last + 1) if i not in captured]
+            missing = [lv.module for i, lv in enumerate(self.levels) if i not in captured]
             raise FeatureError(f"forward_features never ran {missing}; cannot read those levels")
         grid = self._grid(x) if self.vit else None
         feats = []
@@ -186,3 +194,11 @@ class FeatureExtractor:
                     raise FeatureError(f"stage {level.module} did not return a 4-D feature map")
                 feats.append(out.permute(0, 3, 1, 2) if self.channels_last else out)
         return feats
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        with self.capture(stop=True) as captured:
+            try:
+                self.model.forward_features(x)
+            except StopForward:
+                pass
+        return self.maps(captured, x)

@@ -64,9 +64,9 @@ class DenseModel(nn.Module):
         return self.method_parameters() + list(self.head.parameters())
 
 
-def build_dense_model(tuned: TunedModel, task: str, num_classes: int,
-                      head_options: dict[str, Any] | None = None) -> DenseModel:
-    """Attach a fresh dense head to a tuned model.
+def head_config(model: nn.Module, task: str, num_classes: int,
+                head_options: dict[str, Any] | None = None) -> HeadConfig:
+    """The :class:`HeadConfig` for a timm ``model`` (levels resolved from its structure).
 
     ``head_options``: ``width`` (neck/head channels, default 64), ``levels`` (ViT block indices
     or CNN feature_info indices; default: four levels, of which detection keeps the coarsest
@@ -74,15 +74,21 @@ def build_dense_model(tuned: TunedModel, task: str, num_classes: int,
     """
     opts = dict(head_options or {})
     chosen = opts.pop("levels", None)
-    levels = default_levels(tuned.model, chosen)
+    levels = default_levels(model, chosen)
     if task == "detect" and chosen is None:
         # FCOS reads strides ~8-32; the finest (stride-4) level would only cost time
         levels = levels[-max(1, int(opts.get("det_levels", HeadConfig.det_levels))):]
-    unknown = set(opts) - set(HeadConfig.__dataclass_fields__) | ({"task", "num_classes"} & set(opts))
+    unknown = set(opts) - set(HeadConfig.__dataclass_fields__) | ({"task", "num_classes", "levels"} & set(opts))
     if unknown:
         raise ValueError(f"unknown head option(s) {sorted(unknown)}; valid: width, levels, det_levels, "
                          "score_threshold, nms_iou, max_detections")
-    cfg = HeadConfig(task=task, num_classes=num_classes, levels=[lv.to_dict() for lv in levels], **opts)
+    return HeadConfig(task=task, num_classes=num_classes, levels=[lv.to_dict() for lv in levels], **opts)
+
+
+def build_dense_model(tuned: TunedModel, task: str, num_classes: int,
+                      head_options: dict[str, Any] | None = None) -> DenseModel:
+    """Attach a fresh dense head (see :func:`head_config` for ``head_options``) to a tuned model."""
+    cfg = head_config(tuned.model, task, num_classes, head_options)
     device = next(tuned.model.parameters()).device
     return DenseModel(tuned, DenseHead(cfg).to(device))
 

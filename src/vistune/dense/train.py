@@ -32,7 +32,9 @@ from vistune.backbones import backbone_info
 from vistune.config import ConfigError, TrainConfig
 from vistune.dense.datasets import DenseDataset, DenseSplits, collate, load_dense_data
 from vistune.dense.metrics import DetectionMetric, SegmentationMetric
-from vistune.dense.model import DenseModel, build_dense_model, load_dense, save_dense
+from vistune.dense.features import FeatureExtractor
+from vistune.dense.heads import DenseHead
+from vistune.dense.model import DenseModel, build_dense_model, head_config, load_dense, save_dense
 from vistune.engine.optim import build_optimizer, warmup_cosine
 from vistune.engine.trainer import (
     _write_json_atomic,
@@ -58,11 +60,6 @@ def _check(cfg: TrainConfig, task: str) -> None:
         raise ConfigError("shots (few-shot sampling) is defined for classification only, not for dense tasks")
     if cfg.init_from:
         raise ConfigError("init_from (PVP) is not supported for dense tasks yet")
-    if cfg.method == "spt" and "sensitivity" not in cfg.options and not cfg.sensitivity:
-        raise ConfigError(
-            "spt on a dense task needs a sensitivity scores file (options sensitivity=PATH or "
-            "cfg.sensitivity): its classification-loss scores are not computed here"
-        )
 
 
 def prepare_dense(cfg: TrainConfig, task: str, head_options: dict[str, Any] | None = None,
@@ -84,11 +81,63 @@ def prepare_dense(cfg: TrainConfig, task: str, head_options: dict[str, Any] | No
     options = {k: v for k, v in cfg.options.items() if k != "freeze_modules"}
     if cfg.method == "spt" and cfg.sensitivity:
         options.setdefault("sensitivity", cfg.sensitivity)
+    if cfg.method == "spt" and "sensitivity" not in options:
+        options["sensitivity"] = dense_sensitivity(cfg, task, backbone, data, device, head_options)
     seed_everything(cfg.seed)
     tuned = attach(backbone, cfg.method, **options)
     model = build_dense_model(tuned, task, data.num_classes, head_options)
     model.to(device)
     return model, data, device
+
+
+def dense_sensitivity(cfg: TrainConfig, task: str, backbone: nn.Module, data: DenseSplits,
+                      device: torch.device, head_options: dict[str, Any] | None = None,
+                      num_batches: int = 16) -> str:
+    """SPT's sensitivity scores measured with the *dense* loss; returns the scores file's path.
+
+    SPT allocates its budget where the task's loss is sensitive, so the scores must come from
+    the segmentation/detection loss, not a classification proxy. ``compute_sensitivity`` runs
+    ``model(images)`` and needs a classifier; we give a throw-away copy of the backbone one (its
+    logits enter the loss with weight 0), capture the level outputs during that same forward,
+    and return the loss of a freshly initialised dense head on them — the dense analogue of the
+    reference's fresh classification head. Batches: the first ``num_batches`` of the train split
+    in file order, without flips. The file goes to ``cfg.sensitivity`` or
+    ``OUT/sensitivity.safetensors``, and an existing file is reused.
+    """
+    from vistune.sensitivity import compute_sensitivity, save_scores
+
+    path = Path(cfg.sensitivity) if cfg.sensitivity else Path(cfg.out) / "sensitivity.safetensors"
+    if path.is_file():
+        return str(path)
+    probe = copy.deepcopy(backbone)
+    probe.reset_classifier(data.num_classes)
+    probe.to(device)
+    head = DenseHead(head_config(probe, task, data.num_classes, head_options)).to(device)
+    extractor = FeatureExtractor(probe, head.cfg.level_objs())
+    current: dict[str, torch.Tensor] = {}
+    plain = copy.copy(data.train)
+    plain.flip = False
+
+    def batches() -> Iterator[tuple[torch.Tensor, list[dict[str, Any]]]]:
+        for x, targets in _loader(plain, cfg.batch_size, False, 0):
+            current["x"] = x.to(device)
+            yield current["x"], targets
+
+    num_batches = max(1, min(num_batches, math.ceil(len(plain) / cfg.batch_size)))
+    t0 = time.perf_counter()
+    with extractor.capture() as captured:
+        def loss_fn(logits: torch.Tensor, targets: list[dict[str, Any]]) -> torch.Tensor:
+            x = current["x"]
+            out = head(extractor.maps(captured, x), tuple(x.shape[-2:]))
+            return head.loss(out, targets) + 0.0 * logits.sum()
+
+        scores = compute_sensitivity(probe, batches(), num_batches=num_batches, loss_fn=loss_fn)
+    seconds = time.perf_counter() - t0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_scores(path, scores, probe, {"batch_size": cfg.batch_size, "num_batches": num_batches,
+                                      "seconds": seconds, "loss": f"dense-{task}"})
+    del probe
+    return str(path)
 
 
 # ------------------------------------------------------------------------------------------
