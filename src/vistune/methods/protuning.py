@@ -30,8 +30,9 @@ one block has ``C·h + h`` (reduce) ``+ h·k² + h`` (depthwise) ``+ h·C + C`` 
 *Reduction* ``ρ = 8`` by default. A block costs about ``2C²/ρ``; at ρ=8 Pro-tuning is ~0.7% of
 ViT-B/16 (4 groups) and ~6% of ResNet-50, on a par with the adapter/LoRA defaults on ViTs,
 while ρ=4 doubles that for ResNet-50 (>10%, hardly "a few parameters"). On the small mobile
-CNNs the project targets (EfficientNet-Lite0, MobileNetV2) ρ=8 still leaves a 12–40 channel
-bottleneck in the three deepest stages.
+CNNs the project targets (EfficientNet-Lite0, MobileNetV2: ~30k parameters, 0.9–1.3%) ρ=8
+leaves 12–40 bottleneck channels in the two deepest stages, which hold ~95% of the count; the
+shallow 24–40 channel stages get 3–5 (cheap, and their features are the most generic).
 
 *CNN stages.* Stages are the entries of timm's ``model.feature_info`` (their ``module`` names are
 resolved with ``get_submodule``); the ``stages`` option indexes that list, i.e. it means what
