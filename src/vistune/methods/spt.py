@@ -1,0 +1,426 @@
+"""SPT: sensitivity-aware parameter-efficient tuning (He et al., ICCV 2023; METHODS.md §2).
+
+Stage A (``vistune.sensitivity``) scores every backbone entry and allocates a parameter budget;
+this method (stage B) turns the :class:`~vistune.sensitivity.Allocation` into modules on an
+unmodified timm model:
+
+* **Unstructured entries** get a zero-initialised delta on exactly those positions, through a
+  :class:`SparseDelta` child of the module that owns the parameter (``<host>.spt_sparse``, with
+  ``<attr>_idx``, a persistent long buffer of flat indices, and ``<attr>_delta``). A forward
+  pre-hook puts ``W + scatter(delta)`` in the host's parameter slot for the duration of its
+  forward and a forward hook (``always_call``, so also after an exception) puts the original
+  parameter back. Whatever the host does with its parameter (a Linear's matmul, a LayerNorm's or
+  BatchNorm's affine, a LayerScale, a conv) therefore sees the updated value, so the rule is the
+  same for every module type: LayerNorm/BatchNorm entries are tuned, not silently dropped as in
+  the reference. The base parameter never requires grad and is never written; only ``delta``
+  receives gradients (scatter's backward is a gather of ∂L/∂W'). Cost: one weight-sized copy per
+  affected module per forward; ``merge()`` removes it.
+* **Structured matrices** get LoRA (a parallel low-rank branch, ``<host>.spt_lora``; for a third
+  of a fused qkv only those output rows; on a Conv2d a rank-r delta of the (out × in·kh·kw)
+  matrix) or an adapter (``<host>.spt_adapter``): a bottleneck ``up(GELU(down(·)))`` on the
+  matrix's output rows added to them (sequential, as the reference does for q/k/v/fc1/fc2 and we
+  do for convs, on the channel dimension), and for ``proj`` a parallel bottleneck reading proj's
+  input, as in the reference. Simplifications: no branch dropout or drop-path (the reference uses
+  0.1 of each) and no α/r scaling on LoRA (the reference has none either).
+* **Whole vectors** are the backbone's own parameters marked tuned; a whole third of a fused qkv
+  bias cannot be marked on its own and becomes a sparse delta over that range (same count).
+
+The allocation travels inside the tuned file: the sparse indices are the ``*_idx`` buffers
+(returned by :meth:`tuned_buffers`), structured modules and their rows are named by their keys
+(``<host>.spt_lora.A.<part>``, ``<host>.spt_adapter.adapters.<part>...``, part = ``q``/``k``/``v``
+or ``all``) and whole vectors by the backbone parameter names. ``attach(model, state=...)``
+rebuilds exactly that allocation and never reads a scores file.
+
+Merging folds sparse deltas (W.flat[idx] += delta) and LoRA (W += B·A) into the weights and
+removes every module and hook; unmerge subtracts LoRA and restores the sparse entries' saved
+original values bit-exactly. Adapters sit behind a GELU, so an allocation holding any adapter
+raises :class:`~vistune.errors.NotMergeableError`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vistune.errors import MethodError, NotMergeableError
+from vistune.methods.adapter import Bottleneck
+from vistune.methods.base import Method
+from vistune.methods.lora import LoRABranch
+from vistune.sensitivity import (
+    STRUCTURED_TYPES,
+    Allocation,
+    SensitivityError,
+    Unit,
+    UnitChoice,
+    allocate,
+    backbone_param_count,
+    check_budget,
+    load_scores,
+    pool_parameters,
+    pool_units,
+)
+
+SPARSE, LORA, ADAPTER = "spt_sparse", "spt_lora", "spt_adapter"
+
+
+@dataclass
+class SPTOptions:
+    budget: str = "0.4M"  # 400000 | 400k | 0.4M | 0.5% (of the backbone's parameters, head excluded)
+    structured: str = "lora"  # lora | adapter | none (unstructured and whole vectors only)
+    alpha: float = 10.0  # a matrix is structured when n(W) >= P_struct(W) / alpha
+    beta: float = 5.0  # a vector is tuned whole when n >= len / beta
+    rank: int = 8  # LoRA rank / adapter bottleneck
+    sensitivity: str | None = None  # scores file from `vistune sensitivity` (ignored when loading)
+    fill: bool = False  # top up to the exact budget past the closest top-k (see sensitivity.Allocator)
+
+    def validate(self) -> None:
+        try:
+            check_budget(self.budget)
+        except SensitivityError as err:
+            raise ValueError(str(err)) from None
+        if self.structured not in STRUCTURED_TYPES:
+            raise ValueError(f"structured must be one of {list(STRUCTURED_TYPES)}, got {self.structured!r}")
+        if not self.alpha > 0 or not self.beta > 0:
+            raise ValueError(f"alpha and beta must be > 0, got alpha={self.alpha}, beta={self.beta}")
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Modules
+
+
+class SparseDelta(nn.Module):
+    """Deltas on chosen flat entries of its host's own parameters (one pair per parameter)."""
+
+    def __init__(self, entries: dict[str, tuple[torch.Tensor, torch.dtype]]) -> None:
+        super().__init__()
+        self.attrs = tuple(sorted(entries))
+        for attr in self.attrs:
+            idx, dtype = entries[attr]
+            self.register_buffer(f"{attr}_idx", idx.to(torch.long).clone(), persistent=True)
+            setattr(self, f"{attr}_delta", nn.Parameter(torch.zeros(idx.numel(), dtype=dtype, device=idx.device)))
+        self._stash: dict[str, nn.Parameter] = {}  # host parameters swapped out during a forward
+
+    def index(self, attr: str) -> torch.Tensor:
+        return getattr(self, f"{attr}_idx")
+
+    def delta(self, attr: str) -> nn.Parameter:
+        return getattr(self, f"{attr}_delta")
+
+    def updated(self, attr: str, base: torch.Tensor) -> torch.Tensor:
+        """``base + scatter(delta)``, differentiable in ``delta`` only."""
+        flat = base.detach().reshape(-1)
+        return flat.index_add(0, self.index(attr), self.delta(attr).to(flat.dtype)).view_as(base)
+
+
+def _swap_in(host: nn.Module, args: tuple) -> None:
+    sparse: SparseDelta = host._modules[SPARSE]
+    for attr in sparse.attrs:
+        base = sparse._stash.get(attr, host._parameters[attr])
+        sparse._stash[attr] = base
+        host._parameters[attr] = sparse.updated(attr, base)
+
+
+def _swap_out(host: nn.Module, args: tuple, out: Any) -> None:
+    sparse: SparseDelta = host._modules[SPARSE]
+    for attr, base in sparse._stash.items():
+        host._parameters[attr] = base
+    sparse._stash.clear()
+
+
+class ConvLoRA(nn.Module):
+    """LoRA for a Conv2d: ΔW = B·A reshaped to the conv weight, A: r × (in/g·kh·kw), B: out × r.
+
+    With groups == 1 (and zero padding) the branch runs factorised, conv(x, A as r filters)
+    then a 1×1 conv with B, which is exactly conv(x, ΔW) at a fraction of its cost; grouped
+    convs materialise ΔW and convolve through the host's own ``_conv_forward``.
+    Parameters are keyed ``all`` to share the key layout of :class:`LoRABranch`.
+    """
+
+    def __init__(self, conv: nn.Conv2d, rank: int) -> None:
+        super().__init__()
+        out, in_g, kh, kw = conv.weight.shape
+        self.weight_shape = (out, in_g, kh, kw)
+        self.A = nn.ParameterDict({"all": nn.Parameter(torch.empty(rank, in_g * kh * kw))})
+        self.B = nn.ParameterDict({"all": nn.Parameter(torch.zeros(out, rank))})
+        nn.init.kaiming_uniform_(self.A["all"], a=math.sqrt(5))
+        self.factorised = conv.groups == 1 and conv.padding_mode == "zeros"
+
+    def forward(self, host: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.A["all"].to(x.dtype), self.B["all"].to(x.dtype)
+        out, in_g, kh, kw = self.weight_shape
+        if self.factorised:
+            h = F.conv2d(x, a.view(-1, in_g, kh, kw), None, host.stride, host.padding, host.dilation)
+            return F.conv2d(h, b.view(out, -1, 1, 1))
+        return host._conv_forward(x, (b @ a).view(self.weight_shape), None)
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        return (self.B["all"] @ self.A["all"]).view(self.weight_shape)
+
+
+def _lora_linear(host: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    return out + host._modules[LORA](args[0])
+
+
+def _lora_conv(host: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    return out + host._modules[LORA](host, args[0])
+
+
+class SPTAdapter(nn.Module):
+    """Bottlenecks on row blocks of one host's output (sequential) or reading its input (parallel).
+
+    ``parts`` maps a part name to (first row, last row + 1, parallel). ``channel_dim`` is where
+    the host's output features live: -1 for Linear, 1 for Conv2d.
+    """
+
+    def __init__(self, parts: dict[str, tuple[int, int, bool]], in_features: int, out_features: int,
+                 rank: int, channel_dim: int) -> None:
+        super().__init__()
+        self.parts = dict(sorted(parts.items(), key=lambda kv: kv[1][0]))
+        self.out_features = out_features
+        self.channel_dim = channel_dim
+        self.adapters = nn.ModuleDict({
+            name: Bottleneck(in_features if parallel else stop - start, rank, stop - start)
+            for name, (start, stop, parallel) in self.parts.items()
+        })
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.channel_dim != -1:
+            x, y = x.movedim(self.channel_dim, -1), y.movedim(self.channel_dim, -1)
+        pieces: list[torch.Tensor] = []
+        pos = 0
+        for name, (start, stop, parallel) in self.parts.items():
+            if start > pos:
+                pieces.append(y.new_zeros(*y.shape[:-1], start - pos))
+            source = x if parallel else y[..., start:stop]
+            pieces.append(self.adapters[name](source.to(self.adapters[name].up.weight.dtype)).to(y.dtype))
+            pos = stop
+        if pos < self.out_features:
+            pieces.append(y.new_zeros(*y.shape[:-1], self.out_features - pos))
+        delta = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+        out = y + delta
+        return out.movedim(-1, self.channel_dim) if self.channel_dim != -1 else out
+
+
+def _adapter(host: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    return host._modules[ADAPTER](args[0], out)
+
+
+# ------------------------------------------------------------------------------------------------
+# The method
+
+
+class SPT(Method):
+    """Sensitivity-chosen sparse deltas, whole vectors and LoRA/adapters on the most sensitive matrices."""
+
+    name = "spt"
+    Options = SPTOptions
+    mergeable = True  # per instance: False once the allocation holds an adapter
+
+    def attach(self, model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> None:
+        opts: SPTOptions = self.options
+        if state is not None:
+            allocation = allocation_from_state(model, state, opts)
+        else:
+            if not opts.sensitivity:
+                raise MethodError(
+                    "spt needs sensitivity scores: pass sensitivity=FILE (made by `vistune sensitivity` "
+                    "or vistune.sensitivity.compute_sensitivity + save_scores)"
+                )
+            scores = load_scores(opts.sensitivity, model)
+            allocation = allocate(model, scores, opts.budget, opts.structured, opts.alpha, opts.beta,
+                                  opts.rank, fill=opts.fill)
+        self.allocation: Allocation = allocation
+        self._build(model, allocation)
+
+    # -- building ---------------------------------------------------------------------------
+    def _build(self, model: nn.Module, allocation: Allocation) -> None:
+        opts: SPTOptions = self.options
+        modules = dict(model.named_modules())
+        params = dict(model.named_parameters())
+        owner = {u.param: (u.module, u.attr) for u in pool_units(model)}
+        self._sites: list[tuple[nn.Module, str, nn.Module]] = []  # (host, child name, child)
+        self._originals: dict[int, dict[str, torch.Tensor]] = {}  # sparse values saved at merge
+
+        sparse: dict[str, dict[str, tuple[torch.Tensor, torch.dtype]]] = {}
+        for pname, idx in allocation.sparse_indices().items():
+            mname, attr = owner[pname]
+            p = params[pname]
+            sparse.setdefault(mname, {})[attr] = (idx.to(p.device), p.dtype)
+        for mname, entries in sparse.items():
+            self._add_site(modules[mname], SPARSE, SparseDelta(entries))
+
+        by_host: dict[str, list[Unit]] = {}
+        for u in allocation.structured_units():
+            by_host.setdefault(u.module, []).append(u)
+        for mname, units in by_host.items():
+            host = modules[mname]
+            weight = host.weight
+            if opts.structured == "lora" and isinstance(host, nn.Linear):
+                slices = {u.part: slice(u.start // u.cols, u.start // u.cols + u.rows) for u in units}
+                child = LoRABranch(host.in_features, host.out_features, slices, opts.rank, 1.0)
+            elif opts.structured == "lora" and isinstance(host, nn.Conv2d):
+                child = ConvLoRA(host, opts.rank)
+            elif opts.structured == "adapter" and isinstance(host, (nn.Linear, nn.Conv2d)):
+                parts = {u.part: (u.start // u.cols, u.start // u.cols + u.rows, u.parallel) for u in units}
+                out_features = weight.shape[0]
+                child = SPTAdapter(parts, units[0].in_features, out_features, opts.rank,
+                                   -1 if isinstance(host, nn.Linear) else 1)
+            else:
+                raise MethodError(f"spt: cannot place a {opts.structured} module on {mname} ({type(host).__name__})")
+            child.to(device=weight.device, dtype=weight.dtype)
+            self._add_site(host, LORA if opts.structured == "lora" else ADAPTER, child)
+
+        self._whole = [params[name] for name in allocation.whole_params()]
+        self.mergeable = not any(kind == ADAPTER for _, kind, _ in self._sites)
+        self._attach_sites()
+
+    def _add_site(self, host: nn.Module, kind: str, child: nn.Module) -> None:
+        if kind in host._modules:
+            raise MethodError(f"spt: {type(host).__name__} already has a child named {kind!r}")
+        self._sites.append((host, kind, child))
+
+    def _attach_sites(self) -> None:
+        for host, kind, child in self._sites:
+            host.add_module(kind, child)
+            if kind == SPARSE:
+                self.add_hook(host.register_forward_pre_hook(_swap_in))
+                self.add_hook(host.register_forward_hook(_swap_out, always_call=True))
+            elif kind == LORA:
+                self.add_hook(host.register_forward_hook(_lora_conv if isinstance(child, ConvLoRA) else _lora_linear))
+            else:
+                self.add_hook(host.register_forward_hook(_adapter))
+
+    # -- the contract -----------------------------------------------------------------------
+    def modules(self) -> list[nn.Module]:
+        return [child for _, _, child in self._sites]
+
+    def tuned_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return [p for m in self.modules() for p in m.parameters()] + list(self._whole)
+
+    @torch.no_grad()
+    def merge(self, model: nn.Module) -> None:
+        adapters = [child for _, kind, child in self._sites if kind == ADAPTER]
+        if adapters:
+            raise NotMergeableError(
+                f"spt placed {len(adapters)} adapter(s) (structured=adapter): an adapter is a bottleneck "
+                "behind a GELU, not a change of the weights, so it cannot be merged; keep it attached, or "
+                "use structured=lora for a mergeable SPT"
+            )
+        for host, kind, child in self._sites:
+            if kind == SPARSE:
+                saved = {}
+                for attr in child.attrs:
+                    flat = host._parameters[attr].data.view(-1)
+                    idx = child.index(attr)
+                    saved[attr] = flat[idx].clone()
+                    flat.index_add_(0, idx, child.delta(attr).to(flat.dtype))
+                self._originals[id(child)] = saved
+            else:
+                host.weight += child.delta_weight().view_as(host.weight).to(host.weight.dtype)
+            del host._modules[kind]
+        self.remove_hooks()
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self, model: nn.Module) -> None:
+        for host, kind, child in self._sites:
+            if kind == SPARSE:
+                for attr, values in self._originals.pop(id(child)).items():
+                    host._parameters[attr].data.view(-1)[child.index(attr)] = values
+            else:
+                host.weight -= child.delta_weight().view_as(host.weight).to(host.weight.dtype)
+        self._attach_sites()
+        self.merged = False
+
+
+# ------------------------------------------------------------------------------------------------
+# Rebuilding an allocation from a tuned file
+
+
+def _split_key(key: str, child: str) -> tuple[str, str] | None:
+    """``"blocks.0.attn.qkv.spt_lora.A.q"`` → ``("blocks.0.attn.qkv", "A.q")`` for child ``spt_lora``."""
+    if key.startswith(child + "."):
+        return "", key[len(child) + 1:]
+    host, sep, rest = key.partition(f".{child}.")
+    return (host, rest) if sep else None
+
+
+def allocation_from_state(model: nn.Module, state: dict[str, torch.Tensor], opts: SPTOptions) -> Allocation:
+    """The allocation a tuned file holds, read from its tensor names and index buffers.
+
+    Structured modules are named by their keys, whole vectors by backbone parameter names and
+    sparse entries by the ``*_idx`` buffers; other keys (the head) are left to the loader, which
+    checks the full key set. Nothing is read from a scores file.
+    """
+    from vistune.backbones import backbone_info
+
+    units = pool_units(model)
+    by_param: dict[str, list[Unit]] = {}
+    for u in units:
+        by_param.setdefault(u.param, []).append(u)
+    pool = dict(pool_parameters(model))
+    modes: dict[tuple[str, str], tuple[str, torch.Tensor | None]] = {}  # (param, part) → mode, indices
+
+    def structured(host: str, part: str, key: str, kind: str) -> None:
+        if opts.structured != kind:
+            raise MethodError(f"spt: tuned file holds {kind} tensor {key!r}, but structured={opts.structured!r}")
+        param = f"{host}.weight" if host else "weight"
+        if not any(u.part == part and u.kind == "matrix" for u in by_param.get(param, [])):
+            raise MethodError(f"spt: tuned-file tensor {key!r} names no {part!r} matrix of this backbone")
+        modes[(param, part)] = ("structured", None)
+
+    for key, tensor in state.items():
+        if (split := _split_key(key, SPARSE)) is not None:
+            host, rest = split
+            if not rest.endswith("_idx"):
+                continue
+            attr = rest[: -len("_idx")]
+            param = f"{host}.{attr}" if host else attr
+            if param not in by_param:
+                raise MethodError(f"spt: tuned-file index buffer {key!r} names no tunable parameter")
+            flat = tensor.to(torch.long).reshape(-1)
+            if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= pool[param].numel()):
+                raise MethodError(f"spt: tuned-file index buffer {key!r} points outside {param!r}")
+            for u in by_param[param]:
+                inside = flat[(flat >= u.start) & (flat < u.start + u.numel)] - u.start
+                if inside.numel():
+                    whole = u.kind == "vector" and u.part != "all" and inside.numel() == u.numel
+                    modes[(param, u.part)] = ("whole", None) if whole else ("unstructured", inside)
+        elif (split := _split_key(key, LORA)) is not None:
+            host, rest = split
+            if rest.startswith("A."):
+                structured(host, rest[2:], key, "lora")
+        elif (split := _split_key(key, ADAPTER)) is not None:
+            host, rest = split
+            if rest.startswith("adapters.") and rest.endswith(".down.weight"):
+                structured(host, rest[len("adapters."):-len(".down.weight")], key, "adapter")
+        elif key in pool:
+            if [u.kind for u in by_param[key]] != ["vector"]:
+                raise MethodError(f"spt: tuned file tunes {key!r} whole, but only whole vectors are tuned so")
+            modes[(key, "all")] = ("whole", None)
+
+    choices: list[UnitChoice] = []
+    for u in units:
+        mode, inside = modes.get((u.param, u.part), ("none", None))
+        if mode == "structured":
+            choices.append(UnitChoice(u, mode, u.module_size(opts.structured, opts.rank)))
+        elif mode == "whole":
+            choices.append(UnitChoice(u, mode, u.numel))
+        elif mode == "unstructured":
+            n = int(inside.numel())
+            choices.append(UnitChoice(u, mode, n, n, torch.sort(inside).values))
+        else:
+            choices.append(UnitChoice(u, "none", 0, 0))
+    return Allocation(
+        arch=backbone_info(model).arch, structured_type=opts.structured, rank=opts.rank, alpha=opts.alpha,
+        beta=opts.beta, choices=choices, pool_size=sum(u.numel for u in units),
+        backbone_params=backbone_param_count(model), extra={"from": "tuned file"},
+    )
