@@ -272,6 +272,10 @@ def test_budget_search_is_the_closest_top_k(structured):
         assert alloc.num_sensitive == int(sum((s >= t).sum() for s in scores.values()))
         filled = allocator.allocate(budget, fill=True)
         assert filled.realised == budget
+        # k = entries at or above the top-k threshold + entries the fill took, each counted once
+        t_fill = filled.threshold if filled.threshold is not None else math.inf
+        above = int(sum((s >= t_fill).sum() for s in scores.values()))
+        assert filled.num_sensitive == above + filled.extra["filled"]
         assert _naive_realised(model, scores, filled.threshold, structured) <= budget
 
 

@@ -354,7 +354,10 @@ def read_scores(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torc
         raise SensitivityError(f"sensitivity file {path} is corrupt or truncated ({err})") from None
     if raw is None:
         raise SensitivityError(f"sensitivity file {path} has no vistune metadata; it was not written by save_scores()")
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise SensitivityError(f"sensitivity file {path}: metadata is not valid JSON ({err})") from None
     if meta.get("format") != SCORES_FORMAT:
         raise SensitivityError(f"sensitivity file {path}: unknown format {meta.get('format')!r}")
     return meta, tensors
@@ -674,7 +677,7 @@ class Allocator:
         filled = 0
         if fill:
             filled = self._fill(ev, top, target - int(options[best]), counts, ranked)
-        choices, k = [], filled
+        choices, k = [], 0  # counts already include the filled entries
         for r, n in zip(ranked, counts):
             choice, n_sensitive = self._choose(r, n, threshold)
             choices.append(choice)

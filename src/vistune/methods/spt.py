@@ -35,6 +35,13 @@ Merging folds sparse deltas (W.flat[idx] += delta) and LoRA (W += B·A) into the
 removes every module and hook; unmerge subtracts LoRA and restores the sparse entries' saved
 original values bit-exactly. Adapters sit behind a GELU, so an allocation holding any adapter
 raises :class:`~vistune.errors.NotMergeableError`.
+
+Limits of the parameter swap: (1) the module that registered a parameter must be the one whose
+forward reads it. That holds for timm's ViT, ResNet, ConvNeXt, EfficientNet...; a model whose
+parent reads a child's weight directly (timm's EVA computes ``F.linear(x, self.qkv.weight)``)
+would silently ignore that delta, as it would ignore LoRA's hook. (2) While a forward runs, the
+host's parameter slot holds the updated tensor, so one model instance must not run forwards from
+several threads at once; merge it for serving.
 """
 
 from __future__ import annotations
