@@ -23,6 +23,7 @@ from vistune.dense import (
     SegmentationMetric,
     build_dense_model,
     evaluate_dense,
+    is_dense_run,
     load_dense,
     load_dense_data,
     predict,
@@ -490,11 +491,36 @@ def test_spt_scores_come_from_the_dense_loss(arch, task, tmp_path):
     assert loaded.tuned.spec.name == "spt"
 
 
+def test_head_gets_its_own_learning_rate():
+    from vistune.dense.train import _optimizer
+
+    tuned = attach(seeded_backbone("test_vit", None, 64), "lora")
+    model = build_dense_model(tuned, "segment", 2)
+    cfg = TrainConfig(backbone="test_vit", data="x", lr=1e-4, optimizer="adamw", wd=0.05)
+    opt = _optimizer(model, cfg, head_lr=1e-2)
+    head_ids = {id(p) for p in model.head.parameters()}
+    for group in opt.param_groups:
+        in_head = {id(p) in head_ids for p in group["params"]}
+        assert len(in_head) == 1
+        assert group["lr"] == (1e-2 if in_head.pop() else 1e-4)
+        assert group["weight_decay"] == (0.0 if group["params"][0].ndim <= 1 else 0.05)
+    n = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n == sum(p.numel() for p in model.trainable_parameters())
+
+
+def test_missing_run_files_are_clear_errors(tmp_path):
+    from vistune.errors import TunedFileError
+
+    with pytest.raises(TunedFileError, match="tuned.safetensors is missing"):
+        load_dense(tmp_path)
+
+
 def test_run_files_eval_and_predict(tmp_path):
     root = make_pennfudan(tmp_path / "pf", n=8)
     cfg = tiny_cfg(tmp_path, f"pennfudan:{root}", method="protuning", epochs=2, augment="flip")
     m = train_dense(cfg, "detect")
     run = Path(cfg.out)
+    assert is_dense_run(run) and is_dense_run(run / "tuned.safetensors") and not is_dense_run(tmp_path)
     for name in ("tuned.safetensors", "dense_head.safetensors", "metrics.json", "splits.json", "log.jsonl"):
         assert (run / name).is_file()
     splits = json.loads((run / "splits.json").read_text())

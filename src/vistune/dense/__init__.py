@@ -15,7 +15,7 @@ from vistune.dense.datasets import DenseSplits, load_dense_data
 from vistune.dense.features import FeatureError, FeatureExtractor, Level, default_levels
 from vistune.dense.heads import DenseHead, HeadConfig
 from vistune.dense.metrics import DetectionMetric, SegmentationMetric
-from vistune.dense.model import DenseModel, build_dense_model, load_dense, save_dense
+from vistune.dense.model import DenseModel, build_dense_model, head_config, is_dense_run, load_dense, save_dense
 from vistune.dense.predict import predict
 from vistune.dense.train import evaluate_dense, evaluate_split, prepare_dense, train_dense
 
@@ -33,6 +33,8 @@ __all__ = [
     "default_levels",
     "evaluate_dense",
     "evaluate_split",
+    "head_config",
+    "is_dense_run",
     "load_dense",
     "load_dense_data",
     "predict",

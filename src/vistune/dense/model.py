@@ -128,6 +128,13 @@ def save_dense(model: DenseModel, out_dir: str | os.PathLike, extra: dict[str, A
     return tuned_path, head_path
 
 
+def is_dense_run(path: str | os.PathLike) -> bool:
+    """True for a dense run folder or either of its files (lets ``vistune eval`` dispatch)."""
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    return (folder / HEAD_FILE).is_file() and (p.is_dir() or p.name in (TUNED_FILE, HEAD_FILE))
+
+
 def resolve_run(path: str | os.PathLike) -> tuple[Path, Path]:
     """A run folder, its tuned file or its head file -> (tuned file, head file)."""
     p = Path(path)

@@ -35,7 +35,7 @@ from vistune.dense.metrics import DetectionMetric, SegmentationMetric
 from vistune.dense.features import FeatureExtractor
 from vistune.dense.heads import DenseHead
 from vistune.dense.model import DenseModel, build_dense_model, head_config, load_dense, save_dense
-from vistune.engine.optim import build_optimizer, warmup_cosine
+from vistune.engine.optim import build_optimizer, param_groups, warmup_cosine
 from vistune.engine.trainer import (
     _write_json_atomic,
     peak_memory_mb,
@@ -250,8 +250,24 @@ def _prefixed(prefix: str, res: dict[str, Any], task: str) -> dict[str, Any]:
             f"{prefix}_per_class_ap": res["per_class_ap"]}
 
 
+def _optimizer(model: DenseModel, cfg: TrainConfig, head_lr: float | None) -> torch.optim.Optimizer:
+    """One optimiser; the head may get its own learning rate (it starts from scratch, while
+    ``full`` fine-tuning wants a small one for the pre-trained weights). Same weight-decay rule
+    (none on 1-D tensors) for both, via the engine's ``param_groups``."""
+    method = [p for p in model.method_parameters() if p.requires_grad]
+    head = [p for p in model.head.parameters() if p.requires_grad]
+    if head_lr is None:
+        return build_optimizer(method + head, cfg.optimizer, cfg.lr, cfg.wd, cfg.momentum)
+    if not method:  # linear (or frozen modules): the head is all there is
+        return build_optimizer(head, cfg.optimizer, head_lr, cfg.wd, cfg.momentum)
+    opt = build_optimizer(method, cfg.optimizer, cfg.lr, cfg.wd, cfg.momentum)
+    for group in param_groups(head, cfg.wd):
+        opt.add_param_group({**group, "lr": head_lr})
+    return opt
+
+
 def train_dense(cfg: TrainConfig, task: str, *, head_options: dict[str, Any] | None = None,
-                data: DenseSplits | None = None) -> dict[str, Any]:
+                head_lr: float | None = None, data: DenseSplits | None = None) -> dict[str, Any]:
     """Train a dense head (+ the method's modules) for ``task`` (``segment`` | ``detect``).
 
     Reads these ``TrainConfig`` fields: backbone, weights, img_size, method, options, data,
@@ -260,8 +276,8 @@ def train_dense(cfg: TrainConfig, task: str, *, head_options: dict[str, Any] | N
     select, val_every, cache_features (linear), device. Writes to ``cfg.out``:
     ``tuned.safetensors`` (method tensors, spine format), ``dense_head.safetensors`` (head tensors
     and config), ``metrics.json``, ``splits.json``, ``log.jsonl``; returns the metrics dict.
-    ``head_options`` go to :func:`vistune.dense.model.build_dense_model`; ``data`` lets tests and
-    benchmarks reuse decoded data across runs.
+    ``head_options`` go to :func:`vistune.dense.model.head_config`; ``head_lr`` (default
+    ``cfg.lr``) is the head's learning rate; ``data`` lets tests and benchmarks reuse decoded data.
     """
     from tqdm.auto import tqdm
 
@@ -286,7 +302,7 @@ def train_dense(cfg: TrainConfig, task: str, *, head_options: dict[str, Any] | N
     cache_seconds = time.perf_counter() - t_start
 
     params = [p for p in model.trainable_parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg.optimizer, cfg.lr, cfg.wd, cfg.momentum)
+    optimizer = _optimizer(model, cfg, head_lr)
     steps_per_epoch = math.ceil(math.ceil(len(data.train) / cfg.batch_size) / cfg.accum_steps)
     scheduler = warmup_cosine(optimizer, steps_per_epoch * cfg.epochs,
                               int(round(cfg.warmup_epochs * steps_per_epoch)), cfg.min_lr_ratio)
@@ -370,6 +386,8 @@ def train_dense(cfg: TrainConfig, task: str, *, head_options: dict[str, Any] | N
         "img_size": backbone_info(model.tuned.model).img_size,
         "selected_epoch": selected,
         "selection": cfg.select,
+        "lr": cfg.lr,
+        "head_lr": head_lr if head_lr is not None else cfg.lr,
         "final_train_loss": history[-1]["train_loss"] if history else None,
     }
     if val_res is not None:
