@@ -37,7 +37,6 @@ from vistune.dense.datasets import (
     letterbox_geometry,
     letterbox_image,
     letterbox_mask,
-    parse_voc_xml,
 )
 from vistune.dense.features import FeatureError
 from vistune.engine.trainer import seeded_backbone
@@ -212,30 +211,38 @@ def test_wrong_token_count_is_a_clear_error():
 # ------------------------------------------------------------------------------ geometry
 
 
-def test_letterbox_and_flip_keep_image_mask_and_boxes_aligned():
+def _check_aligned(canvas, mask, boxes, classes):
+    for k, (x1, y1, x2, y2) in enumerate(boxes.round().long().tolist()):
+        cid = classes[k]
+        region = mask[y1:y2, x1:x2]
+        assert (region == cid).float().mean() > 0.95  # the box covers its own mask...
+        assert (mask == cid).sum() == region.eq(cid).sum()  # ...and all of it
+        assert (canvas[0, y1:y2, x1:x2].mean() > 180) == (cid == 1)  # and the image's red is there
+
+
+@pytest.mark.parametrize("portrait", [False, True])
+def test_letterbox_and_flip_keep_image_mask_and_boxes_aligned(portrait):
     img, cls, inst = scene(SCENES[0])
-    lb = letterbox_geometry(W, H, 32)
-    assert (lb.new_w, lb.new_h) == (32, 24) and lb.sx == lb.sy == 0.5
+    if portrait:  # 48x64: the padding is on the right, and a flip moves it to the left
+        img, cls, inst = img.transpose(Image.Transpose.TRANSPOSE), cls.T.copy(), inst.T.copy()
+    lb = letterbox_geometry(img.width, img.height, 32)
+    assert (lb.new_w, lb.new_h) == ((24, 32) if portrait else (32, 24)) and lb.sx == lb.sy == 0.5
     canvas = torch.from_numpy(letterbox_image(img, lb)).float()
     mask = torch.from_numpy(letterbox_mask(cls, lb)).long()
-    boxes = torch.from_numpy(lb.boxes_to_canvas(boxes_from_instance_mask(inst)))
-    torch.testing.assert_close(boxes, torch.tensor([[2.0, 3, 14, 15], [18, 5, 30, 20]]))
-    assert (mask[24:] == IGNORE).all() and (canvas[:, 24:] == 0).all()  # padding bottom
-    for flipped in (False, True):
-        c, m, b = (canvas, mask, boxes) if not flipped else hflip(canvas, mask, boxes)
-        for k, (x1, y1, x2, y2) in enumerate(b.round().long().tolist()):
-            cid = SCENES[0][k][0]
-            region = m[y1:y2, x1:x2]
-            assert (region == cid).float().mean() > 0.95  # the box covers its own mask...
-            assert (m == cid).sum() == region.eq(cid).sum()  # ...and all of it
-            red = c[0, y1:y2, x1:x2].mean()
-            assert (red > 180) == (cid == 1)  # and the image's colour is there too
-    if True:
-        _, m2, b2 = hflip(canvas, mask, boxes)
-        assert (m2[:24, :32 - lb.new_w] != IGNORE).all() and (m2[24:] == IGNORE).all()
-        torch.testing.assert_close(hflip(*hflip(canvas, mask, boxes))[2], boxes)
-    back = lb.boxes_to_original(boxes.clone())
-    torch.testing.assert_close(back, torch.from_numpy(boxes_from_instance_mask(inst)))
+    orig = boxes_from_instance_mask(inst)
+    boxes = torch.from_numpy(lb.boxes_to_canvas(orig))
+    expected = torch.tensor([[2.0, 3, 14, 15], [18, 5, 30, 20]])
+    torch.testing.assert_close(boxes, expected[:, [1, 0, 3, 2]] if portrait else expected)
+    pad = (mask[:, 24:], canvas[:, :, 24:]) if portrait else (mask[24:], canvas[:, 24:])
+    assert (pad[0] == IGNORE).all() and (pad[1] == 0).all()
+    classes = [r[0] for r in SCENES[0]]
+    _check_aligned(canvas, mask, boxes, classes)
+    c2, m2, b2 = hflip(canvas, mask, boxes)
+    _check_aligned(c2, m2, b2, classes)
+    if portrait:
+        assert (m2[:, :8] == IGNORE).all() and (m2[:, 8:] != IGNORE).all()
+    torch.testing.assert_close(hflip(c2, m2, b2)[2], boxes)  # flipping twice is the identity
+    torch.testing.assert_close(lb.boxes_to_original(boxes.clone()), torch.from_numpy(orig))
 
 
 def test_dataset_flip_is_consistent(tmp_path):
