@@ -150,3 +150,17 @@ def test_schedule_and_weight_decay_groups():
     assert lrs[4] == pytest.approx(1.0) or lrs[5] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))  # cosine never rises
     assert lrs[-1] < 0.05
+
+
+def test_shipped_configs_are_valid():
+    """Every YAML under configs/ uses only known keys and valid values, and its method options parse."""
+    from pathlib import Path
+
+    from vistune.methods import get_method, parse_options
+
+    files = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert files
+    for f in files:
+        values = load_config_file(f)
+        cfg = make_config(values, data=values.get("data", "folder:unused"))
+        parse_options(get_method(cfg.method), cfg.options)

@@ -112,11 +112,55 @@ def config_from_args(args: argparse.Namespace, **forced):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if args.task != "classify":
+        from vistune.dense import train_dense
+
+        if args.resume:
+            raise ValueError("--resume is not supported for dense tasks yet")
+        metrics = train_dense(cfg, args.task, head_lr=args.head_lr)
+        keys = ("test_miou", "test_map50", "test_map")
+        for k in keys:
+            if metrics.get(k) is not None:
+                print(f"{k:<16} {metrics[k]:.4f}")
+        _print_metrics(metrics, cfg.out)
+        return 0
     from vistune.engine import train
 
-    cfg = config_from_args(args)
     metrics = train(cfg, resume=args.resume)
     _print_metrics(metrics, cfg.out)
+    return 0
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vistune.engine.trainer import build_backbone_for, load_data_for, resolve_device, write_sensitivity
+    from vistune.sensitivity import allocate, load_scores, plot_allocation
+
+    cfg = config_from_args(args, method="linear", out=str(Path(args.scores).parent))
+    backbone = build_backbone_for(cfg)
+    data = load_data_for(cfg, backbone)
+    path = Path(args.scores)
+    if path.is_file() and not args.recompute:
+        print(f"scores: {path} (existing; --recompute to redo)")
+    else:
+        meta = write_sensitivity(backbone, data, resolve_device(cfg.device), path,
+                                 batch_size=args.sens_batch_size, num_batches=args.batches, data_spec=cfg.data)
+        print(f"scores: {path} ({meta['num_batches']} batches of {meta['batch_size']}, {meta['seconds']:.1f} s)")
+    if args.budget:
+        probe = backbone
+        probe.reset_classifier(data.num_classes)
+        scores = load_scores(path, probe)
+        alloc = allocate(probe, scores, args.budget, structured=args.structured, alpha=args.alpha,
+                         beta=args.beta, rank=args.rank)
+        summary = alloc.summary()
+        print(json.dumps({k: v for k, v in summary.items() if k != "structured_matrices"}))
+        print("structured:", ", ".join(summary["structured_matrices"]) or "(none)")
+        if args.plot:
+            print(f"plot: {plot_allocation(alloc, args.plot)}")
+    elif args.plot:
+        raise ValueError("--plot draws an allocation: give --budget too")
     return 0
 
 
@@ -184,8 +228,25 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from vistune.dense import predict
+
+    res = predict(args.tuned, args.image, args.out, score_threshold=args.score_threshold, device=args.device)
+    print(json.dumps(res) if args.json else f"written {res.get('out', args.out)}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    from vistune.dense import is_dense_run
     from vistune.engine import evaluate_file
+
+    if is_dense_run(args.tuned):
+        from vistune.dense import evaluate_dense
+
+        res = evaluate_dense(args.tuned, args.data, split=args.split, batch_size=args.batch_size, device=args.device)
+        print(json.dumps(res) if args.json else "\n".join(
+            f"{k}  {v:.4f}" for k, v in res.items() if isinstance(v, float)))
+        return 0
 
     res = evaluate_file(args.tuned, args.data, split=args.split, batch_size=args.batch_size,
                         device=args.device, progress=not args.no_progress)
@@ -247,7 +308,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a method on a dataset; writes tuned.safetensors + metrics.json")
     _add_train_args(p)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--task", choices=["classify", "segment", "detect"], default="classify",
+                   help="segment/detect: dense head on the tuned backbone (data camvid:|voc:|pennfudan:)")
+    p.add_argument("--head-lr", type=float, default=None, help="dense tasks: learning rate of the dense head")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sensitivity", help="SPT: gradient sensitivity scores (+ an allocation and its plot)")
+    _add_train_args(p)
+    p.add_argument("--scores", required=True, help="output .safetensors for the scores")
+    p.add_argument("--sens-batch-size", type=int, default=32)
+    p.add_argument("--batches", type=int, default=16)
+    p.add_argument("--recompute", action="store_true")
+    p.add_argument("--budget", default=None, help="e.g. 0.4M, 400k, 0.5%%: allocate and print the summary")
+    p.add_argument("--structured", choices=["lora", "adapter", "none"], default="lora")
+    p.add_argument("--alpha", type=float, default=10.0)
+    p.add_argument("--beta", type=float, default=5.0)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--plot", default=None, help="PNG heat-map of the allocation")
+    p.set_defaults(func=cmd_sensitivity)
+
+    p = sub.add_parser("predict", help="draw a dense run's prediction (mask overlay or boxes) on an image")
+    p.add_argument("--tuned", required=True, help="dense run folder or its tuned.safetensors")
+    p.add_argument("--image", required=True)
+    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--score-threshold", type=float, default=0.3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("pretrain", help="PVP stage 1: pre-train a method's modules on source data")
     _add_train_args(p, multi_data=True)

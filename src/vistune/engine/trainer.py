@@ -151,25 +151,37 @@ def _transfer_options(options: dict[str, Any]) -> dict[str, Any]:
 
 def _spt_scores(cfg: TrainConfig, backbone: nn.Module, data: Any, device: torch.device) -> str:
     """SPT needs sensitivity scores; compute them on the training split when no file is given."""
-    from vistune.sensitivity import compute_sensitivity, save_scores
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     path = Path(cfg.sensitivity) if cfg.sensitivity else out / "sensitivity.safetensors"
-    if path.is_file():
-        return str(path)
+    if not path.is_file():
+        write_sensitivity(backbone, data, device, path, data_spec=cfg.data)
+    return str(path)
+
+
+def write_sensitivity(backbone: nn.Module, data: Any, device: torch.device, path: str | os.PathLike,
+                      batch_size: int = 32, num_batches: int = 16, data_spec: str = "") -> dict[str, Any]:
+    """SPT's sensitivity pass on the first ``num_batches`` unshuffled training batches, saved to ``path``.
+
+    Runs on a copy of the backbone with a fresh head for the task's classes, so the caller's
+    model is untouched. Returns the metadata written beside the scores (incl. the seconds taken).
+    """
     import copy
+
+    from vistune.sensitivity import compute_sensitivity, save_scores
 
     probe = copy.deepcopy(backbone)
     probe.reset_classifier(data.num_classes)
     probe.to(device)
-    loader = DataLoader(data.train, batch_size=32, shuffle=False)
+    loader = DataLoader(data.train, batch_size=batch_size, shuffle=False)
+    used = min(num_batches, len(loader))
     t0 = time.perf_counter()
-    scores = compute_sensitivity(probe, ((x.to(device), y.to(device)) for x, y in loader), num_batches=16)
-    seconds = time.perf_counter() - t0
-    save_scores(path, scores, probe, {"batch_size": 32, "num_batches": 16, "seconds": seconds})
+    scores = compute_sensitivity(probe, ((x.to(device), y.to(device)) for x, y in loader), num_batches=num_batches)
+    meta = {"batch_size": batch_size, "num_batches": used, "data": data_spec,
+            "seconds": time.perf_counter() - t0}
+    save_scores(path, scores, probe, meta)
     del probe
-    return str(path)
+    return meta
 
 
 def _loader(dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0) -> DataLoader:
