@@ -23,11 +23,11 @@ SHARED = ROOT.parent / "shared"
 RECIPES = {
     "linear": dict(optimizer="sgd", lr=0.1, options=[]),
     "bitfit": dict(optimizer="adamw", lr=1e-3, options=[]),
-    "vpt": dict(optimizer="sgd", lr=0.5, options=["length=10", "deep=true"]),
+    "vpt": dict(optimizer="sgd", lr=0.05, options=["length=10", "deep=true"]),
     "lora": dict(optimizer="adamw", lr=1e-3, options=["rank=8"]),
     "adapter": dict(optimizer="adamw", lr=1e-3, options=["bottleneck=8"]),
     "protuning": dict(optimizer="adamw", lr=1e-3, options=[]),
-    "spt": dict(optimizer="adamw", lr=1e-3, options=["budget=0.2M", "structured=lora"]),
+    "spt": dict(optimizer="adamw", lr=1e-3, options=["budget=147456", "structured=lora"]),  # = LoRA r8 q,v on ViT-S
     "full": dict(optimizer="adamw", lr=1e-4, options=[]),
 }
 
@@ -37,11 +37,12 @@ def main() -> int:
     ap.add_argument("--backbone", default="dinov2-s14")
     ap.add_argument("--img-size", type=int, default=84)
     ap.add_argument("--data", default=f"folder:{SHARED / 'data' / 'flowers5'}")
-    ap.add_argument("--shots", type=int, default=20)
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--shots", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--batch-size", type=int, default=25)
     ap.add_argument("--precision", default="bf16")
-    ap.add_argument("--methods", default="linear,bitfit,vpt,lora,adapter,full")
+    ap.add_argument("--methods", default="linear,bitfit,vpt,lora,adapter,spt,protuning,full")
+    ap.add_argument("--force", action="store_true", help="re-run methods whose run folder already has metrics.json")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-methods"))
     args = ap.parse_args()
 
@@ -62,14 +63,27 @@ def main() -> int:
             cmd += ["--shots", str(args.shots)]
         for o in r["options"]:
             cmd += ["-o", o]
+        dirs.append(run)
+        if (run / "metrics.json").is_file() and not args.force:
+            print(f"reusing {run}/metrics.json (--force to re-run)", flush=True)
+            continue
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        dirs.append(run)
     rows = load_metrics(dirs)
     first = rows[0]
     print(f"\nbackbone {args.backbone} @ {args.img_size}px, data {args.data}, shots {args.shots}, "
           f"{args.epochs} epochs, {args.precision}; train {first['num_train']} / test {first['num_test']} images\n")
     print(markdown_table(rows))
+    sens = out / "spt" / "sensitivity.safetensors"
+    if sens.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(sens), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("vistune.sensitivity", "{}"))
+        spt = next((r for r in rows if r["method"] == "spt"), None)
+        epoch_s = spt["train_seconds"] / spt["epochs"] if spt else float("nan")
+        print(f"\nSPT sensitivity pass: {meta.get('num_batches')} batches of {meta.get('batch_size')} in "
+              f"{meta.get('seconds', float('nan')):.1f} s; one SPT training epoch: {epoch_s:.1f} s")
     (out / "table.json").write_text(json.dumps(rows, indent=2))
     return 0
 

@@ -14,7 +14,7 @@ $V weights get dinov2-s14
 COMMON=(--backbone dinov2-s14 --img-size 84 --data "folder:$FLOWERS" --shots 10 --seed 0
         --epochs 15 --batch-size 25 --precision bf16 --val-every 15)
 $V train "${COMMON[@]}" --method linear --optimizer sgd --lr 0.1 --out runs/demo/linear
-$V train "${COMMON[@]}" --method vpt -o length=10 -o deep=true --optimizer sgd --lr 0.5 --out runs/demo/vpt-deep
+$V train "${COMMON[@]}" --method vpt -o length=10 -o deep=true --optimizer sgd --lr 0.05 --out runs/demo/vpt-deep
 $V train "${COMMON[@]}" --method lora -o rank=8 --optimizer adamw --lr 1e-3 --out runs/demo/lora
 echo
 $V report runs/demo/linear runs/demo/vpt-deep runs/demo/lora
