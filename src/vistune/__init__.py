@@ -1,6 +1,6 @@
 """vistune: parameter-efficient tuning of frozen timm vision backbones.
 
-Public API (re-exports only)::
+Public API (re-exports only, resolved lazily so ``vistune --help`` does not import torch)::
 
     from vistune import create_backbone, attach, load_tuned
     model = create_backbone("vit_tiny_patch16_224", img_size=64, num_classes=10)
@@ -9,21 +9,29 @@ Public API (re-exports only)::
     tuned.save_tuned("task.safetensors")
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from vistune.backbones import create_backbone  # noqa: E402
-from vistune.errors import MethodError, NotMergeableError, TunedFileError, VistuneError  # noqa: E402
-from vistune.tuning import MethodSpec, TunedModel, attach, load_tuned  # noqa: E402
+_EXPORTS = {
+    "create_backbone": "vistune.backbones",
+    "MethodError": "vistune.errors",
+    "NotMergeableError": "vistune.errors",
+    "TunedFileError": "vistune.errors",
+    "VistuneError": "vistune.errors",
+    "MethodSpec": "vistune.tuning",
+    "TunedModel": "vistune.tuning",
+    "attach": "vistune.tuning",
+    "load_tuned": "vistune.tuning",
+}
 
-__all__ = [
-    "MethodError",
-    "MethodSpec",
-    "NotMergeableError",
-    "TunedFileError",
-    "TunedModel",
-    "VistuneError",
-    "__version__",
-    "attach",
-    "create_backbone",
-    "load_tuned",
-]
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'vistune' has no attribute {name!r}")
