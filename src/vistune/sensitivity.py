@@ -38,7 +38,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ from torch import nn
 
 from vistune.backbones import VIT_MATRICES, backbone_info, head_parameters, is_vit, vit_block_linears
 from vistune.errors import MethodError
+from vistune.io import read_with_json_meta, save_atomic
 
 SCORES_FORMAT = "vistune.sensitivity/1"
 _SCORES_META_KEY = "vistune.sensitivity"
@@ -314,8 +314,6 @@ def save_scores(
     weights is refused at load), plus ``meta`` (e.g. ``num_batches``, ``batch_size``, ``seconds``).
     The write is atomic. Keys must be exactly the model's pool parameter names.
     """
-    from safetensors.torch import save_file
-
     from vistune.tuning import fingerprint
 
     _check_keys(scores, model, f"scores for {Path(path)}")
@@ -328,39 +326,13 @@ def save_scores(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in scores.items()}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={_SCORES_META_KEY: json.dumps(record)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return save_atomic(tensors, path, {_SCORES_META_KEY: json.dumps(record)})
 
 
 def read_scores(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Metadata and score tensors of a file, without checking which backbone they fit."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise SensitivityError(f"sensitivity file {path}: no such file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(_SCORES_META_KEY)
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors raises its own error types for truncation/corruption
-        raise SensitivityError(f"sensitivity file {path} is corrupt or truncated ({err})") from None
-    if raw is None:
-        raise SensitivityError(f"sensitivity file {path} has no vistune metadata; it was not written by save_scores()")
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise SensitivityError(f"sensitivity file {path}: metadata is not valid JSON ({err})") from None
-    if meta.get("format") != SCORES_FORMAT:
-        raise SensitivityError(f"sensitivity file {path}: unknown format {meta.get('format')!r}")
-    return meta, tensors
+    return read_with_json_meta(path, _SCORES_META_KEY, SCORES_FORMAT, SensitivityError, "sensitivity file",
+                               "save_scores()")
 
 
 def load_scores(path: str | os.PathLike, model: nn.Module) -> dict[str, torch.Tensor]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from torch import nn
 from vistune import __version__
 from vistune.backbones import backbone_info, classifier, head_parameters
 from vistune.errors import MethodError, TunedFileError
+from vistune.io import read_with_json_meta, save_atomic
 from vistune.methods import get_method, parse_options
 from vistune.methods.base import Method
 
@@ -209,26 +209,13 @@ class TunedModel(nn.Module):
 
     def save_tuned(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
         """Write the tuned tensors and metadata atomically (temp file, then rename)."""
-        from safetensors.torch import save_file
-
         if self.method.merged:
             raise TunedFileError(
                 "this model is merged: its deltas live inside the base weights now; call "
                 "unmerge() before save_tuned()"
             )
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.tuned_state_dict().items()}
-        meta = {_META_KEY: json.dumps(self.metadata(extra))}
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return save_atomic(tensors, path, {_META_KEY: json.dumps(self.metadata(extra))})
 
 
 def attach(
@@ -272,26 +259,7 @@ def attach(
 
 def read_tuned_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Metadata and tensors of a tuned file; any corruption becomes a TunedFileError naming the file."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise TunedFileError(f"tuned file {path}: no such file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(_META_KEY)
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors raises its own error types for truncation/corruption
-        raise TunedFileError(f"tuned file {path} is corrupt or truncated ({err})") from None
-    if raw is None:
-        raise TunedFileError(f"tuned file {path} has no vistune metadata; it was not written by save_tuned()")
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise TunedFileError(f"tuned file {path}: metadata is not valid JSON ({err})") from None
-    if meta.get("format") != FORMAT:
-        raise TunedFileError(f"tuned file {path}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
-    return meta, tensors
+    return read_with_json_meta(path, _META_KEY, FORMAT, TunedFileError, "tuned file", "save_tuned()")
 
 
 def check_backbone(path: str | os.PathLike, meta: dict[str, Any], model: nn.Module, fp: str) -> None:

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from vistune.io import save_atomic
 from vistune.dense.features import FeatureExtractor, default_levels
 from vistune.dense.heads import DenseHead, HeadConfig
 from vistune.errors import TunedFileError
@@ -94,16 +94,7 @@ def build_dense_model(tuned: TunedModel, task: str, num_classes: int,
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_atomic(tensors, path, metadata)
 
 
 def save_dense(model: DenseModel, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> tuple[Path, Path]:
