@@ -133,25 +133,9 @@ def make_config(file_values: dict[str, Any] | None = None, **overrides: Any) -> 
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    if value is None:
-        return None
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    base = args[0] if args and typing.get_origin(annotation) in (typing.Union, type(int | None)) else annotation
+    from vistune.methods.base import coerce_value
+
     try:
-        if base is bool:
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError("expected true/false")
-            return bool(value)
-        if base is int:
-            return int(value)
-        if base is float:
-            return float(value)
-        if base is str:
-            return str(value)
+        return coerce_value(value, annotation, none_words=False)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"config key {key}={value!r} is invalid ({err})") from None
-    return value

@@ -98,7 +98,7 @@ def pretrain(cfg, sources: list[str], out: str | os.PathLike) -> dict[str, Any]:
     from vistune.backbones import classifier
     from vistune.config import ConfigError
     from vistune.engine.evaluate import evaluate
-    from vistune.engine.optim import build_optimizer, warmup_cosine
+    from vistune.engine.optim import apply_step, build_optimizer, warmup_cosine
     from vistune.engine.trainer import (
         _loader,
         _spt_scores,
@@ -155,12 +155,8 @@ def pretrain(cfg, sources: list[str], out: str | os.PathLike) -> dict[str, Any]:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                     logits = heads[i](tuned.forward_features(x))
                 loss = loss_fn(logits.float(), y)
-                optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if cfg.clip_grad:
-                    nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-                optimizer.step()
-                scheduler.step()
+                apply_step(optimizer, scheduler, params, cfg.clip_grad)
                 loss_sum += loss.item() * len(y)
                 seen += len(y)
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1)})

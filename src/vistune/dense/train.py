@@ -35,7 +35,7 @@ from vistune.dense.metrics import DetectionMetric, SegmentationMetric
 from vistune.dense.features import FeatureExtractor
 from vistune.dense.heads import DenseHead
 from vistune.dense.model import DenseModel, build_dense_model, head_config, load_dense, save_dense
-from vistune.engine.optim import build_optimizer, param_groups, warmup_cosine
+from vistune.engine.optim import apply_step, build_optimizer, param_groups, warmup_cosine
 from vistune.engine.trainer import (
     _write_json_atomic,
     peak_memory_mb,
@@ -332,11 +332,7 @@ def train_dense(cfg: TrainConfig, task: str, *, head_options: dict[str, Any] | N
                                          "lower the learning rate")
             (loss / cfg.accum_steps).backward()
             if (i + 1) % cfg.accum_steps == 0 or i + 1 == len(loader):
-                if cfg.clip_grad:
-                    nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                apply_step(optimizer, scheduler, params, cfg.clip_grad)
             seen += len(targets)
             loss_sum += loss.item() * len(targets)
             bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.1f}")

@@ -58,3 +58,17 @@ def warmup_cosine(
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def apply_step(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    params: list[nn.Parameter],
+    clip_grad: float | None,
+) -> None:
+    """End of an accumulation window: clip, step, advance the per-iteration schedule, clear grads."""
+    if clip_grad:
+        nn.utils.clip_grad_norm_(params, clip_grad)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)

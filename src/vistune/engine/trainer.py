@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from vistune.backbones import backbone_info, classifier, create_backbone
 from vistune.config import ConfigError, TrainConfig
 from vistune.engine.evaluate import evaluate
-from vistune.engine.optim import build_optimizer, warmup_cosine
+from vistune.engine.optim import apply_step, build_optimizer, warmup_cosine
 from vistune.tuning import TunedModel, attach
 
 CHECKPOINT = "checkpoint.pt"
@@ -310,11 +310,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_epoch: int | Non
             loss = loss_fn(logits.float(), y)
             (loss / cfg.accum_steps).backward()
             if (i + 1) % cfg.accum_steps == 0 or i + 1 == len(loader):
-                if cfg.clip_grad:
-                    nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                apply_step(optimizer, scheduler, params, cfg.clip_grad)
             seen += len(y)
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()

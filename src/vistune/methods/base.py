@@ -110,44 +110,54 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def _coerce(method: str, key: str, value: Any, annotation: Any) -> Any:
+def coerce_value(value: Any, annotation: Any, none_words: bool = True) -> Any:
+    """Convert a loose value (CLI string, YAML scalar, Python value) to ``annotation``.
+
+    Shared by method options and run configs so ``true``/``1``/``yes`` and integer checks mean
+    the same everywhere. Raises ValueError/TypeError; callers add the key and file to the message.
+    ``none_words`` lets the strings ``none``/``null`` stand for None in an optional field.
+    """
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
         non_none = [a for a in args if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in {"none", "null"}):
+        if value is None or (none_words and isinstance(value, str) and value.lower() in {"none", "null"}):
             return None
         annotation = non_none[0]
         origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise ValueError("expected true/false")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ValueError("expected an integer")
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError("expected an integer")
+        return int(value)
+    if annotation is float:
+        return float(value)
+    if annotation is str:
+        return str(value)
+    if origin in (tuple, list):
+        items = value.split(",") if isinstance(value, str) else list(value)
+        items = [str(i).strip() for i in items if str(i).strip()]
+        inner = args[0] if args else str
+        out = [coerce_value(i, inner, none_words) for i in items]
+        return tuple(out) if origin is tuple else out
+    return value
+
+
+def _coerce(method: str, key: str, value: Any, annotation: Any) -> Any:
     try:
-        if annotation is bool:
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in _TRUE:
-                return True
-            if text in _FALSE:
-                return False
-            raise ValueError("expected true/false")
-        if annotation is int:
-            if isinstance(value, bool):
-                raise ValueError("expected an integer")
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError("expected an integer")
-            return int(value)
-        if annotation is float:
-            return float(value)
-        if annotation is str:
-            return str(value)
-        if origin in (tuple, list):
-            items = value.split(",") if isinstance(value, str) else list(value)
-            items = [str(i).strip() for i in items if str(i).strip()]
-            inner = args[0] if args else str
-            out = [_coerce(method, key, i, inner) for i in items]
-            return tuple(out) if origin is tuple else out
+        return coerce_value(value, annotation)
     except (TypeError, ValueError) as err:
         raise MethodError(f"method {method!r}: option {key}={value!r} is invalid ({err})") from None
-    return value
 
 
 def parse_options(method_cls: type[Method], options: dict[str, Any] | None) -> Any:

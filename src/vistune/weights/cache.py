@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,6 +37,31 @@ SUFFIX = ".safetensors"
 SIDECAR_SUFFIX = ".safetensors.sha256"
 TMP_PREFIX = ".tmp-"
 _CHUNK = 1 << 20
+
+
+def rename_state_dict(path: str | os.PathLike, rename_key: Callable[[str], str]) -> dict:
+    """Load a torch checkpoint and rename every key for timm; unmapped or colliding keys are errors.
+
+    ``rename_key`` raises KeyError/IndexError/ValueError for a key it does not know, so a file
+    with an unexpected layout fails loudly instead of loading partially.
+    """
+    import torch
+
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    out: dict = {}
+    unknown = []
+    for key, value in state.items():
+        try:
+            new = rename_key(key)
+        except (KeyError, IndexError, ValueError):
+            unknown.append(key)
+            continue
+        if new in out:
+            raise WeightsError(f"{Path(path).name}: two keys map to {new}")
+        out[new] = value
+    if unknown:
+        raise WeightsError(f"{Path(path).name}: keys with no timm counterpart: {unknown[:10]}")
+    return out
 
 
 def weights_dir(override: str | os.PathLike | None = None) -> Path:

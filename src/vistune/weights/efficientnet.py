@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vistune.weights.errors import WeightsError
 
 if TYPE_CHECKING:
     import torch
@@ -61,20 +60,6 @@ def rename_key(key: str) -> str:
 
 def convert_pth(path: str | Path) -> dict[str, torch.Tensor]:
     """State dict for timm ``tf_efficientnet_lite0`` (1000 classes) from the lukemelas file."""
-    import torch
+    from vistune.weights.cache import rename_state_dict
 
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for key, value in state.items():
-        try:
-            new = rename_key(key)
-        except (KeyError, IndexError, ValueError):
-            unknown.append(key)
-            continue
-        if new in out:
-            raise WeightsError(f"{Path(path).name}: two keys map to {new}")
-        out[new] = value
-    if unknown:
-        raise WeightsError(f"{Path(path).name}: keys with no timm counterpart: {unknown[:10]}")
-    return out
+    return rename_state_dict(path, rename_key)
