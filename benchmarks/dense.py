@@ -44,15 +44,14 @@ TASKS = {
 
 
 def run_one(spec: dict) -> None:
-    """Child process: one train_dense run."""
+    """Child process: one dense training run."""
     import torch
 
     torch.set_num_threads(spec.pop("threads"))
     from vistune.config import TrainConfig
-    from vistune.dense import train_dense
+    from vistune.workflows.train import train
 
-    task, head_lr = spec.pop("task"), spec.pop("head_lr")
-    train_dense(TrainConfig(**spec), task, head_lr=head_lr)
+    train(TrainConfig(**spec), overwrite=True)
 
 
 def main() -> int:

@@ -8,6 +8,8 @@ Penn-Fudan layouts, so every label's true position is known exactly. Tiny random
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -22,13 +24,11 @@ from vistune.dense import (
     DetectionMetric,
     SegmentationMetric,
     build_dense_model,
-    evaluate_dense,
     is_dense_run,
     load_dense,
     load_dense_data,
     predict,
     save_dense,
-    train_dense,
 )
 from vistune.dense.datasets import (
     IGNORE,
@@ -39,8 +39,9 @@ from vistune.dense.datasets import (
     letterbox_mask,
 )
 from vistune.dense.features import FeatureError
-from vistune.engine.trainer import seeded_backbone
+from vistune.backbones import seeded_backbone
 from vistune.tuning import attach
+from vistune.workflows.train import evaluate_run, train
 
 from conftest import shared_path
 
@@ -421,7 +422,7 @@ def _log(run: Path) -> list[dict]:
 def test_overfit_segmentation_on_four_images(tmp_path):
     root = make_camvid(tmp_path / "cv")
     cfg = tiny_cfg(tmp_path, f"camvid:{root}", epochs=25, lr=3e-2)
-    m = train_dense(cfg, "segment")
+    m = train(dataclasses.replace(cfg, task="segment"))
     log = _log(Path(cfg.out))
     assert log[-1]["train_loss"] < 0.5 * log[0]["train_loss"]
     assert log[-1]["val_miou"] > log[0]["val_miou"] + 0.2
@@ -435,7 +436,7 @@ def test_overfit_segmentation_on_four_images(tmp_path):
 def test_overfit_detection_on_four_images(tmp_path):
     root = make_voc(tmp_path / "voc")
     cfg = tiny_cfg(tmp_path, f"voc:{root}", epochs=40, lr=1e-2)
-    m = train_dense(cfg, "detect")
+    m = train(dataclasses.replace(cfg, task="detect"))
     log = _log(Path(cfg.out))
     assert log[-1]["train_loss"] < 0.5 * log[0]["train_loss"]
     assert log[-1]["val_map50"] > log[0]["val_map50"] + 0.3
@@ -490,7 +491,7 @@ def test_spt_scores_come_from_the_dense_loss(arch, task, tmp_path):
 
     data = f"camvid:{make_camvid(tmp_path / 'cv')}" if task == "segment" else f"voc:{make_voc(tmp_path / 'voc')}"
     cfg = tiny_cfg(tmp_path, data, method="spt", backbone=arch, options={"budget": "4k"}, epochs=1)
-    m = train_dense(cfg, task)
+    m = train(dataclasses.replace(cfg, task=task))
     meta, scores = read_scores(Path(cfg.out) / "sensitivity.safetensors")
     assert meta["loss"] == f"dense-{task}" and any(v.abs().sum() > 0 for v in scores.values())
     assert 0 < m["tuned_params"] <= 4000 * 1.5
@@ -499,12 +500,11 @@ def test_spt_scores_come_from_the_dense_loss(arch, task, tmp_path):
 
 
 def test_head_gets_its_own_learning_rate():
-    from vistune.dense.train import _optimizer
+    from vistune.engine.optim import build_optimizer
 
     tuned = attach(seeded_backbone("test_vit", None, 64), "lora")
     model = build_dense_model(tuned, "segment", 2)
-    cfg = TrainConfig(backbone="test_vit", data="x", lr=1e-4, optimizer="adamw", wd=0.05)
-    opt = _optimizer(model, cfg, head_lr=1e-2)
+    opt = build_optimizer(model.method_parameters(), "adamw", 1e-4, 0.05, head=model.head.parameters(), head_lr=1e-2)
     head_ids = {id(p) for p in model.head.parameters()}
     for group in opt.param_groups:
         in_head = {id(p) in head_ids for p in group["params"]}
@@ -525,14 +525,14 @@ def test_missing_run_files_are_clear_errors(tmp_path):
 def test_run_files_eval_and_predict(tmp_path):
     root = make_pennfudan(tmp_path / "pf", n=8)
     cfg = tiny_cfg(tmp_path, f"pennfudan:{root}", method="protuning", epochs=2, augment="flip")
-    m = train_dense(cfg, "detect")
+    m = train(dataclasses.replace(cfg, task="detect"))
     run = Path(cfg.out)
     assert is_dense_run(run) and is_dense_run(run / "tuned.safetensors") and not is_dense_run(tmp_path)
     for name in ("tuned.safetensors", "dense_head.safetensors", "metrics.json", "splits.json", "log.jsonl"):
         assert (run / name).is_file()
     splits = json.loads((run / "splits.json").read_text())
     assert splits["kind"] == "pennfudan" and splits["splits"]["test"]["size"] == m["num_test"]
-    again = evaluate_dense(str(run))
+    again = evaluate_run(str(run))
     assert again["test_map50"] == pytest.approx(m["test_map50"]) and again["test_map"] == pytest.approx(m["test_map"])
     assert m["tuned_params"] > 0
     out = predict(run, root / "images" / "P000.jpg", tmp_path / "pic.png", score_threshold=0.0)
@@ -540,7 +540,7 @@ def test_run_files_eval_and_predict(tmp_path):
         assert im.size == (W, H)
     assert out["task"] == "detect" and all(0 <= d["box"][2] <= W for d in out["detections"])
     seg_cfg = tiny_cfg(tmp_path, f"pennfudan:{root}", epochs=1, out=str(tmp_path / "seg"))
-    train_dense(seg_cfg, "segment")
+    train(dataclasses.replace(seg_cfg, task="segment"))
     out = predict(tmp_path / "seg" / "tuned.safetensors", root / "images" / "P001.jpg", tmp_path / "seg.png")
     assert abs(sum(out["class_fraction"].values()) - 1) < 1e-6
     with Image.open(tmp_path / "seg.png") as im:

@@ -12,7 +12,7 @@ from PIL import Image
 from vistune.cli import main
 from vistune.config import ConfigError, load_config_file, make_config
 from vistune.engine.optim import build_optimizer, param_groups, warmup_cosine
-from vistune.engine.trainer import train
+from vistune.workflows.train import train
 
 
 def make_folder(root, classes=3, per_class=8, size=20, seed=0):

@@ -11,9 +11,18 @@ from safetensors import safe_open
 from tests.test_engine import make_folder
 from vistune.cli import main
 from vistune.config import make_config
-from vistune.engine.trainer import prepare
+from vistune.engine.distributed import Dist
 from vistune.errors import TunedFileError
-from vistune.pvp import pretrain
+from vistune.tasks.classify import ClassifyTask
+from vistune.workflows.pvp import pretrain
+from vistune.workflows.train import train
+
+
+def prepare(cfg):
+    """Set a classification task up (backbone, data, method, head) without training it."""
+    task = ClassifyTask()
+    task.setup(cfg, Dist(), None)
+    return task
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +89,7 @@ def test_source_containing_target_test_images_is_refused(source_and_target, tmp_
 
 def test_freeze_modules_trains_head_only(source_and_target, vpt_modules, tmp_path):
     _, tgt = source_and_target
-    from vistune.engine.trainer import train
-
-    train(base_cfg(tgt, tmp_path / "f", init_from=str(vpt_modules), options={"freeze_modules": True}))
+    train(base_cfg(tgt, tmp_path / "f", init_from=str(vpt_modules), freeze_modules=True))
     with safe_open(str(vpt_modules), "pt") as f:
         saved = {k: f.get_tensor(k) for k in f.keys() if k.startswith("vpt.")}
     with safe_open(str(tmp_path / "f" / "tuned.safetensors"), "pt") as f:

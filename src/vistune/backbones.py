@@ -147,6 +147,42 @@ def create_backbone(
     return model
 
 
+def seeded_backbone(name: str, weights: str | os.PathLike | None = None, img_size: int | None = None,
+                    num_classes: int = 0) -> nn.Module:
+    """:func:`create_backbone` under a fixed seed (0), whatever the run's seed.
+
+    Only matters for randomly initialised backbones (tests, ablations): every run, seed, worker
+    process and ``eval`` then sees the same backbone, so tuned files and PVP modules fit across
+    seeds and ranks agree without a broadcast.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return create_backbone(name, weights=weights, img_size=img_size, num_classes=num_classes)
+
+
+def backbone_for_file(recorded: dict[str, Any], source: str | os.PathLike,
+                      weights: str | os.PathLike | None = None) -> nn.Module:
+    """Rebuild the backbone a tuned file's metadata (``recorded = meta["backbone"]``) names.
+
+    The recorded ``weights`` is a *label*, never a path this function opens: a file received from
+    someone else must not make vistune read arbitrary local files. Zoo names (``dinov2-s14``) are
+    rebuilt from the zoo; a run trained on a local weights file needs that file passed again as
+    ``weights`` (the caller's fingerprint check then proves it is the same file).
+    """
+    try:
+        name, label, img_size = recorded["name"], recorded.get("weights"), recorded.get("img_size")
+    except (KeyError, TypeError):
+        raise BackboneError(f"{source}: metadata does not name its backbone") from None
+    if weights is None and label is not None:
+        if _zoo_entry(str(label)) is None:
+            raise BackboneError(
+                f"{source} was trained on backbone weights from a local file ({label!r}); pass that "
+                "file again with --weights PATH (its fingerprint is checked)"
+            )
+        weights = None if label == name else label
+    return seeded_backbone(name, weights=weights, img_size=img_size)
+
+
 def _create(arch: str, kwargs: dict[str, Any], **extra: Any) -> nn.Module:
     """timm.create_model, dropping ``img_size`` for architectures (CNNs) that take any size."""
     import timm

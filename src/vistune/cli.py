@@ -50,7 +50,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_train_args(p: argparse.ArgumentParser, multi_data: bool = False, shots: bool = True) -> None:
+def _add_train_args(p: argparse.ArgumentParser, multi_data: bool = False, shots: bool = True,
+                    runs: bool = True) -> None:
     """Every TrainConfig key as a flag; defaults are None so a --config file's values survive."""
     p.add_argument("--config", default=None, help="YAML file with the same keys as the flags")
     p.add_argument("--backbone", default=None, help="timm model name or vistune weights name (dinov2-s14, ...)")
@@ -67,8 +68,9 @@ def _add_train_args(p: argparse.ArgumentParser, multi_data: bool = False, shots:
         p.add_argument("--shots", type=int, default=None, help="K examples per class from the training split")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="the global batch (split over processes)")
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--head-lr", type=float, default=None, help="the head's learning rate (default: --lr)")
     p.add_argument("--wd", type=float, default=None)
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default=None)
     p.add_argument("--warmup-epochs", type=float, default=None)
@@ -86,10 +88,23 @@ def _add_train_args(p: argparse.ArgumentParser, multi_data: bool = False, shots:
     p.add_argument("--checkpoint-every", type=int, default=None)
     p.add_argument("--max-per-split", type=int, default=None, help="cap each split (quick runs)")
     p.add_argument("--init-from", default=None, help="PVP: initialise the method's modules from a tuned/pretrained file")
-    p.add_argument("--sensitivity", default=None, help="SPT: sensitivity scores file (computed when absent)")
+    p.add_argument("--freeze-modules", action="store_const", const=True, default=None,
+                   help="with --init-from: keep the loaded modules frozen, train the head only")
+    p.add_argument("--sensitivity", default=None, help="SPT: sensitivity scores file (computed there when absent)")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="output folder (tuned.safetensors, metrics.json, log.jsonl)")
     p.add_argument("--no-progress", action="store_true")
+    if runs:
+        p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+        p.add_argument("--overwrite", action="store_true", help="replace a finished or unfinished run in --out")
+        p.add_argument("--nproc", type=int, default=None,
+                       help="data-parallel processes on this machine (launches torchrun; see README 'Scale out')")
+
+
+_CONFIG_FLAGS = ("backbone", "weights", "img_size", "method", "data", "shots", "seed", "epochs", "batch_size",
+                 "lr", "head_lr", "wd", "optimizer", "warmup_epochs", "clip_grad", "accum_steps", "precision",
+                 "augment", "trainval", "select", "val_every", "eval_test_every", "checkpoint_every",
+                 "max_per_split", "init_from", "freeze_modules", "sensitivity", "device", "out", "task")
 
 
 def config_from_args(args: argparse.Namespace, **forced):
@@ -97,11 +112,7 @@ def config_from_args(args: argparse.Namespace, **forced):
     from vistune.methods import parse_kv
 
     file_values = load_config_file(args.config) if args.config else {}
-    keys = ("backbone", "weights", "img_size", "method", "data", "shots", "seed", "epochs", "batch_size",
-            "lr", "wd", "optimizer", "warmup_epochs", "clip_grad", "accum_steps", "precision", "augment",
-            "trainval", "select", "val_every", "eval_test_every", "checkpoint_every", "max_per_split", "init_from",
-            "sensitivity", "device", "out")
-    overrides = {k: getattr(args, k, None) for k in keys}
+    overrides = {k: getattr(args, k, None) for k in _CONFIG_FLAGS}
     if isinstance(overrides["data"], list):
         overrides["data"] = overrides["data"][0]
     overrides["options"] = parse_kv(args.option) if args.option else None
@@ -111,42 +122,58 @@ def config_from_args(args: argparse.Namespace, **forced):
     return make_config(file_values, **overrides)
 
 
+def _launch_if_asked(args: argparse.Namespace) -> int | None:
+    """``--nproc N``: re-run this very command under torchrun on this machine; None = run here."""
+    nproc = getattr(args, "nproc", None)
+    if nproc is None or nproc == 1:
+        return None
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    from vistune.engine.distributed import in_torchrun, launch
+
+    if in_torchrun():
+        raise ValueError("--nproc starts torchrun itself; under torchrun, leave it out")
+    argv = list(args._argv)
+    i = argv.index("--nproc") if "--nproc" in argv else None
+    if i is not None:
+        del argv[i: i + 2]
+    else:
+        argv = [a for a in argv if not a.startswith("--nproc=")]
+    return launch(nproc, argv, args.command)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    launched = _launch_if_asked(args)
+    if launched is not None:
+        return launched
+    from vistune.workflows.train import train
+
     cfg = config_from_args(args)
-    if args.task != "classify":
-        from vistune.dense import train_dense
-
-        if args.resume:
-            raise ValueError("--resume is not supported for dense tasks yet")
-        metrics = train_dense(cfg, args.task, head_lr=args.head_lr)
-        keys = ("test_miou", "test_map50", "test_map")
-        for k in keys:
-            if metrics.get(k) is not None:
-                print(f"{k:<16} {metrics[k]:.4f}")
+    metrics = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    if _is_main():
         _print_metrics(metrics, cfg.out)
-        return 0
-    from vistune.engine import train
-
-    metrics = train(cfg, resume=args.resume)
-    _print_metrics(metrics, cfg.out)
     return 0
+
+
+def _is_main() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from vistune.engine.trainer import build_backbone_for, load_data_for, resolve_device, write_sensitivity
     from vistune.sensitivity import allocate, load_scores, plot_allocation
+    from vistune.workflows.sensitivity import write_sensitivity
 
     cfg = config_from_args(args, method="linear", out=str(Path(args.scores).parent))
-    backbone = build_backbone_for(cfg)
-    data = load_data_for(cfg, backbone)
     path = Path(args.scores)
-    if path.is_file() and not args.recompute:
+    backbone, data, meta = write_sensitivity(cfg, path, batch_size=args.sens_batch_size, num_batches=args.batches,
+                                             recompute=args.recompute)
+    if meta is None:
         print(f"scores: {path} (existing; --recompute to redo)")
     else:
-        meta = write_sensitivity(backbone, data, resolve_device(cfg.device), path,
-                                 batch_size=args.sens_batch_size, num_batches=args.batches, data_spec=cfg.data)
         print(f"scores: {path} ({meta['num_batches']} batches of {meta['batch_size']}, {meta['seconds']:.1f} s)")
     if args.budget:
         probe = backbone
@@ -165,20 +192,25 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
 
 def _print_metrics(metrics: dict, out: str) -> None:
-    keys = ("method", "val_top1", "test_top1", "tuned_params", "head_params", "train_seconds",
-            "train_img_per_s", "peak_memory_mb", "num_train", "num_test", "skipped_images")
+    keys = ["method", "val_top1", "test_top1", "test_miou", "test_map50", "test_map", "tuned_params",
+            "head_params", "train_seconds", "train_img_per_s", "peak_memory_mb", "num_train", "num_test",
+            "skipped_images", "world_size"]
+    keys = [k for k in keys if k in metrics]
     width = max(len(k) for k in keys)
     for k in keys:
         v = metrics.get(k)
         if isinstance(v, float):
-            v = f"{v:.2f}"
+            v = f"{v:.4f}" if k in ("test_miou", "test_map50", "test_map") else f"{v:.2f}"
         print(f"{k:<{width}}  {v}")
     print(f"{'written':<{width}}  {out}/tuned.safetensors, {out}/metrics.json")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    launched = _launch_if_asked(args)
+    if launched is not None:
+        return launched
     from vistune.config import load_config_file
-    from vistune.pvp import pretrain
+    from vistune.workflows.pvp import pretrain
 
     sources = args.data
     if not sources and args.config:
@@ -188,11 +220,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if not sources:
         raise ValueError("pretrain needs --data SPEC (repeat it for several sources)")
     cfg = config_from_args(args, data=sources[0])
-    metrics = pretrain(cfg, list(sources), cfg.out)
-    for src in metrics["sources"]:
-        top1 = "-" if src["eval_top1"] is None else f"{src['eval_top1']:.2f}"
-        print(f"source {src['data']}: {src['num_train']} train images, {src['eval_split']} top-1 {top1}")
-    print(f"modules: {metrics['modules_file']} ({metrics['tuned_params']:,} tuned params)")
+    metrics = pretrain(cfg, list(sources), cfg.out, resume=args.resume, overwrite=args.overwrite)
+    if _is_main():
+        for src in metrics["sources"]:
+            top1 = "-" if src["eval_top1"] is None else f"{src['eval_top1']:.2f}"
+            print(f"source {src['data']}: {src['num_train']} train images, {src['eval_split']} top-1 {top1}")
+        print(f"modules: {metrics['modules_file']} ({metrics['tuned_params']:,} tuned params)")
     return 0
 
 
@@ -204,7 +237,10 @@ def _int_list(text: str) -> list[int]:
 
 
 def cmd_fewshot(args: argparse.Namespace) -> int:
-    from vistune.fewshot import markdown, parse_variants, run_fewshot
+    launched = _launch_if_asked(args)
+    if launched is not None:
+        return launched
+    from vistune.workflows.fewshot import markdown, parse_variants, run_fewshot
 
     cfg = config_from_args(args, shots=1)
     shots = _int_list(args.shots)
@@ -222,9 +258,10 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
         if not sep:
             raise ValueError(f"--lr-for {item!r}: expected VARIANT=LR")
         lr_for[label] = float(value)
-    result = run_fewshot(cfg, shots, seeds, variants, pvp_files, cfg.out, lr_for)
-    print(markdown(result["table"], shots))
-    print(f"written: {cfg.out}/fewshot.json, fewshot.md, fewshot.png")
+    result = run_fewshot(cfg, shots, seeds, variants, pvp_files, cfg.out, lr_for, overwrite=args.overwrite)
+    if _is_main():
+        print(markdown(result["table"], shots))
+        print(f"written: {cfg.out}/fewshot.json, fewshot.md, fewshot.png")
     return 0
 
 
@@ -237,23 +274,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from vistune.dense import is_dense_run
-    from vistune.engine import evaluate_file
+    from vistune.workflows.train import evaluate_run
 
-    if is_dense_run(args.tuned):
-        from vistune.dense import evaluate_dense
-
-        res = evaluate_dense(args.tuned, args.data, split=args.split, batch_size=args.batch_size, device=args.device)
-        print(json.dumps(res) if args.json else "\n".join(
-            f"{k}  {v:.4f}" for k, v in res.items() if isinstance(v, float)))
-        return 0
-
-    res = evaluate_file(args.tuned, args.data, split=args.split, batch_size=args.batch_size,
-                        device=args.device, progress=not args.no_progress)
+    res = evaluate_run(args.tuned, args.data, split=args.split, batch_size=args.batch_size, device=args.device,
+                       weights=args.weights, allow_class_mismatch=args.allow_class_mismatch)
     if args.json:
         print(json.dumps(res))
-    else:
+    elif res["task"] == "classify":
         print(f"{args.split}_top1  {res[f'{args.split}_top1']:.2f}  (n={res[f'num_{args.split}']})")
+    else:
+        print("\n".join(f"{k}  {v:.4f}" for k, v in res.items() if isinstance(v, float)))
     return 0
 
 
@@ -307,14 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a method on a dataset; writes tuned.safetensors + metrics.json")
     _add_train_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--task", choices=["classify", "segment", "detect"], default="classify",
+    p.add_argument("--task", choices=["classify", "segment", "detect"], default=None,
                    help="segment/detect: dense head on the tuned backbone (data camvid:|voc:|pennfudan:)")
-    p.add_argument("--head-lr", type=float, default=None, help="dense tasks: learning rate of the dense head")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sensitivity", help="SPT: gradient sensitivity scores (+ an allocation and its plot)")
-    _add_train_args(p)
+    _add_train_args(p, runs=False)
     p.add_argument("--scores", required=True, help="output .safetensors for the scores")
     p.add_argument("--sens-batch-size", type=int, default=32)
     p.add_argument("--batches", type=int, default=16)
@@ -353,8 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fewshot)
 
     p = sub.add_parser("eval", help="evaluate a tuned file on a split")
-    p.add_argument("--tuned", required=True, help="a tuned.safetensors written by train")
+    p.add_argument("--tuned", required=True, help="a run folder or the tuned.safetensors written by train")
     p.add_argument("--data", default=None, help="data spec (default: the one recorded in the file)")
+    p.add_argument("--weights", default=None,
+                   help="backbone weights file, for runs trained on a local file (the file records only a label)")
+    p.add_argument("--allow-class-mismatch", action="store_true",
+                   help="evaluate although the data's class names differ from the model's")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
@@ -381,15 +413,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import os
+
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args._argv = argv
     from vistune.errors import VistuneError
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    where = f" (rank {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""
     try:
         return int(args.func(args) or 0)
     except (VistuneError, ValueError, FileNotFoundError) as err:
-        print(f"vistune {args.command}: error: {err}", file=sys.stderr)
+        print(f"vistune {args.command}: error{where}: {err}", file=sys.stderr)
         return 2
+    finally:
+        if world > 1:
+            from vistune.engine.distributed import shutdown_current
+
+            shutdown_current()
 
 
 if __name__ == "__main__":  # pragma: no cover

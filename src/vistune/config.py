@@ -7,7 +7,9 @@ silently fall back to a default and produce a different experiment).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,9 @@ from vistune.errors import VistuneError
 
 class ConfigError(VistuneError, ValueError):
     """A config file or value is invalid."""
+
+
+TASKS = ("classify", "segment", "detect")
 
 
 @dataclass
@@ -50,6 +55,10 @@ class TrainConfig:
     max_per_split: int | None = None
     cache_features: bool = True  # linear probing: run the frozen backbone once
     init_from: str | None = None  # PVP: a tuned file whose modules initialise this run
+    freeze_modules: bool = False  # PVP: keep the initialised modules frozen, train the head only
+    head_lr: float | None = None  # the head's learning rate (default: lr)
+    task: str = "classify"  # classify | segment | detect
+    head_options: dict[str, Any] = field(default_factory=dict)  # dense heads: width, levels, ...
     sensitivity: str | None = None  # SPT: a scores file (computed when absent)
     num_workers: int = 0
     device: str = "auto"
@@ -72,8 +81,33 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.shots is not None and self.shots < 1:
             raise ConfigError(f"shots must be >= 1, got {self.shots}")
+        for name in ("lr", "wd", "momentum", "warmup_epochs", "min_lr_ratio", "clip_grad", "head_lr"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.head_lr is not None and self.head_lr <= 0:
+            raise ConfigError(f"head_lr must be > 0, got {self.head_lr}")
+        if self.wd < 0:
+            raise ConfigError(f"wd (weight decay) must be >= 0, got {self.wd}")
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.clip_grad is not None and self.clip_grad < 0:
+            raise ConfigError(f"clip_grad must be >= 0 (0 or none turns clipping off), got {self.clip_grad}")
+        for name in ("val_every", "checkpoint_every", "eval_test_every", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_per_split is not None and self.max_per_split < 1:
+            raise ConfigError(f"max_per_split must be >= 1, got {self.max_per_split}")
+        if self.task not in TASKS:
+            raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.img_size is not None and self.img_size < 8:
+            raise ConfigError(f"img_size must be >= 8 pixels, got {self.img_size}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -124,6 +158,12 @@ def make_config(file_values: dict[str, Any] | None = None, **overrides: Any) -> 
             values["options"] = {**values.get("options", {}), **value}
         else:
             values[key] = value
+    options = dict(values.get("options") or {})
+    if "freeze_modules" in options:  # the 0.1 spelling: an engine setting passed as a method option
+        print("vistune: -o freeze_modules is deprecated; use --freeze-modules (config key freeze_modules)",
+              file=sys.stderr)
+        values["freeze_modules"] = options.pop("freeze_modules")
+        values["options"] = options
     types_ = _field_types()
     for key, value in list(values.items()):
         values[key] = _coerce(key, value, types_[key])

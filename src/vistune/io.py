@@ -1,40 +1,134 @@
-"""Safetensors files with JSON metadata: the one way vistune writes and reads its own files.
+"""Every file vistune writes goes through one atomic writer; every file with JSON metadata is read
+by one reader.
 
-Writes go to a temp file in the target folder and are renamed into place, so a crash never
-leaves a half-written file; reads turn every kind of corruption into the caller's error type
-with a message naming the file.
+Why one writer: a crash (or ``kill -9``) must never leave a half-written file under a final name,
+and the rules that make that true — write to a temp file in the same folder, ``fsync``-free
+rename, delete the temp file on any error, give the result the permissions the user's umask
+asks for (``mkstemp`` alone would leave 0600) — are easy to get subtly wrong in four places.
+Temp files are named ``<final name>.<random>.tmp`` so an output folder can recognise and remove
+the orphans of a killed writer (:func:`remove_orphan_temps`).
+
+Why one reader: corruption of any kind (truncation, garbage, a file from another tool) must turn
+into the caller's error type with a message naming the file, never a library traceback.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
+TEMP_SUFFIX = ".tmp"
 
 
-def save_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)  # fallback: set and restore at once
+    os.umask(old)
+    return old
+
+
+def write_set_atomic(folder: str | os.PathLike, writers: list[tuple[str, Callable[[Path], None]]]) -> list[Path]:
+    """Write several files as one set: all to temp files first, then renamed in the given order.
+
+    Put the file that marks completion (a run's ``metrics.json``) last: a reader then sees either
+    the whole new set or no marker, never a new model beside old metrics.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    temps: list[tuple[Path, Path]] = []
+    try:
+        for name, write in writers:
+            fd, tmp = tempfile.mkstemp(prefix=name + ".", suffix=TEMP_SUFFIX, dir=folder)
+            os.close(fd)
+            temps.append((Path(tmp), folder / name))
+            write(Path(tmp))
+            os.chmod(tmp, 0o666 & ~_umask())
+        for tmp, final in temps:
+            os.replace(tmp, final)
+    except BaseException:
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+    return [final for _, final in temps]
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """``write(tmp_path)`` then rename: the one way vistune puts a file under its final name."""
+    path = Path(path)
+    return write_set_atomic(path.parent, [(path.name, write)])[0]
+
+
+def finite_json(value: Any) -> Any:
+    """Replace NaN/±inf floats by None: JSON has no NaN, and a bare ``NaN`` breaks every reader."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def json_text(data: Any) -> str:
+    """Strict JSON (non-finite floats become null), indented, newline-terminated."""
+    return json.dumps(finite_json(data), indent=2, allow_nan=False) + "\n"
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
+    text = json_text(data)
+    return write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def torch_save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    import torch
+
+    return write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_atomic(tensors: dict[str, Any], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
+    """A safetensors file with string metadata, written atomically."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def save_figure_atomic(fig: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
+    """A matplotlib figure; the format comes from ``path``'s suffix, not the temp name's."""
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
+
+
+def remove_orphan_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete temp files a killed writer left in ``folder`` (call only while holding its lock)."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for p in folder.glob(f"*{TEMP_SUFFIX}"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def read_with_json_meta(
     path: str | os.PathLike, key: str, fmt: str, error: type[Exception], what: str, writer: str
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """(metadata[key] parsed as JSON, tensors); ``error`` names ``what`` and the file on any problem."""
     from safetensors import safe_open
 
@@ -53,6 +147,7 @@ def read_with_json_meta(
         meta = json.loads(raw)
     except json.JSONDecodeError as err:
         raise error(f"{what} {path}: metadata is not valid JSON ({err})") from None
-    if meta.get("format") != fmt:
-        raise error(f"{what} {path}: unknown format {meta.get('format')!r}, expected {fmt!r}")
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise error(f"{what} {path}: unknown format {got!r}, expected {fmt!r}")
     return meta, tensors

@@ -21,7 +21,7 @@ from torch import nn
 from vistune import __version__
 from vistune.backbones import backbone_info, classifier, head_parameters
 from vistune.errors import MethodError, TunedFileError
-from vistune.io import read_with_json_meta, save_atomic
+from vistune.io import read_with_json_meta, write_atomic
 from vistune.methods import get_method, parse_options
 from vistune.methods.base import Method
 
@@ -209,13 +209,32 @@ class TunedModel(nn.Module):
 
     def save_tuned(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
         """Write the tuned tensors and metadata atomically (temp file, then rename)."""
+        return write_atomic(path, lambda tmp: self.write_tuned(tmp, extra))
+
+    def write_tuned(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
+        """The tuned file's bytes at ``path`` (non-atomic: for a writer that commits a set of files)."""
+        from safetensors.torch import save_file
+
         if self.method.merged:
             raise TunedFileError(
                 "this model is merged: its deltas live inside the base weights now; call "
                 "unmerge() before save_tuned()"
             )
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.tuned_state_dict().items()}
-        return save_atomic(tensors, path, {_META_KEY: json.dumps(self.metadata(extra))})
+        save_file(tensors, str(path), metadata={_META_KEY: json.dumps(self.metadata(extra))})
+
+    def features_are_static(self) -> bool:
+        """True when the pre-logit features are a fixed function of the image during training.
+
+        Then the backbone can run once per image and the epochs train the head on cached
+        features: nothing before the head trains (linear probing; frozen PVP modules), the
+        backbone stays in eval mode, and no inserted module draws random numbers (dropout).
+        """
+        if self.method.backbone_trains:
+            return False
+        if any(p.requires_grad for p in self.tuned_parameters(include_head=False)):
+            return False
+        return not any(isinstance(m, nn.Dropout) and m.p > 0 for mod in self.method.modules() for m in mod.modules())
 
 
 def attach(
@@ -270,7 +289,12 @@ def check_backbone(path: str | os.PathLike, meta: dict[str, Any], model: nn.Modu
         raise TunedFileError(
             f"tuned file {path} was made for backbone {want['arch']!r}, not {info.arch!r}"
         )
-    if want["fingerprint"] != fp and "meta" not in (fp, want["fingerprint"]):
+    if want["fingerprint"] == "meta" and fp != "meta":
+        raise TunedFileError(
+            f"tuned file {path} was written from a model on the meta device (no weights), so it "
+            "cannot prove which backbone weights it fits; re-save it from a real model"
+        )
+    if want["fingerprint"] != fp and fp != "meta":
         raise TunedFileError(
             f"tuned file {path} was made for {want['name']!r} weights with fingerprint "
             f"{want['fingerprint'][:16]}…, but this backbone's weights fingerprint is {fp[:16]}… "
@@ -301,6 +325,11 @@ def load_tensors(tuned: TunedModel, tensors: dict[str, torch.Tensor], path: str 
                     f"tuned file {path}: tensor {name!r} has shape {tuple(src.shape)}, "
                     f"the model expects {tuple(target.shape)}"
                 )
+            if src.is_floating_point() and not bool(torch.isfinite(src).all()):
+                raise TunedFileError(
+                    f"tuned file {path}: tensor {name!r} holds NaN or infinite values (a diverged "
+                    "run?); refusing to load it"
+                )
             target.copy_(src.to(dtype=target.dtype, device=target.device))
 
 
@@ -320,3 +349,37 @@ def load_tuned(path: str | os.PathLike, backbone: nn.Module) -> TunedModel:
         raise TunedFileError(f"tuned file {path}: cannot rebuild its method: {err}") from None
     load_tensors(tuned, tensors, path)
     return tuned
+
+
+def attach_from_file(
+    backbone: nn.Module,
+    method: str,
+    path: str | os.PathLike,
+    num_classes: int,
+    options: dict[str, Any] | None = None,
+) -> TunedModel:
+    """Attach ``method`` with its modules initialised from a tuned file (PVP's stage 2).
+
+    Options recorded in the file define the module shapes; options given here may only repeat
+    them (a different rank or prompt length would not fit the pre-trained tensors and is refused
+    with the offending key named). The head is new, for ``num_classes``: it never transfers.
+    """
+    meta, tensors = read_tuned_file(path)
+    fp = fingerprint(backbone)
+    check_backbone(path, meta, backbone, fp)
+    file_spec = MethodSpec.from_dict(meta["method"])
+    if file_spec.name != method:
+        raise TunedFileError(
+            f"--init-from {path}: the file holds {file_spec.name!r} modules, but the method is {method!r}"
+        )
+    attached = attach(backbone, MethodSpec(method, {**file_spec.options, **(options or {})}),
+                      num_classes=num_classes, state=tensors, base_fingerprint=fp)
+    for key, value in file_spec.options.items():
+        mine = attached.spec.options.get(key)
+        if mine != value:
+            raise TunedFileError(
+                f"--init-from {path}: option {key}={mine!r} differs from the pre-trained modules' "
+                f"{key}={value!r}"
+            )
+    load_tensors(attached, tensors, path, include_head=False)
+    return attached

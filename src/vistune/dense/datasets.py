@@ -108,6 +108,15 @@ def letterbox_geometry(width: int, height: int, size: int) -> Letterbox:
     return Letterbox(width, height, size, new_w, new_h)
 
 
+def segmentation_to_original(logits: torch.Tensor, lb: Letterbox) -> torch.Tensor:
+    """Canvas logits (K, S, S) -> label map (H, W) of the original image (crop, then resize)."""
+    import torch.nn.functional as F
+
+    crop = logits[:, : lb.new_h, : lb.new_w].float()
+    up = F.interpolate(crop[None], size=(lb.height, lb.width), mode="bilinear", align_corners=False)[0]
+    return up.argmax(0)
+
+
 def letterbox_image(im: Image.Image, lb: Letterbox) -> np.ndarray:
     """RGB uint8 ``(3, S, S)``: bicubic resize to the letterbox, zero padding right/bottom.
 

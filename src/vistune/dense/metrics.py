@@ -37,18 +37,23 @@ class SegmentationMetric:
         return self._cm.compute()
 
     def compute(self) -> dict[str, Any]:
-        cm = self.confusion().double()
-        tp = cm.diag()
-        union = cm.sum(0) + cm.sum(1) - tp
-        per_class = [float(tp[c] / union[c]) if union[c] > 0 else None for c in range(self.num_classes)]
-        valid = [v for v in per_class if v is not None]
-        total = float(cm.sum())
-        return {
-            "miou": sum(valid) / len(valid) if valid else 0.0,
-            "per_class_iou": per_class,
-            "pixel_acc": float(tp.sum() / total) if total else 0.0,
-            "pixels": int(total),
-        }
+        return segmentation_scores(self.confusion())
+
+
+def segmentation_scores(confusion: torch.Tensor) -> dict[str, Any]:
+    """mIoU, per-class IoU and pixel accuracy of a (K, K) confusion matrix (a sum over shards is fine)."""
+    cm = confusion.double()
+    tp = cm.diag()
+    union = cm.sum(0) + cm.sum(1) - tp
+    per_class = [float(tp[c] / union[c]) if union[c] > 0 else None for c in range(cm.shape[0])]
+    valid = [v for v in per_class if v is not None]
+    total = float(cm.sum())
+    return {
+        "miou": sum(valid) / len(valid) if valid else 0.0,
+        "per_class_iou": per_class,
+        "pixel_acc": float(tp.sum() / total) if total else 0.0,
+        "pixels": int(total),
+    }
 
 
 class DetectionMetric:

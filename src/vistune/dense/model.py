@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vistune.io import save_atomic
+from vistune.io import read_with_json_meta, write_set_atomic
 from vistune.dense.features import FeatureExtractor, default_levels
 from vistune.dense.heads import DenseHead, HeadConfig
 from vistune.errors import TunedFileError
@@ -93,17 +93,10 @@ def build_dense_model(tuned: TunedModel, task: str, num_classes: int,
     return DenseModel(tuned, DenseHead(cfg).to(device))
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    save_atomic(tensors, path, metadata)
-
-
-def save_dense(model: DenseModel, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> tuple[Path, Path]:
-    """Write ``tuned.safetensors`` (spine format) and ``dense_head.safetensors`` into ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def dense_files(model: DenseModel, extra: dict[str, Any] | None = None) -> list[tuple[str, Any]]:
+    """(name, writer) pairs of a dense run's two model files, for a writer that commits a set."""
     extra = dict(extra or {})
-    tuned_path = model.tuned.save_tuned(out / TUNED_FILE, extra={**extra, "dense": {
-        "task": model.task, "head_file": HEAD_FILE}})
+    tuned_extra = {**extra, "dense": {"task": model.task, "head_file": HEAD_FILE}}
     meta = {
         "format": HEAD_FORMAT,
         "task": model.task,
@@ -114,9 +107,19 @@ def save_dense(model: DenseModel, out_dir: str | os.PathLike, extra: dict[str, A
         **extra,
     }
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.head.state_dict().items()}
-    head_path = out / HEAD_FILE
-    _atomic_save(tensors, head_path, {_META_KEY: json.dumps(meta)})
-    return tuned_path, head_path
+
+    def write_head(tmp: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta)})
+
+    return [(TUNED_FILE, lambda tmp: model.tuned.write_tuned(tmp, extra=tuned_extra)), (HEAD_FILE, write_head)]
+
+
+def save_dense(model: DenseModel, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """Write ``tuned.safetensors`` (spine format) and ``dense_head.safetensors`` into ``out_dir``."""
+    tuned, head = write_set_atomic(out_dir, dense_files(model, extra))
+    return tuned, head
 
 
 def is_dense_run(path: str | os.PathLike) -> bool:
@@ -135,45 +138,37 @@ def resolve_run(path: str | os.PathLike) -> tuple[Path, Path]:
         raise TunedFileError(f"{p}: expected a dense run folder, {TUNED_FILE} or {HEAD_FILE}")
     for f in (tuned, head):
         if not f.is_file():
-            raise TunedFileError(f"dense run {folder}: {f.name} is missing (is this a `train_dense` output?)")
+            raise TunedFileError(f"dense run {folder}: {f.name} is missing (is this the folder of a `vistune train --task segment|detect` run?)")
     return tuned, head
 
 
 def read_head_file(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(_META_KEY)
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors' own error types for truncation/corruption
-        raise TunedFileError(f"dense head file {path} is corrupt or truncated ({err})") from None
-    if raw is None:
-        raise TunedFileError(f"dense head file {path} has no {_META_KEY} metadata")
-    meta = json.loads(raw)
-    if meta.get("format") != HEAD_FORMAT:
-        raise TunedFileError(f"dense head file {path}: unknown format {meta.get('format')!r}")
-    return meta, tensors
+    return read_with_json_meta(path, _META_KEY, HEAD_FORMAT, TunedFileError, "dense head file", "vistune train --task")
 
 
-def load_dense(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[DenseModel, dict[str, Any]]:
-    """Rebuild backbone + method + head from a dense run; returns the model (eval mode) and head metadata."""
-    from vistune.engine.trainer import seeded_backbone
+def load_dense(path: str | os.PathLike, device: str | torch.device = "cpu",
+               weights: str | os.PathLike | None = None) -> tuple[DenseModel, dict[str, Any]]:
+    """Rebuild backbone + method + head from a dense run; returns the model (eval mode) and head metadata.
+
+    ``weights``: the backbone weights file, for runs trained on a local file (the tuned file
+    records only a label; see :func:`vistune.backbones.backbone_for_file`).
+    """
+    from vistune.backbones import backbone_for_file
     from vistune.tuning import load_tuned, read_tuned_file
 
     tuned_path, head_path = resolve_run(path)
     head_meta, head_tensors = read_head_file(head_path)
     meta, _ = read_tuned_file(tuned_path)
-    bb = meta["backbone"]
-    if bb["fingerprint"] != head_meta["backbone_fingerprint"] or meta["method"] != head_meta["method"]:
+    if meta["backbone"].get("fingerprint") != head_meta.get("backbone_fingerprint") or meta["method"] != head_meta.get("method"):
         raise TunedFileError(f"{head_path} was trained with another backbone or method than {tuned_path}")
-    backbone = seeded_backbone(bb["name"], bb["weights"] if bb["weights"] != bb["name"] else None, bb["img_size"])
-    tuned = load_tuned(tuned_path, backbone)
+    tuned = load_tuned(tuned_path, backbone_for_file(meta["backbone"], tuned_path, weights))
     cfg = HeadConfig.from_dict(head_meta["head"])
     model = DenseModel(tuned, DenseHead(cfg))
     try:
         model.head.load_state_dict(head_tensors, strict=True)
     except RuntimeError as err:
         raise TunedFileError(f"dense head file {head_path} does not fit its recorded config: {err}") from None
+    if str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device).eval()
     return model, head_meta

@@ -16,9 +16,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from vistune.data.errors import DataError
-from vistune.dense.datasets import letterbox_geometry, letterbox_image
+from vistune.dense.datasets import letterbox_geometry, letterbox_image, segmentation_to_original
 from vistune.dense.model import DenseModel, load_dense
-from vistune.dense.train import segmentation_to_original
 
 
 def palette(n: int) -> list[tuple[int, int, int]]:
@@ -89,9 +88,7 @@ def predict(tuned_dir_or_file: str | os.PathLike, image_path: str | os.PathLike,
     Returns a JSON-able summary: task, output path and, per task, the pixel share of each class
     or the kept boxes (original-image pixels) with their class names and scores.
     """
-    from vistune.engine.trainer import resolve_device
-
-    model, meta = load_dense(tuned_dir_or_file, resolve_device(device))
+    model, meta = load_dense(tuned_dir_or_file, device)
     path = Path(image_path)
     try:
         with Image.open(path) as im:

@@ -30,9 +30,27 @@ def param_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[di
 
 
 def build_optimizer(
-    params: Iterable[nn.Parameter], name: str, lr: float, weight_decay: float, momentum: float = 0.9
+    params: Iterable[nn.Parameter],
+    name: str,
+    lr: float,
+    weight_decay: float,
+    momentum: float = 0.9,
+    *,
+    head: Iterable[nn.Parameter] = (),
+    head_lr: float | None = None,
 ) -> torch.optim.Optimizer:
+    """One optimiser; ``head`` parameters may get their own learning rate.
+
+    A fresh head starts from scratch while pre-trained modules (PVP) or pre-trained weights
+    (``full``) want a small step, so the two rates are searched separately. The weight-decay rule
+    (none on 1-D tensors) is the same for both.
+    """
+    params, head = list(params), list(head)
+    if head_lr is None:
+        params, head = params + head, []
     groups = param_groups(params, weight_decay)
+    for group in param_groups(head, weight_decay):
+        groups.append({**group, "lr": head_lr})
     if not groups:
         raise ValueError("nothing to optimise: the tuned model has no trainable parameters")
     name = name.lower()

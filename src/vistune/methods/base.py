@@ -8,6 +8,7 @@ structurally: they return the parameter objects themselves, never names to match
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -40,6 +41,17 @@ class Method:
         self.merged = False
 
     # -- what subclasses implement -------------------------------------------------------
+    @classmethod
+    def prepare(cls, backbone: nn.Module, options: dict[str, Any], probe: Any) -> dict[str, Any]:
+        """Data-dependent set-up before :meth:`attach`; returns the options to attach with.
+
+        The engine calls this for every method with ``probe``, the task the run trains (a
+        ``vistune.tasks.base.TaskProbe``: its loss on the first training batches through a fresh
+        throw-away head, and where to cache a result). Most methods need nothing; SPT measures
+        its sensitivity scores here, with the task's own loss.
+        """
+        return options
+
     def attach(self, model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> None:
         """Insert this method's modules/hooks into ``model`` (already frozen).
 
@@ -141,7 +153,12 @@ def coerce_value(value: Any, annotation: Any, none_words: bool = True) -> Any:
             raise ValueError("expected an integer")
         return int(value)
     if annotation is float:
-        return float(value)
+        if isinstance(value, bool):
+            raise ValueError("expected a number")
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError("expected a finite number")
+        return number
     if annotation is str:
         return str(value)
     if origin in (tuple, list):

@@ -60,6 +60,8 @@ from vistune.methods.base import Method
 from vistune.methods.lora import LoRABranch
 from vistune.sensitivity import (
     STRUCTURED_TYPES,
+    accumulate_sensitivity,
+    save_scores,
     Allocation,
     SensitivityError,
     Unit,
@@ -230,6 +232,31 @@ class SPT(Method):
     name = "spt"
     Options = SPTOptions
     mergeable = True  # per instance: False once the allocation holds an adapter
+
+    #: SPT's reference sensitivity pass: 16 batches (of 32 images for classification)
+    SENSITIVITY_BATCHES = 16
+
+    @classmethod
+    def prepare(cls, backbone: nn.Module, options: dict[str, Any], probe: Any) -> dict[str, Any]:
+        """Measure the sensitivity scores with the task's loss unless a scores file exists.
+
+        The file is ``options["sensitivity"]`` or the task's ``probe.scores_path``; it is computed
+        when absent and reused when present (its fingerprint is checked at attach).
+        """
+        import time
+        from pathlib import Path
+
+        path = options.get("sensitivity") or probe.scores_path
+        if path is None:
+            raise MethodError("spt needs a place for its sensitivity scores: give sensitivity=FILE or an output folder")
+        if not Path(path).is_file():
+            t0 = time.perf_counter()
+            losses = probe.losses(backbone, cls.SENSITIVITY_BATCHES)
+            scores, used = accumulate_sensitivity(backbone, losses, cls.SENSITIVITY_BATCHES)
+            save_scores(path, scores, backbone, {"batch_size": probe.batch_size, "num_batches": used,
+                                                 "data": probe.data_label, "loss": probe.loss_name,
+                                                 "seconds": time.perf_counter() - t0})
+        return {**options, "sensitivity": str(path)}
 
     def attach(self, model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> None:
         opts: SPTOptions = self.options

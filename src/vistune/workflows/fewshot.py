@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vistune.config import ConfigError, TrainConfig
+from vistune.io import save_figure_atomic, write_json_atomic, write_text_atomic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,22 @@ def split_options(options: dict[str, Any], method: str) -> dict[str, Any]:
     return out
 
 
+def check_variants(variants: list[Variant], pvp_files: dict[str, str], options: dict[str, Any]) -> None:
+    """Every variant must be runnable before the first run starts (no half tables)."""
+    from pathlib import Path
+
+    from vistune.methods import get_method, parse_options
+
+    for v in variants:
+        cls = get_method(v.method)
+        parse_options(cls, split_options(options, v.method))
+        if v.pvp:
+            if v.method not in pvp_files:
+                raise ConfigError(f"variant {v.label!r} needs a module file: --pvp {v.method}=FILE")
+            if not Path(pvp_files[v.method]).is_file():
+                raise ConfigError(f"--pvp {v.method}={pvp_files[v.method]}: no such file")
+
+
 def run_fewshot(
     base: TrainConfig,
     shots: list[int],
@@ -56,15 +73,21 @@ def run_fewshot(
     pvp_files: dict[str, str],
     out: str | os.PathLike,
     lr_for: dict[str, float] | None = None,
+    *,
+    dist: Any = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Run every (variant, K, seed); write ``fewshot.json``, ``fewshot.md`` and ``fewshot.png``."""
-    from vistune.engine.trainer import train
+    """Run every (variant, K, seed); write ``fewshot.json``, ``fewshot.md`` and ``fewshot.png``.
 
+    A finished run folder is reused (its metrics.json read back), so a killed protocol resumes
+    with the same command; under torchrun every run is data-parallel and rank 0 writes the table.
+    """
+    from vistune.engine.distributed import init_distributed
+    from vistune.workflows.train import train
+
+    check_variants(variants, pvp_files, base.options)
+    dist = dist or init_distributed(base.device)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for v in variants:
-        if v.pvp and v.method not in pvp_files:
-            raise ConfigError(f"variant {v.label!r} needs a module file: --pvp {v.method}=FILE")
     runs: list[dict[str, Any]] = []
     for v in variants:
         for k in shots:
@@ -80,12 +103,22 @@ def run_fewshot(
                     lr=(lr_for or {}).get(v.label, (lr_for or {}).get(v.method, base.lr)),
                     out=str(run_dir),
                 )
-                m = train(cfg)
+                done = run_dir / "metrics.json"
+                if done.is_file() and not overwrite:
+                    m = json.loads(done.read_text())
+                else:
+                    m = train(cfg, overwrite=overwrite, dist=dist)
                 runs.append({"variant": v.label, "shots": k, "seed": s, "test_top1": m["test_top1"],
                              "val_top1": m["val_top1"], "tuned_params": m["tuned_params"],
                              "train_seconds": m["train_seconds"], "dir": str(run_dir)})
-                _write(out, runs, variants, shots)
-    return _write(out, runs, variants, shots)
+                if dist.is_main:
+                    _write(out, runs, variants, shots)
+    return _write(out, runs, variants, shots) if dist.is_main else summarise_result(runs, variants, shots)
+
+
+def summarise_result(runs: list[dict[str, Any]], variants: list[Variant], shots: list[int]) -> dict[str, Any]:
+    return {"shots": shots, "variants": [v.label for v in variants], "table": summarise(runs, variants, shots),
+            "runs": runs}
 
 
 def summarise(runs: list[dict[str, Any]], variants: list[Variant], shots: list[int]) -> dict[str, Any]:
@@ -113,12 +146,12 @@ def markdown(table: dict[str, Any], shots: list[int]) -> str:
 
 
 def plot(table: dict[str, Any], shots: list[int], path: Path, title: str = "") -> None:
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig = Figure(figsize=(6, 4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     for label, row in table.items():
         ks = [k for k in shots if str(k) in row]
         if not ks:
@@ -135,18 +168,12 @@ def plot(table: dict[str, Any], shots: list[int], path: Path, title: str = "") -
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure_atomic(fig, path)
 
 
 def _write(out: Path, runs, variants, shots) -> dict[str, Any]:
-    table = summarise(runs, variants, shots)
-    result = {"shots": shots, "variants": [v.label for v in variants], "table": table, "runs": runs}
-    tmp = out / "fewshot.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out / "fewshot.json")
-    (out / "fewshot.md").write_text(markdown(table, shots) + "\n")
-    plot(table, shots, out / "fewshot.png")
+    result = summarise_result(runs, variants, shots)
+    write_json_atomic(out / "fewshot.json", result)
+    write_text_atomic(out / "fewshot.md", markdown(result["table"], shots) + "\n")
+    plot(result["table"], shots, out / "fewshot.png")
     return result

@@ -1,0 +1,262 @@
+"""Data-parallel training on torchrun: process group, sharded batches, gradient and metric reduction.
+
+The same code runs in one process (``world == 1``: every collective is a no-op) and under
+``torchrun --nproc_per_node N`` (gloo on CPU, nccl on GPU). Design decisions:
+
+* **Only tuned parameters are synchronised.** Instead of wrapping the model in
+  ``DistributedDataParallel`` (whose constructor broadcasts every backbone tensor and whose
+  forward must be the one the task calls), :meth:`Dist.reduce_gradients` all-reduces the
+  gradients of the trainable parameters in one flat bucket after the accumulation window — the
+  same collective DDP issues, over the tuned set only. The frozen backbone never takes part.
+  Parameters without a gradient in a step (a source head that saw no batch) count as zeros.
+* **The global batch is the batch.** ``--batch-size`` is global: every step draws one global
+  batch from a permutation that is a function of ``(seed, epoch)`` only — the very order a
+  single process uses — and each rank takes a contiguous share of it. Each rank's loss is
+  weighted by its share of the global batch, so the summed gradient equals the single-process
+  gradient of the global batch up to float summation order, also for a last, short batch that
+  leaves some ranks empty. Resume stays exact because nothing depends on history.
+* **Evaluation is sharded without padding**: rank r scores a contiguous slice, partial results
+  are gathered and reduced, so every test image counts exactly once whatever N is.
+* **Rank 0 alone writes** (the loop asks :attr:`Dist.is_main`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+#: How long a collective may wait for a peer before the job fails (instead of hanging forever).
+DEFAULT_TIMEOUT_S = float(os.environ.get("VISTUNE_DIST_TIMEOUT", 600))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class Dist:
+    """This process's place in the job; every method is a no-op when ``world == 1``."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (decisions that must agree, e.g. an early stop)."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def broadcast_parameters(self, params: Sequence[torch.Tensor]) -> None:
+        """Make every rank start from rank 0's trainable values (one flat broadcast)."""
+        if not self.enabled or not params:
+            return
+        flat = torch.cat([p.detach().reshape(-1).float() for p in params]).to(self._comm_device())
+        torch.distributed.broadcast(flat, src=0)
+        offset = 0
+        with torch.no_grad():
+            for p in params:
+                n = p.numel()
+                p.copy_(flat[offset: offset + n].view_as(p).to(p.dtype))
+                offset += n
+
+    def reduce_gradients(self, params: Sequence[nn.Parameter]) -> None:
+        """Sum the (already share-weighted) gradients of ``params`` over ranks, in one bucket."""
+        if not self.enabled or not params:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads]).to(self._comm_device())
+        torch.distributed.all_reduce(flat)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset: offset + n].view_as(p).to(device=p.device, dtype=p.dtype)
+            offset += n
+
+    # -- what tasks use (they never import the engine: these come with the Dist they are given)
+    def train_loader(self, dataset: Any, batch_size: int, *, seed: int, collate: Callable | None = None,
+                     num_workers: int = 0) -> ShardedLoader:
+        return ShardedLoader(dataset, batch_size, seed=seed, shuffle=True, dist=self, collate=collate,
+                             num_workers=num_workers)
+
+    def eval_loader(self, dataset: Any, batch_size: int, *, collate: Callable | None = None,
+                    num_workers: int = 0) -> DataLoader | list:
+        return eval_batches(dataset, batch_size, self, collate, num_workers)
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        return self.all_gather_object(obj)
+
+    def _comm_device(self) -> torch.device:
+        return self.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """Join the torchrun job described by the environment, or return the single-process Dist."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(device=resolve_device(device))
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            backend, timeout=datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)
+        )
+    return Dist(rank=rank, world=world, local_rank=local_rank, device=dev)
+
+
+def shutdown(dist: Dist) -> None:
+    if dist.enabled and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def shutdown_current() -> None:
+    """Leave the process group at the end of a command (no-op outside torchrun)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def in_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def launch(nproc: int, argv: Sequence[str], command: str = "train") -> int:
+    """``vistune CMD --nproc N ...``: run ``python -m vistune ARGV`` as N processes on this machine.
+
+    Uses torchrun's own launcher (``torch.distributed.launcher``), standalone rendezvous. When a
+    worker fails, the launcher stops the others (no hang) and this prints one line naming the
+    failed rank; the worker's own one-line error is above it.
+    """
+    import logging
+    import sys
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    for name in ("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"vistune-{uuid.uuid4().hex[:8]}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    try:
+        elastic_launch(config, sys.executable)("-m", "vistune", *argv)
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        code = failure.exitcode
+        print(f"vistune {command}: error: worker rank {rank} of {nproc} failed (exit code {code}); "
+              "the job was stopped", file=sys.stderr)
+        return 2 if code in (0, 2) else (code if code > 0 else 1)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Batches
+
+
+def epoch_order(n: int, seed: int, shuffle: bool) -> list[int]:
+    """The sample order of one epoch: a function of ``seed`` alone.
+
+    Bit-identical to ``DataLoader(shuffle=True, generator=Generator().manual_seed(seed))``,
+    which draws one number for its worker seed before the permutation, so runs made before the
+    engine learned to shard keep their exact order.
+    """
+    if not shuffle:
+        return list(range(n))
+    gen = torch.Generator().manual_seed(seed)
+    torch.empty((), dtype=torch.int64).random_(generator=gen)
+    return torch.randperm(n, generator=gen).tolist()
+
+
+def local_share(batch: Sequence[int], rank: int, world: int) -> list[int]:
+    """Rank ``rank``'s contiguous share of a global batch (sizes differ by at most one)."""
+    n = len(batch)
+    lo = rank * n // world
+    hi = (rank + 1) * n // world
+    return list(batch[lo:hi])
+
+
+class ShardedLoader:
+    """One epoch of global batches; yields ``(local batch or None, global batch size)``.
+
+    ``None`` means this rank's share of a short last batch is empty; the loop then skips the
+    forward pass but still joins the gradient reduction.
+    """
+
+    def __init__(self, dataset: Any, batch_size: int, *, seed: int, shuffle: bool, dist: Dist,
+                 collate: Callable | None = None, num_workers: int = 0) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.dist = dist
+        self.collate = collate
+        self.num_workers = num_workers
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Any, int]]:
+        order = epoch_order(len(self.dataset), self.seed, self.shuffle)
+        batches = [order[i: i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        local = [local_share(b, self.dist.rank, self.dist.world) for b in batches]
+        nonempty = [b for b in local if b]
+        # A generator of our own: DataLoader draws its worker seed from it, not from the global
+        # RNG, so building a loader never shifts dropout's random stream.
+        loader = DataLoader(self.dataset, batch_sampler=nonempty, collate_fn=self.collate,
+                            num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
+        it = iter(loader)
+        for share, full in zip(local, batches):
+            yield (next(it) if share else None), len(full)
+
+
+def eval_shard(n: int, dist: Dist) -> range:
+    """The contiguous slice of an evaluation split this rank scores (no padding, no overlap)."""
+    return range(dist.rank * n // dist.world, (dist.rank + 1) * n // dist.world)
+
+
+def eval_batches(dataset: Any, batch_size: int, dist: Dist, collate: Callable | None = None,
+                 num_workers: int = 0) -> DataLoader | list:
+    """Sequential batches over this rank's evaluation shard."""
+    idx = list(eval_shard(len(dataset), dist))
+    chunks = [idx[i: i + batch_size] for i in range(0, len(idx), batch_size)]
+    if not chunks:
+        return []
+    return DataLoader(dataset, batch_sampler=chunks, collate_fn=collate, num_workers=num_workers,
+                      generator=torch.Generator().manual_seed(0))

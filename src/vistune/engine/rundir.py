@@ -1,0 +1,135 @@
+"""An output folder owned by one run at a time, complete or visibly incomplete.
+
+What a user loses without this: two runs writing into one ``--out`` interleave their logs and
+overwrite each other's model; a re-run into a finished folder that gets interrupted leaves a new
+model beside the old metrics; a killed writer leaves ``*.tmp`` orphans. So:
+
+* **Lock.** An exclusive ``flock`` on ``OUT/.vistune.lock`` (released by the kernel when the
+  holder dies, even by ``kill -9``, so there are no stale locks to clean by hand). A second run
+  is refused with one line naming the holder's pid, host and start time.
+* **Completion marker.** ``metrics.json`` is written last, as part of one set with the model
+  files (:func:`vistune.io.write_set_atomic`); its presence means the run is complete. A
+  finished folder is not overwritten unless ``--overwrite``, and then the marker is deleted
+  *first*, so an interrupted re-run is visibly incomplete.
+* **Orphans.** Temp files left by a killed writer are removed when the next run takes the lock.
+
+Only rank 0 of a distributed job touches the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from vistune.errors import VistuneError
+from vistune.io import remove_orphan_temps
+
+LOCK_NAME = ".vistune.lock"
+MARKER = "metrics.json"
+#: Files a run may leave in its folder; ``--overwrite`` deletes exactly these (never other files).
+RUN_FILES = ("metrics.json", "tuned.safetensors", "dense_head.safetensors", "splits.json", "log.jsonl",
+             "checkpoint.pt", "sensitivity.safetensors", "modules.safetensors", "heads.safetensors")
+
+
+class RunDirError(VistuneError):
+    """The output folder is in use, holds a finished run, or cannot be written."""
+
+
+class RunDir:
+    """Context manager: lock the folder, check what is in it, hand it to the run, unlock."""
+
+    def __init__(self, path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False,
+                 is_main: bool = True, extra_files: tuple[str, ...] = ()) -> None:
+        self.path = Path(path)
+        self.overwrite = overwrite
+        self.resume = resume
+        self.is_main = is_main
+        self.run_files = RUN_FILES + tuple(extra_files)
+        self._fd: int | None = None
+
+    # -- entering --------------------------------------------------------------------------
+    def __enter__(self) -> RunDir:
+        if not self.is_main:
+            return self
+        self._make_folder()
+        self._lock()
+        try:
+            self._check_contents()
+            remove_orphan_temps(self.path)
+        except BaseException:
+            self._unlock()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._unlock()
+
+    def _make_folder(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"--out {self.path} exists and is not a folder")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RunDirError(f"--out {self.path}: cannot create the folder ({err.strerror})") from None
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise RunDirError(f"--out {self.path}: the folder is not writable")
+
+    def _lock(self) -> None:
+        import fcntl
+
+        lock = self.path / LOCK_NAME
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise RunDirError(f"--out {self.path}: cannot create its lock file ({err.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = self._holder(fd)
+            os.close(fd)
+            raise RunDirError(
+                f"--out {self.path} is in use by another run ({holder}); wait for it to finish or "
+                "choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        self._fd = fd
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        try:
+            info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+            return f"pid {info.get('pid')} on {info.get('host')}, started {info.get('started')}"
+        except (OSError, ValueError):
+            return "holder unknown"
+
+    def _unlock(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+    def _check_contents(self) -> None:
+        finished = (self.path / MARKER).is_file()
+        if self.resume:
+            if finished:
+                raise RunDirError(f"--resume: {self.path} holds a finished run ({MARKER} exists); nothing to resume")
+            return
+        if finished and not self.overwrite:
+            raise RunDirError(
+                f"--out {self.path} holds a finished run ({MARKER} exists); pass --overwrite to replace it "
+                "or choose another --out"
+            )
+        if self.overwrite:
+            # the completion marker goes first: from here on the folder is visibly incomplete
+            for name in (MARKER, *self.run_files):
+                (self.path / name).unlink(missing_ok=True)
+        elif (self.path / "checkpoint.pt").is_file():
+            raise RunDirError(
+                f"--out {self.path} holds an unfinished run (checkpoint.pt); continue it with --resume "
+                "or replace it with --overwrite"
+            )

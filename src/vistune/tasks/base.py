@@ -1,0 +1,213 @@
+"""What a task is: everything that differs between training jobs, behind one interface.
+
+The engine's loop (``vistune/engine/loop.py``) trains *any* task the same way: accumulation,
+bf16, clipping, warm-up + cosine, selection on val, one test evaluation, checkpoints, resume,
+logs, data parallelism. What it does not know is what a batch means. That is a :class:`Task`:
+
+=====================  ===============================================================
+``setup``              backbone -> data -> method (its ``prepare`` hook called with this
+                       task's loss) -> head/neck; everything on the run's device
+``parameters``         the trainable parameters, each marked head or not (head lr)
+``train_batches``      one epoch of ``(local batch | None, global batch size)``
+``loss``               mean loss over a local batch, its sample count, additive stats
+``evaluate``           metrics of a split, sharded over ranks and reduced (primary key)
+``state_dict``         the trainable tensors (checkpoints, best-on-val snapshots)
+``describe``           numbers for metrics.json (parameter counts, split sizes, classes)
+``output_files``       the files written beside metrics.json, as one set
+=====================  ===============================================================
+
+Tasks never import the engine: distributed helpers arrive as the ``rt`` (:class:`Runtime`)
+object the engine passes to :meth:`Task.setup`, so a task can be run and tested alone.
+
+Tasks: ``classify`` (:mod:`.classify`), ``segment`` / ``detect`` (:mod:`.dense`) and
+``multisource`` (PVP stage 1, one head per source, :mod:`.multisource`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from vistune.backbones import seeded_backbone
+from vistune.config import ConfigError, TrainConfig
+from vistune.tuning import TunedModel, attach, attach_from_file
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every RNG a run draws from (torch, numpy, Python)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+class Runtime(Protocol):
+    """The engine's side of a task: device, rank, collectives and rank-aware loaders."""
+
+    device: torch.device
+    rank: int
+    world: int
+
+    @property
+    def is_main(self) -> bool: ...
+
+    def barrier(self) -> None: ...
+
+    def gather(self, obj: Any) -> list[Any]: ...
+
+    def train_loader(self, dataset: Any, batch_size: int, *, seed: int, collate: Callable | None = None,
+                     num_workers: int = 0) -> Iterable[tuple[Any, int]]: ...
+
+    def eval_loader(self, dataset: Any, batch_size: int, *, collate: Callable | None = None,
+                    num_workers: int = 0) -> Iterable[Any]: ...
+
+
+class TaskProbe:
+    """What a method's ``prepare`` hook may ask of the task it is about to train for.
+
+    ``losses(model, n)`` yields the task's loss on its first ``n`` training batches in file order
+    (no augmentation), computed through a freshly initialised throw-away head on ``model`` —
+    SPT's sensitivity pass is Σ (∂L/∂w)² over exactly these. ``scores_path`` is where data-
+    dependent preparation caches its result (``--sensitivity`` or ``OUT/sensitivity.safetensors``).
+    """
+
+    def __init__(self, losses: Callable[[nn.Module, int], Iterator[torch.Tensor]], scores_path: Path | None,
+                 data_label: str, batch_size: int, loss_name: str) -> None:
+        self.losses = losses
+        self.scores_path = scores_path
+        self.data_label = data_label
+        self.batch_size = batch_size
+        self.loss_name = loss_name
+
+
+class Task:
+    """Base class; see the module docstring for the contract."""
+
+    name: ClassVar[str] = ""
+    #: metric selected on (higher is better); metrics.json then has ``val_<primary>``/``test_<primary>``
+    primary: ClassVar[str] = ""
+    #: files this task writes beside metrics.json (``--overwrite`` removes exactly these)
+    files: ClassVar[tuple[str, ...]] = ()
+
+    cfg: TrainConfig
+    rt: Runtime
+    tuned: TunedModel
+    cache_seconds: float = 0.0
+
+    # -- building ----------------------------------------------------------------------------
+    def setup(self, cfg: TrainConfig, rt: Runtime, out: Path | None) -> None:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return self.rt.device
+
+    def amp(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast around forward passes when the run asks for it (losses stay fp32)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+
+    def build_backbone(self, cfg: TrainConfig) -> nn.Module:
+        return seeded_backbone(cfg.backbone, weights=cfg.weights, img_size=cfg.img_size)
+
+    def attach_method(self, cfg: TrainConfig, backbone: nn.Module, num_classes: int | None,
+                      probe: TaskProbe | None, reseed: Callable[[], None] | None = None) -> TunedModel:
+        """Attach ``cfg.method``: from a pre-trained module file (PVP) or fresh after its prepare hook.
+
+        The engine never asks which method it is: every method class has ``prepare`` (a no-op
+        unless the method needs data, as SPT does). In a distributed job rank 0 prepares first
+        (it may write a file the others then read).
+        """
+        from vistune.methods import get_method
+
+        options = dict(cfg.options)
+        if cfg.init_from:
+            if reseed:
+                reseed()
+            tuned = attach_from_file(backbone, cfg.method, cfg.init_from, num_classes or 0, options)
+        else:
+            cls = get_method(cfg.method)
+            if probe is not None:
+                if self.rt.is_main:
+                    options = cls.prepare(backbone, options, probe)
+                    self.rt.barrier()
+                else:
+                    self.rt.barrier()
+                    options = cls.prepare(backbone, options, probe)
+            if reseed:
+                reseed()
+            tuned = attach(backbone, cfg.method, num_classes=num_classes, **options)
+        if cfg.freeze_modules:
+            for p in tuned.tuned_parameters(include_head=False):
+                p.requires_grad_(False)
+        return tuned
+
+    def scores_path(self, cfg: TrainConfig, out: Path | None) -> Path | None:
+        if cfg.sensitivity:
+            return Path(cfg.sensitivity)
+        return None if out is None else Path(out) / "sensitivity.safetensors"
+
+    # -- training ----------------------------------------------------------------------------
+    def modules(self) -> list[nn.Module]:
+        """The modules whose train/eval mode the loop switches (the tuned model, heads)."""
+        raise NotImplementedError
+
+    def set_mode(self, training: bool) -> None:
+        for m in self.modules():
+            m.train(training)
+
+    def parameters(self) -> list[tuple[nn.Parameter, bool]]:
+        """Trainable parameters in a stable order, each with ``is_head`` (it gets ``head_lr``)."""
+        raise NotImplementedError
+
+    def num_train_batches(self) -> int:
+        raise NotImplementedError
+
+    def train_batches(self, epoch: int) -> Iterable[tuple[Any, int]]:
+        raise NotImplementedError
+
+    def loss(self, batch: Any) -> tuple[torch.Tensor, int, dict[str, float]]:
+        raise NotImplementedError
+
+    def train_fields(self, stats: dict[str, float], seen: int) -> dict[str, Any]:
+        """Extra per-epoch log fields from the summed ``stats`` of :meth:`loss`."""
+        return {}
+
+    # -- evaluation --------------------------------------------------------------------------
+    def has_split(self, split: str) -> bool:
+        raise NotImplementedError
+
+    def evaluate(self, split: str) -> dict[str, Any]:
+        """Reduced metrics of ``split`` (every rank gets the same dict; contains ``primary``)."""
+        raise NotImplementedError
+
+    def metric_fields(self, prefix: str, result: dict[str, Any], final: bool) -> dict[str, Any]:
+        """How a result appears in the log (``final=False``) or metrics.json (``final=True``)."""
+        raise NotImplementedError
+
+    # -- state and outputs --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], what: str) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def output_files(self, extra: dict[str, Any]) -> list[tuple[str, Callable[[Path], None]]]:
+        raise NotImplementedError
+
+
+def clone_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").clone() for k, v in tensors.items()}
+
+
+def check_no_dense_fewshot(cfg: TrainConfig) -> None:
+    if cfg.shots is not None:
+        raise ConfigError("shots (few-shot sampling) is defined for classification only, not for dense tasks")

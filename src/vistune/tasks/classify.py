@@ -1,0 +1,244 @@
+"""Image classification: a linear head on the tuned backbone's pre-logit features, cross-entropy.
+
+When nothing before the head trains (linear probing, or PVP modules loaded with
+``freeze_modules``) and nothing there draws random numbers, the backbone is a fixed function of
+the image: its features are computed once per split (sharded over ranks, then gathered) and the
+epochs only run the head. That is the engine's feature cache; it is decided by the tuned model's
+structure (:meth:`TunedModel.features_are_static`), not by the method's name.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from vistune.backbones import backbone_info, classifier
+from vistune.config import TrainConfig
+from vistune.data import DataSplits, load_data
+from vistune.errors import TunedFileError
+from vistune.io import json_text
+from vistune.tasks.base import Runtime, Task, TaskProbe, seed_everything
+from vistune.tuning import TunedModel, read_tuned_file
+
+SENSITIVITY_BATCH = 32  # SPT's reference: the first 16 unshuffled batches of 32 training images
+
+
+def load_classification_data(cfg: TrainConfig, model: nn.Module, spec: str | None = None, *,
+                             shots: int | None | bool = True) -> DataSplits:
+    """The data named by ``spec`` (default ``cfg.data``), normalised as ``model``'s weights expect."""
+    info = backbone_info(model)
+    return load_data(
+        spec or cfg.data, img_size=info.img_size, mean=info.mean, std=info.std,
+        shots=cfg.shots if shots is True else (shots or None), seed=cfg.seed, augment=cfg.augment,
+        trainval=cfg.trainval, max_per_split=cfg.max_per_split,
+    )
+
+
+class ClassifyTask(Task):
+    name = "classify"
+    primary = "top1"
+    files = ("tuned.safetensors", "splits.json")
+
+    data: DataSplits
+    use_cache: bool = False
+
+    def setup(self, cfg: TrainConfig, rt: Runtime, out: Path | None, *, data: DataSplits | None = None,
+              backbone: nn.Module | None = None, tuned: TunedModel | None = None) -> None:
+        """Backbone -> data -> method -> fresh head; ``tuned`` (already loaded) skips the attach."""
+        self.cfg, self.rt = cfg, rt
+        seed_everything(cfg.seed)
+        training = tuned is None
+        if training:
+            backbone = backbone if backbone is not None else self.build_backbone(cfg)
+        model = tuned.model if tuned is not None else backbone
+        self.data = data if data is not None else load_classification_data(cfg, model)
+        if tuned is None:
+            if cfg.init_from:
+                check_source_target_disjoint(cfg.init_from, self.data.test)
+            probe = TaskProbe(self.sensitivity_losses, self.scores_path(cfg, out), cfg.data, SENSITIVITY_BATCH,
+                              "cross-entropy")
+            tuned = self.attach_method(cfg, backbone, self.data.num_classes, probe,
+                                       reseed=lambda: seed_everything(cfg.seed))
+        self.tuned = tuned.to(rt.device)
+        self.head = classifier(self.tuned.model)
+        self.use_cache = bool(cfg.cache_features and not cfg.augment and self.tuned.features_are_static())
+        self._cache: dict[str, TensorDataset] = {}
+        if self.use_cache and training:  # evaluation computes the features of its split only
+            t0 = time.perf_counter()
+            self._features("train")
+            if self.data.val is not None:
+                self._features("val")
+            self.cache_seconds = time.perf_counter() - t0
+
+    def sensitivity_losses(self, model: nn.Module, num_batches: int,
+                            batch_size: int = SENSITIVITY_BATCH) -> Iterator[torch.Tensor]:
+        """Cross-entropy through a fresh linear head (as the reference re-initialises the head)."""
+        head = nn.Linear(int(model.num_features), self.data.num_classes).to(self.rt.device)
+        loader = torch.utils.data.DataLoader(self.data.train, batch_size=batch_size, shuffle=False)
+        for i, (x, y) in enumerate(loader):
+            if i >= num_batches:
+                break
+            x, y = x.to(self.rt.device), y.to(self.rt.device)
+            feats = model.forward_head(model.forward_features(x), pre_logits=True)
+            yield nn.functional.cross_entropy(head(feats), y)
+
+    # -- feature cache -----------------------------------------------------------------------
+    def _split(self, split: str) -> Any:
+        return {"train": self.data.train, "val": self.data.val, "test": self.data.test}[split]
+
+    @torch.no_grad()
+    def _features(self, split: str) -> TensorDataset:
+        """Pre-logit features of a whole split: each rank computes its shard, all ranks get all."""
+        if split not in self._cache:
+            self.tuned.eval()
+            feats, labels = [], []
+            for x, y in self.rt.eval_loader(self._split(split), self.cfg.batch_size):
+                with self.amp():
+                    f = self.tuned.forward_features(x.to(self.rt.device))
+                feats.append(f.float().cpu())
+                labels.append(y)
+            part = (torch.cat(feats) if feats else torch.zeros(0, self.head.in_features),
+                    torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
+            parts = self.rt.gather(part)
+            self._cache[split] = TensorDataset(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+        return self._cache[split]
+
+    # -- training ----------------------------------------------------------------------------
+    def modules(self) -> list[nn.Module]:
+        return [self.tuned]
+
+    def set_mode(self, training: bool) -> None:
+        self.tuned.train(training)
+        if self.use_cache:
+            self.tuned.eval()  # the backbone isn't run; keep everything deterministic
+
+    def parameters(self) -> list[tuple[nn.Parameter, bool]]:
+        head = {id(p) for p in self.tuned.head_parameters()}
+        return [(p, id(p) in head) for p in self.tuned.parameters() if p.requires_grad]
+
+    def _train_set(self) -> Any:
+        return self._features("train") if self.use_cache else self.data.train
+
+    def num_train_batches(self) -> int:
+        return -(-len(self._train_set()) // self.cfg.batch_size)
+
+    def train_batches(self, epoch: int):
+        return self.rt.train_loader(self._train_set(), self.cfg.batch_size, seed=self.cfg.seed * 100_003 + epoch,
+                                    num_workers=0 if self.use_cache else self.cfg.num_workers)
+
+    def _forward(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return self.head if self.use_cache else self.tuned
+
+    def loss(self, batch: Any) -> tuple[torch.Tensor, int, dict[str, float]]:
+        x, y = batch[0].to(self.rt.device), batch[1].to(self.rt.device)
+        with self.amp():
+            logits = self._forward()(x)
+        loss = nn.functional.cross_entropy(logits.float(), y)
+        return loss, len(y), {"correct": float((logits.argmax(1) == y).sum().item())}
+
+    def train_fields(self, stats: dict[str, float], seen: int) -> dict[str, Any]:
+        return {"train_top1": 100.0 * stats.get("correct", 0.0) / max(seen, 1)}
+
+    # -- evaluation --------------------------------------------------------------------------
+    def has_split(self, split: str) -> bool:
+        return self._split(split) is not None
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict[str, Any]:
+        """top-1, per-class top-1 and loss; each rank scores its shard, sums are reduced."""
+        self.tuned.eval()
+        k = self.data.num_classes
+        if self.use_cache:
+            dataset, forward = self._features(split), self.head
+        else:
+            dataset, forward = self._split(split), self.tuned
+        correct = torch.zeros(k, dtype=torch.long)
+        total = torch.zeros(k, dtype=torch.long)
+        loss_sum = 0.0
+        for x, y in self.rt.eval_loader(dataset, self.cfg.batch_size):
+            x, y = x.to(self.rt.device), y.to(self.rt.device)
+            with self.amp():
+                logits = forward(x)
+            logits = logits.float()
+            loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            hit = (logits.argmax(1) == y).cpu()
+            y_cpu = y.cpu()
+            total += torch.bincount(y_cpu, minlength=k)
+            correct += torch.bincount(y_cpu[hit], minlength=k)
+        return classification_metrics(self.rt.gather((correct, total, loss_sum)))
+
+    def metric_fields(self, prefix: str, result: dict[str, Any], final: bool) -> dict[str, Any]:
+        fields = {f"{prefix}_top1": result["top1"], f"{prefix}_loss": result["loss"]}
+        if final and prefix == "test":
+            fields[f"{prefix}_per_class_top1"] = result["per_class_top1"]
+        return fields
+
+    # -- state and outputs --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.tuned.tuned_state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], what: str) -> None:
+        from vistune.tuning import load_tensors
+
+        load_tensors(self.tuned, state, what)
+
+    def describe(self) -> dict[str, Any]:
+        report = self.tuned.parameter_report()
+        d = self.data
+        return {
+            "backbone": report["backbone"], "method": report["method"], "options": report["options"],
+            "img_size": backbone_info(self.tuned.model).img_size,
+            "tuned_params": report["tuned_params"], "head_params": report["head_params"],
+            "trainable_params": report["trainable_params"], "backbone_params": report["backbone_params"],
+            "tuned_percent": report["tuned_percent"],
+            "num_train": len(d.train), "num_val": len(d.val) if d.val is not None else 0,
+            "num_test": len(d.test) if d.test is not None else 0, "num_classes": d.num_classes,
+            "class_names": list(d.class_names), "skipped_images": len(d.skipped),
+        }  # fmt: skip
+
+    def output_files(self, extra: dict[str, Any]) -> list[tuple[str, Callable[[Path], None]]]:
+        meta = {**extra, "class_names": list(self.data.class_names)}
+        manifest = json_text(self.data.manifest())
+        return [("tuned.safetensors", lambda tmp: self.tuned.write_tuned(tmp, extra=meta)),
+                ("splits.json", lambda tmp: tmp.write_text(manifest))]
+
+
+def classification_metrics(parts: list[tuple[torch.Tensor, torch.Tensor, float]]) -> dict[str, Any]:
+    """Reduce per-rank (correct per class, total per class, loss sum) into the split's metrics."""
+    correct = sum(p[0] for p in parts)
+    total = sum(p[1] for p in parts)
+    loss_sum = sum(p[2] for p in parts)
+    n = int(total.sum())
+    per_class = [100.0 * c / t if t > 0 else None for c, t in zip(correct.tolist(), total.tolist())]
+    return {"top1": 100.0 * int(correct.sum()) / max(n, 1), "loss": loss_sum / max(n, 1),
+            "per_class_top1": per_class, "num": n}
+
+
+def image_hashes(dataset: Any, limit: int | None = None) -> list[str]:
+    """Short content hashes of a split's decoded images (same backbone => same resolution), used
+    to prove that no PVP source image is a target test image."""
+    import hashlib
+
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    return [hashlib.sha1(dataset.uint8(i).contiguous().numpy().tobytes()).hexdigest()[:16] for i in range(n)]
+
+
+def check_source_target_disjoint(module_file: str | Path, target_test: Any) -> None:
+    """Refuse to use modules pre-trained on images that are in the target's test split."""
+    meta, _ = read_tuned_file(module_file)
+    recorded = ((meta.get("extra") or {}).get("pretrain") or {}).get("source_image_hashes")
+    if not recorded or target_test is None:
+        return
+    overlap = set(recorded) & set(image_hashes(target_test))
+    if overlap:
+        raise TunedFileError(
+            f"--init-from {module_file}: {len(overlap)} of the target's test images were in the source "
+            "data the modules were pre-trained on; pre-train on data without the target's test split"
+        )
+

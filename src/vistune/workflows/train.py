@@ -1,0 +1,142 @@
+"""``vistune train`` and ``vistune eval``: one run of one task into one output folder, and its re-evaluation.
+
+A run is: lock the output folder (:class:`~vistune.engine.rundir.RunDir`), set the task up
+(backbone -> data -> method -> head), :func:`~vistune.engine.loop.fit`, and let rank 0 write the
+task's files with ``metrics.json`` as one set. ``evaluate_run`` rebuilds a run from its files
+alone and evaluates a split with the same task code, so it reproduces the run's own test number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from vistune.config import ConfigError, TrainConfig, config_keys, make_config
+from vistune.engine.callbacks import Callback
+from vistune.engine.distributed import Dist, init_distributed
+from vistune.engine.loop import fit
+from vistune.engine.rundir import RunDir
+from vistune.tasks import make_task
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    stop_after_epoch: int | None = None,
+    data: Any = None,
+    callbacks: Sequence[Callback] = (),
+    evaluate_test: bool = True,
+    dist: Dist | None = None,
+) -> dict[str, Any]:
+    """Train ``cfg`` into ``cfg.out``; returns the metrics (also written to ``OUT/metrics.json``).
+
+    Under ``torchrun`` every rank calls this with the same ``cfg``; ``dist`` defaults to the job
+    described by the environment (one process otherwise). ``data`` lets tests and benchmarks
+    reuse decoded data; ``evaluate_test=False`` never touches the test split (sweep trials).
+    """
+    dist = dist or init_distributed(cfg.device)
+    if cfg.batch_size % dist.world:
+        raise ConfigError(f"batch_size {cfg.batch_size} is the global batch and must be divisible by the "
+                          f"number of processes ({dist.world})")
+    task = make_task(cfg.task)
+    out = Path(cfg.out)
+    with RunDir(out, overwrite=overwrite, resume=resume, is_main=dist.is_main):
+        task.setup(cfg, dist, out, **({"data": data} if data is not None else {}))
+        if cfg.select == "best-val" and not task.has_split("val"):
+            raise ConfigError("select=best-val needs a validation split, and this data has none (trainval?)")
+        return fit(task, cfg, dist, out=out, callbacks=callbacks, resume=resume,
+                   stop_after_epoch=stop_after_epoch, evaluate_test=evaluate_test)
+
+
+def saved_config(values: dict[str, Any] | None, **overrides: Any) -> TrainConfig:
+    """A TrainConfig from a run's recorded config (keys this version does not know are dropped)."""
+    known = set(config_keys())
+    base = {k: v for k, v in (values or {}).items() if k in known}
+    base.update(overrides)
+    return make_config(base)
+
+
+def evaluate_run(
+    path: str | os.PathLike,
+    data_spec: str | None = None,
+    split: str = "test",
+    *,
+    batch_size: int = 64,
+    device: str = "auto",
+    weights: str | None = None,
+    allow_class_mismatch: bool = False,
+    dist: Dist | None = None,
+) -> dict[str, Any]:
+    """Rebuild the run at ``path`` (folder or tuned file) and evaluate ``split`` of its data.
+
+    The data spec, seed, trainval flag and split cap default to what the run recorded, so
+    ``evaluate_run(run)`` reproduces the run's test numbers. The data's class names must equal
+    the ones the run was trained with (``allow_class_mismatch`` for the rare intended case).
+    """
+    from vistune.dense.model import is_dense_run, load_dense
+
+    dist = dist or init_distributed(device)
+    p = Path(path)
+    if is_dense_run(p):
+        model, meta = load_dense(p, dist.device, weights)
+        recorded = meta.get("config") or {}
+        names = meta.get("class_names")
+        cfg = saved_config(recorded, data=data_spec or recorded.get("data"), batch_size=batch_size,
+                           device=str(dist.device), shots=None, augment=None, progress=False)
+        task = make_task(model.task)
+        task.setup(cfg, dist, None, model=model)
+    else:
+        from vistune.backbones import backbone_for_file
+        from vistune.tuning import load_tuned, read_tuned_file
+
+        tuned_path = p / "tuned.safetensors" if p.is_dir() else p
+        meta, _ = read_tuned_file(tuned_path)
+        extra = meta.get("extra") or {}
+        recorded = extra.get("config") or {}
+        names = extra.get("class_names")
+        tuned = load_tuned(tuned_path, backbone_for_file(meta["backbone"], tuned_path, weights))
+        spec = data_spec or recorded.get("data")
+        if not spec:
+            raise ConfigError(f"{tuned_path}: no --data given and the file does not record its data spec")
+        cfg = saved_config(recorded, data=spec, batch_size=batch_size, device=str(dist.device), shots=None,
+                           augment=None, progress=False, task="classify")
+        task = make_task("classify")
+        task.setup(cfg, dist, None, tuned=tuned)
+        if task.data.num_classes != tuned.num_classes:
+            raise ConfigError(f"data {spec!r} has {task.data.num_classes} classes, the tuned file {tuned.num_classes}")
+    check_class_names(names, list(task.data.class_names), cfg.data, allow_class_mismatch)
+    if not task.has_split(split):
+        raise ConfigError(f"data {cfg.data!r} has no {split!r} split")
+    res = task.evaluate(split)
+    fields = task.metric_fields(split, res, final=True)
+    return {**fields, f"num_{split}": _split_size(task, split), "task": task.name}
+
+
+def _split_size(task: Any, split: str) -> int:
+    return len(getattr(task.data, split))
+
+
+def check_class_names(recorded: list[str] | None, found: list[str], spec: str, allow: bool) -> None:
+    """Refuse evaluating a model on data whose classes are not the ones it was trained on."""
+    if recorded is None or allow or list(recorded) == list(found):
+        return
+    raise ConfigError(
+        f"data {spec!r} has classes {_short(found)}, but the model was trained on {_short(recorded)}; "
+        "pass --allow-class-mismatch if this is intended"
+    )
+
+
+def _short(names: list[str]) -> str:
+    return "[" + ", ".join(names[:5]) + (", …" if len(names) > 5 else "") + f"] ({len(names)})"
+
+
+def with_changes(cfg: TrainConfig, **changes: Any) -> TrainConfig:
+    """A validated copy of ``cfg`` with ``changes`` (workflows derive per-run configs this way)."""
+    new = dataclasses.replace(cfg, **changes)
+    new.validate()
+    return new
