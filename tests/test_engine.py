@@ -164,3 +164,155 @@ def test_shipped_configs_are_valid():
         values = load_config_file(f)
         cfg = make_config(values, data=values.get("data", "folder:unused"))
         parse_options(get_method(cfg.method), cfg.options)
+
+
+# ------------------------------------------------------------------------------ one loop, every task
+
+
+def test_dense_run_resumes_exactly(tmp_path):
+    """Segmentation on the same loop as classification: stop after epoch 1, resume, same numbers."""
+    import dataclasses
+
+    from tests.test_dense import make_camvid, tiny_cfg
+
+    root = make_camvid(tmp_path / "cv")
+    base = dataclasses.replace(tiny_cfg(tmp_path, f"camvid:{root}", method="lora", epochs=3), task="segment")
+    full = train(dataclasses.replace(base, out=str(tmp_path / "a")))
+    cfg = dataclasses.replace(base, out=str(tmp_path / "b"))
+    assert train(cfg, stop_after_epoch=1) == {"stopped_after_epoch": 1}
+    assert not (tmp_path / "b" / "metrics.json").exists() and (tmp_path / "b" / "checkpoint.pt").is_file()
+    resumed = train(cfg, resume=True)
+    for key in ("val_miou", "test_miou", "test_pixel_acc"):
+        assert resumed[key] == full[key], key
+    la = [json.loads(x)["train_loss"] for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["train_loss"] for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert la == lb and len(la) == 3
+
+
+def test_log_is_rewritten_from_checkpoint_on_resume(folder, tmp_path):
+    """``--checkpoint-every N``: epochs that ran after the last checkpoint run again on resume;
+    they must not appear twice in the log."""
+    cfg = cfg_for(folder, tmp_path / "r", method="linear", epochs=3, checkpoint_every=10)
+    train(cfg, stop_after_epoch=1)
+    log = tmp_path / "r" / "log.jsonl"
+    # an epoch that ran after the checkpoint and was logged, then the process died
+    log.write_text(log.read_text() + json.dumps({"epoch": 2, "train_loss": 9.9}) + "\n")
+    train(cfg, resume=True)
+    epochs = [json.loads(x)["epoch"] for x in log.read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+    assert all(json.loads(x)["train_loss"] != 9.9 for x in log.read_text().splitlines())
+
+
+@pytest.mark.parametrize("method,optimizer,precision", [("lora", "sgd", "fp32"), ("linear", "sgd", "bf16"),
+                                                        ("full", "sgd", "fp32")])
+def test_diverging_run_stops_and_writes_no_model(folder, tmp_path, capsys, method, optimizer, precision):
+    out = tmp_path / "nan"
+    rc = main(["train", "--backbone", "test_vit", "--img-size", "32", "--method", method, "--data", f"folder:{folder}",
+               "--epochs", "3", "--batch-size", "8", "--lr", "1e8", "--clip-grad", "0", "--optimizer", optimizer,
+               "--precision", precision, "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "diverged" in err[0] and "lower the learning rate" in err[0]
+    assert not (out / "tuned.safetensors").exists() and not (out / "metrics.json").exists()
+
+
+def test_non_finite_settings_are_refused_at_parse_time(folder, tmp_path, capsys):
+    for extra in (["--lr", "nan"], ["--wd", "-0.1"], ["--warmup-epochs", "-1"], ["--clip-grad", "-1"],
+                  ["--method", "lora", "-o", "alpha=nan"], ["--head-lr", "inf"]):
+        argv = ["train", "--backbone", "test_vit", "--img-size", "32", "--method", "lora", "--data",
+                f"folder:{folder}", "--out", str(tmp_path / "x"), "--no-progress", *extra]
+        assert main(argv) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "Traceback" not in err[0], extra
+    assert not (tmp_path / "x").exists()
+
+
+def test_tuned_file_with_nan_is_refused(folder, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from vistune.errors import TunedFileError
+    from vistune.workflows.train import evaluate_run
+
+    train(cfg_for(folder, tmp_path / "r", method="lora", epochs=1))
+    path = tmp_path / "r" / "tuned.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    key = next(k for k in tensors if ".lora." in k)
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(TunedFileError, match="NaN"):
+        evaluate_run(tmp_path / "r")
+
+
+# ------------------------------------------------------------------------------ output folders
+
+
+def test_second_run_into_a_busy_folder_is_refused(folder, tmp_path):
+    import fcntl
+    import os
+
+    from vistune.engine.rundir import LOCK_NAME, RunDirError
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    os.write(fd, json.dumps({"pid": 4242, "host": "elsewhere", "started": "now"}).encode())
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another process holds the folder (flock is per open file)
+    try:
+        with pytest.raises(RunDirError, match="in use by another run.*pid 4242 on elsewhere"):
+            train(cfg_for(folder, out, method="linear", epochs=1))
+    finally:
+        os.close(fd)
+    assert not (out / "log.jsonl").exists()
+    train(cfg_for(folder, out, method="linear", epochs=1))  # free again: the lock died with its holder
+
+
+def test_finished_run_is_not_overwritten_without_flag(folder, tmp_path):
+    from vistune.engine.rundir import RunDirError
+
+    out = tmp_path / "done"
+    first = train(cfg_for(folder, out, method="linear", epochs=1))
+    model = (out / "tuned.safetensors").read_bytes()
+    with pytest.raises(RunDirError, match="--overwrite"):
+        train(cfg_for(folder, out, method="linear", epochs=2))
+    assert (out / "tuned.safetensors").read_bytes() == model
+    (out / "tuned.safetensors.abc123.tmp").write_text("orphan of a killed writer")
+    second = train(cfg_for(folder, out, method="linear", epochs=2), overwrite=True)
+    assert second["epochs"] == 2 and first["epochs"] == 1
+    assert not list(out.glob("*.tmp"))
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2
+
+
+def test_files_respect_the_umask(folder, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        train(cfg_for(folder, tmp_path / "u", method="linear", epochs=1))
+    finally:
+        os.umask(old)
+    for name in ("tuned.safetensors", "metrics.json", "splits.json", "checkpoint.pt"):
+        assert stat.S_IMODE((tmp_path / "u" / name).stat().st_mode) == 0o644, name
+
+
+def test_metrics_json_is_strict_json(folder, tmp_path):
+    m = train(cfg_for(folder, tmp_path / "j", method="linear", epochs=1))
+    text = (tmp_path / "j" / "metrics.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.json"))
+    assert m["world_size"] == 1 and m["task"] == "classify"
+
+
+def test_eval_refuses_data_with_other_class_names(folder, tmp_path, capsys):
+    train(cfg_for(folder, tmp_path / "r", method="linear", epochs=1))
+    other = make_folder(tmp_path / "other", classes=3)
+    for split in ("train", "val", "test"):
+        for i in range(3):
+            (other / split / f"class{i}").rename(other / split / f"kind{i}")
+    rc = main(["eval", "--tuned", str(tmp_path / "r"), "--data", f"folder:{other}", "--json"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "trained on [class0, class1, class2]" in err
+    assert main(["eval", "--tuned", str(tmp_path / "r"), "--data", f"folder:{other}", "--allow-class-mismatch",
+                 "--json"]) == 0

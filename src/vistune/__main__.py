@@ -4,4 +4,10 @@ import sys
 
 from vistune.cli import main
 
-sys.exit(main())
+try:
+    code = main()
+finally:
+    from vistune.engine.distributed import shutdown_current
+
+    shutdown_current()  # leave the process group cleanly (a no-op outside torchrun)
+sys.exit(code)

@@ -428,11 +428,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (VistuneError, ValueError, FileNotFoundError) as err:
         print(f"vistune {args.command}: error{where}: {err}", file=sys.stderr)
         return 2
-    finally:
-        if world > 1:
-            from vistune.engine.distributed import shutdown_current
-
-            shutdown_current()
 
 
 if __name__ == "__main__":  # pragma: no cover

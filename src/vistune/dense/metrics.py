@@ -26,7 +26,8 @@ class SegmentationMetric:
         from torchmetrics.classification import MulticlassConfusionMatrix
 
         self.num_classes = num_classes
-        self._cm = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index, validate_args=False)
+        self._cm = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index, validate_args=False,
+                                            sync_on_compute=False)  # shards are reduced by the task
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """``pred``/``target``: integer label maps of the same shape (any leading dims)."""
@@ -64,7 +65,7 @@ class DetectionMetric:
 
         self.num_classes = num_classes
         self._map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=True,
-                                         backend="pycocotools")
+                                         backend="pycocotools", sync_on_compute=False)
 
     def update(self, preds: list[dict[str, torch.Tensor]], targets: list[dict[str, torch.Tensor]]) -> None:
         """``preds``: boxes (N,4) xyxy, scores, labels. ``targets``: boxes, labels, optional iscrowd."""

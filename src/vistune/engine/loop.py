@@ -44,7 +44,13 @@ from vistune.tasks.base import Task, clone_tensors
 
 
 class DivergedError(VistuneError):
-    """The loss or a trained parameter became NaN/inf: the run stops and writes no model."""
+    """The loss or a trained parameter became NaN/inf (or the loss exploded): the run stops and
+    writes no model."""
+
+
+#: A loss this many times the first step's is an explosion, not training (a healthy run stays
+#: within a small multiple of its initial loss; an lr a million times too large goes far past).
+DIVERGENCE_FACTOR = 1e4
 
 
 class StopFit(VistuneError):
@@ -131,6 +137,7 @@ def fit(
     state = FitState(epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, primary=primary, history=history,
                      out=out, epoch=start_epoch)
     _each(cbs, dist, lambda c: c.on_fit_start(state))
+    first_loss: float | None = history[0].get("first_loss") if history else None
 
     for epoch in range(start_epoch, cfg.epochs):
         state.epoch, state.step = epoch + 1, 0
@@ -146,10 +153,12 @@ def fit(
             if batch is not None:
                 loss, n_local, batch_stats = task.loss(batch)
                 loss_value = loss.item()
-                if not math.isfinite(loss_value):
+                if first_loss is None:
+                    first_loss = loss_value
+                if not math.isfinite(loss_value) or abs(loss_value) > DIVERGENCE_FACTOR * max(abs(first_loss), 1e-3):
                     raise DivergedError(
-                        f"training diverged: loss is {loss_value} at epoch {epoch + 1}, step {i + 1} "
-                        f"(lr {scheduler.get_last_lr()[0]:.3g}); lower the learning rate (--lr)"
+                        f"training diverged: loss is {loss_value:.4g} at epoch {epoch + 1}, step {i + 1} (the first "
+                        f"step's was {first_loss:.4g}; lr {scheduler.get_last_lr()[0]:.3g}); lower the learning rate (--lr)"
                     )
                 share = n_local / n_global  # 1 in one process: this rank's part of the global batch
                 ((loss if share == 1 else loss * share) / cfg.accum_steps).backward()
@@ -171,6 +180,7 @@ def fit(
         record: dict[str, Any] = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / max(seen, 1),
+            **({"first_loss": first_loss} if epoch == 0 else {}),
             **task.train_fields(stats, seen),
             "lr": scheduler.get_last_lr()[0],
             "img_per_s": seen / max(epoch_seconds, 1e-9),

@@ -18,6 +18,7 @@ from vistune.engine.distributed import Dist, init_distributed
 from vistune.engine.loop import fit
 from vistune.engine.rundir import RunDir
 from vistune.tasks.multisource import MultiSourceTask
+from vistune.workflows.train import check_method
 
 
 def pretrain(cfg: TrainConfig, sources: list[str], out: str | os.PathLike | None = None, *,
@@ -28,6 +29,7 @@ def pretrain(cfg: TrainConfig, sources: list[str], out: str | os.PathLike | None
     sources' eval numbers and content hashes of their images), ``heads.safetensors`` (every
     head, for inspection), ``metrics.json`` and ``log.jsonl`` to ``out`` (default ``cfg.out``).
     """
+    check_method(cfg)
     dist = dist or init_distributed(cfg.device)
     out = Path(out if out is not None else cfg.out)
     task = MultiSourceTask(sources)

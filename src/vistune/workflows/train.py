@@ -43,6 +43,7 @@ def train(
     if cfg.batch_size % dist.world:
         raise ConfigError(f"batch_size {cfg.batch_size} is the global batch and must be divisible by the "
                           f"number of processes ({dist.world})")
+    check_method(cfg)
     task = make_task(cfg.task)
     out = Path(cfg.out)
     with RunDir(out, overwrite=overwrite, resume=resume, is_main=dist.is_main):
@@ -51,6 +52,13 @@ def train(
             raise ConfigError("select=best-val needs a validation split, and this data has none (trainval?)")
         return fit(task, cfg, dist, out=out, callbacks=callbacks, resume=resume,
                    stop_after_epoch=stop_after_epoch, evaluate_test=evaluate_test)
+
+
+def check_method(cfg: TrainConfig) -> None:
+    """Unknown methods and bad method options fail before anything is created or loaded."""
+    from vistune.methods import get_method, parse_options
+
+    parse_options(get_method(cfg.method), cfg.options)
 
 
 def saved_config(values: dict[str, Any] | None, **overrides: Any) -> TrainConfig:

@@ -1,0 +1,172 @@
+"""Data parallelism: sharding rules in-process, and real 2-process gloo jobs under torchrun.
+
+The torchrun tests check what the ranks wrote, not only the exit code (ENV.md: rarely a gloo rank
+aborts at interpreter exit after finishing its work).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_engine import make_folder
+from vistune.engine.distributed import Dist, ShardedLoader, epoch_order, eval_shard, local_share
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_epoch_order_is_the_single_process_dataloader_order():
+    """Resume exactness and old runs' reproducibility both rest on this equality."""
+    n, seed = 37, 123
+    dl = torch.utils.data.DataLoader(list(range(n)), batch_size=8, shuffle=True,
+                                     generator=torch.Generator().manual_seed(seed))
+    assert [i for b in dl for i in b.tolist()] == epoch_order(n, seed, shuffle=True)
+    assert epoch_order(5, seed, shuffle=False) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("n,batch,world", [(27, 8, 2), (9, 8, 3), (5, 4, 4), (16, 8, 2)])
+def test_ranks_split_each_global_batch_exactly(n, batch, world):
+    data = list(range(n))
+    per_rank = [list(ShardedLoader(data, batch, seed=3, shuffle=True, dist=Dist(rank=r, world=world)))
+                for r in range(world)]
+    single = list(ShardedLoader(data, batch, seed=3, shuffle=True, dist=Dist()))
+    assert all(len(p) == len(single) for p in per_rank)  # every rank takes part in every step
+    for step, (batch_one, n_global) in enumerate(single):
+        shares = [per_rank[r][step][0] for r in range(world)]
+        got = [int(i) for s in shares if s is not None for i in s]
+        assert got == batch_one.tolist()  # contiguous shares, in order, nothing lost or doubled
+        assert all(per_rank[r][step][1] == n_global == len(batch_one) for r in range(world))
+
+
+@pytest.mark.parametrize("n,world", [(9, 2), (10, 3), (2, 4), (0, 2), (468, 2)])
+def test_eval_shards_count_every_item_once(n, world):
+    seen = [i for r in range(world) for i in eval_shard(n, Dist(rank=r, world=world))]
+    assert seen == list(range(n))
+    assert sorted(local_share(list(range(n)), 0, 1)) == list(range(n))
+
+
+# ------------------------------------------------------------------------------ real torchrun jobs
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    from vistune.cli import main
+    rc = 0
+    for argv in {jobs!r}:
+        rc = rc or main(argv)
+    sys.exit(rc)
+""")
+
+
+def _torchrun(tmp_path: Path, jobs: list[list[str]], nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT.format(jobs=jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(script)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+
+
+def _common(data: str, out: Path, *extra: str) -> list[str]:
+    return ["--backbone", "test_vit", "--img-size", "32", "--data", data, "--epochs", "2", "--batch-size", "8",
+            "--lr", "0.05", "--seed", "0", "--out", str(out), "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory):
+    """One torchrun job (2 ranks, gloo) that trains classification, segmentation and pretrain."""
+    from tests.test_dense import make_camvid
+
+    root = tmp_path_factory.mktemp("ddp")
+    folder = make_folder(root / "data", classes=3, per_class=9)  # 27 train: last batch of 3 splits 1/2
+    (folder / "test" / "class0" / "0.png").unlink()  # 11 test images: 2 ranks score 5 and 6
+    camvid = make_camvid(root / "cv")
+    jobs = {
+        "classify": ["train", "--method", "lora", *_common(f"folder:{folder}", root / "two" / "classify")],
+        "segment": ["train", "--task", "segment", "--method", "linear", "--optimizer", "adamw", "--lr", "1e-2",
+                    *_common(f"camvid:{camvid}", root / "two" / "segment")],
+        "pretrain": ["pretrain", "--method", "vpt", "-o", "length=2", *_common(f"folder:{folder}", root / "two" / "pre")],
+    }
+    t0 = time.perf_counter()
+    proc = _torchrun(root, list(jobs.values()))
+    return {"root": root, "folder": folder, "camvid": camvid, "jobs": jobs, "proc": proc,
+            "seconds": time.perf_counter() - t0}
+
+
+def _one_process(jobs: dict, name: str, root: Path) -> dict:
+    from vistune.cli import main
+
+    argv = [a if a != str(root / "two" / name) else str(root / "one" / name) for a in jobs[name]]
+    assert main(argv) == 0
+    return json.loads((root / "one" / name / "metrics.json").read_text())
+
+
+def test_two_processes_match_one_for_classification(two_process_runs):
+    r = two_process_runs
+    run = r["root"] / "two" / "classify"
+    assert (run / "metrics.json").is_file(), r["proc"].stderr[-3000:]
+    two = json.loads((run / "metrics.json").read_text())
+    assert two["world_size"] == 2
+    assert two["num_test"] == 11 and two["num_train"] == 27  # every test image counted exactly once
+    names = sorted(p.name for p in run.iterdir())
+    assert names == [".vistune.lock", "checkpoint.pt", "log.jsonl", "metrics.json", "splits.json", "tuned.safetensors"]
+    assert len((run / "log.jsonl").read_text().splitlines()) == 2  # rank 0 alone logs
+    one = _one_process(r["jobs"], "classify", r["root"])
+    # Same global batches, gradients summed over ranks: equal up to float summation order.
+    assert two["test_top1"] == one["test_top1"]
+    assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-4, abs=1e-5)
+    la = [json.loads(x)["train_loss"] for x in (run / "log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["train_loss"] for x in (r["root"] / "one" / "classify" / "log.jsonl").read_text().splitlines()]
+    assert la == pytest.approx(lb, rel=1e-4)
+
+
+def test_two_processes_train_segmentation_and_pretrain(two_process_runs):
+    r = two_process_runs
+    seg = r["root"] / "two" / "segment"
+    assert (seg / "metrics.json").is_file(), r["proc"].stderr[-3000:]
+    m = json.loads((seg / "metrics.json").read_text())
+    assert m["world_size"] == 2 and (seg / "dense_head.safetensors").is_file()
+    one = _one_process(r["jobs"], "segment", r["root"])
+    assert m["num_test"] == one["num_test"] == 4
+    assert m["test_miou"] == pytest.approx(one["test_miou"], abs=1e-3)
+    pre = r["root"] / "two" / "pre"
+    pm = json.loads((pre / "metrics.json").read_text())
+    assert pm["world_size"] == 2 and (pre / "modules.safetensors").is_file() and (pre / "heads.safetensors").is_file()
+    assert pm["sources"][0]["num_train"] == 27
+
+
+def test_a_failing_rank_stops_the_job_with_one_line(tmp_path):
+    """Rank 1 fails at its second step while rank 0 waits in the gradient all-reduce: no hang."""
+    folder = make_folder(tmp_path / "data", classes=2, per_class=8)
+    script = tmp_path / "fail.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys
+        from vistune.cli import main
+        from vistune.data.errors import DataError
+        from vistune.tasks.classify import ClassifyTask
+        real = ClassifyTask.loss
+        calls = []
+        def loss(self, batch):
+            calls.append(1)
+            if os.environ["RANK"] == "1" and len(calls) == 2:
+                raise DataError("injected failure on rank 1")
+            return real(self, batch)
+        ClassifyTask.loss = loss
+        sys.exit(main({["train", "--method", "lora", *_common(f"folder:{folder}", tmp_path / "out")]!r}))
+    """))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert time.perf_counter() - t0 < 150  # taken down, not waiting for the collective's timeout
+    lines = [ln for ln in proc.stderr.splitlines() if "injected failure" in ln]
+    assert lines and lines[0].startswith("vistune train: error (rank 1 of 2): injected failure on rank 1")
+    assert "Traceback" not in lines[0]
+    assert not (tmp_path / "out" / "metrics.json").exists()
