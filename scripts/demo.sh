@@ -16,12 +16,19 @@ V=${VISTUNE_BIN:-.venv/bin/vistune}
 DRY=0
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; fi
 
+has_fashion_mnist() {  # the four IDX files, gzipped (as the Debian package ships them) or not
+    local f
+    for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
+        [ -f "$1/$f.gz" ] || [ -f "$1/$f" ] || return 1
+    done
+}
+
 FLOWERS=${VISTUNE_SHARED:-../shared}/data/flowers5
 FMNIST=${VISTUNE_FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}
 if [ -d "$FLOWERS" ]; then
     DATA=(--data "folder:$FLOWERS")
     WHAT="flowers-5 photos from $FLOWERS (5 classes, seeded 70/10/20 split)"
-elif "$PY" -m vistune.data fetch "fashion-mnist:$FMNIST" >/dev/null 2>&1; then
+elif has_fashion_mnist "$FMNIST"; then
     DATA=(--data "fashion-mnist:$FMNIST" --max-per-split 1000)
     WHAT="Fashion-MNIST from $FMNIST (Debian package dataset-fashion-mnist; $FLOWERS is absent; val and test capped at 1,000 images)"
 elif ERR=$("$PY" -m vistune.data fetch tv:FashionMNIST 2>&1 >/dev/null); then
