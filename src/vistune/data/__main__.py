@@ -21,7 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("fetch", help="read (download if needed) a data spec and print a summary line")
     p.add_argument("spec", help="a data spec, e.g. tv:FashionMNIST, hf:NAME, npz:PATH")
-    p.add_argument("--data-root", default=None, help="tv: data root (default $VISTUNE_DATA_ROOT or ~/.cache/vistune/data)")
+    p.add_argument(
+        "--data-root", default=None, help="tv: data root (default $VISTUNE_DATA_ROOT or ~/.cache/vistune/data)"
+    )
     args = parser.parse_args(argv)
     from .loader import ReadOptions, read_source
 

@@ -32,8 +32,11 @@ the rows the loader selects; the ``datasets`` library only reads the bytes.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .errors import DataError
 from .sources import ImageSource, RawSplit, SourceData, as_label, classes_from_train
@@ -84,7 +87,8 @@ def _load(arg: str) -> tuple[Any, str, list[str]]:
                 return ds_lib.load_dataset("parquet", data_files={"train": str(local)}), root, ["one parquet file"]
             if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
                 return ds_lib.load_from_disk(str(local)), root, ["save_to_disk folder"]
-            return ds_lib.load_dataset(str(local), config), root, [f"local folder via datasets.load_dataset(config={config})"]
+            note = f"local folder read by datasets.load_dataset (config={config})"
+            return ds_lib.load_dataset(str(local), config), root, [note]
         root = name if config is None else f"{name}:{config}"
         return ds_lib.load_dataset(name, config), root, [f"hub data set {root}"]
     except DataError:
@@ -115,7 +119,9 @@ def _describe_features(features: Any) -> str:
                      for k, v in features.items())  # fmt: skip
 
 
-def _pick_columns(features: Any, image_column: str | None, label_column: str | None, where: str) -> tuple[str, str, list[str]]:
+def _pick_columns(
+    features: Any, image_column: str | None, label_column: str | None, where: str
+) -> tuple[str, str, list[str]]:
     notes = []
     if image_column is not None:
         if image_column not in features:
@@ -172,15 +178,13 @@ class HFImages(ImageSource):
             raise ValueError("empty image cell")
         return cell
 
-    def load(self, sample_id: str, size: int) -> Any:
+    def load(self, sample_id: str, size: int) -> np.ndarray:
         cell = self._cell(sample_id)
         if cell.get("bytes") is not None:
             return load_image_bytes(cell["bytes"], size)
         return load_image_file(Path(cell["path"]), size)
 
     def verify(self, sample_id: str, size: int) -> None:
-        import io
-
         cell = self._cell(sample_id)
         verify_image(io.BytesIO(cell["bytes"]) if cell.get("bytes") is not None else Path(cell["path"]))
 

@@ -61,7 +61,6 @@ DEFAULT_CACHE_MB = 2048
 MANIFEST_FORMAT = "vistune.data/1"
 
 
-
 @dataclass(frozen=True)
 class ReadOptions:
     """Reader options that only some spec kinds use (see :func:`load_data`)."""
@@ -86,10 +85,10 @@ def _read_tv(arg: str | None, opts: ReadOptions) -> SourceData:
 
 _READERS: dict[str, Callable[[str | None, ReadOptions], SourceData]] = {
     "fashion-mnist": lambda arg, opts: read_fashion_mnist(arg),
-    "npz": lambda arg, opts: read_npz(arg),  # type: ignore[arg-type]
-    "folder": lambda arg, opts: read_folder(arg),  # type: ignore[arg-type]
-    "vtab": lambda arg, opts: read_vtab(arg, trainval=opts.trainval),  # type: ignore[arg-type]
-    "fgvc": lambda arg, opts: read_fgvc(arg),  # type: ignore[arg-type]
+    "npz": lambda arg, opts: read_npz(arg),
+    "folder": lambda arg, opts: read_folder(arg),
+    "vtab": lambda arg, opts: read_vtab(arg, trainval=opts.trainval),
+    "fgvc": lambda arg, opts: read_fgvc(arg),
     "hf": _read_hf,
     "tv": _read_tv,
 }
@@ -132,10 +131,12 @@ def check_classes(src: SourceData) -> None:
                     f"classes 0..{len(names) - 1}"
                 )
     present = sorted(set(src.splits["train"].labels))
+    if not present:
+        raise DataError(f"{src.kind}: {src.origin('train')}: the train split is empty")
     if len(present) < 2:
         raise DataError(
             f"{src.kind}: {src.origin('train')}: the train split has samples of only one class "
-            f"({names[present[0]]!r})" if present else f"{src.kind}: {src.origin('train')}: the train split is empty"
+            f"({names[present[0]]!r}); a classifier needs at least 2"
         )
 
 
@@ -440,7 +441,8 @@ def load_data(
             apart from ``seed`` so few-shot seeds share one test set.
         cache_mb: keep decoded uint8 images in memory when they fit this
             budget (fast epochs); above it, items are decoded on access.
-            Either way every file is decoded once here to find bad ones.
+            Either way every chosen file is checked once here to find bad
+            ones (lazy mode: a cheap reduced-scale decode, no resize).
         workers: decoding threads (default: CPU count, at most 8).
         data_root: where ``tv:`` data sets live and are downloaded to
             (default ``$VISTUNE_DATA_ROOT``, else ``~/.cache/vistune/data``);

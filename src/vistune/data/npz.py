@@ -153,7 +153,9 @@ def _read_jpeg_split(archive: Any, keys: set[str], path: Path, split: str):
     if offsets.ndim != 1 or not np.issubdtype(offsets.dtype, np.integer):
         raise DataError(f"npz: {path}:{ok}: expected 1-D integer offsets, got dtype {offsets.dtype}")
     if len(offsets) != len(labs) + 1:
-        raise DataError(f"npz: {path}: {ok} has {len(offsets)} entries, expected N+1 = {len(labs) + 1} for {len(labs)} {lk}")
+        raise DataError(
+            f"npz: {path}: {ok} has {len(offsets)} entries, expected N+1 = {len(labs) + 1} for {len(labs)} {lk}"
+        )
     steps = np.diff(offsets)
     if len(offsets) and (offsets[0] < 0 or offsets[-1] > len(jpeg) or (steps <= 0).any()):
         bad = int(np.argmax(steps <= 0)) if (steps <= 0).any() else None
@@ -223,5 +225,6 @@ def read_npz(arg: str) -> SourceData:
         notes.append(f"no class list in the file: {len(class_names)} classes from the training labels")
     else:
         notes.append(f"{len(class_names)} classes from the {class_key!r} key")
-    source: ImageSource = JpegBytesImages(path.resolve(), encoded, names) if jpeg_layout else ArrayImages(arrays, path.name)
+    source: ImageSource
+    source = JpegBytesImages(path.resolve(), encoded, names) if jpeg_layout else ArrayImages(arrays, path.name)
     return SourceData("npz", str(path.resolve()), source, splits, class_names, notes, origins=origins)

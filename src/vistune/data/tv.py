@@ -118,7 +118,8 @@ def _open(name: str, cls: type, root: Path, kwargs: dict[str, Any]) -> Any:
     if _offline():
         raise DataError(
             f"tv: {name} is not in {root} and ${OFFLINE_ENV_VAR} forbids downloading it; "
-            f"unset it to download, or put torchvision's {name} files there (--data-root / ${ENV_VAR} choose the folder)"
+            f"unset it to download, or put torchvision's {name} files there "
+            f"(--data-root / ${ENV_VAR} choose the folder)"
         )
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -260,7 +261,9 @@ def read_tv(arg: str, *, data_root: str | os.PathLike[str] | None = None) -> Sou
     for ours in opened:
         splits[ours] = RawSplit(ids[ours], labels_of[ours])
 
-    asked = ", ".join(f"{ours}=({', '.join(f'{k}={v!r}' for k, v in kw.items()) or 'all'})" for ours, kw in requests.items())
+    asked = ", ".join(
+        f"{ours}=({', '.join(f'{k}={v!r}' for k, v in kw.items()) or 'all'})" for ours, kw in requests.items()
+    )
     notes = [f"torchvision.datasets.{name} under {root}: {asked}", pixel_note]
     if class_names is None:
         class_names = classes_from_train("tv", splits, origins)
