@@ -362,10 +362,11 @@ def test_corrupt_images_are_skipped_counted_and_warned(tmp_path: Path, caplog):
 
 
 def test_split_with_only_unreadable_files_is_an_error(tmp_path: Path):
-    make_class_tree(tmp_path / "train", {"a": 3})
-    make_class_tree(tmp_path / "val", {"a": 1})
-    (tmp_path / "test" / "a").mkdir(parents=True)
-    (tmp_path / "test" / "a" / "x.jpg").write_bytes(b"garbage")
+    make_class_tree(tmp_path / "train", {"a": 3, "b": 3})
+    make_class_tree(tmp_path / "val", {"a": 1, "b": 1})
+    for c in "ab":
+        (tmp_path / "test" / c).mkdir(parents=True)
+        (tmp_path / "test" / c / "x.jpg").write_bytes(b"garbage")
     with pytest.raises(DataError, match="test split .* no readable images"):
         load_data(f"folder:{tmp_path}", img_size=8)
 

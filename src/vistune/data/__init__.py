@@ -1,7 +1,9 @@
 """Data sets for vistune: one spec string -> train/val/test datasets.
 
 Specs: ``fashion-mnist[:DIR]``, ``npz:PATH``, ``folder:DIR``,
-``vtab:DIR/TASK``, ``fgvc:DIR`` (see :data:`KNOWN_KINDS`). Every loader
+``vtab:DIR/TASK``, ``fgvc:DIR``, ``hf:NAME_OR_PATH[:CONFIG]`` (Hugging Face
+``datasets``, optional extra ``hf``), ``tv:NAME`` (``torchvision.datasets``)
+(see :data:`KNOWN_KINDS`). Every loader
 returns a :class:`DataSplits` whose items are ``(FloatTensor[3,H,W], int)``
 and whose :meth:`DataSplits.manifest` records exactly which samples went
 where, so a run can be reproduced and audited. This package imports nothing
@@ -11,7 +13,15 @@ else from vistune, so the engine depends on it and not the reverse.
 from .errors import DataError
 from .fashion_mnist import ENV_VAR as FASHION_MNIST_ENV_VAR
 from .fewshot import fewshot_indices, proportional_quota, stratified_split
-from .loader import DataSplits, ImageDataset, complete_splits, load_data
+from .loader import (
+    DataSplits,
+    ImageDataset,
+    ReadOptions,
+    check_classes,
+    complete_splits,
+    load_data,
+    read_source,
+)
 from .sources import KNOWN_KINDS, parse_spec
 from .vtab import VTAB_NUM_CLASSES
 
@@ -21,11 +31,14 @@ __all__ = [
     "FASHION_MNIST_ENV_VAR",
     "ImageDataset",
     "KNOWN_KINDS",
+    "ReadOptions",
     "VTAB_NUM_CLASSES",
+    "check_classes",
     "complete_splits",
     "fewshot_indices",
     "load_data",
     "parse_spec",
     "proportional_quota",
+    "read_source",
     "stratified_split",
 ]

@@ -92,4 +92,5 @@ def read_fashion_mnist(arg: str | None) -> SourceData:
     return SourceData(
         "fashion-mnist", str(directory.resolve()), ArrayImages(arrays, "fashion-mnist"), splits, list(CLASS_NAMES),
         ["official train/test files; val carved from train"],
+        origins={split: str(found[lab]) for split, (_, lab) in FILES.items()},
     )

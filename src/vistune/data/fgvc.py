@@ -73,4 +73,7 @@ def read_fgvc(arg: str) -> SourceData:
     if any(not n for n in names) or len(set(names)) != len(names):
         names = [str(o) for o in originals]
     notes = [f"image root {root}", f"{len(originals)} classes remapped from original ids {originals[0]}..{originals[-1]}"]
-    return SourceData("fgvc", str(root.resolve()), FileImages(root), splits, names, notes, fixed_splits=True)
+    return SourceData(
+        "fgvc", str(root.resolve()), FileImages(root), splits, names, notes, fixed_splits=True,
+        origins={split: str(base / f"{split}.json") for split in raw},
+    )

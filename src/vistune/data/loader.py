@@ -3,13 +3,15 @@
 Pipeline (the same for every reader):
 
 1. read the layout (:mod:`.folder`, :mod:`.npz`, :mod:`.vtab`, :mod:`.fgvc`,
-   :mod:`.fashion_mnist`) into ids + labels per split;
+   :mod:`.fashion_mnist`, :mod:`.hf`, :mod:`.tv`) into ids + labels per split,
+   and check the class set (:func:`check_classes`);
 2. carve missing splits, seeded and stratified by ``split_seed``
    (:func:`complete_splits`);
 3. ``trainval``: merge val into train, val = None;
 4. choose samples: ``shots`` -> exactly K per class from train (seeded by
    ``seed``); ``max_per_split`` -> a class-proportional seeded cap;
-5. decode every chosen file once, *before training*: unreadable files are
+5. decode (or, in lazy mode, verify) every chosen file once, *before
+   training*; nothing that is not chosen is decoded. Unreadable files are
    skipped (one warning each, listed in ``skipped``); for few-shot/capped
    selections the next file of the same class in the seeded order replaces
    them, so K stays exact;
@@ -58,13 +60,84 @@ TEST_FRACTION = 0.2
 DEFAULT_CACHE_MB = 2048
 MANIFEST_FORMAT = "vistune.data/1"
 
-_READERS: dict[str, Callable[[str | None, bool], SourceData]] = {
-    "fashion-mnist": lambda arg, trainval: read_fashion_mnist(arg),
-    "npz": lambda arg, trainval: read_npz(arg),
-    "folder": lambda arg, trainval: read_folder(arg),
-    "vtab": lambda arg, trainval: read_vtab(arg, trainval=trainval),
-    "fgvc": lambda arg, trainval: read_fgvc(arg),
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """Reader options that only some spec kinds use (see :func:`load_data`)."""
+
+    trainval: bool = False
+    data_root: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+
+
+def _read_hf(arg: str | None, opts: ReadOptions) -> SourceData:
+    from .hf import read_hf  # imports `datasets` (heavy, optional) only for hf: specs
+
+    return read_hf(arg or "", image_column=opts.image_column, label_column=opts.label_column)
+
+
+def _read_tv(arg: str | None, opts: ReadOptions) -> SourceData:
+    from .tv import read_tv
+
+    return read_tv(arg or "", data_root=opts.data_root)
+
+
+_READERS: dict[str, Callable[[str | None, ReadOptions], SourceData]] = {
+    "fashion-mnist": lambda arg, opts: read_fashion_mnist(arg),
+    "npz": lambda arg, opts: read_npz(arg),
+    "folder": lambda arg, opts: read_folder(arg),
+    "vtab": lambda arg, opts: read_vtab(arg, trainval=opts.trainval),
+    "fgvc": lambda arg, opts: read_fgvc(arg),
+    "hf": _read_hf,
+    "tv": _read_tv,
 }
+
+
+def read_source(spec: str, opts: ReadOptions = ReadOptions()) -> SourceData:
+    """Parse ``spec`` and read its layout (ids + labels, no pixels decoded),
+    then check its class set (:func:`check_classes`). ``tv:`` downloads here
+    when its files are absent."""
+    kind, arg = parse_spec(spec)
+    if kind != "hf" and (opts.image_column is not None or opts.label_column is not None):
+        raise DataError(f"image_column/label_column apply to hf: data specs only, not {spec!r}")
+    src = _READERS[kind](arg, opts)
+    check_classes(src)
+    return src
+
+
+def check_classes(src: SourceData) -> None:
+    """Refuse a class set that cannot give a meaningful classifier.
+
+    Every reader declares its classes (folder names, a class list, a table,
+    or :func:`~vistune.data.sources.classes_from_train`); here, for all of
+    them alike: at least 2 classes, at least 2 of them present in the train
+    split (a one-class training set "learns" to always answer that class and
+    reports 100%), and every label of every split inside the declared range,
+    naming where an offending label came from.
+    """
+    names = src.class_names
+    if len(names) < 2:
+        shown = f" ({', '.join(repr(n) for n in names)})" if names else ""
+        raise DataError(
+            f"{src.kind}: {src.root} has {len(names)} class{'' if len(names) == 1 else 'es'}{shown}; "
+            "a classifier needs at least 2"
+        )
+    for split, raw in src.splits.items():
+        for row, lab in enumerate(raw.labels):
+            if not 0 <= lab < len(names):
+                raise DataError(
+                    f"{src.kind}: {src.origin(split)}: label {lab} (row {row}) is outside the {len(names)} declared "
+                    f"classes 0..{len(names) - 1}"
+                )
+    present = sorted(set(src.splits["train"].labels))
+    if not present:
+        raise DataError(f"{src.kind}: {src.origin('train')}: the train split is empty")
+    if len(present) < 2:
+        raise DataError(
+            f"{src.kind}: {src.origin('train')}: the train split has samples of only one class "
+            f"({names[present[0]]!r}); a classifier needs at least 2"
+        )
 
 
 class ImageDataset(Dataset):
@@ -235,11 +308,13 @@ def _decode(
         out: list[tuple[np.ndarray | None, str | None]] = []
         for sid in chunk:
             try:
-                arr = source.load(sid, size)
+                if keep:
+                    out.append((source.load(sid, size), None))
+                else:
+                    source.verify(sid, size)
+                    out.append((None, None))
             except Exception as e:  # any decoder failure means "unreadable file"
                 out.append((None, f"{type(e).__name__}: {e}"))
-            else:
-                out.append((arr if keep else None, None))
         return out
 
     if source.infallible:
@@ -343,6 +418,9 @@ def load_data(
     split_seed: int = 0,
     cache_mb: float = DEFAULT_CACHE_MB,
     workers: int | None = None,
+    data_root: str | os.PathLike[str] | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
 ) -> DataSplits:
     """Load the data set named by ``spec`` (see :func:`parse_spec`).
 
@@ -363,8 +441,15 @@ def load_data(
             apart from ``seed`` so few-shot seeds share one test set.
         cache_mb: keep decoded uint8 images in memory when they fit this
             budget (fast epochs); above it, items are decoded on access.
-            Either way every file is decoded once here to find bad ones.
+            Either way every chosen file is checked once here to find bad
+            ones (lazy mode: a cheap reduced-scale decode, no resize).
         workers: decoding threads (default: CPU count, at most 8).
+        data_root: where ``tv:`` data sets live and are downloaded to
+            (default ``$VISTUNE_DATA_ROOT``, else ``~/.cache/vistune/data``);
+            other kinds name their own path and ignore it (``hf:`` uses the
+            ``datasets`` library's cache).
+        image_column, label_column: the ``hf:`` columns to use instead of the
+            first ``Image`` / ``ClassLabel`` feature; an error for other kinds.
 
     Raises:
         DataError: on any problem with the spec, layout, labels or options,
@@ -382,8 +467,12 @@ def load_data(
         max_per_split = _positive_int(max_per_split, "max_per_split")
     workers = max(1, min(8, os.cpu_count() or 1)) if workers is None else max(1, int(workers))
 
-    kind, arg = parse_spec(spec)
-    src = _READERS[kind](arg, trainval)
+    opts = ReadOptions(
+        trainval=bool(trainval), data_root=None if data_root is None else os.fspath(data_root),
+        image_column=image_column, label_column=label_column,
+    )  # fmt: skip
+    src = read_source(spec, opts)
+    kind = src.kind
     splits, notes = complete_splits(src, split_seed)
     notes = src.notes + notes
     if trainval and not src.handled_trainval:

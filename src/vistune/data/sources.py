@@ -1,11 +1,13 @@
 """Spec parsing and the reader-neutral description of a data set.
 
-Every reader (``folder``, ``npz``, ``vtab``, ``fgvc``, ``fashion-mnist``)
+Every reader (``folder``, ``npz``, ``vtab``, ``fgvc``, ``fashion-mnist``,
+``hf``, ``tv``)
 turns its on-disk layout into a :class:`SourceData`: per split, a list of
 string ids plus integer labels, and an :class:`ImageSource` that can decode
 one id. Everything after that (carving missing splits, few-shot sampling,
-decoding, skipping unreadable files, caching) is shared code in
-:mod:`vistune.data.loader`, so the five readers stay small and behave alike.
+decoding, skipping unreadable files, caching, checking the class set) is
+shared code in :mod:`vistune.data.loader`, so the readers stay small and
+behave alike.
 """
 
 from __future__ import annotations
@@ -19,19 +21,24 @@ import torch
 from PIL import Image
 
 from .errors import DataError
-from .transforms import load_image_file
+from .transforms import load_image_file, verify_image
 
 SPLITS = ("train", "val", "test")
 
 #: kind -> one-line usage; also the list printed on an unknown kind.
 KNOWN_KINDS: dict[str, str] = {
     "fashion-mnist": "fashion-mnist[:DIR]  (gzipped IDX files; default /usr/share/datasets/fashion-mnist)",
-    "npz": "npz:PATH.npz  (MedMNIST-style {train,val,test}_{images,labels})",
+    "npz": "npz:PATH.npz  (MedMNIST-style {split}_{images,labels}, or JPEG bytes {split}_{jpeg,offsets,labels})",
     "folder": "folder:DIR  (DIR/<class>/*.jpg, or DIR/{train,val,test}/<class>/*.jpg)",
     "vtab": "vtab:DIR/TASK  (VTAB-1k jpg+txt layout: train800.txt, val200.txt, train800val200.txt, test.txt)",
     "fgvc": "fgvc:DIR  (VPT FGVC layout: {train,val,test}.json, flat {relative_path: class_id})",
+    "hf": "hf:NAME_OR_PATH[:CONFIG]  (Hugging Face datasets: hub name, save_to_disk folder, parquet, imagefolder)",
+    "tv": "tv:NAME  (torchvision.datasets, e.g. tv:CIFAR100, tv:Flowers102; files under --data-root)",
 }
-_ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "image-folder": "folder"}
+_ALIASES = {
+    "fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "image-folder": "folder",
+    "huggingface": "hf", "torchvision": "tv",
+}  # fmt: skip
 
 
 def parse_spec(spec: str) -> tuple[str, str | None]:
@@ -105,6 +112,16 @@ class ImageSource:
         """Batch form of :meth:`load` (sources with a vectorised path override it)."""
         return [self.load(sid, size) for sid in sample_ids]
 
+    def verify(self, sample_id: str, size: int) -> None:
+        """Raise if ``sample_id`` cannot be decoded; the result is not kept.
+
+        Used in lazy mode, where every chosen file is still checked once
+        before training. Sources that can check without resizing (e.g. a
+        reduced-scale JPEG decode) override it, which makes that check a
+        small fraction of a full :meth:`load` at large ``size``.
+        """
+        self.load(sample_id, size)
+
     def describe(self, sample_id: str) -> str:
         """Human-readable location of an id, for warnings."""
         return sample_id
@@ -118,6 +135,9 @@ class FileImages(ImageSource):
 
     def load(self, sample_id: str, size: int) -> np.ndarray:
         return load_image_file(self.root / sample_id, size)
+
+    def verify(self, sample_id: str, size: int) -> None:
+        verify_image(self.root / sample_id)
 
     def describe(self, sample_id: str) -> str:
         return str(self.root / sample_id)
@@ -200,6 +220,11 @@ class SourceData:
     handled_trainval: bool = False
     #: True when the layout fixes all splits (VTAB, FGVC): nothing is carved.
     fixed_splits: bool = False
+    #: split -> where its labels come from (file, key, column), for errors.
+    origins: dict[str, str] = field(default_factory=dict)
+
+    def origin(self, split: str) -> str:
+        return self.origins.get(split) or f"{self.root} ({split} split)"
 
     @property
     def num_classes(self) -> int:
@@ -224,3 +249,50 @@ def as_label(value: object, where: str) -> int:
     if label < 0:
         raise DataError(f"{where}: label {label} is negative")
     return label
+
+
+def classes_from_train(
+    kind: str, splits: dict[str, RawSplit], origins: dict[str, str], *, allow_gaps: bool = False
+) -> list[str]:
+    """Class names ``"0".."C-1"`` for a source that declares no class list.
+
+    The range is taken from the *training* labels only: ``C = max + 1``.
+    Why: with the old rule (max over all splits) one stray label 7 among
+    {0, 1} in a test file silently made an 8-class problem whose extra
+    classes can never be predicted right. So a val/test label outside the
+    training range is refused, naming where it came from, and (unless
+    ``allow_gaps``) so are class ids below the maximum that no training
+    sample has: the labels must be ``0..C-1``. Readers whose layouts
+    legitimately miss classes in train (VTAB-1k subsets of an unknown task)
+    pass ``allow_gaps=True``. A source that knows its classes names them
+    instead (e.g. an npz ``classes`` key) and skips this inference.
+    """
+    train = splits["train"].labels
+    if not train:
+        raise DataError(f"{kind}: {origins.get('train', 'train split')}: the train split is empty")
+    num_classes = 1 + max(train)
+    if not allow_gaps:
+        gaps = sorted(set(range(num_classes)) - set(train))
+        if gaps:
+            seen = sorted(set(train))
+            raise DataError(
+                f"{kind}: {origins.get('train', 'train split')}: labels {_fmt_ids(seen)} leave class id(s) "
+                f"{_fmt_ids(gaps)} without a training sample; labels must be 0..C-1 (a stray label?). "
+                f"If the classes are really {num_classes}, declare them (e.g. a 'classes' array)"
+            )
+    for split, raw in splits.items():
+        if split == "train":
+            continue
+        for row, lab in enumerate(raw.labels):
+            if lab >= num_classes:
+                raise DataError(
+                    f"{kind}: {origins.get(split, split + ' split')}: label {lab} (row {row}) is outside the "
+                    f"training labels' range 0..{num_classes - 1}; the source declares no class list, so the "
+                    "classes are the training labels'"
+                )
+    return [str(i) for i in range(num_classes)]
+
+
+def _fmt_ids(ids: Sequence[int], limit: int = 8) -> str:
+    shown = ", ".join(str(i) for i in ids[:limit])
+    return "{" + shown + (", ..." if len(ids) > limit else "") + "}"

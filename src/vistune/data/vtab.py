@@ -12,7 +12,8 @@ Protocol (as in SPT/NOAH ``--test`` and VPT's final runs):
 ``num_classes`` comes from the VTAB class table (VPT ``DATA2CLS`` / SPT) when
 the task folder has a known name, because a 1000-sample subset need not
 contain every class (``max label + 1`` would undercount e.g. SUN397);
-otherwise it is ``max label + 1`` over the files read.
+otherwise it is ``max label + 1`` over the *training* list, and a val/test
+label above that is refused.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import DataError
-from .sources import FileImages, RawSplit, SourceData, as_label
+from .sources import FileImages, RawSplit, SourceData, as_label, classes_from_train
 
 #: Task-folder name -> number of classes (METHODS.md §6.1).
 VTAB_NUM_CLASSES: dict[str, int] = {
@@ -66,6 +67,7 @@ def read_vtab(arg: str, *, trainval: bool) -> SourceData:
     files = {"train": "train800val200.txt", "test": "test.txt"} if trainval else {
         "train": "train800.txt", "val": "val200.txt", "test": "test.txt"}  # fmt: skip
     splits = {split: read_list(task_dir / name) for split, name in files.items()}
+    origins = {split: str(task_dir / name) for split, name in files.items()}
     if task in VTAB_NUM_CLASSES:
         num_classes = VTAB_NUM_CLASSES[task]
         for split, name in files.items():
@@ -77,10 +79,12 @@ def read_vtab(arg: str, *, trainval: bool) -> SourceData:
                     )
         count_note = f"num_classes={num_classes} from the VTAB table"
     else:
-        num_classes = 1 + max(max(s.labels) for s in splits.values())
-        count_note = f"unknown task name {task!r}: num_classes = max label + 1 = {num_classes}"
+        # A 1000-sample list may miss classes (gaps allowed); val/test labels
+        # above the training range are refused.
+        num_classes = len(classes_from_train("vtab", splits, origins, allow_gaps=True))
+        count_note = f"unknown task name {task!r}: num_classes = max training label + 1 = {num_classes}"
     notes = ["VTAB-1k protocol: " + ", ".join(f"{s}={n}" for s, n in files.items()), count_note]
     return SourceData(
         "vtab", str(task_dir.resolve()), FileImages(task_dir), splits, [str(i) for i in range(num_classes)],
-        notes, handled_trainval=True, fixed_splits=True,
+        notes, handled_trainval=True, fixed_splits=True, origins=origins,
     )
