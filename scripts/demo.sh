@@ -41,7 +41,7 @@ fi
 echo "demo: data: $WHAT"
 
 COMMON=(--backbone dinov2-s14 --img-size 84 "${DATA[@]}" --shots 10 --seed 0
-        --epochs 15 --batch-size 25 --precision bf16 --val-every 15)
+        --epochs 15 --batch-size 25 --precision bf16 --val-every 15 --overwrite)
 RUNS=(
     "--method linear --optimizer sgd --lr 0.1 --out runs/demo/linear"
     "--method vpt -o length=10 -o deep=true --optimizer sgd --lr 0.05 --out runs/demo/vpt-deep"

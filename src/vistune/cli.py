@@ -59,11 +59,15 @@ def _add_train_args(p: argparse.ArgumentParser, multi_data: bool = False, shots:
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--method", default=None, help="linear, full, bitfit, vpt, lora, adapter, spt, protuning")
     p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
-    data_help = "fashion-mnist | npz:PATH | folder:PATH | vtab:PATH/TASK | fgvc:PATH"
+    data_help = ("fashion-mnist | npz:PATH | folder:PATH | vtab:PATH/TASK | fgvc:PATH | hf:NAME_OR_PATH[:CONFIG] | "
+                 "tv:NAME (dense: camvid:PATH | voc:PATH | pennfudan:PATH)")
     if multi_data:
         p.add_argument("--data", action="append", default=None, help=data_help + " (repeatable: several sources)")
     else:
         p.add_argument("--data", default=None, help=data_help)
+    p.add_argument("--data-root", default=None, help="tv: data: torchvision's folder (default ~/.cache/vistune/data)")
+    p.add_argument("--image-column", default=None, help="hf: data: the image column (default: the first Image)")
+    p.add_argument("--label-column", default=None, help="hf: data: the label column (default: the first ClassLabel)")
     if shots:
         p.add_argument("--shots", type=int, default=None, help="K examples per class from the training split")
     p.add_argument("--seed", type=int, default=None)
@@ -101,7 +105,8 @@ def _add_train_args(p: argparse.ArgumentParser, multi_data: bool = False, shots:
                        help="data-parallel processes on this machine (launches torchrun; see README 'Scale out')")
 
 
-_CONFIG_FLAGS = ("backbone", "weights", "img_size", "method", "data", "shots", "seed", "epochs", "batch_size",
+_CONFIG_FLAGS = ("backbone", "weights", "img_size", "method", "data", "data_root", "image_column", "label_column",
+                 "shots", "seed", "epochs", "batch_size",
                  "lr", "head_lr", "wd", "optimizer", "warmup_epochs", "clip_grad", "accum_steps", "precision",
                  "augment", "trainval", "select", "val_every", "eval_test_every", "checkpoint_every",
                  "max_per_split", "init_from", "freeze_modules", "sensitivity", "device", "out", "task")

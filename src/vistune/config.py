@@ -33,6 +33,9 @@ class TrainConfig:
     method: str = "linear"
     options: dict[str, Any] = field(default_factory=dict)
     data: str = ""
+    data_root: str | None = None  # tv: specs: where torchvision keeps/downloads files (default ~/.cache/vistune/data)
+    image_column: str | None = None  # hf: specs: the image column (default: the first Image feature)
+    label_column: str | None = None  # hf: specs: the label column (default: the first ClassLabel)
     shots: int | None = None
     seed: int = 0
     epochs: int = 10

@@ -77,6 +77,34 @@ class LoRABranch(nn.Module):
             pieces.append(x.new_zeros(*x.shape[:-1], self.out_features - pos))
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
 
+    def add_into(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``out + delta(x)`` without building the full-width delta.
+
+        On timm's fused qkv with targets q,v the naive delta is a (B, N, 3D) tensor two thirds
+        zeros (allocate, concatenate, add, and the same again in backward). Here one skinny matmul
+        projects ``x`` onto every slice's A at once and each slice's B·(A·x) is added in place
+        into its rows of the host's output. In place is safe: a Linear's backward never reads its
+        output, and the branch reads ``x``, not ``out``.
+        """
+        x = self.dropout(x)
+        keys = list(self.slices)
+        if len(keys) == 1:
+            a = self.A[keys[0]]
+            xa = x @ a.t().to(x.dtype)
+        else:
+            a = torch.cat([self.A[k] for k in keys])
+            xa = x @ a.t().to(x.dtype)
+        rank = self.A[keys[0]].shape[0]
+        for j, key in enumerate(keys):
+            sl = self.slices[key]
+            part = xa[..., j * rank: (j + 1) * rank] if len(keys) > 1 else xa
+            delta = part @ self.B[key].t().to(part.dtype)
+            if sl.start == 0 and sl.stop == self.out_features:
+                out = out.add(delta.to(out.dtype), alpha=self.scale)
+            else:
+                out[..., sl].add_(delta.to(out.dtype), alpha=self.scale)
+        return out
+
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
         """ΔW with the host weight's shape (rows outside the targeted slices are zero)."""
@@ -88,7 +116,7 @@ class LoRABranch(nn.Module):
 
 
 def _add_branch_output(host: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-    return out + host.lora(args[0])
+    return host.lora.add_into(out, args[0])
 
 
 class LoRA(Method):

@@ -175,7 +175,7 @@ class ConvLoRA(nn.Module):
 
 
 def _lora_linear(host: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-    return out + host._modules[LORA](args[0])
+    return host._modules[LORA].add_into(out, args[0])
 
 
 def _lora_conv(host: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:

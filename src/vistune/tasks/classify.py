@@ -36,7 +36,8 @@ def load_classification_data(cfg: TrainConfig, model: nn.Module, spec: str | Non
     return load_data(
         spec or cfg.data, img_size=info.img_size, mean=info.mean, std=info.std,
         shots=cfg.shots if shots is True else (shots or None), seed=cfg.seed, augment=cfg.augment,
-        trainval=cfg.trainval, max_per_split=cfg.max_per_split,
+        trainval=cfg.trainval, max_per_split=cfg.max_per_split, data_root=cfg.data_root,
+        image_column=cfg.image_column, label_column=cfg.label_column,
     )
 
 
