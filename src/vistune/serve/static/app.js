@@ -76,18 +76,22 @@ function renderClassify(body, res) {
   });
 }
 
-function canvasFor(img) {
-  const maxW = 460;
-  const scale = Math.min(1, maxW / img.naturalWidth);
+// A canvas with the picture 460 px wide (small ones enlarged at most 4x); a grey one of the right size when the browser
+// cannot show the file (e.g. TIFF) but the server could read it.
+function canvasFor(img, res) {
+  const w = img ? img.naturalWidth : res.width, h = img ? img.naturalHeight : res.height;
+  const scale = Math.min(4, 460 / w);  // small pictures are enlarged to the card's width
   const c = el("canvas");
-  c.width = Math.round(img.naturalWidth * scale);
-  c.height = Math.round(img.naturalHeight * scale);
-  c.getContext("2d").drawImage(img, 0, 0, c.width, c.height);
+  c.width = Math.round(w * scale);
+  c.height = Math.round(h * scale);
+  const g = c.getContext("2d");
+  if (img) g.drawImage(img, 0, 0, c.width, c.height);
+  else { g.fillStyle = "#888"; g.fillRect(0, 0, c.width, c.height); }
   return [c, scale];
 }
 
 async function renderSegment(body, res) {
-  const [c] = canvasFor(state.image);
+  const [c] = canvasFor(state.image, res);
   const overlay = new Image();
   overlay.src = "data:image/png;base64," + res.overlay_png;
   await overlay.decode();
@@ -104,7 +108,7 @@ async function renderSegment(body, res) {
 }
 
 function renderDetect(body, res) {
-  const [c, scale] = canvasFor(state.image);
+  const [c, scale] = canvasFor(state.image, res);
   const g = c.getContext("2d");
   g.lineWidth = 2;
   g.font = "12px system-ui, sans-serif";
