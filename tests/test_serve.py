@@ -234,6 +234,20 @@ def test_one_sample_equals_its_own_model_whatever_the_batch_holds(vit_files):
         torch.testing.assert_close(mt.forward(x[i:i + 1], [n])[0], want, rtol=1e-5, atol=1e-5)
 
 
+def test_bf16_autocast_stays_close_to_fp32(vit_files):
+    mt = MultiTaskModel(backbone(*VIT))
+    names = ["lora", "vpt3deep", "bitfit", "full"]
+    for n in names:
+        mt.add_task(n, vit_files[n])
+    x = images(4, VIT[1])
+    exact = mt.forward(x, names)
+    mt.bf16 = True
+    approx = mt.forward(x, names)
+    for a, b in zip(approx, exact):
+        assert a.dtype == torch.float32 and not torch.equal(a, b)  # bf16 really ran
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
+
+
 def test_dense_and_classification_tasks_share_one_model(dense_runs):
     mt = MultiTaskModel(backbone("test_vit", 64))
     for name, path in dense_runs.items():
@@ -596,3 +610,15 @@ def test_serve_cli_builds_the_service_from_flags_and_yaml(dense_runs, tmp_path, 
     bad.write_text("tasks: {}\nwhat: 1\n")
     assert main(["serve", "--config", str(bad)]) == 2
     assert "unknown key 'what'" in capsys.readouterr().err
+
+
+def test_shipped_serve_config_is_valid():
+    from vistune.serve.config import load_config_file, make_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = make_config(load_config_file(root / "configs" / "serve" / "demo.yaml"))
+    assert cfg.backbone == "dinov2-s14" and cfg.img_size == 84
+    assert {n: Path(p).resolve() for n, p in cfg.tasks.items()} == {
+        n: (root / "runs" / "demo" / d).resolve() for n, d in (("linear", "linear"), ("vpt-deep", "vpt-deep"),
+                                                               ("lora", "lora"))}
+
