@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 import os
 from pathlib import Path
 
@@ -28,9 +27,9 @@ from vistune.serve.multitask import DuplicateTaskError, MultiTaskModel, ServeErr
 from vistune.serve.predict import BadImageError, classify_input, predict, prepare
 
 fastapi = pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installed")
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from vistune.serve.app import create_app  # noqa: E402
+from vistune.serve.app import create_app
 
 VIT = ("test_vit", 32)
 CNN = ("test_efficientnet", 32)
@@ -176,7 +175,7 @@ def check_against_own(mt: MultiTaskModel, files: dict[str, Path], size: int) -> 
         with torch.no_grad():
             want = own_model(path)(x[idx])
         got = torch.cat([out[i] for i in idx])
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"task {name}: {m}")
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"task {name}: {m}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,6 +265,31 @@ def test_dense_and_classification_tasks_share_one_model(dense_runs):
             for k in ("cls", "box", "ctr"):
                 got = torch.cat([out[i][k] for i in idx])
                 torch.testing.assert_close(got, want[k], rtol=1e-4, atol=1e-4)
+        else:
+            torch.testing.assert_close(torch.cat([out[i] for i in idx]), want, rtol=1e-5, atol=1e-5)
+
+
+def test_cnn_dense_tasks_equal_their_own_models(tmp_path):
+    runs = {}
+    for i, (method, task) in enumerate((("protuning", "detect"), ("bitfit", "segment"), ("linear", "segment"))):
+        model = build_dense_model(attach(backbone("test_efficientnet", 64), method), task, 2 + i)
+        perturb(model.trainable_parameters(), 30 + i)
+        save_dense(model.eval(), tmp_path / f"{method}-{task}")
+        runs[f"{method}-{task}"] = tmp_path / f"{method}-{task}"
+    mt = MultiTaskModel(backbone("test_efficientnet", 64))
+    for name, path in runs.items():
+        mt.add_task(name, path)
+    assert all(not t.own_pass for t in mt.tasks.values())
+    tasks = mixed(list(runs), 2, seed=2)
+    x = images(len(tasks), 64)
+    out = mt.forward(x, tasks)
+    for name, path in runs.items():
+        idx = [i for i, t in enumerate(tasks) if t == name]
+        with torch.no_grad():
+            want = load_dense(path)[0](x[idx])
+        if isinstance(want, dict):
+            for k in ("cls", "box", "ctr"):
+                torch.testing.assert_close(torch.cat([out[i][k] for i in idx]), want[k], rtol=1e-4, atol=1e-4)
         else:
             torch.testing.assert_close(torch.cat([out[i] for i in idx]), want, rtol=1e-5, atol=1e-5)
 
@@ -461,6 +485,9 @@ def test_http_health_and_task_list(service):
     assert tasks["det_lora"]["kind"] == "detect" and tasks["seg_vpt"]["shares_backbone_pass"]
     assert client.get("/tasks/cls").json()["name"] == "cls"
     assert client.get("/tasks/nope").status_code == 404
+    body = client.get("/openapi.json").json()["paths"]["/predict"]["post"]["requestBody"]["content"]
+    assert set(body) == {"multipart/form-data", "application/json"}
+    assert "vistune serve" in client.get("/").text
 
 
 def test_http_predict_multipart_and_json_agree_with_the_own_model(service, dense_runs):

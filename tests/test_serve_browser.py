@@ -26,10 +26,10 @@ from vistune.dense.model import build_dense_model, save_dense
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installed")
-import uvicorn  # noqa: E402
+import uvicorn
 
-from vistune.serve.app import create_app  # noqa: E402
-from vistune.serve.multitask import MultiTaskModel  # noqa: E402
+from vistune.serve.app import create_app
+from vistune.serve.multitask import MultiTaskModel
 
 CHROMIUM = os.environ.get("VISTUNE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -173,6 +173,22 @@ async def _parse_predict(request: Request, limit: int) -> tuple[bytes, list[str]
     )
 
 
+#: /predict reads its body itself (multipart or JSON); this documents both forms in /docs.
+_PREDICT_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary", "description": "the image"},
+        "task": {"type": "array", "items": {"type": "string"}, "description": "task name(s); none = every task"},
+        "top_k": {"type": "integer", "minimum": 1, "default": 5},
+        "score_threshold": {"type": "number", "minimum": 0, "maximum": 1,
+                            "description": "detection tasks: smallest box score (default 0.3)"}}}},
+    "application/json": {"schema": {"type": "object", "required": ["image"], "properties": {
+        "image": {"type": "string", "description": "base64 image, or a data: URL"},
+        "task": {"type": "string"}, "tasks": {"type": "array", "items": {"type": "string"}},
+        "top_k": {"type": "integer", "minimum": 1, "default": 5},
+        "score_threshold": {"type": "number", "minimum": 0, "maximum": 1}}}},
+}}}
+
+
 def create_app(model: MultiTaskModel, *, max_batch: int = 16, batch_window_ms: float = 5.0,
                max_upload_bytes: int = 16 * 2**20, max_pixels: int = MAX_PIXELS, admin: bool = True,
                default_top_k: int = 5) -> FastAPI:
@@ -278,7 +294,7 @@ def create_app(model: MultiTaskModel, *, max_batch: int = 16, batch_window_ms: f
         await run_in_threadpool(model.remove_task, name)
         return {"removed": name, "tasks": model.task_names()}
 
-    @app.post("/predict")
+    @app.post("/predict", openapi_extra=_PREDICT_BODY)
     async def predict(request: Request) -> dict[str, Any]:
         data, tasks, top_k, threshold = await _parse_predict(request, max_upload_bytes)
         top = default_top_k if top_k in (None, "") else _int_param(top_k, "top_k", 1, 1000)

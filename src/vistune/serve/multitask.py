@@ -452,10 +452,9 @@ class MultiTaskModel:
             check_backbone(tuned_path, meta, self.backbone, self.fingerprint)
         except KeyError as err:
             raise TunedFileError(f"tuned file {tuned_path}: backbone metadata lacks {err}") from None
-        if dense:
-            if (meta["backbone"]["fingerprint"] != head_meta.get("backbone_fingerprint")
-                    or meta["method"] != head_meta.get("method")):
-                raise TunedFileError(f"{head_path} was trained with another backbone or method than {tuned_path}")
+        if dense and (meta["backbone"]["fingerprint"] != head_meta.get("backbone_fingerprint")
+                      or meta["method"] != head_meta.get("method")):
+            raise TunedFileError(f"{head_path} was trained with another backbone or method than {tuned_path}")
         try:
             spec = MethodSpec.from_dict(meta["method"])
             num_classes = int(meta["num_classes"])

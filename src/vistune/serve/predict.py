@@ -128,7 +128,7 @@ def prepare(model: MultiTaskModel, data: bytes, tasks: list[str] | None = None,
 
 
 def _hex(c: tuple[int, int, int]) -> str:
-    return "#%02x%02x%02x" % c
+    return "#{:02x}{:02x}{:02x}".format(*c)
 
 
 def _png_b64(im: Image.Image) -> str:
