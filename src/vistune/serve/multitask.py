@@ -69,7 +69,6 @@ from vistune.tuning import MethodSpec, attach, check_backbone, fingerprint, load
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-
 def _bias_axes() -> tuple[tuple[type, ...], tuple[type, ...]]:
     """Module types whose output is ``f(x) + bias`` (eval mode), bias on the last axis / on axis 1.
 
@@ -680,11 +679,17 @@ class MultiTaskModel:
         """Captured level outputs -> NCHW maps by module name; prompt tokens are dropped first (the
         extractor reads the last H*W tokens; VPT's prompts sit between the prefix and the patches)."""
         if extractor.vit:
-            h, w = extractor._grid(x)
-            prefix = int(getattr(extractor.model, "num_prefix_tokens", 0))
+            model = extractor.model
+            pe = model.patch_embed
+            if getattr(model, "dynamic_img_size", False):
+                ph, pw = pe.patch_size if isinstance(pe.patch_size, (tuple, list)) else (pe.patch_size,) * 2
+                patches = (x.shape[-2] // ph) * (x.shape[-1] // pw)
+            else:
+                patches = int(pe.grid_size[0]) * int(pe.grid_size[1])
+            prefix = int(getattr(model, "num_prefix_tokens", 0))
             for i, out in captured.items():
-                if isinstance(out, torch.Tensor) and out.dim() == 3 and out.shape[1] > prefix + h * w:
-                    captured[i] = torch.cat([out[:, :prefix], out[:, out.shape[1] - h * w:]], dim=1)
+                if isinstance(out, torch.Tensor) and out.dim() == 3 and out.shape[1] > prefix + patches:
+                    captured[i] = torch.cat([out[:, :prefix], out[:, out.shape[1] - patches:]], dim=1)
         maps = extractor.maps(captured, x)
         return {lv.module: m for lv, m in zip(extractor.levels, maps)}
 
