@@ -324,6 +324,39 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from vistune.serve.config import load_config_file, make_config, parse_task_args, serve
+
+    file_values = load_config_file(args.config) if args.config else {}
+    cfg = make_config(file_values, parse_task_args(args.task), backbone=args.backbone, weights=args.weights,
+                      img_size=args.img_size, host=args.host, port=args.port, max_batch=args.max_batch,
+                      batch_window_ms=args.batch_window_ms, bf16=args.bf16, device=args.device,
+                      max_upload_mb=args.max_upload_mb, read_only=args.read_only, threads=args.threads)
+    return serve(cfg)
+
+
+def _add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve many tuned files on one shared backbone: HTTP API + web page at /")
+    p.add_argument("--config", default=None, help="YAML with the same keys as the flags and a tasks: table")
+    p.add_argument("--task", action="append", default=[], metavar="NAME=PATH",
+                   help="a tuned file or dense run folder to serve as NAME (repeatable)")
+    p.add_argument("--backbone", default=None, help="default: the backbone the first task was trained on")
+    p.add_argument("--weights", default=None)
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--host", default=None, help="default 127.0.0.1")
+    p.add_argument("--port", type=int, default=None, help="default 8000")
+    p.add_argument("--max-batch", type=int, default=None, help="most samples per forward (default 16)")
+    p.add_argument("--batch-window-ms", type=float, default=None,
+                   help="how long the first request of a batch waits for others (default 5)")
+    p.add_argument("--bf16", action="store_const", const=True, default=None, help="bf16 autocast (CPU too)")
+    p.add_argument("--device", default=None, help="cpu (default), cuda, auto")
+    p.add_argument("--max-upload-mb", type=float, default=None, help="largest request body (default 16)")
+    p.add_argument("--read-only", action="store_const", const=True, default=None,
+                   help="refuse POST/DELETE /tasks (adding or removing tasks at run time)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vistune import __version__
 
@@ -414,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="print a markdown table of run folders' metrics.json")
     p.add_argument("runs", nargs="+")
     p.set_defaults(func=cmd_report)
+
+    _add_serve_parser(sub)
     return parser
 
 

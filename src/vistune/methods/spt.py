@@ -56,7 +56,7 @@ from torch import nn
 
 from vistune.errors import MethodError, NotMergeableError
 from vistune.methods.adapter import Bottleneck
-from vistune.methods.base import Method
+from vistune.methods.base import Method, Routing
 from vistune.methods.lora import LoRABranch
 from vistune.sensitivity import (
     STRUCTURED_TYPES,
@@ -338,6 +338,10 @@ class SPT(Method):
 
     def tuned_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for m in self.modules() for p in m.parameters()] + list(self._whole)
+
+    def routing(self) -> Routing:
+        """Sparse deltas swap their host's parameters during its forward: a server re-runs those hosts."""
+        return Routing(swaps=tuple(host for host, kind, _ in self._sites if kind == SPARSE))
 
     @torch.no_grad()
     def merge(self, model: nn.Module) -> None:
