@@ -270,6 +270,21 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from vistune.workflows.sweep import markdown, run_sweep
+
+    cfg = config_from_args(args, trainval=False)
+    seeds = list(range(args.seeds)) if args.seed_list is None else _int_list(args.seed_list)
+    result = run_sweep(cfg, grid=args.grid, optimizer_given=args.optimizer, sampler=args.sampler, trials=args.trials,
+                       pruner=args.pruner, seeds=seeds, trainval=bool(args.trainval), storage=args.storage,
+                       study_name=args.study_name, jobs=args.jobs, stage=args.stage, max_trials=args.max_trials,
+                       worker=args.worker, argv=args._argv)
+    if result:
+        print(markdown(result), end="")
+        print(f"written: {cfg.out}/sweep.json, sweep.md, sweep_grid.png, sweep_history.png")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from vistune.dense import predict
 
@@ -417,6 +432,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-for", action="append", default=[], metavar="VARIANT=LR",
                    help="learning rate for one variant or method (default --lr)")
     p.set_defaults(func=cmd_fewshot)
+
+    p = sub.add_parser("sweep", help="search lr/wd/options on val (Optuna), retrain the best per seed, test once each")
+    _add_train_args(p, runs=False)
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a searched run setting (lr, wd, head_lr, warmup_epochs, epochs, momentum, optimizer); "
+                        "default: VPT's lr x wd grid for the method (method options: -o KEY=A,B)")
+    p.add_argument("--sampler", choices=["grid", "tpe"], default="grid")
+    p.add_argument("--trials", type=int, default=None, help="number of trials for --sampler tpe")
+    p.add_argument("--pruner", choices=["median", "sha", "none"], default="median",
+                   help="stop poor trials early on their per-epoch val numbers")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of the final retrain (0..N-1)")
+    p.add_argument("--seed-list", default=None, help="explicit comma-separated seeds of the final retrain")
+    p.add_argument("--storage", default=None,
+                   help="Optuna storage URL shared by several machines (default: OUT/study.journal)")
+    p.add_argument("--study-name", default="vistune-sweep")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes on this machine")
+    p.add_argument("--stage", choices=["all", "search", "final"], default="all")
+    p.add_argument("--max-trials", type=int, default=None, help="run at most N trials in this invocation")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("eval", help="evaluate a tuned file on a split")
     p.add_argument("--tuned", required=True, help="a run folder or the tuned.safetensors written by train")
