@@ -70,6 +70,10 @@ def _add_train_args(p: argparse.ArgumentParser, multi_data: bool = False, shots:
     p.add_argument("--label-column", default=None, help="hf: data: the label column (default: the first ClassLabel)")
     if shots:
         p.add_argument("--shots", type=int, default=None, help="K examples per class from the training split")
+    p.add_argument("--subset", default=None, metavar="TRAIN/VAL",
+                   help="VTAB-1k protocol: e.g. 800/200 random training images as train/val (test untouched)")
+    p.add_argument("--head-init", choices=["random", "zeros", "prototypes"], default=None,
+                   help="classification head start: timm's random init, zeros, or normalised class-mean prototypes")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="the global batch (split over processes)")
@@ -106,7 +110,7 @@ def _add_train_args(p: argparse.ArgumentParser, multi_data: bool = False, shots:
 
 
 _CONFIG_FLAGS = ("backbone", "weights", "img_size", "method", "data", "data_root", "image_column", "label_column",
-                 "shots", "seed", "epochs", "batch_size",
+                 "shots", "subset", "head_init", "seed", "epochs", "batch_size",
                  "lr", "head_lr", "wd", "optimizer", "warmup_epochs", "clip_grad", "accum_steps", "precision",
                  "augment", "trainval", "select", "val_every", "eval_test_every", "checkpoint_every",
                  "max_per_split", "init_from", "freeze_modules", "sensitivity", "device", "out", "task")
