@@ -138,3 +138,11 @@ def test_pretrain_shots_samples_each_source(source_and_target, tmp_path):
     out = tmp_path / "few"
     m = pretrain(base_cfg(src, out, shots=2, epochs=1), [f"folder:{src}", f"folder:{tgt}"], out)
     assert [s["num_train"] for s in m["sources"]] == [2 * 4, 2 * 3]
+
+
+def test_pretrain_can_train_on_the_sources_test_split(source_and_target, tmp_path):
+    src, _ = source_and_target
+    out = tmp_path / "all"
+    m = pretrain(base_cfg(src, out, epochs=1), [f"folder:{src}"], out, train_on_test=True)
+    assert m["sources"][0]["num_train"] == 4 * (6 + 4)  # train + test of make_folder
+    assert m["sources"][0]["eval_split"] == "val"

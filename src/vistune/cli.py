@@ -229,7 +229,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if not sources:
         raise ValueError("pretrain needs --data SPEC (repeat it for several sources)")
     cfg = config_from_args(args, data=sources[0])
-    metrics = pretrain(cfg, list(sources), cfg.out, resume=args.resume, overwrite=args.overwrite)
+    metrics = pretrain(cfg, list(sources), cfg.out, resume=args.resume, overwrite=args.overwrite,
+                       train_on_test=args.source_test)
     if _is_main():
         for src in metrics["sources"]:
             top1 = "-" if src["eval_top1"] is None else f"{src['eval_top1']:.2f}"
@@ -423,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="PVP stage 1: pre-train a method's modules on source data")
     _add_train_args(p, multi_data=True)
+    p.add_argument("--source-test", action="store_true",
+                   help="also train on each source's test split (sources are never targets)")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("fewshot", help="few-shot protocol: shots x seeds x variants, mean ± std table + plot")

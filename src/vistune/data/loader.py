@@ -199,6 +199,16 @@ class ImageDataset(Dataset):
     def cached(self) -> bool:
         return self.images is not None
 
+    def __add__(self, other: ImageDataset) -> ImageDataset:
+        """Both splits as one (the first split's augmentation applies). Splits of one load are
+        either all cached or all lazy on the same source, so they always join."""
+        if self.size != other.size or (self.images is None) != (other.images is None):
+            raise DataError("internal: only splits of one load_data call can be joined")
+        images = None if self.images is None else torch.cat([self.images, other.images])
+        return ImageDataset(self.ids + other.ids, self.targets + other.targets, size=self.size,
+                            normalize=self.normalize, augment=self.augment, images=images,
+                            source=self.source or other.source)
+
 
 @dataclass
 class DataSplits:
