@@ -279,7 +279,7 @@ def suggest(trial: Any, space: Space, sampler: str) -> dict[str, Any]:
 
 
 def search(base: TrainConfig, space: Space, out: Path, study: Any, sampler: str, trials: int | None,
-           max_trials: int | None, progress: bool) -> None:
+           max_trials: int | None, progress: bool, pruning: bool = True) -> None:
     """This worker's share of stage 1: trials until the grid is exhausted (or N trials exist)."""
     from optuna.trial import TrialState
 
@@ -290,8 +290,10 @@ def search(base: TrainConfig, space: Space, out: Path, study: Any, sampler: str,
         run_dir = out / "trials" / trial_name(params)
         trial.set_user_attr("run_dir", str(run_dir.relative_to(out)))
         trial.set_user_attr("worker", f"{os.uname().nodename}:{os.getpid()}")
+        # the pruner needs every epoch's val number; without one, the run's own val_every stands
+        val_every = 1 if pruning else base.val_every
         cfg = apply_params(base, params, space.optimizer, trainval=False, out=str(run_dir), progress=progress,
-                           val_every=1, eval_test_every=0)
+                           val_every=val_every, eval_test_every=0)
         done = run_dir / "metrics.json"
         if done.is_file():  # finished before (a retried or duplicated configuration): read it back
             metrics = json.loads(done.read_text())
@@ -403,7 +405,7 @@ def run_sweep(
                 children = _start_workers(jobs - 1, argv or [], out)
             else:
                 (out / f".worker-{os.getpid()}.ready").touch()  # tells the first process this worker is in
-            search(base, space, out, study, sampler, trials, max_trials, base.progress)
+            search(base, space, out, study, sampler, trials, max_trials, base.progress, pruner != "none")
             if not worker:
                 _wait(children, out)
         if worker:
