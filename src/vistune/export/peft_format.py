@@ -216,7 +216,7 @@ def read_adapter(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
         raise ExportError(f"PEFT adapter {cfg_path}: not valid JSON ({err})") from None
     try:
         tensors = load_file(str(weights))
-    except Exception as err:  # safetensors' own error types
+    except Exception as err:  # noqa: BLE001 - safetensors' own error types
         raise ExportError(f"PEFT adapter {weights} is corrupt or truncated ({err})") from None
     return config, tensors
 

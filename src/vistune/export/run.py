@@ -64,7 +64,7 @@ def build_backbone(name: str, weights: str | None, img_size: int | None) -> nn.M
         return seeded_backbone(name, weights, img_size)
     except (VistuneError, ValueError, OSError, RuntimeError) as err:
         label = weights or name
-        raise ExportError(f"cannot rebuild backbone {name!r} (weights {label!r}): {err}") from None
+        raise ExportError(f"cannot build backbone {name!r} (weights {label!r}): {err}") from None
 
 
 @dataclass
@@ -203,7 +203,7 @@ def sidecar(run: Run, artefact: str, **fields: Any) -> dict[str, Any]:
         "class_names": run.class_names,
         "preprocess": preprocess,
         "source": {
-            "run": str(run.path),
+            "run": str(run.path.resolve()),
             "method": run.meta["method"],
             "backbone": bb["name"],
             "weights": bb["weights"],
