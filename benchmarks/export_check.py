@@ -17,6 +17,7 @@ vistune's data pipeline does; generated images when that folder is absent (the t
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/export_check.py                     # test_vit @32
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/export_check.py --backbone dinov2-s14 --img-size 112
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/export_check.py --backbone efficientnet-lite0 --img-size 112
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from vistune import attach
+from vistune.backbones import is_vit
+from vistune.errors import MethodError
 from vistune.engine.trainer import seeded_backbone
 from vistune.export import ExportError, export, import_peft, load_run
 from vistune.export.onnx_format import graph_module
@@ -59,6 +62,7 @@ VIT_CASES = {
     "spt (adapter)": ("spt", {"budget": "1%", "structured": "adapter", "rank": 4}),
 }
 DENSE_CASES = {"segment (lora)": ("segment", "lora", {"rank": 4}), "detect (vpt)": ("detect", "vpt", {"length": 4})}
+CNN_DENSE_CASES = {"segment (protuning)": ("segment", "protuning", {}), "detect (bitfit)": ("detect", "bitfit", {})}
 
 PLAIN_TIMM = r"""
 import json, sys
@@ -158,18 +162,23 @@ def main() -> None:
     root = Path(args.out or tempfile.mkdtemp(prefix="export_check."))
     root.mkdir(parents=True, exist_ok=True)
 
-    rows: dict[str, dict[str, str]] = {}
     runs: dict[str, tuple[Path, torch.Tensor, object]] = {}
     cases = {k: v for k, v in VIT_CASES.items() if not args.methods or k in args.methods.split(",")}
+    rows: dict[str, dict[str, str]] = {name: {} for name in cases}  # table rows in case order
     x_label = ""
+    vit = is_vit(seeded_backbone(args.backbone, None, args.img_size))
     for name, (method, options) in cases.items():
-        folder = make_run(root, name, method, options, args.backbone, args.img_size)
+        try:
+            folder = make_run(root, name, method, options, args.backbone, args.img_size)
+        except MethodError:  # lora, vpt, adapter need ViT blocks
+            rows[name] = dict.fromkeys(FORMATS, "n/a (ViT only)")
+            continue
         run = load_run(folder)
         x, x_label = images(args.img_size, run.backbone["mean"], run.backbone["std"], args.images)
         with torch.no_grad():
             runs[name] = (folder, x, run.model(x).numpy())
     if not args.no_dense:
-        for name, (task, method, options) in DENSE_CASES.items():
+        for name, (task, method, options) in (DENSE_CASES if vit else CNN_DENSE_CASES).items():
             size = max(args.img_size, 64)
             folder = make_dense_run(root, name, task, method, options, args.backbone, size)
             run = load_run(folder)
@@ -182,7 +191,7 @@ def main() -> None:
 
     timm_jobs = []
     for name, (folder, x, ref) in runs.items():
-        row = rows.setdefault(name, {})
+        row = rows[name] = {}
         for fmt in FORMATS:
             if fmt == "import" or (fmt == "onnx/dynamo" and args.no_dynamo):
                 continue

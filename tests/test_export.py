@@ -42,9 +42,10 @@ CASES = {
     "full-cnn": ("full", {}, "test_efficientnet"),
     "spt-lora-cnn": ("spt", {"budget": "5%", "structured": "lora", "rank": 2}, "test_efficientnet"),
     "protuning-cnn": ("protuning", {}, "test_efficientnet"),
+    "spt-adapter-cnn": ("spt", {"budget": "5%", "structured": "adapter", "rank": 2}, "test_efficientnet"),
 }
 MERGEABLE = ["linear", "full", "bitfit", "lora", "spt-lora", "spt-none", "full-cnn", "spt-lora-cnn"]
-NOT_MERGEABLE = ["vpt", "adapter", "protuning", "spt-adapter", "protuning-cnn"]
+NOT_MERGEABLE = ["vpt", "adapter", "protuning", "spt-adapter", "protuning-cnn", "spt-adapter-cnn"]
 
 
 @pytest.fixture(autouse=True)
@@ -410,6 +411,10 @@ def test_import_round_trip_is_exact_and_recovers_the_spec(runs, tmp_path):
     x = generated_images(3)
     assert max_diff(vistune_outputs(tmp_path / "back.safetensors", x), vistune_outputs(runs("lora"), x)) <= 1e-6
     assert load_run(tmp_path / "back.safetensors").class_names == CLASSES
+    # the sidecar remembers the backbone: other weights or another image size are refused
+    with pytest.raises(ExportError, match="exported by vistune from a run on 'test_vit'.*other weights or image size"):
+        import_peft(tmp_path / "adapter", tmp_path / "other.safetensors", backbone="test_vit", img_size=48)
+    assert not (tmp_path / "other.safetensors").exists()
 
 
 def native_adapter(folder: Path, **config):
@@ -579,3 +584,15 @@ def test_a_failure_inside_the_export_leaves_nothing(runs, tmp_path, monkeypatch)
 def test_options_belong_to_their_format(runs, tmp_path):
     with pytest.raises(ExportError, match="format 'timm' has no option 'exporter'"):
         export(runs("linear"), "timm", tmp_path / "out", exporter="dynamo")
+
+
+def test_a_graph_onnxruntime_cannot_load_is_one_line(runs, tmp_path, monkeypatch):
+    from vistune.export import onnx_format
+
+    def broken(path, x):
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Invalid attribute perm\nmore detail")
+
+    monkeypatch.setattr(onnx_format, "onnxruntime_outputs", broken)
+    with pytest.raises(ExportError, match=r"onnxruntime cannot run the exported graph model.onnx: .*Invalid attribute perm$"):
+        export(runs("linear"), "onnx", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []

@@ -198,7 +198,11 @@ def check_graph(path: Path, module: nn.Module, x: torch.Tensor, names: tuple[str
         return {"checked": False, "why": "onnxruntime is not installed"}
     diffs: dict[str, float] = {}
     for batch in (x, x[:1]):
-        got = onnxruntime_outputs(path, batch.numpy())
+        try:
+            got = onnxruntime_outputs(path, batch.numpy())
+        except Exception as err:  # noqa: BLE001 - onnxruntime raises its own (pybind) error types
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ExportError(f"onnxruntime cannot run the exported graph {path.name}: {first}") from None
         for k, v in output_diffs(names, got, torch_outputs(module, batch), x.shape[-1]).items():
             diffs[k] = max(diffs.get(k, 0.0), v)
     worst = max(diffs.values())

@@ -23,7 +23,9 @@ and one scale: slices are zero-padded to the largest rank (exact), and modules w
 PEFT scalings get theirs folded into ``B`` (exact up to float rounding). Blocks an adapter
 skips (``layers_to_transform``) get zero deltas. Anything else (DoRA, LoRA biases, trained
 biases, embeddings, modules other than q/k/v/proj/fc1/fc2 of the ViT blocks, a head shape or
-module shape of another architecture) is refused with one line.
+module shape of another architecture) is refused with one line. An adapter that vistune exported
+carries ``vistune_export.json``; its backbone fingerprint must match the backbone named on import
+(same weights, same image size), and its class names are reused.
 """
 
 from __future__ import annotations
@@ -262,6 +264,15 @@ def import_peft(adapter_dir: str | os.PathLike, out: str | os.PathLike, *, backb
     arch = backbone_info(model).arch
     _check_config(folder, config, arch)
     fp = fingerprint(model)
+    exported = _vistune_sidecar(folder)
+    made_on = (exported.get("source") or {}).get("fingerprint")
+    if made_on and made_on != fp and "meta" not in (made_on, fp):
+        src = exported["source"]
+        raise ExportError(
+            f"PEFT adapter {folder} was exported by vistune from a run on {src.get('backbone')!r} (weights "
+            f"{src.get('weights')!r}, {exported.get('img_size')} px) whose fingerprint {made_on[:16]}... differs from "
+            f"this backbone's {fp[:16]}... (other weights or image size)"
+        )
 
     # Which host Linear of which block each vistune target lives on.
     hosts: dict[str, tuple[int, list[tuple[str, slice]]]] = {}  # module name -> (block, [(target, rows)])
@@ -358,12 +369,7 @@ def import_peft(adapter_dir: str | os.PathLike, out: str | os.PathLike, *, backb
     state[f"{head_name}.bias"] = tensors[f"{PREFIX}{head_name}.bias"]
     load_tensors(tuned, state, folder)
 
-    names_from = class_names
-    if names_from is None and (folder / SIDECAR).is_file():
-        try:
-            names_from = json.loads((folder / SIDECAR).read_text()).get("class_names")
-        except (OSError, json.JSONDecodeError):
-            names_from = None
+    names_from = class_names if class_names is not None else exported.get("class_names")
     if names_from is not None and len(names_from) != num_classes:
         raise ExportError(f"{len(names_from)} class names given, but the adapter's head has {num_classes} classes")
     extra = {"imported_from": {"peft_adapter": str(folder.resolve()), "peft_config": config}}
@@ -377,6 +383,15 @@ def import_peft(adapter_dir: str | os.PathLike, out: str | os.PathLike, *, backb
         "dropped_targets": sorted({t for _, t in pieces} - set(targets)),
         "scales_folded_into_B": not same_scale,
     }
+
+
+def _vistune_sidecar(folder: Path) -> dict[str, Any]:
+    """The vistune_export.json of an adapter vistune wrote ({} for adapters from elsewhere)."""
+    try:
+        data = json.loads((folder / SIDECAR).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _target_order(target: str) -> int:
