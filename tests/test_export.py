@@ -389,6 +389,9 @@ def test_peft_keys_are_peft_own_layout(peft, tmp_path):
     native = get_peft_model(model, LoraConfig(r=4, target_modules=["attn.qkv", "mlp.fc1"], rank_pattern={"mlp.fc1": 2},
                                               modules_to_save=["head"]))
     native.save_pretrained(tmp_path / "native")
+    export(tmp_path / "run", "peft", tmp_path / "nobase", include_base=False)
+    assert sorted(p.name for p in (tmp_path / "nobase").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "vistune_export.json"]
     ours = load_file(tmp_path / "ours" / "adapter_model.safetensors")
     theirs = load_file(tmp_path / "native" / "adapter_model.safetensors")
     assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
