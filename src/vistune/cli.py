@@ -375,6 +375,35 @@ def _add_serve_parser(sub) -> None:
                    help="refuse POST/DELETE /tasks (adding or removing tasks at run time)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.set_defaults(func=cmd_serve)
+def cmd_export(args: argparse.Namespace) -> int:
+    from vistune.export import export
+
+    options = {}
+    if args.exporter is not None:
+        options["exporter"] = args.exporter
+    if args.no_base:
+        options["include_base"] = False
+    info = export(args.tuned, args.format, args.out, overwrite=args.overwrite, weights=args.weights, **options)
+    check = info.get("check") or {}
+    print(f"written {args.out} ({args.format}): {', '.join(info.get('files', []))}")
+    if check.get("checked"):
+        print(f"onnxruntime vs vistune: max abs diff {check['max_abs_diff']:.2e} ({check['images']})")
+    load = info["load"]
+    for line in (load.values() if isinstance(load, dict) else [load]):
+        print(f"run without vistune: {line}")
+    return 0
+
+
+def cmd_import_peft(args: argparse.Namespace) -> int:
+    from vistune.export import import_peft
+
+    names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
+    res = import_peft(args.adapter, args.out, backbone=args.backbone, weights=args.weights, img_size=args.img_size,
+                      class_names=names)
+    opts = res["method"]["options"]
+    print(f"written {res['out']}: lora rank={opts['rank']} alpha={opts['alpha']} targets={','.join(opts['targets'])}, "
+          f"{res['num_classes']} classes")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -485,6 +514,26 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--cache-dir", default=None)
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_weights)
+
+    p = sub.add_parser("export", help="export a run as a plain timm folder, an ONNX graph or a PEFT LoRA adapter")
+    p.add_argument("--tuned", required=True, help="run folder (classification or dense) or its tuned.safetensors")
+    p.add_argument("--format", required=True, help="timm | onnx | peft")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    p.add_argument("--exporter", default=None, help="onnx: torchscript (default) | dynamo")
+    p.add_argument("--no-base", action="store_true", help="peft: skip base/ (the frozen backbone as a timm folder)")
+    p.add_argument("--weights", default=None,
+                   help="backbone weights file, for runs trained on a local file (the file records only a label)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import-peft", help="turn a HF PEFT LoRA adapter into a vistune tuned file")
+    p.add_argument("adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--backbone", required=True, help="the timm model or vistune weights name it was trained on")
+    p.add_argument("--weights", default=None, help="vistune weights name or a local weights file")
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--class-names", default=None, help="comma-separated class names (default: from the folder)")
+    p.add_argument("--out", required=True, help="output tuned .safetensors file")
+    p.set_defaults(func=cmd_import_peft)
 
     p = sub.add_parser("report", help="print a markdown table of run folders' metrics.json")
     p.add_argument("runs", nargs="+")
