@@ -122,6 +122,8 @@ def main() -> int:
     ap.add_argument("--variants", default=";".join(VARIANTS), help="labels separated by ;")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd LoRA q,v and full")
     ap.add_argument("--no-peft", action="store_true")
+    ap.add_argument("--frozen-bf16", action="store_true",
+                    help="also time each PETL variant with its frozen Linear/Conv weights stored in bf16 (bf16 runs)")
     args = ap.parse_args()
 
     import tempfile
@@ -142,6 +144,11 @@ def main() -> int:
             m = build_peft(backbone, targets, 8, args.num_classes)
             if m is not None:
                 models[label] = m
+    if args.frozen_bf16:
+        for label in [v for v in labels if VARIANTS[v][0] not in ("full", "linear")]:
+            m = build(backbone, *VARIANTS[label], args.num_classes, scores)
+            m.cast_frozen_matmul_weights(torch.bfloat16)
+            models[f"{label} frozen-bf16"] = m
     if args.compile:
         for label in ("full", "lora r8 q,v"):
             if label in models:

@@ -605,7 +605,7 @@ def test_demo_chooses_data_it_can_get_or_says_what_to_install(tmp_path: Path):
                         + arr.astype(np.uint8).tobytes())  # fmt: skip
     r = _demo({**base, "VISTUNE_FASHION_MNIST_DIR": str(fm)})
     assert r.returncode == 0, r.stderr
-    assert f"--data fashion-mnist:{fm} --max-per-split 1000" in r.stdout and "Debian package" in r.stdout
+    assert f"--data fashion-mnist:{fm} --subset 800/200" in r.stdout and "Debian package" in r.stdout
 
     r = _demo({**base, "VISTUNE_FASHION_MNIST_DIR": str(empty)})
     assert r.returncode == 2 and r.stdout == ""
