@@ -192,11 +192,11 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         state = load_state_dict(str(path))
     except Exception as err:  # safetensors, zip and unpickling errors share no base class
-        reason = _first_line(err)
-        if not any(c.isalpha() for c in reason):  # e.g. KeyError(101) from unpickling a text file
-            reason = f"unreadable ({type(err).__name__})"
+        from vistune.io import unreadable_reason
+
         raise BackboneError(
-            f"weights file {path} is not a weights file (a .safetensors or a torch state dict): {reason}"
+            f"weights file {path} is not a weights file (a .safetensors or a torch state dict): "
+            f"{unreadable_reason(err)}"
         ) from None
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
     if not tensors:

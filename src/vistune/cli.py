@@ -411,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tuned", required=True, help="dense run folder or its tuned.safetensors")
     p.add_argument("--image", required=True)
     p.add_argument("--out", required=True, help="output PNG")
-    p.add_argument("--score-threshold", type=float, default=0.3)
+    p.add_argument("--score-threshold", type=_number(float, 0), default=0.3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
