@@ -119,7 +119,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--precisions", default="fp32,bf16")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=";".join(VARIANTS), help="labels separated by ;")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd LoRA q,v and full")
     ap.add_argument("--no-peft", action="store_true")
     args = ap.parse_args()
@@ -133,7 +133,7 @@ def main() -> int:
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     y = torch.randint(0, args.num_classes, (args.batch_size,))
     tmp = Path(tempfile.mkdtemp())
-    labels = [v.strip() for v in args.variants.split(",") if v.strip()]
+    labels = [v.strip() for v in args.variants.split(";") if v.strip()]
     scores = sensitivity_file(backbone, x, y, args.num_classes, tmp / "s.safetensors") if any(
         VARIANTS[v][0] == "spt" for v in labels) else None
     models: dict[str, nn.Module] = {v: build(backbone, *VARIANTS[v], args.num_classes, scores) for v in labels}

@@ -316,3 +316,57 @@ def test_eval_refuses_data_with_other_class_names(folder, tmp_path, capsys):
     assert rc == 2 and "trained on [class0, class1, class2]" in err
     assert main(["eval", "--tuned", str(tmp_path / "r"), "--data", f"folder:{other}", "--allow-class-mismatch",
                  "--json"]) == 0
+
+
+# ------------------------------------------------------------------------------ head initialisation
+
+
+@pytest.mark.parametrize("method", ["linear", "bitfit", "vpt", "lora", "adapter", "spt", "protuning", "full"])
+def test_prototype_head_init_for_every_method(folder, tmp_path, method):
+    """The head starts as the normalised class means of the method's own starting features."""
+    from vistune.engine.distributed import Dist
+    from vistune.tasks.classify import PROTOTYPE_SCALE, ClassifyTask
+
+    options = {"spt": {"budget": "2k"}, "vpt": {"length": 2}}.get(method, {})
+    cfg = cfg_for(folder, tmp_path / method, method=method, options=options, head_init="prototypes")
+    task = ClassifyTask()
+    task.setup(cfg, Dist(), tmp_path / method)
+    task.tuned.eval()
+    x = torch.stack([task.data.train[i][0] for i in range(len(task.data.train))])
+    y = torch.tensor([task.data.train[i][1] for i in range(len(task.data.train))])
+    with torch.no_grad():
+        feats = task.tuned.forward_features(x)
+    w = task.head.weight.detach()
+    for c in range(task.data.num_classes):
+        mean = torch.nn.functional.normalize(feats[y == c], dim=1).mean(0)
+        assert torch.nn.functional.cosine_similarity(w[c], mean, dim=0) > 0.9999
+    assert w.norm(dim=1).mean() * feats.norm(dim=1).mean() == pytest.approx(PROTOTYPE_SCALE, rel=1e-4)
+    assert torch.count_nonzero(task.head.bias) == 0
+    with torch.no_grad():  # nearest-prototype classification of the training images themselves
+        acc = (task.tuned(x).argmax(1) == y).float().mean().item()
+    assert acc > 0.6  # colour-coded classes; chance is 1/3
+
+
+def test_zero_head_init_and_bad_value(folder, tmp_path):
+    from vistune.config import ConfigError
+    from vistune.engine.distributed import Dist
+    from vistune.tasks.classify import ClassifyTask
+
+    task = ClassifyTask()
+    task.setup(cfg_for(folder, tmp_path / "z", method="lora", head_init="zeros"), Dist(), tmp_path / "z")
+    assert torch.count_nonzero(task.head.weight) == 0 and torch.count_nonzero(task.head.bias) == 0
+    with pytest.raises(ConfigError, match="head_init"):
+        cfg_for(folder, tmp_path / "b", head_init="ones")
+
+
+def test_vtab_subset_draws_train_and_val_from_the_training_pool(tmp_path):
+    data = make_folder(tmp_path / "d", classes=3, per_class=8)
+    m = train(cfg_for(data, tmp_path / "s", method="linear", epochs=1, subset="10/5"))
+    assert (m["num_train"], m["num_val"], m["num_test"]) == (10, 5, 12)
+    split = json.loads((tmp_path / "s" / "splits.json").read_text())
+    train_ids, val_ids = set(split["splits"]["train"]["ids"]), set(split["splits"]["val"]["ids"])
+    assert not train_ids & val_ids and all(i.startswith("train/") for i in train_ids | val_ids)
+    m2 = train(cfg_for(data, tmp_path / "t", method="linear", epochs=1, subset="10/5", trainval=True, seed=7))
+    assert (m2["num_train"], m2["num_val"]) == (15, 0)  # the final protocol trains on all of them
+    split2 = json.loads((tmp_path / "t" / "splits.json").read_text())
+    assert set(split2["splits"]["train"]["ids"]) == train_ids | val_ids  # the same 15 whatever the seed

@@ -130,3 +130,19 @@ def test_pretrain_then_fewshot_cli_writes_table(source_and_target, tmp_path, cap
     # each run trained on exactly k per class, and the file list is saved beside it
     split = json.loads((out / "lora" / "2shot" / "seed1" / "splits.json").read_text())
     assert split["splits"]["train"]["size"] == 2 * 3
+
+
+def test_pretrain_shots_samples_each_source(source_and_target, tmp_path):
+    """``pretrain --shots K`` takes K images per class from every source (it used to be ignored)."""
+    src, tgt = source_and_target
+    out = tmp_path / "few"
+    m = pretrain(base_cfg(src, out, shots=2, epochs=1), [f"folder:{src}", f"folder:{tgt}"], out)
+    assert [s["num_train"] for s in m["sources"]] == [2 * 4, 2 * 3]
+
+
+def test_pretrain_can_train_on_the_sources_test_split(source_and_target, tmp_path):
+    src, _ = source_and_target
+    out = tmp_path / "all"
+    m = pretrain(base_cfg(src, out, epochs=1), [f"folder:{src}"], out, train_on_test=True)
+    assert m["sources"][0]["num_train"] == 4 * (6 + 4)  # train + test of make_folder
+    assert m["sources"][0]["eval_split"] == "val"

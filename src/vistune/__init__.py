@@ -23,6 +23,7 @@ _EXPORTS = {
     "TunedFileError": "vistune.errors",
     "VistuneError": "vistune.errors",
     "MethodSpec": "vistune.tuning",
+    "MultiTaskModel": "vistune.serve.multitask",
     "TunedModel": "vistune.tuning",
     "attach": "vistune.tuning",
     "load_tuned": "vistune.tuning",

@@ -112,6 +112,10 @@ def _add_train_args(p: argparse.ArgumentParser, multi_data: bool = False, shots:
     p.add_argument("--label-column", default=None, help="hf: data: the label column (default: the first ClassLabel)")
     if shots:
         p.add_argument("--shots", type=int, default=None, help="K examples per class from the training split")
+    p.add_argument("--subset", default=None, metavar="TRAIN/VAL",
+                   help="VTAB-1k protocol: e.g. 800/200 random training images as train/val (test untouched)")
+    p.add_argument("--head-init", choices=["random", "zeros", "prototypes"], default=None,
+                   help="classification head start: timm's random init, zeros, or normalised class-mean prototypes")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="the global batch (split over processes)")
@@ -148,7 +152,7 @@ def _add_train_args(p: argparse.ArgumentParser, multi_data: bool = False, shots:
 
 
 _CONFIG_FLAGS = ("backbone", "weights", "img_size", "method", "data", "data_root", "image_column", "label_column",
-                 "shots", "seed", "epochs", "batch_size",
+                 "shots", "subset", "head_init", "seed", "epochs", "batch_size",
                  "lr", "head_lr", "wd", "optimizer", "warmup_epochs", "clip_grad", "accum_steps", "precision",
                  "augment", "trainval", "select", "val_every", "eval_test_every", "checkpoint_every",
                  "max_per_split", "init_from", "freeze_modules", "sensitivity", "device", "out", "task")
@@ -272,7 +276,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if not sources:
         raise ValueError("pretrain needs --data SPEC (repeat it for several sources)")
     cfg = config_from_args(args, data=sources[0])
-    metrics = pretrain(cfg, list(sources), cfg.out, resume=args.resume, overwrite=args.overwrite)
+    metrics = pretrain(cfg, list(sources), cfg.out, resume=args.resume, overwrite=args.overwrite,
+                       train_on_test=args.source_test)
     if _is_main():
         for src in metrics["sources"]:
             top1 = "-" if src["eval_top1"] is None else f"{src['eval_top1']:.2f}"
@@ -314,6 +319,21 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
     if _is_main():
         print(markdown(result["table"], shots))
         print(f"written: {cfg.out}/fewshot.json, fewshot.md, fewshot.png")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from vistune.workflows.sweep import markdown, run_sweep
+
+    cfg = config_from_args(args, trainval=False)
+    seeds = list(range(args.seeds)) if args.seed_list is None else _int_list(args.seed_list)
+    result = run_sweep(cfg, grid=args.grid, optimizer_given=args.optimizer, sampler=args.sampler, trials=args.trials,
+                       pruner=args.pruner, seeds=seeds, trainval=bool(args.trainval), storage=args.storage,
+                       study_name=args.study_name, jobs=args.jobs, stage=args.stage, max_trials=args.max_trials,
+                       worker=args.worker, argv=args._argv)
+    if result:
+        print(markdown(result), end="")
+        print(f"written: {cfg.out}/sweep.json, sweep.md, sweep_grid.png, sweep_history.png")
     return 0
 
 
@@ -371,6 +391,68 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from vistune.serve.config import load_config_file, make_config, parse_task_args, serve
+
+    file_values = load_config_file(args.config) if args.config else {}
+    cfg = make_config(file_values, parse_task_args(args.task), backbone=args.backbone, weights=args.weights,
+                      img_size=args.img_size, host=args.host, port=args.port, max_batch=args.max_batch,
+                      batch_window_ms=args.batch_window_ms, bf16=args.bf16, device=args.device,
+                      max_upload_mb=args.max_upload_mb, read_only=args.read_only, threads=args.threads)
+    return serve(cfg)
+
+
+def _add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve many tuned files on one shared backbone: HTTP API + web page at /")
+    p.add_argument("--config", default=None, help="YAML with the same keys as the flags and a tasks: table")
+    p.add_argument("--task", action="append", default=[], metavar="NAME=PATH",
+                   help="a tuned file or dense run folder to serve as NAME (repeatable)")
+    p.add_argument("--backbone", default=None, help="default: the backbone the first task was trained on")
+    p.add_argument("--weights", default=None)
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--host", default=None, help="default 127.0.0.1")
+    p.add_argument("--port", type=int, default=None, help="default 8000")
+    p.add_argument("--max-batch", type=int, default=None, help="most samples per forward (default 16)")
+    p.add_argument("--batch-window-ms", type=float, default=None,
+                   help="how long the first request of a batch waits for others (default 5)")
+    p.add_argument("--bf16", action="store_const", const=True, default=None, help="bf16 autocast (CPU too)")
+    p.add_argument("--device", default=None, help="cpu (default), cuda, auto")
+    p.add_argument("--max-upload-mb", type=float, default=None, help="largest request body (default 16)")
+    p.add_argument("--read-only", action="store_const", const=True, default=None,
+                   help="refuse POST/DELETE /tasks (adding or removing tasks at run time)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.set_defaults(func=cmd_serve)
+def cmd_export(args: argparse.Namespace) -> int:
+    from vistune.export import export
+
+    options = {}
+    if args.exporter is not None:
+        options["exporter"] = args.exporter
+    if args.no_base:
+        options["include_base"] = False
+    info = export(args.tuned, args.format, args.out, overwrite=args.overwrite, weights=args.weights, **options)
+    check = info.get("check") or {}
+    print(f"written {args.out} ({args.format}): {', '.join(info.get('files', []))}")
+    if check.get("checked"):
+        print(f"onnxruntime vs vistune: max abs diff {check['max_abs_diff']:.2e} ({check['images']})")
+    load = info["load"]
+    for line in (load.values() if isinstance(load, dict) else [load]):
+        print(f"run without vistune: {line}")
+    return 0
+
+
+def cmd_import_peft(args: argparse.Namespace) -> int:
+    from vistune.export import import_peft
+
+    names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
+    res = import_peft(args.adapter, args.out, backbone=args.backbone, weights=args.weights, img_size=args.img_size,
+                      class_names=names)
+    opts = res["method"]["options"]
+    print(f"written {res['out']}: lora rank={opts['rank']} alpha={opts['alpha']} targets={','.join(opts['targets'])}, "
+          f"{res['num_classes']} classes")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vistune import __version__
 
@@ -418,6 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="PVP stage 1: pre-train a method's modules on source data")
     _add_train_args(p, multi_data=True)
+    p.add_argument("--source-test", action="store_true",
+                   help="also train on each source's test split (sources are never targets)")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("fewshot", help="few-shot protocol: shots x seeds x variants, mean ± std table + plot")
@@ -431,6 +515,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-for", action="append", default=[], metavar="VARIANT=LR",
                    help="learning rate for one variant or method (default --lr)")
     p.set_defaults(func=cmd_fewshot)
+
+    p = sub.add_parser("sweep", help="search lr/wd/options on val (Optuna), retrain the best per seed, test once each")
+    _add_train_args(p, runs=False)
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a searched run setting (lr, wd, head_lr, warmup_epochs, epochs, momentum, optimizer); "
+                        "default: VPT's lr x wd grid for the method (method options: -o KEY=A,B)")
+    p.add_argument("--sampler", choices=["grid", "tpe"], default="grid")
+    p.add_argument("--trials", type=int, default=None, help="number of trials for --sampler tpe")
+    p.add_argument("--pruner", choices=["median", "sha", "none"], default="median",
+                   help="stop poor trials early on their per-epoch val numbers")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of the final retrain (0..N-1)")
+    p.add_argument("--seed-list", default=None, help="explicit comma-separated seeds of the final retrain")
+    p.add_argument("--storage", default=None,
+                   help="Optuna storage URL shared by several machines (default: OUT/study.journal)")
+    p.add_argument("--study-name", default="vistune-sweep")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes on this machine")
+    p.add_argument("--stage", choices=["all", "search", "final"], default="all")
+    p.add_argument("--max-trials", type=int, default=None, help="run at most N trials in this invocation")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("eval", help="evaluate a tuned file on a split")
     p.add_argument("--tuned", required=True, help="a run folder or the tuned.safetensors written by train")
@@ -458,9 +562,31 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_weights)
 
+    p = sub.add_parser("export", help="export a run as a plain timm folder, an ONNX graph or a PEFT LoRA adapter")
+    p.add_argument("--tuned", required=True, help="run folder (classification or dense) or its tuned.safetensors")
+    p.add_argument("--format", required=True, help="timm | onnx | peft")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    p.add_argument("--exporter", default=None, help="onnx: torchscript (default) | dynamo")
+    p.add_argument("--no-base", action="store_true", help="peft: skip base/ (the frozen backbone as a timm folder)")
+    p.add_argument("--weights", default=None,
+                   help="backbone weights file, for runs trained on a local file (the file records only a label)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import-peft", help="turn a HF PEFT LoRA adapter into a vistune tuned file")
+    p.add_argument("adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--backbone", required=True, help="the timm model or vistune weights name it was trained on")
+    p.add_argument("--weights", default=None, help="vistune weights name or a local weights file")
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--class-names", default=None, help="comma-separated class names (default: from the folder)")
+    p.add_argument("--out", required=True, help="output tuned .safetensors file")
+    p.set_defaults(func=cmd_import_peft)
+
     p = sub.add_parser("report", help="print a markdown table of run folders' metrics.json")
     p.add_argument("runs", nargs="+")
     p.set_defaults(func=cmd_report)
+
+    _add_serve_parser(sub)
     return parser
 
 

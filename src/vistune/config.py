@@ -23,6 +23,7 @@ class ConfigError(VistuneError, ValueError):
 
 
 TASKS = ("classify", "segment", "detect")
+HEAD_INITS = ("random", "zeros", "prototypes")
 
 
 @dataclass
@@ -37,6 +38,7 @@ class TrainConfig:
     image_column: str | None = None  # hf: specs: the image column (default: the first Image feature)
     label_column: str | None = None  # hf: specs: the label column (default: the first ClassLabel)
     shots: int | None = None
+    subset: str | None = None  # "800/200": VTAB-1k's train/val sizes drawn from the training pool
     seed: int = 0
     epochs: int = 10
     batch_size: int = 32
@@ -60,6 +62,7 @@ class TrainConfig:
     init_from: str | None = None  # PVP: a tuned file whose modules initialise this run
     freeze_modules: bool = False  # PVP: keep the initialised modules frozen, train the head only
     head_lr: float | None = None  # the head's learning rate (default: lr)
+    head_init: str = "random"  # random (timm's) | zeros | prototypes (normalised class means of the train features)
     task: str = "classify"  # classify | segment | detect
     head_options: dict[str, Any] = field(default_factory=dict)  # dense heads: width, levels, ...
     sensitivity: str | None = None  # SPT: a scores file (computed when absent)
@@ -107,12 +110,29 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_per_split is not None and self.max_per_split < 1:
             raise ConfigError(f"max_per_split must be >= 1, got {self.max_per_split}")
+        if self.subset is not None:
+            self.subset_sizes()
+        if self.head_init not in HEAD_INITS:
+            raise ConfigError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {self.head_init!r}")
         if self.task not in TASKS:
             raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if not str(self.out).strip():
             raise ConfigError("out must name an output folder, got an empty string")
         if self.img_size is not None and self.img_size < 8:
             raise ConfigError(f"img_size must be >= 8 pixels, got {self.img_size}")
+
+    def subset_sizes(self) -> tuple[int, int] | None:
+        """``subset="800/200"`` -> (800, 200)."""
+        if self.subset is None:
+            return None
+        a, sep, b = str(self.subset).partition("/")
+        try:
+            sizes = (int(a), int(b))
+        except ValueError:
+            sizes = (0, 0)
+        if not sep or min(sizes) < 1:
+            raise ConfigError(f"subset must look like TRAIN/VAL sizes, e.g. 800/200, got {self.subset!r}")
+        return sizes
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

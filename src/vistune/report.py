@@ -63,11 +63,21 @@ def read_metrics(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_metrics(paths: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
-    """The metrics of each run folder (or metrics.json) given; folders without one are skipped
-    (a run still in progress), a file that is there but damaged is refused."""
+    """metrics.json of run folders; a sweep folder gives one row (its retrained seeds' mean ± std).
+    Folders without metrics are skipped (a run still in progress); a damaged file is refused."""
+    from vistune.workflows.sweep import sweep_row
+
     rows = []
     for p in paths:
         p = Path(p)
+        if p.is_dir():
+            try:
+                row = sweep_row(p)
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                raise ReportError(f"{p / 'sweep.json'} is not a vistune sweep result ({err!r})") from None
+            if row is not None:
+                rows.append(row)
+                continue
         f = p / "metrics.json" if p.is_dir() else p
         if f.is_file():
             rows.append(read_metrics(f))
@@ -86,8 +96,16 @@ def _fmt(key: str, value: Any) -> str:
     return str(value)
 
 
+def _cell(key: str, row: dict[str, Any]) -> str:
+    text = _fmt(key, row.get(key))
+    std = row.get(f"{key}_std")
+    if std is not None and row.get(key) is not None:
+        text += f" ± {std:.2f} (n={row.get('seeds', '?')})"
+    return text
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]] = DEFAULT_COLUMNS) -> str:
     head = "| " + " | ".join(title for _, title in columns) + " |"
     sep = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(_fmt(k, r.get(k)) for k, _ in columns) + " |" for r in rows]
+    body = ["| " + " | ".join(_cell(k, r) for k, _ in columns) + " |" for r in rows]
     return "\n".join([head, sep, *body])

@@ -293,6 +293,12 @@ def read_tuned_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     return read_with_json_meta(path, _META_KEY, FORMAT, TunedFileError, "tuned file", "save_tuned()")
 
 
+def fingerprints_match(recorded: str | None, actual: str) -> bool:
+    """The one fingerprint rule: equal, or ``actual`` is a meta-device model (no values to hash,
+    used for counting). A *recorded* "meta" never matches real weights."""
+    return actual == "meta" or recorded == actual
+
+
 def check_backbone(path: str | os.PathLike, meta: dict[str, Any], model: nn.Module, fp: str) -> None:
     """Refuse a file made for another architecture or other backbone weights."""
     want = meta["backbone"]
@@ -306,7 +312,7 @@ def check_backbone(path: str | os.PathLike, meta: dict[str, Any], model: nn.Modu
             f"tuned file {path} was written from a model on the meta device (no weights), so it "
             "cannot prove which backbone weights it fits; re-save it from a real model"
         )
-    if want["fingerprint"] != fp and fp != "meta":
+    if not fingerprints_match(want["fingerprint"], fp):
         raise TunedFileError(
             f"tuned file {path} was made for {want['name']!r} weights with fingerprint "
             f"{want['fingerprint'][:16]}…, but this backbone's weights fingerprint is {fp[:16]}… "

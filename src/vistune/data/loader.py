@@ -199,6 +199,16 @@ class ImageDataset(Dataset):
     def cached(self) -> bool:
         return self.images is not None
 
+    def __add__(self, other: ImageDataset) -> ImageDataset:
+        """Both splits as one (the first split's augmentation applies). Splits of one load are
+        either all cached or all lazy on the same source, so they always join."""
+        if self.size != other.size or (self.images is None) != (other.images is None):
+            raise DataError("internal: only splits of one load_data call can be joined")
+        images = None if self.images is None else torch.cat([self.images, other.images])
+        return ImageDataset(self.ids + other.ids, self.targets + other.targets, size=self.size,
+                            normalize=self.normalize, augment=self.augment, images=images,
+                            source=self.source or other.source)
+
 
 @dataclass
 class DataSplits:
@@ -398,6 +408,23 @@ def _stack(arrays: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a for a in arrays]))
 
 
+def _vtab_subset(splits: dict[str, RawSplit], subset: tuple[int, int], split_seed: int, shots: int | None,
+                 kind: str) -> tuple[dict[str, RawSplit], str]:
+    """VTAB-1k: ``n_train`` + ``n_val`` random images of the training pool become train and val."""
+    if shots is not None:
+        raise DataError("subset (VTAB-1k train/val sizes) and shots (few-shot sampling) exclude each other")
+    n_train, n_val = (_positive_int(int(n), "subset size") for n in subset)
+    pool = splits["train"]
+    if len(pool) < n_train + n_val:
+        raise DataError(f"{kind}: subset {n_train}/{n_val} needs {n_train + n_val} training images, the pool has {len(pool)}")
+    order = np.random.default_rng([split_seed, 4]).permutation(len(pool))
+    out = dict(splits)
+    out["train"] = pool.subset(sorted(order[:n_train].tolist()))
+    out["val"] = pool.subset(sorted(order[n_train:n_train + n_val].tolist()))
+    dropped = " (the original val split is not used)" if "val" in splits else ""
+    return out, f"subset: {n_train} train / {n_val} val drawn from the training pool, split_seed={split_seed}{dropped}"
+
+
 def _positive_int(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise DataError(f"{what} must be a positive integer, got {value!r}")
@@ -415,6 +442,7 @@ def load_data(
     augment: str | None = None,
     trainval: bool = False,
     max_per_split: int | None = None,
+    subset: tuple[int, int] | None = None,
     split_seed: int = 0,
     cache_mb: float = DEFAULT_CACHE_MB,
     workers: int | None = None,
@@ -437,6 +465,10 @@ def load_data(
             split, which ``shots`` already bounds). Results on a capped test
             split are not comparable with published numbers; the manifest
             records the cap.
+        subset: ``(n_train, n_val)``, VTAB-1k's protocol (800, 200): both drawn at random
+            (by ``split_seed``, so every seed and method shares them) from the training pool,
+            any original val split discarded, test untouched; ``trainval`` then trains on all
+            ``n_train + n_val``. Not combinable with ``shots``.
         split_seed: seed for carving missing splits and for the cap; kept
             apart from ``seed`` so few-shot seeds share one test set.
         cache_mb: keep decoded uint8 images in memory when they fit this
@@ -475,6 +507,9 @@ def load_data(
     kind = src.kind
     splits, notes = complete_splits(src, split_seed)
     notes = src.notes + notes
+    if subset is not None:
+        splits, note = _vtab_subset(splits, subset, split_seed, shots, kind)
+        notes.append(note)
     if trainval and not src.handled_trainval:
         if "val" in splits:
             splits["train"] = splits["train"] + splits.pop("val")
@@ -545,6 +580,7 @@ def load_data(
         "mean": list(normalize.shift.flatten().div(255).tolist()),
         "std": list(normalize.scale.flatten().div(255).tolist()),
         "split_seed": split_seed, "trainval": bool(trainval), "max_per_split": max_per_split,
+        "subset": None if subset is None else list(subset),
         "fewshot": None if shots is None else {"shots": shots, "seed": seed},
         "augment": augment, "cached": keep, "notes": notes,
     }  # fmt: skip

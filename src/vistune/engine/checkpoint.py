@@ -9,6 +9,7 @@ not change across a resume. It is written atomically by rank 0 and read with
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -51,8 +52,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def config_fingerprint(config: dict[str, Any]) -> dict[str, Any]:
-    """The settings a resumed run must share with the interrupted one."""
-    return {k: v for k, v in config.items() if k not in RESUMABLE_KEYS}
+    """The settings a resumed run must share with the interrupted one.
+
+    Method options are compared as parsed values, so ``-o rank=2`` on the command line and
+    ``rank: 2`` in a YAML file are the same setting.
+    """
+    out = {k: v for k, v in config.items() if k not in RESUMABLE_KEYS}
+    try:
+        import dataclasses
+
+        from vistune.methods import get_method, parse_options
+
+        opts = parse_options(get_method(out.get("method", "")), out.get("options") or {})
+        out["options"] = json.loads(json.dumps(dataclasses.asdict(opts), default=str))
+    except (ValueError, TypeError):
+        pass  # an unknown method or bad options fail elsewhere with their own message
+    return out
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:

@@ -39,36 +39,17 @@ class RunDirError(VistuneError):
     """The output folder is in use, holds a finished run, or cannot be written."""
 
 
-class RunDir:
-    """Context manager: lock the folder, check what is in it, hand it to the run, unlock."""
+class FolderLock:
+    """An exclusive ``flock`` on ``FOLDER/.vistune.lock`` naming its holder (pid, host, start)."""
 
-    def __init__(self, path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False,
-                 is_main: bool = True, extra_files: tuple[str, ...] = ()) -> None:
+    def __init__(self, path: str | os.PathLike, what: str = "run") -> None:
         self.path = Path(path)
-        self.overwrite = overwrite
-        self.resume = resume
-        self.is_main = is_main
-        self.run_files = RUN_FILES + tuple(extra_files)
+        self.what = what
         self._fd: int | None = None
 
-    # -- entering --------------------------------------------------------------------------
-    def __enter__(self) -> RunDir:
-        if not self.is_main:
-            return self
-        self._make_folder()
-        self._lock()
-        try:
-            self._check_contents()
-            remove_orphan_temps(self.path)
-        except BaseException:
-            self._unlock()
-            raise
-        return self
+    def acquire(self) -> None:
+        import fcntl
 
-    def __exit__(self, *exc: Any) -> None:
-        self._unlock()
-
-    def _make_folder(self) -> None:
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"--out {self.path} exists and is not a folder")
         try:
@@ -77,13 +58,8 @@ class RunDir:
             raise RunDirError(f"--out {self.path}: cannot create the folder ({err.strerror})") from None
         if not os.access(self.path, os.W_OK | os.X_OK):
             raise RunDirError(f"--out {self.path}: the folder is not writable")
-
-    def _lock(self) -> None:
-        import fcntl
-
-        lock = self.path / LOCK_NAME
         try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as err:
             raise RunDirError(f"--out {self.path}: cannot create its lock file ({err.strerror})") from None
         try:
@@ -92,7 +68,7 @@ class RunDir:
             holder = self._holder(fd)
             os.close(fd)
             raise RunDirError(
-                f"--out {self.path} is in use by another run ({holder}); wait for it to finish or "
+                f"--out {self.path} is in use by another {self.what} ({holder}); wait for it to finish or "
                 "choose another --out"
             ) from None
         os.ftruncate(fd, 0)
@@ -108,10 +84,45 @@ class RunDir:
         except (OSError, ValueError):
             return "holder unknown"
 
-    def _unlock(self) -> None:
+    def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+class RunDir:
+    """Context manager: lock the folder, check what is in it, hand it to the run, unlock."""
+
+    def __init__(self, path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False,
+                 is_main: bool = True, extra_files: tuple[str, ...] = ()) -> None:
+        self.path = Path(path)
+        self.overwrite = overwrite
+        self.resume = resume
+        self.is_main = is_main
+        self.run_files = RUN_FILES + tuple(extra_files)
+        self._lock = FolderLock(self.path)
+
+    def __enter__(self) -> RunDir:
+        if not self.is_main:
+            return self
+        self._lock.acquire()
+        try:
+            self._check_contents()
+            remove_orphan_temps(self.path)
+        except BaseException:
+            self._lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._lock.release()
 
     def _check_contents(self) -> None:
         finished = (self.path / MARKER).is_file()

@@ -25,6 +25,26 @@ class NoOptions:
     """Options of a method that has none."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """What a multi-task server must know to run an attachment's hooks on some rows of a batch.
+
+    The server (``vistune.serve``) calls a task's own hooks on that task's rows only, so hooks
+    must be row-wise functions of their host's inputs and outputs. Two things cannot be seen
+    from the hooks alone and are declared here:
+
+    * ``swaps``: hosts whose own parameters the method replaces for the duration of their
+      forward (SPT's sparse deltas). Their output cannot be patched afterwards; the server
+      re-runs the host on the task's rows instead.
+    * ``tokens``: how many tokens the method adds to the sequence between its first and last
+      hook (VPT's prompts). Rows of tasks with different values cannot share one tensor, so the
+      server runs them in separate passes.
+    """
+
+    swaps: tuple[nn.Module, ...] = ()
+    tokens: int = 0
+
+
 class Method:
     """Base class: subclasses set ``name``/``Options`` and implement :meth:`attach`."""
 
@@ -80,6 +100,10 @@ class Method:
 
     def unmerge(self, model: nn.Module) -> None:
         raise NotMergeableError(f"method {self.name!r} is not mergeable, so there is nothing to unmerge")
+
+    def routing(self) -> Routing:
+        """How a multi-task server may route this attachment (see :class:`Routing`)."""
+        return Routing()
 
     def spec_options(self) -> dict[str, Any]:
         """Options as plain JSON-able data, stored in tuned files."""

@@ -56,7 +56,7 @@ from torch import nn
 
 from vistune.errors import MethodError, NotMergeableError
 from vistune.methods.adapter import Bottleneck
-from vistune.methods.base import Method, check_merged_finite
+from vistune.methods.base import Method, Routing, check_merged_finite
 from vistune.methods.lora import LoRABranch
 from vistune.sensitivity import (
     STRUCTURED_TYPES,
@@ -202,7 +202,8 @@ class SPTAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.channel_dim != -1:
-            x, y = x.movedim(self.channel_dim, -1), y.movedim(self.channel_dim, -1)
+            # non-negative dims: the TorchScript ONNX exporter turns movedim(-1, 1) into an invalid Transpose
+            x, y = x.movedim(self.channel_dim, x.ndim - 1), y.movedim(self.channel_dim, y.ndim - 1)
         pieces: list[torch.Tensor] = []
         pos = 0
         for name, (start, stop, parallel) in self.parts.items():
@@ -215,7 +216,7 @@ class SPTAdapter(nn.Module):
             pieces.append(y.new_zeros(*y.shape[:-1], self.out_features - pos))
         delta = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
         out = y + delta
-        return out.movedim(-1, self.channel_dim) if self.channel_dim != -1 else out
+        return out.movedim(out.ndim - 1, self.channel_dim) if self.channel_dim != -1 else out
 
 
 def _adapter(host: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
@@ -338,6 +339,10 @@ class SPT(Method):
 
     def tuned_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for m in self.modules() for p in m.parameters()] + list(self._whole)
+
+    def routing(self) -> Routing:
+        """Sparse deltas swap their host's parameters during its forward: a server re-runs those hosts."""
+        return Routing(swaps=tuple(host for host, kind, _ in self._sites if kind == SPARSE))
 
     @torch.no_grad()
     def merge(self, model: nn.Module) -> None:

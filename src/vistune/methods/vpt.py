@@ -19,7 +19,7 @@ from torch import nn
 
 from vistune.backbones import is_vit, vit_geometry
 from vistune.errors import MethodError
-from vistune.methods.base import Method
+from vistune.methods.base import Method, Routing
 
 
 @dataclass
@@ -96,3 +96,7 @@ class VPT(Method):
 
     def modules(self) -> list[nn.Module]:
         return [self._prompts]
+
+    def routing(self) -> Routing:
+        """The prompts lengthen the sequence from the first block to the last one."""
+        return Routing(tokens=self._prompts.length)

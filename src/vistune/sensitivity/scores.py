@@ -322,9 +322,10 @@ def load_scores(path: str | os.PathLike, model: nn.Module) -> dict[str, torch.Te
     Sensitivity is a property of the pre-trained weights: scores of other weights (or of the same
     architecture at another image size, which resamples the position embeddings) would allocate
     the budget to the wrong entries without any visible error, so the fingerprint must match.
-    A model on the ``meta`` device (no values) skips the fingerprint check.
+    A model on the ``meta`` device (no values) skips the fingerprint check; a file recorded from
+    one never matches real weights.
     """
-    from vistune.tuning import fingerprint
+    from vistune.tuning import fingerprint, fingerprints_match
 
     meta, scores = read_scores(path)
     want = meta.get("backbone", {})
@@ -332,7 +333,7 @@ def load_scores(path: str | os.PathLike, model: nn.Module) -> dict[str, torch.Te
     if want.get("arch") != info.arch:
         raise SensitivityError(f"sensitivity file {path} was computed on {want.get('arch')!r}, not {info.arch!r}")
     fp = fingerprint(model)
-    if "meta" not in (fp, want.get("fingerprint")) and want.get("fingerprint") != fp:
+    if not fingerprints_match(want.get("fingerprint"), fp):
         raise SensitivityError(
             f"sensitivity file {path} was computed on {want.get('name')!r} weights with fingerprint "
             f"{str(want.get('fingerprint'))[:16]}…, but this backbone's fingerprint is {fp[:16]}… "

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from vistune.backbones import backbone_info, classifier
-from vistune.config import TrainConfig
+from vistune.config import ConfigError, TrainConfig
 from vistune.data import DataSplits, load_data
 from vistune.errors import TunedFileError
 from vistune.io import json_text
@@ -27,6 +27,8 @@ from vistune.tasks.base import Runtime, Task, TaskProbe, seed_everything
 from vistune.tuning import TunedModel, read_tuned_file
 
 SENSITIVITY_BATCH = 32  # SPT's reference: the first 16 unshuffled batches of 32 training images
+#: Logit scale of the prototype head for a feature of average norm (cosine classifiers use 10-30).
+PROTOTYPE_SCALE = 10.0
 
 
 def load_classification_data(cfg: TrainConfig, model: nn.Module, spec: str | None = None, *,
@@ -36,7 +38,7 @@ def load_classification_data(cfg: TrainConfig, model: nn.Module, spec: str | Non
     return load_data(
         spec or cfg.data, img_size=info.img_size, mean=info.mean, std=info.std,
         shots=cfg.shots if shots is True else (shots or None), seed=cfg.seed, augment=cfg.augment,
-        trainval=cfg.trainval, max_per_split=cfg.max_per_split, data_root=cfg.data_root,
+        trainval=cfg.trainval, max_per_split=cfg.max_per_split, subset=cfg.subset_sizes(), data_root=cfg.data_root,
         image_column=cfg.image_column, label_column=cfg.label_column,
     )
 
@@ -76,6 +78,30 @@ class ClassifyTask(Task):
             if self.data.val is not None:
                 self._features("val")
             self.cache_seconds = time.perf_counter() - t0
+        if training:
+            self.init_head(cfg.head_init)
+
+    @torch.no_grad()
+    def init_head(self, mode: str) -> None:
+        """``random``: timm's init (as attached). ``zeros``. ``prototypes``: each class's weight is the
+        normalised mean of its normalised training features (with the method's modules as they start,
+        PVP's pre-trained ones included), scaled so a typical feature gives logits of ±PROTOTYPE_SCALE;
+        bias zero — the cosine-classifier start of few-shot learning."""
+        if mode == "random":
+            return
+        if not isinstance(self.head, nn.Linear):
+            raise ConfigError(f"head_init={mode} needs a linear head, this model's is {type(self.head).__name__}")
+        if self.head.bias is not None:
+            self.head.bias.zero_()
+        if mode == "zeros":
+            self.head.weight.zero_()
+            return
+        feats, labels = self._features("train", store=self.use_cache).tensors
+        normed = nn.functional.normalize(feats.float(), dim=1)
+        protos = torch.zeros(self.data.num_classes, normed.shape[1]).index_add_(0, labels.long(), normed)
+        protos = nn.functional.normalize(protos, dim=1)
+        radius = feats.float().norm(dim=1).mean().clamp_min(1e-6)
+        self.head.weight.copy_((protos * (PROTOTYPE_SCALE / radius)).to(self.head.weight))
 
     def sensitivity_losses(self, model: nn.Module, num_batches: int,
                             batch_size: int = SENSITIVITY_BATCH) -> Iterator[torch.Tensor]:
@@ -94,7 +120,7 @@ class ClassifyTask(Task):
         return {"train": self.data.train, "val": self.data.val, "test": self.data.test}[split]
 
     @torch.no_grad()
-    def _features(self, split: str) -> TensorDataset:
+    def _features(self, split: str, store: bool = True) -> TensorDataset:
         """Pre-logit features of a whole split: each rank computes its shard, all ranks get all."""
         if split not in self._cache:
             self.tuned.eval()
@@ -107,7 +133,10 @@ class ClassifyTask(Task):
             part = (torch.cat(feats) if feats else torch.zeros(0, self.head.in_features),
                     torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
             parts = self.rt.gather(part)
-            self._cache[split] = TensorDataset(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+            features = TensorDataset(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+            if not store:
+                return features
+            self._cache[split] = features
         return self._cache[split]
 
     # -- training ----------------------------------------------------------------------------

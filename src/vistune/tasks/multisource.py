@@ -3,7 +3,8 @@
 The modules are shared by every source; each source has its own linear head (source 0's is the
 timm classifier, so the module file keeps the spine's format) and its batches are interleaved
 round-robin, one batch per source in turn, until every source is exhausted. ``--shots K``
-samples K images per class from each source. The "val" metric is the mean top-1 over sources,
+samples K images per class from each source; ``--source-test`` also trains on each source's
+test split (a source is never a target, and Tiny-ImageNet keeps most of its images there). The "val" metric is the mean top-1 over sources,
 each on its val split (its test split when it has none: a source is never a target).
 """
 
@@ -32,10 +33,11 @@ class MultiSourceTask(Task):
     primary = "top1"
     files = (MODULES_FILE, HEADS_FILE)
 
-    def __init__(self, sources: list[str]) -> None:
+    def __init__(self, sources: list[str], train_on_test: bool = False) -> None:
         if not sources:
             raise ConfigError("pretrain needs at least one --data source")
         self.sources = list(sources)
+        self.train_on_test = train_on_test
 
     def setup(self, cfg: TrainConfig, rt: Runtime, out: Path | None) -> None:
         if not cfg.method or cfg.method in ("linear", "full"):
@@ -47,6 +49,10 @@ class MultiSourceTask(Task):
         seed_everything(cfg.seed)
         backbone = self.build_backbone(cfg)
         self.datas: list[DataSplits] = [load_classification_data(cfg, backbone, s) for s in self.sources]
+        if self.train_on_test:  # a source is never a target: its test images may train the modules too
+            for d in self.datas:
+                if d.test is not None:
+                    d.train, d.test = d.train + d.test, None
         first = self.datas[0]
         probe = TaskProbe(self.sensitivity_losses, self.scores_path(cfg, out), self.sources[0], SENSITIVITY_BATCH,
                           "cross-entropy")

@@ -135,7 +135,7 @@ _CATALOGUE: tuple[ZooEntry, ...] = (
         num_classes=10,
         licence="BSD-2-Clause (pytorch_resnet_cifar10)",
         source=(
-            f"CIFAR-10 ResNet-20 (91.78% top-1) from pytorch_resnet_cifar10, resnet20-12fca82f.th in the "
+            "CIFAR-10 ResNet-20 (91.78% top-1) from pytorch_resnet_cifar10, resnet20-12fca82f.th in the "
             "shared weights folder"
         ),
     ),
@@ -148,7 +148,7 @@ _CATALOGUE: tuple[ZooEntry, ...] = (
         num_classes=10,
         licence="BSD-2-Clause (pytorch_resnet_cifar10)",
         source=(
-            f"CIFAR-10 ResNet-56 (93.62% top-1) from pytorch_resnet_cifar10, resnet56-4bfd9763.th in the "
+            "CIFAR-10 ResNet-56 (93.62% top-1) from pytorch_resnet_cifar10, resnet56-4bfd9763.th in the "
             "shared weights folder"
         ),
     ),
@@ -293,7 +293,7 @@ def get_weights(
             _say(progress, f"converting {source.name} for timm {entry.arch}")
             tensors = recipe.convert(source)
             _check_against_timm(entry, tensors)
-            cache.save_safetensors_atomic(tensors, out, _metadata(entry, recipe), staging)
+            cache.save_safetensors_atomic(tensors, out, _metadata(entry, recipe))
     except OSError as err:  # unwritable cache folder, disk full, ...
         raise WeightsError(f"could not build {out}: {err}") from err
     _say(progress, f"saved {out}")

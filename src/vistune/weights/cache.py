@@ -127,34 +127,30 @@ def staging_dir(cache_dir: Path) -> Iterator[Path]:
         yield Path(tmp)
 
 
-def _atomic_write_text(path: Path, text: str, staging: Path) -> None:
-    tmp = staging / (path.name + ".part")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def save_safetensors_atomic(tensors: Mapping[str, object], out: Path, metadata: Mapping[str, str]) -> str:
+    """Write ``tensors`` to ``out`` and its sha256 sidecar as one set (vistune.io's atomic writer).
 
-
-def save_safetensors_atomic(
-    tensors: Mapping[str, object], out: Path, metadata: Mapping[str, str], staging: Path
-) -> str:
-    """Write ``tensors`` to ``out`` via a temp file + ``os.replace``; record its sha256 sidecar.
-
-    The sidecar is written last, so an interrupted run leaves at worst a complete
+    The sidecar is renamed last, so an interrupted run leaves at worst a complete
     ``.safetensors`` without sidecar, which :func:`vistune.weights.get_weights` rebuilds.
     Returns the sha256 of the written file.
     """
     from safetensors.torch import save_file
 
-    tmp = staging / (out.name + ".part")
-    # safetensors refuses non-contiguous or storage-sharing tensors (e.g. transposed views).
-    save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata))
-    _canonicalise_header(tmp)
-    os.chmod(tmp, 0o644)  # a cache of public weights; the staging folder itself is private
-    digest = sha256_file(tmp)
+    from vistune.io import write_set_atomic
+
+    digest: dict[str, str] = {}
+
+    def write_tensors(tmp: Path) -> None:
+        # safetensors refuses non-contiguous or storage-sharing tensors (e.g. transposed views).
+        save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata))
+        _canonicalise_header(tmp)
+        digest["sha256"] = sha256_file(tmp)
+
     side = sidecar_path(out)
     side.unlink(missing_ok=True)  # never leave an old digest next to a new file
-    os.replace(tmp, out)
-    _atomic_write_text(side, f"{digest}  {out.name}\n", staging)
-    return digest
+    write_set_atomic(out.parent, [(out.name, write_tensors),
+                                  (side.name, lambda tmp: tmp.write_text(f"{digest['sha256']}  {out.name}\n"))])
+    return digest["sha256"]
 
 
 def _canonicalise_header(path: Path) -> None:

@@ -22,7 +22,8 @@ from vistune.workflows.train import check_method
 
 
 def pretrain(cfg: TrainConfig, sources: list[str], out: str | os.PathLike | None = None, *,
-             resume: bool = False, overwrite: bool = False, dist: Dist | None = None) -> dict[str, Any]:
+             resume: bool = False, overwrite: bool = False, train_on_test: bool = False,
+             dist: Dist | None = None) -> dict[str, Any]:
     """Train ``cfg.method``'s modules on ``sources`` (backbone frozen), one head per source.
 
     Writes ``modules.safetensors`` (the spine's format: module tensors plus source 0's head, the
@@ -32,7 +33,7 @@ def pretrain(cfg: TrainConfig, sources: list[str], out: str | os.PathLike | None
     check_method(cfg)
     dist = dist or init_distributed(cfg.device)
     out = Path(out if out is not None else cfg.out)
-    task = MultiSourceTask(sources)
+    task = MultiSourceTask(sources, train_on_test)
     with RunDir(out, overwrite=overwrite, resume=resume, is_main=dist.is_main):
         task.setup(cfg, dist, out)
         metrics = fit(task, cfg, dist, out=out, resume=resume, extra={"sources": list(sources)})

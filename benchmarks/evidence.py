@@ -1,0 +1,269 @@
+"""The evidence tables: the VTAB-1k protocol in miniature on the project's real data, and few-shot.
+
+Table 1 (every method vs linear probing and full fine-tuning). Per task: 800 train / 200 val
+images drawn from the training pool (``--subset 800/200``), the full test split; for each method
+``vistune sweep`` selects the learning rate on val (the test split is never looked at), retrains
+the best setting on all 1,000 images (``--trainval``) with 3 seeds and reports test top-1
+mean ± std. Tasks: CIFAR-10 (10,000 test), flowers-5 (864), PneumoniaMNIST (468), Fashion-MNIST
+(10,000). Methods on DINOv2-S: linear, full, BitFit, VPT-shallow, VPT-deep, LoRA, Adapter,
+SPT-LoRA at LoRA's budget, Pro-tuning; on EfficientNet-Lite0: linear, BitFit, Pro-tuning, full.
+
+Table 2 (few-shot). CIFAR-10 and flowers-5 at 1/2/4/8/16 shots per class, 3 seeds, the
+learning rate chosen on val per variant and shot count (each initialisation gets its own:
+pre-trained modules want a small one, fresh ones a large one); variants: linear and VPT-deep
+from their own initialisation, from PVP modules pre-trained on Tiny-ImageNet-200 (all 14,000
+images, never a target), each with a random or a prototype-initialised head. Val and test are
+capped at 1,000 images per task here (CIFAR-10's test is 10,000 in table 1).
+
+The miniature (default) is sized for 2 CPU cores in a few hours; ``--full`` runs the unabridged
+protocol (224 px, 100 epochs, VPT's full lr x wd grid, 5 seeds) on a GPU::
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/evidence.py                # runs/evidence, resumable
+    .venv/bin/python benchmarks/evidence.py --table-only                     # print the tables so far
+    .venv/bin/python benchmarks/evidence.py --full --out runs/evidence-full  # the real protocol, GPU
+
+Every cell is an ordinary ``vistune sweep`` folder (re-running skips what is finished), so each
+number traces back to its trials, its retrained seeds and their metrics.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("VISTUNE_SHARED", ROOT.parent / "shared"))
+
+TASKS = {
+    "cifar10": f"npz:{SHARED}/data/cifar10/cifar10_jpeg.npz",
+    "flowers5": f"folder:{SHARED}/data/flowers5",
+    "pneumonia": f"npz:{SHARED}/data/pneumoniamnist.npz",
+    "fashion": "fashion-mnist",
+}
+FEWSHOT_TASKS = ("cifar10", "flowers5")
+SOURCE = f"npz:{SHARED}/data/tinyimagenet/tinyimagenet200_val_train20_jpeg.npz"
+
+# Miniature learning-rate grids: two points of each method's default grid (workflows/sweep.py;
+# VPT's base rates x batch/256 for SGD), one weight decay (1e-4, inside VPT's grid).
+SGD_LOW, SGD_HIGH = ("0.625", "0.125"), ("3.125", "0.625")  # VPT base rates 5, 1 / 25, 5 at batch 32
+ADAMW_FULL, ADAMW_MODULES = ("5e-4", "1e-4"), ("5e-3", "1e-3")
+LORA_BUDGET = "147456"  # LoRA r8 on q,v of DINOv2-S: SPT-LoRA gets the same budget
+
+DINO = {  # label: (method, options, optimizer, lrs)
+    "linear": ("linear", [], "sgd", SGD_LOW),
+    "lora": ("lora", ["rank=8"], "adamw", ADAMW_MODULES),
+    "vpt-deep": ("vpt", ["length=10", "deep=true"], "sgd", SGD_HIGH),
+    "full": ("full", [], "adamw", ADAMW_FULL),
+    "adapter": ("adapter", ["bottleneck=8"], "adamw", ADAMW_MODULES),
+    "bitfit": ("bitfit", [], "sgd", SGD_LOW),
+    "vpt-shallow": ("vpt", ["length=10", "deep=false"], "sgd", SGD_HIGH),
+    "spt-lora": ("spt", [f"budget={LORA_BUDGET}", "structured=lora"], "adamw", ADAMW_MODULES),
+    "protuning": ("protuning", [], "sgd", SGD_LOW),
+    # linear probing on cached features costs next to nothing per epoch: does it only lose for
+    # lack of steps? The same search with 50 epochs answers that.
+    "linear-50ep": ("linear", [], "sgd", SGD_LOW),
+}
+EPOCHS = {"linear-50ep": 50}  # label -> epochs, where not the common --epochs
+EFFNET = {k: DINO[k] for k in ("linear", "full", "bitfit", "protuning", "linear-50ep")}
+BACKBONES = {"dinov2-s14": (56, DINO), "efficientnet-lite0": (64, EFFNET)}
+
+FEWSHOT_VARIANTS = {  # label: (method, options, optimizer, lrs, pvp, head_init)
+    "linear": ("linear", [], "adamw", ("1e-2", "1e-3"), False, "random"),
+    "linear+proto": ("linear", [], "adamw", ("1e-2", "1e-3"), False, "prototypes"),
+    "vpt-deep": ("vpt", ["length=10", "deep=true"], "adamw", ("1e-2", "1e-3"), False, "random"),
+    "vpt-deep+proto": ("vpt", ["length=10", "deep=true"], "adamw", ("1e-2", "1e-3"), False, "prototypes"),
+    "vpt-deep+pvp": ("vpt", ["length=10", "deep=true"], "adamw", ("1e-2", "1e-3"), True, "random"),
+    "vpt-deep+pvp+proto": ("vpt", ["length=10", "deep=true"], "adamw", ("1e-2", "1e-3"), True, "prototypes"),
+}
+SHOTS = (1, 2, 4, 8, 16)
+
+
+def vistune(*args: str, log: Path) -> int:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "vistune", *args]
+    with open(log, "a") as f:
+        f.write("$ vistune " + " ".join(args) + "\n")
+        f.flush()
+        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+
+
+def done(folder: Path) -> bool:
+    f = folder / "sweep.json"
+    return f.is_file() and bool(json.loads(f.read_text()).get("final"))
+
+
+def matrix(args: argparse.Namespace) -> None:
+    """Table 1: one sweep per (backbone, method, task), method-major so the key rows fill first."""
+    for backbone, (size, methods) in BACKBONES.items():
+        for label, (method, opts, optimizer, lrs) in methods.items():
+            if args.methods and label not in args.methods:
+                continue
+            for task in args.tasks:
+                out = args.out / "matrix" / backbone / task / label
+                if done(out):
+                    continue
+                common = ["--backbone", backbone, "--img-size", str(args.img_size or size), "--data", TASKS[task],
+                          "--subset", "800/200", "--trainval", "--epochs", str(EPOCHS.get(label, args.epochs)),
+                          "--batch-size", "32",
+                          "--warmup-epochs", "1", "--precision", args.precision, "--seeds", str(args.seeds),
+                          "--out", str(out), "--no-progress", "--pruner", "none"]
+                grid = [] if args.full else ["--grid", "lr=" + ",".join(lrs), "--grid", "wd=1e-4"]
+                opt = [] if args.full else ["--optimizer", optimizer]
+                o = [x for kv in opts for x in ("-o", kv)]
+                rc = vistune("sweep", "--method", method, *o, *common, *grid, *opt, log=out.parent / f"{label}.log")
+                print(f"matrix {backbone} {task} {label}: {'ok' if rc == 0 else f'exit {rc}'}", flush=True)
+
+
+def pvp_modules(args: argparse.Namespace) -> dict[str, Path]:
+    """PVP stage 1 on Tiny-ImageNet-200 (all 14,000 images), one module file per method."""
+    files = {}
+    for method, opts, lr in (("vpt", ["length=10", "deep=true"], "1e-2"),):
+        out = args.out / "pvp" / method
+        files[method] = out / "modules.safetensors"
+        if (out / "metrics.json").is_file():
+            continue
+        o = [x for kv in opts for x in ("-o", kv)]
+        rc = vistune("pretrain", "--backbone", "dinov2-s14", "--img-size", str(args.img_size or 56), "--method", method,
+                     *o, "--data", SOURCE, "--source-test", "--epochs", str(args.pvp_epochs), "--batch-size", "64",
+                     "--optimizer", "adamw", "--lr", lr, "--wd", "1e-4", "--precision", args.precision,
+                     "--val-every", str(args.pvp_epochs), "--out", str(out), "--no-progress", "--overwrite",
+                     log=args.out / "pvp" / f"{method}.log")
+        print(f"pvp {method}: {'ok' if rc == 0 else f'exit {rc}'}", flush=True)
+    return files
+
+
+def fewshot(args: argparse.Namespace) -> None:
+    """Table 2: one sweep per (task, variant, K): lr chosen on val with seed 0, then 3 seeds."""
+    files = pvp_modules(args)
+    for k in SHOTS:
+        for task in [t for t in FEWSHOT_TASKS if t in args.tasks]:
+            for label, (method, opts, optimizer, lrs, pvp, head) in FEWSHOT_VARIANTS.items():
+                out = args.out / "fewshot" / task / f"{k}shot" / label
+                if done(out):
+                    continue
+                o = [x for kv in opts for x in ("-o", kv)]
+                extra = ["--init-from", str(files[method])] if pvp else []
+                rc = vistune("sweep", "--method", method, *o, *extra, "--backbone", "dinov2-s14",
+                             "--img-size", str(args.img_size or 56), "--data", TASKS[task], "--shots", str(k),
+                             "--epochs", str(args.fewshot_epochs), "--batch-size", "32", "--warmup-epochs", "2",
+                             "--precision", args.precision, "--head-init", head, "--optimizer", optimizer,
+                             "--grid", "lr=" + ",".join(lrs), "--grid", "wd=1e-4", "--seeds", str(args.seeds),
+                             "--max-per-split", "1000", "--val-every", str(args.fewshot_epochs),
+                             "--out", str(out), "--no-progress", "--pruner", "none",
+                             log=out.parent / f"{label}.log")
+                print(f"fewshot {task} {k}-shot {label}: {'ok' if rc == 0 else f'exit {rc}'}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tables
+
+
+def _final(folder: Path) -> dict | None:
+    f = folder / "sweep.json"
+    if not f.is_file():
+        return None
+    res = json.loads(f.read_text())
+    final = res.get("final")
+    if not final or final.get("mean") is None:
+        return None
+    runs = [json.loads((folder / r["dir"] / "metrics.json").read_text()) for r in final["runs"]]
+    return {"mean": final["mean"], "std": final["std"], "n": len(final["runs"]),
+            "values": [r[final["metric"]] for r in final["runs"]], "best": res["best"]["params"],
+            "val": res["best"]["val"], "tuned": runs[0].get("tuned_params"), "head": runs[0].get("head_params")}
+
+
+def _cell(r: dict | None) -> str:
+    return "-" if r is None else f"{r['mean']:.1f} ± {r['std']:.1f}"
+
+
+def matrix_tables(out: Path, tasks: list[str]) -> str:
+    lines = []
+    for backbone, (size, methods) in BACKBONES.items():
+        results = {(m, t): _final(out / "matrix" / backbone / t / m) for m in methods for t in tasks}
+        if not any(results.values()):
+            continue
+        lines += [f"\n**{backbone}** — test top-1 % (mean ± std over seeds), lr chosen on val200, retrained on 1,000\n",
+                  "| method | tuned params | " + " | ".join(tasks) + " | mean |", "|---|---|" + "---|" * (len(tasks) + 1)]
+        for m in methods:
+            row = [results[(m, t)] for t in tasks]
+            tuned = next((r["tuned"] for r in row if r), None)
+            means = [r["mean"] for r in row if r]
+            avg = f"{statistics.fmean(means):.1f}" if len(means) == len(tasks) else "-"
+            lines.append(f"| {m} | {tuned:,} | " if tuned is not None else f"| {m} | - | ")
+            lines[-1] += " | ".join(_cell(r) for r in row) + f" | {avg} |"
+        lines += ["", "Δ vs linear probing / vs full fine-tuning (pt; * = the gap exceeds both stds):", "",
+                  "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        for m in methods:
+            if m in ("linear", "full"):
+                continue
+            cells = []
+            for t in tasks:
+                r, lin, full = results[(m, t)], results[("linear", t)], results[("full", t)]
+                if r is None:
+                    cells.append("-")
+                    continue
+                parts = []
+                for ref in (lin, full):
+                    if ref is None:
+                        parts.append("?")
+                        continue
+                    d = r["mean"] - ref["mean"]
+                    sig = "*" if abs(d) > r["std"] + ref["std"] else ""
+                    parts.append(f"{d:+.1f}{sig}")
+                cells.append(" / ".join(parts))
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines += ["", "chosen learning rates: " + "; ".join(
+            f"{m}@{t} {results[(m, t)]['best'].get('lr'):g}" for m in methods for t in tasks if results[(m, t)])]
+    return "\n".join(lines)
+
+
+def fewshot_tables(out: Path, tasks: list[str]) -> str:
+    lines = []
+    for task in [t for t in FEWSHOT_TASKS if t in tasks]:
+        rows = {v: [_final(out / "fewshot" / task / f"{k}shot" / v) for k in SHOTS] for v in FEWSHOT_VARIANTS}
+        if not any(r for rs in rows.values() for r in rs):
+            continue
+        lines += [f"\n**{task}**, DINOv2-S — test top-1 % (mean ± std over 3 seeds; lr chosen on val per cell)\n",
+                  "| variant | " + " | ".join(f"{k}-shot" for k in SHOTS) + " |", "|---|" + "---|" * len(SHOTS)]
+        for v, rs in rows.items():
+            lines.append(f"| {v} | " + " | ".join(_cell(r) for r in rs) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "evidence")
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--methods", default="", help="labels of table 1 to run (default: all)")
+    ap.add_argument("--parts", default="matrix,fewshot")
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--fewshot-epochs", type=int, default=15)
+    ap.add_argument("--pvp-epochs", type=int, default=5)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--img-size", type=int, default=None, help="default 56 (DINOv2) / 64 (EfficientNet)")
+    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--full", action="store_true", help="224 px, 100 epochs, VPT's full grid, 5 seeds (a GPU job)")
+    ap.add_argument("--table-only", action="store_true")
+    args = ap.parse_args()
+    args.tasks = [t for t in args.tasks.split(",") if t]
+    args.methods = [m for m in args.methods.split(",") if m]
+    if args.full:
+        args.epochs, args.fewshot_epochs, args.pvp_epochs, args.seeds = 100, 100, 30, 5
+        args.img_size, args.precision = 224, "bf16"
+    if not args.table_only:
+        if "matrix" in args.parts:
+            matrix(args)
+        if "fewshot" in args.parts:
+            fewshot(args)
+    print(matrix_tables(args.out, args.tasks))
+    print(fewshot_tables(args.out, args.tasks))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

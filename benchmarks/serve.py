@@ -1,0 +1,371 @@
+"""Serving benchmark: one shared backbone (vistune serve) vs one full model per task.
+
+For N = 1, 2, 4, 8 loaded tasks (methods cycled from --methods), a real uvicorn server runs in a
+subprocess and a pool of client threads sends mixed-task traffic over HTTP: every request is one
+image for one task drawn at random from the N. Reported per (mode, N): requests/s, latency p50 and
+p95, the mean batch the server ran, and the server's resident memory after loading (RSS) and at
+its peak (VmHWM). ``naive`` is the same service code (batcher, preprocessing, JSON) around one
+complete model per task, each with its own backbone, which is what serving without vistune.serve
+costs. A second table measures what adding one task costs in memory, per method, in-process.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/serve.py                       # DINOv2-S @84 px
+    .venv/bin/python benchmarks/serve.py --backbone test_vit --img-size 32 --tasks 1,2 --requests 40   # smoke
+
+Take final numbers on a quiet machine: the clients and the server share its cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+METHODS = {  # method -> options for the synthetic tasks
+    "linear": {},
+    "lora": {"rank": 8},
+    "vpt": {"length": 10, "deep": True},
+    "adapter": {"bottleneck": 8},
+    "bitfit": {},
+    "protuning": {},
+    "full": {},
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Tasks
+
+
+def make_tasks(out: Path, backbone: str, weights: str | None, img_size: int, n: int, methods: list[str],
+               classes: int = 5) -> dict[str, Path]:
+    """N tuned files (methods cycled), tensors moved off their init so every task computes something."""
+    import torch
+
+    from vistune import attach
+    from vistune.serve.links import build_backbone
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for k in range(n):
+        method = methods[k % len(methods)]
+        name = f"t{k}-{method}"
+        path = out / f"{name}.safetensors"
+        if not path.is_file():
+            tuned = attach(build_backbone(backbone, weights, img_size), method, num_classes=classes, **METHODS[method])
+            g = torch.Generator().manual_seed(k)
+            with torch.no_grad():
+                for p in tuned.tuned_parameters():
+                    p.add_(torch.randn(p.shape, generator=g) * 0.01)
+            tuned.save_tuned(path, extra={"class_names": [f"c{i}" for i in range(classes)]})
+        files[name] = path
+    return files
+
+
+class NaiveModels:
+    """The baseline behind the same service: one complete model (own backbone) per task."""
+
+    def __init__(self, files: dict[str, Path], bf16: bool) -> None:
+        import threading as _t
+
+        from vistune.backbones import backbone_info
+        from vistune.serve.links import backbone_args_from_meta, build_backbone
+        from vistune.tuning import load_tuned, read_tuned_file
+
+        self.lock = _t.RLock()
+        self.bf16 = bf16
+        self.models = {}
+        self._tasks = {}
+        for name, f in files.items():
+            meta, _ = read_tuned_file(f)
+            model = load_tuned(f, build_backbone(*backbone_args_from_meta(meta))).eval()
+            self.models[name] = model
+            classes = meta["extra"]["class_names"]
+            self._tasks[name] = SimpleNamespace(name=name, kind="classify", method=meta["method"]["name"],
+                                                classes=classes, info=lambda n=name: {"name": n})
+        self.info = backbone_info(model.model)
+        self.fingerprint = model.base_fingerprint
+
+    @property
+    def tasks(self):
+        return dict(self._tasks)
+
+    def task_names(self):
+        return list(self._tasks)
+
+    def __contains__(self, name):
+        return name in self._tasks
+
+    def forward(self, images, tasks):
+        import torch
+
+        out = [None] * len(tasks)
+        groups: dict[str, list[int]] = {}
+        for i, t in enumerate(tasks):
+            groups.setdefault(t, []).append(i)
+        with self.lock, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            for t, idx in groups.items():
+                logits = self.models[t](images[idx]).float()
+                for j, i in enumerate(idx):
+                    out[i] = logits[j:j + 1]
+        return out
+
+
+def run_server(args: argparse.Namespace) -> None:
+    """Subprocess entry: build the model of ``--mode`` and serve it until killed."""
+    import torch
+    import uvicorn
+
+    from vistune.serve.app import create_app
+    from vistune.serve.multitask import MultiTaskModel
+
+    torch.set_num_threads(args.threads)
+    files = json.loads(args.files)
+    if args.mode == "naive":
+        model = NaiveModels({k: Path(v) for k, v in files.items()}, args.bf16)
+    else:
+        first = next(iter(files.values()))
+        model = MultiTaskModel.for_file(first, bf16=args.bf16)
+        for name, f in files.items():
+            model.add_task(name, f)
+    app = create_app(model, max_batch=args.max_batch, batch_window_ms=args.window_ms)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+
+
+# ------------------------------------------------------------------------------------------------
+# Load generation
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _status_kb(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _image_bytes(img_size: int) -> bytes:
+    """A real flower photo when the shared data is here, else a random picture."""
+    shared = Path(os.environ.get("VISTUNE_SHARED", REPO.parent / "shared")) / "data" / "flowers5" / "sunflower"
+    if shared.is_dir():
+        for p in sorted(shared.iterdir()):
+            if p.suffix.lower() == ".jpg":
+                return p.read_bytes()
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (img_size * 2, img_size * 3, 3), dtype=np.uint8)).save(
+        buf, "JPEG")
+    return buf.getvalue()
+
+
+def measure(mode: str, files: dict[str, Path], args: argparse.Namespace, image: bytes) -> dict:
+    import httpx
+
+    port = _free_port()
+    cmd = [sys.executable, __file__, "--_server", "--mode", mode, "--port", str(port), "--threads", str(args.threads),
+           "--files", json.dumps({k: str(v) for k, v in files.items()}), "--max-batch", str(args.max_batch),
+           "--window-ms", str(args.window_ms)] + (["--bf16"] if args.bf16 else [])
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(cmd, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        started = time.time()
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{mode} server with {len(files)} tasks exited with {proc.returncode}")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() - started > 600:
+                raise RuntimeError("server did not start within 600 s")
+            time.sleep(0.2)
+        load_s = time.time() - started
+        rss_loaded = _status_kb(proc.pid, "VmRSS")
+        names = list(files)
+        rng = random.Random(0)
+        plan = [rng.choice(names) for _ in range(args.requests + args.warmup)]
+        failures: list[str] = []
+
+        def run_clients(tasks: list[str], clients: int) -> list[float]:
+            """Send ``tasks`` (one request each) from ``clients`` threads; per-request latencies."""
+            todo, done, lock = iter(tasks), [], threading.Lock()
+
+            def client() -> None:
+                with httpx.Client(base_url=url, timeout=300) as c:
+                    while True:
+                        with lock:
+                            task = next(todo, None)
+                        if task is None:
+                            return
+                        t0 = time.perf_counter()
+                        r = c.post("/predict", files={"file": ("img.jpg", image, "image/jpeg")}, data={"task": task})
+                        dt = time.perf_counter() - t0
+                        with lock:
+                            (done.append(dt) if r.status_code == 200 else failures.append(r.text))
+
+            threads = [threading.Thread(target=client) for _ in range(clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            return done
+
+        run_clients(plan[: args.warmup], 1)
+        before = httpx.get(url + "/health").json()["batching"]
+        t0 = time.perf_counter()
+        latencies = run_clients(plan[args.warmup:], args.concurrency)
+        wall = time.perf_counter() - t0
+        after = httpx.get(url + "/health").json()["batching"]
+        if failures:
+            raise RuntimeError(f"{len(failures)} requests failed, e.g. {failures[0]}")
+        lat = sorted(latencies)
+        batches = after["batches"] - before["batches"]
+        return {
+            "mode": mode, "tasks": len(files), "requests": len(lat), "req_per_s": len(lat) / wall,
+            "p50_ms": 1000 * statistics.median(lat), "p95_ms": 1000 * lat[min(len(lat) - 1, int(0.95 * len(lat)))],
+            "mean_batch": (after["samples"] - before["samples"]) / max(1, batches),
+            "rss_loaded_mb": rss_loaded / 1024, "rss_peak_mb": _status_kb(proc.pid, "VmHWM") / 1024,
+            "load_s": load_s,
+        }
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory per added task (in-process)
+
+
+def memory_per_task(args: argparse.Namespace, out: Path) -> list[dict]:
+    import gc
+    import tracemalloc
+
+    import torch
+
+    from vistune.serve.multitask import MultiTaskModel
+
+    torch.set_num_threads(args.threads)
+    files = make_tasks(out / "mem", args.backbone, args.weights, args.img_size, len(args.memory_methods),
+                       args.memory_methods)
+    first = next(iter(files.values()))
+    model = MultiTaskModel.for_file(first)
+    model.add_task("warm-up", first)  # one-time imports and caches are not any task's cost
+    model.remove_task("warm-up")
+    rows = []
+    for name, f in files.items():
+        # RSS deltas are not reported: the allocator reuses memory freed by earlier steps, so a
+        # whole 84 MB copy can appear as a few MB. Tensor bytes are exact (memory_report), and the
+        # throughput table gives each server's RSS after loading, in a fresh process.
+        gc.collect()
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        task = model.add_task(name, f)
+        add_s = time.perf_counter() - t0
+        py_bytes = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        rep = model.memory_report()["tasks"][name]
+        rows.append({"method": task.method, "file_kb": rep["file_bytes"] / 1024, "tensor_kb": rep["tensor_bytes"] / 1024,
+                     "python_kb": py_bytes / 1024, "add_ms": 1000 * add_s,
+                     "shares_pass": not task.own_pass})
+    rows.append({"method": "(backbone, once)", "file_kb": 0,
+                 "tensor_kb": model.memory_report()["backbone_bytes"] / 1024, "python_kb": 0, "add_ms": 0,
+                 "shares_pass": True})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backbone", default="dinov2-s14")
+    p.add_argument("--weights", default=None)
+    p.add_argument("--img-size", type=int, default=84)
+    p.add_argument("--tasks", default="1,2,4,8", help="numbers of loaded tasks")
+    p.add_argument("--methods", default="lora,vpt,adapter,linear", help="cycled over the synthetic tasks")
+    p.add_argument("--modes", default="multitask,naive")
+    p.add_argument("--requests", type=int, default=200, help="timed requests per (mode, N)")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--concurrency", type=int, default=8, help="client threads")
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--window-ms", type=float, default=5.0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads in the server")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--out", default="runs/bench-serve")
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--memory-only", action="store_true", help="only the per-task memory table")
+    p.add_argument("--memory-methods", default="linear,lora,vpt,adapter,bitfit,protuning,full",
+                   help="methods of the per-task memory table")
+    # subprocess mode
+    p.add_argument("--_server", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="multitask", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--files", default="{}", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args._server:
+        run_server(args)
+        return 0
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    args.memory_methods = [m.strip() for m in args.memory_methods.split(",") if m.strip()]
+    unknown = [m for m in args.memory_methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown memory methods {unknown}; choose from {list(METHODS)}")
+    counts = [int(n) for n in args.tasks.split(",")]
+    out = REPO / args.out if not Path(args.out).is_absolute() else Path(args.out)
+    results = []
+    if not args.memory_only:
+        files = make_tasks(out / "tasks", args.backbone, args.weights, args.img_size, max(counts), args.methods)
+        image = _image_bytes(args.img_size)
+        for mode in [m.strip() for m in args.modes.split(",")]:
+            for n in counts:
+                res = measure(mode, dict(list(files.items())[:n]), args, image)
+                results.append(res)
+                print(json.dumps(res), flush=True)
+    mem = [] if args.skip_memory else memory_per_task(args, out)
+    (out / "serve.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+                                                "throughput": results, "memory": mem}, indent=2))
+    if results:
+        print(f"\n{args.backbone} @{args.img_size}px, methods cycled {','.join(args.methods)}; "
+              f"{args.requests} requests, {args.concurrency} clients, server: {args.threads} torch thread(s), "
+              f"max batch {args.max_batch}, window {args.window_ms} ms{', bf16' if args.bf16 else ''}\n")
+        print("| mode | tasks | req/s | p50 ms | p95 ms | mean batch | RSS loaded MB | RSS peak MB |")
+        print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['mode']} | {r['tasks']} | {r['req_per_s']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | "
+              f"{r['mean_batch']:.1f} | {r['rss_loaded_mb']:.0f} | {r['rss_peak_mb']:.0f} |")
+    if mem:
+        print(f"\nAdding one task to {args.backbone} @{args.img_size}px (in-process):\n")
+        print("| method | file KB | tensor KB added | Python objects KB | add ms | own pass |")
+        print("|---|---|---|---|---|---|")
+        for r in mem:
+            print(f"| {r['method']} | {r['file_kb']:.1f} | {r['tensor_kb']:.1f} | {r['python_kb']:.0f} | "
+                  f"{r['add_ms']:.0f} | {'no' if r['shares_pass'] else 'yes'} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""What every export shares: rebuilding a run, refusing what a format cannot carry, and writing
+an output folder atomically with a small JSON that says how to run it without vistune.
+
+:func:`load_run` is the *only* place in this package that knows how a run is turned back into a
+model (it calls the engine's ``seeded_backbone`` and the dense loader); when the engine moves,
+only the two imports in :func:`_rebuilders` change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vistune import __version__
+from vistune.errors import VistuneError
+
+EXPORT_FORMAT = "vistune.export/1"
+SIDECAR = "vistune_export.json"
+
+#: Which formats can carry which methods; the refusal messages quote this table.
+CARRIERS = {
+    "linear": ("timm", "onnx"),
+    "full": ("timm", "onnx"),
+    "bitfit": ("timm", "onnx"),
+    "lora": ("timm", "onnx", "peft"),
+    "spt": ("timm", "onnx"),  # timm only without adapters (see carriers())
+    "vpt": ("onnx",),
+    "adapter": ("onnx",),
+    "protuning": ("onnx",),
+}
+
+
+class ExportError(VistuneError, ValueError):
+    """An export or import cannot be done as asked (the message names the file and the reason)."""
+
+
+def _rebuilders():
+    """The engine functions that rebuild a run (one import site, repointed at merge time)."""
+    from vistune.backbones import seeded_backbone
+    from vistune.dense.model import is_dense_run, load_dense, resolve_run
+
+    return seeded_backbone, is_dense_run, load_dense, resolve_run
+
+
+def build_backbone(name: str, weights: str | None, img_size: int | None) -> nn.Module:
+    """The frozen backbone exactly as training built it (same seed for random init, same weights,
+    same post-load fix-ups such as DINOv2's antialias-free position embeddings).
+
+    A backbone that cannot be built (weights file gone, zoo weights not fetchable) is an
+    :class:`ExportError` naming the backbone and weights.
+    """
+    seeded_backbone = _rebuilders()[0]
+    try:
+        return seeded_backbone(name, weights, img_size)
+    except (VistuneError, ValueError, OSError, RuntimeError) as err:
+        label = weights or name
+        raise ExportError(f"cannot build backbone {name!r} (weights {label!r}): {err}") from None
+
+
+@dataclass
+class Run:
+    """A tuned run rebuilt on CPU, in eval mode: the tuned model, plus the dense model if any."""
+
+    path: Path  # the tuned file
+    meta: dict[str, Any]  # the tuned file's metadata
+    tuned: Any  # vistune.tuning.TunedModel
+    dense: Any = None  # vistune.dense.model.DenseModel for segment/detect runs
+    head_meta: dict[str, Any] | None = None
+
+    @property
+    def task(self) -> str:
+        return "classify" if self.dense is None else str(self.dense.task)
+
+    @property
+    def method(self) -> str:
+        return str(self.meta["method"]["name"])
+
+    @property
+    def model(self) -> nn.Module:
+        """What maps normalised images to the run's outputs (logits, or the dense head's output)."""
+        return self.tuned if self.dense is None else self.dense
+
+    @property
+    def class_names(self) -> list[str] | None:
+        extra = self.head_meta if self.dense is not None else (self.meta.get("extra") or {})
+        names = (extra or {}).get("class_names")
+        return [str(n) for n in names] if names else None
+
+    @property
+    def backbone(self) -> dict[str, Any]:
+        return dict(self.meta["backbone"])
+
+
+def resolve_tuned_path(path: str | os.PathLike) -> tuple[Path, bool]:
+    """A run folder or a tuned file → (tuned file, is_dense)."""
+    _, is_dense_run, _, resolve_run = _rebuilders()
+    p = Path(path)
+    if not p.exists():
+        raise ExportError(f"run {p}: no such file or folder")
+    if is_dense_run(p):
+        return resolve_run(p)[0], True
+    if p.is_dir():
+        p = p / "tuned.safetensors"
+        if not p.is_file():
+            raise ExportError(f"run {path}: no tuned.safetensors in this folder")
+    return p, False
+
+
+def load_run(path: str | os.PathLike, weights: str | None = None) -> Run:
+    """Rebuild a run (a run folder, its ``tuned.safetensors``, or a dense run folder) on CPU."""
+    from vistune.tuning import load_tuned, read_tuned_file
+
+    _, _, load_dense, _ = _rebuilders()
+    tuned_path, dense = resolve_tuned_path(path)
+    meta, _ = read_tuned_file(tuned_path)
+    if dense:
+        try:
+            model, head_meta = load_dense(tuned_path.parent, "cpu", weights)
+        except (VistuneError, ValueError, OSError, RuntimeError) as err:
+            raise ExportError(f"run {path}: cannot rebuild it: {err}") from None
+        model.eval()
+        return Run(tuned_path, meta, model.tuned, model, head_meta)
+    from vistune.backbones import backbone_for_file
+
+    try:  # the recorded weights are a label: a run on a local weights file needs it given again
+        backbone = backbone_for_file(meta["backbone"], tuned_path, weights)
+    except (VistuneError, ValueError, OSError, RuntimeError) as err:
+        raise ExportError(f"run {path}: cannot build its backbone: {err}") from None
+    tuned = load_tuned(tuned_path, backbone)
+    tuned.eval()
+    return Run(tuned_path, meta, tuned)
+
+
+def carriers(run: Run) -> tuple[str, ...]:
+    """The formats that can carry this run."""
+    if run.dense is not None:
+        return ("onnx",)
+    if run.method == "spt" and not run.tuned.method.mergeable:
+        return ("onnx",)
+    return CARRIERS.get(run.method, ("onnx",))
+
+
+def refuse(run: Run, fmt: str, why: str) -> ExportError:
+    """The one-line refusal: what cannot be exported, why, and which formats can carry it."""
+    return ExportError(
+        f"cannot export {run.path} (method {run.method!r}, task {run.task}) as {fmt}: {why}; "
+        f"formats that carry it: {', '.join(carriers(run))}"
+    )
+
+
+def refuse_dense(run: Run, fmt: str) -> ExportError:
+    return ExportError(
+        f"cannot export {run.path} as {fmt}: it is a dense ({run.task}) run whose head is vistune's own "
+        "module, which timm and PEFT cannot build; formats that carry it: onnx"
+    )
+
+
+def timm_kwargs(model: nn.Module, num_classes: int, img_size: int) -> dict[str, Any]:
+    """The ``timm.create_model`` keywords that rebuild this architecture at the run's geometry.
+
+    ``img_size`` only for models that take it (ViTs; CNNs run at any size), ``dynamic_img_size``
+    only when the model was built with it.
+    """
+    import inspect
+
+    kwargs: dict[str, Any] = {"num_classes": int(num_classes)}
+    try:
+        params = inspect.signature(type(model).__init__).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtin or C classes
+        params = {}
+    if "img_size" in params:
+        kwargs["img_size"] = int(img_size)
+    if getattr(model, "dynamic_img_size", False):
+        kwargs["dynamic_img_size"] = True
+    return kwargs
+
+
+def sidecar(run: Run, artefact: str, **fields: Any) -> dict[str, Any]:
+    """The small JSON written next to every artefact: what it is and how to feed it."""
+    bb = run.backbone
+    preprocess = (
+        f"RGB, letterboxed (aspect kept, padded) onto a {bb['img_size']}x{bb['img_size']} canvas, /255, "
+        "(x - mean) / std, NCHW float32"
+        if run.dense is not None
+        else f"RGB, bicubic resize to {bb['img_size']}x{bb['img_size']} (no crop), /255, (x - mean) / std, "
+        "NCHW float32"
+    )
+    out = {
+        "format": EXPORT_FORMAT,
+        "artefact": artefact,
+        "task": run.task,
+        "arch": bb["arch"],
+        "img_size": int(bb["img_size"]),
+        "mean": list(bb["mean"]),
+        "std": list(bb["std"]),
+        "num_classes": _num_classes(run),
+        "class_names": run.class_names,
+        "preprocess": preprocess,
+        "source": {
+            "run": str(run.path.resolve()),
+            "method": run.meta["method"],
+            "backbone": bb["name"],
+            "weights": bb["weights"],
+            "fingerprint": bb["fingerprint"],
+            "vistune_version": __version__,
+        },
+    }
+    out.update(fields)
+    return out
+
+
+def _num_classes(run: Run) -> int:
+    if run.dense is not None:
+        return int(run.dense.head.cfg.num_classes)
+    return int(run.meta["num_classes"])
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temp folder beside ``out``; on success it becomes ``out`` (renamed into
+    place, replacing an old ``out`` only with ``overwrite``), on any failure it is removed.
+
+    So an export either produces the whole folder or leaves the file system as it was.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"output {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"output {out} exists and is not empty; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def state_for_file(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies (safetensors refuses views and shared storage)."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}

@@ -1,0 +1,306 @@
+"""The HTTP service: FastAPI over a :class:`~vistune.serve.multitask.MultiTaskModel`.
+
+Endpoints (JSON unless said otherwise; every error is ``{"detail": "<one line>"}``)::
+
+    GET    /                 the web page (static/index.html)
+    GET    /health           status, backbone, task count, batching statistics
+    GET    /tasks            every task: name, kind, method, options, classes, tuned params, bytes
+    GET    /tasks/{name}     one task
+    POST   /tasks            {"name": ..., "path": tuned file or dense run folder}   (admin)
+    DELETE /tasks/{name}                                                            (admin)
+    POST   /predict          multipart: file=<image>, task=<name> (repeatable, or tasks=a,b),
+                             top_k, score_threshold; or JSON: {"image": <base64 or data URL>,
+                             "task": name | "tasks": [names], "top_k": 5, "score_threshold": 0.3}.
+                             No task named = every task. -> {"results": {task: prediction}}
+
+Status codes: 400 bad input (not an image, bad base64, malformed request, unloadable tuned file),
+404 unknown task, 409 duplicate task name, 413 upload or image too large, 415 unsupported
+content type, 422 invalid parameter, 403 admin endpoint on a read-only service. A failing request
+never stops the service: each error is answered and the worker keeps serving.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import math
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from vistune.errors import VistuneError
+from vistune.serve.batching import Batcher
+from vistune.serve.multitask import DuplicateTaskError, MultiTaskModel, ServeError, UnknownTaskError
+from vistune.serve.predict import MAX_PIXELS, BadImageError, ImageTooLargeError, Sample, finish, prepare
+
+STATIC = Path(__file__).resolve().parent / "static"
+log = logging.getLogger("vistune.serve")
+
+
+class BadRequestError(ServeError):
+    """The request itself is malformed (400)."""
+
+
+class InvalidParameterError(ServeError):
+    """A request parameter has a bad value (422)."""
+
+
+class UploadTooLargeError(ServeError):
+    """The request body is larger than the service accepts (413)."""
+
+
+class UnsupportedMediaError(ServeError):
+    """The request's content type is neither multipart nor JSON (415)."""
+
+
+class ForbiddenError(ServeError):
+    """An admin endpoint on a read-only service (403)."""
+
+
+def _status(err: Exception) -> int:
+    for cls, code in ((UnknownTaskError, 404), (ImageTooLargeError, 413), (UploadTooLargeError, 413),
+                      (UnsupportedMediaError, 415), (InvalidParameterError, 422), (ForbiddenError, 403),
+                      (DuplicateTaskError, 409), (BadImageError, 400)):
+        if isinstance(err, cls):
+            return code
+    return 400
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing anything over ``limit`` bytes before and while reading it."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise UploadTooLargeError(f"the request is {int(declared):,} bytes; this service accepts at most {limit:,}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise UploadTooLargeError(f"the request is over {limit:,} bytes, the most this service accepts")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _int_param(value: Any, name: str, lo: int, hi: int) -> int:
+    try:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        v = int(value)
+    except (TypeError, ValueError):
+        raise InvalidParameterError(f"{name} must be an integer from {lo} to {hi}, got {value!r}") from None
+    if not lo <= v <= hi:
+        raise InvalidParameterError(f"{name} must be an integer from {lo} to {hi}, got {v}")
+    return v
+
+
+def _float_param(value: Any, name: str, lo: float, hi: float) -> float:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InvalidParameterError(f"{name} must be a number from {lo} to {hi}, got {value!r}") from None
+    if not (math.isfinite(v) and lo <= v <= hi):
+        raise InvalidParameterError(f"{name} must be a number from {lo} to {hi}, got {v}")
+    return v
+
+
+def _task_list(values: list[Any]) -> list[str] | None:
+    names: list[str] = []
+    for v in values:
+        if isinstance(v, str):
+            names.extend(s.strip() for s in v.split(",") if s.strip())
+        elif isinstance(v, list) and all(isinstance(s, str) for s in v):
+            names.extend(s.strip() for s in v if s.strip())
+        elif v is not None:
+            raise InvalidParameterError(f"tasks must be a task name or a list of names, got {v!r}")
+    return names or None
+
+
+async def _parse_predict(request: Request, limit: int) -> tuple[bytes, list[str] | None, Any, Any]:
+    """(image bytes, task names or None, top_k, score_threshold) from multipart or JSON."""
+    ctype = request.headers.get("content-type", "").lower()
+    body = await _read_body(request, limit)
+    if ctype.startswith("multipart/form-data"):
+        async def replay():
+            yield body
+
+        try:
+            form = await MultiPartParser(request.headers, replay(), max_files=1, max_fields=32,
+                                         max_part_size=64 * 1024).parse()
+        except MultiPartException as err:
+            raise BadRequestError(f"malformed multipart upload: {err.message}") from None
+        upload = form.get("file") or form.get("image")
+        if not isinstance(upload, UploadFile):
+            raise BadRequestError("multipart upload has no image file: send it in a field named 'file'")
+        data = await upload.read()
+        tasks = _task_list(form.getlist("task") + form.getlist("tasks"))
+        return data, tasks, form.get("top_k"), form.get("score_threshold")
+    if ctype.startswith("application/json") or (not ctype and body.lstrip().startswith(b"{")):
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise BadRequestError(f"the JSON body is invalid ({err})") from None
+        if not isinstance(payload, dict) or not isinstance(payload.get("image"), str):
+            raise BadRequestError('JSON requests need {"image": "<base64 image>", "task": ... (optional)}')
+        text = payload["image"]
+        if text.startswith("data:"):
+            text = text.partition(",")[2]
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise BadRequestError("'image' is not valid base64") from None
+        tasks = _task_list([payload.get("task"), payload.get("tasks")])
+        return data, tasks, payload.get("top_k"), payload.get("score_threshold")
+    raise UnsupportedMediaError(
+        f"content type {ctype or '(none)'} is not supported: send multipart/form-data with a 'file' field "
+        "or application/json with a base64 'image'"
+    )
+
+
+#: /predict reads its body itself (multipart or JSON); this documents both forms in /docs.
+_PREDICT_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary", "description": "the image"},
+        "task": {"type": "array", "items": {"type": "string"}, "description": "task name(s); none = every task"},
+        "top_k": {"type": "integer", "minimum": 1, "default": 5},
+        "score_threshold": {"type": "number", "minimum": 0, "maximum": 1,
+                            "description": "detection tasks: smallest box score (default 0.3)"}}}},
+    "application/json": {"schema": {"type": "object", "required": ["image"], "properties": {
+        "image": {"type": "string", "description": "base64 image, or a data: URL"},
+        "task": {"type": "string"}, "tasks": {"type": "array", "items": {"type": "string"}},
+        "top_k": {"type": "integer", "minimum": 1, "default": 5},
+        "score_threshold": {"type": "number", "minimum": 0, "maximum": 1}}}},
+}}}
+
+
+def create_app(model: MultiTaskModel, *, max_batch: int = 16, batch_window_ms: float = 5.0,
+               max_upload_bytes: int = 16 * 2**20, max_pixels: int = MAX_PIXELS, admin: bool = True,
+               default_top_k: int = 5) -> FastAPI:
+    """The FastAPI app serving ``model``. Requests arriving within ``batch_window_ms`` of each
+    other share one forward of up to ``max_batch`` samples, whatever their tasks."""
+
+    def run(items: list[tuple[Sample, int, float | None]]) -> list[Any]:
+        """One mixed batch: forward + JSON, atomic with respect to task add/remove."""
+        with model.lock:
+            results: list[Any] = [None] * len(items)
+            live = []
+            for i, (s, _, _) in enumerate(items):
+                if s.task in model:
+                    live.append(i)
+                else:
+                    results[i] = UnknownTaskError(f"task {s.task!r} was removed while the request waited")
+            if live:
+                outputs = model.forward(torch.stack([items[i][0].x for i in live]), [items[i][0].task for i in live])
+                for i, out in zip(live, outputs):
+                    s, top, thr = items[i]
+                    results[i] = finish(model, s, out, top=top, score_threshold=thr)
+            return results
+
+    batcher = Batcher(run, max_batch=max_batch, window=batch_window_ms / 1000.0)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="vistune serve", summary="one frozen backbone, many tuned tasks", lifespan=lifespan)
+    app.state.model = model
+    app.state.batcher = batcher
+
+    @app.exception_handler(VistuneError)
+    async def _vistune_error(request: Request, err: VistuneError) -> JSONResponse:
+        return JSONResponse({"detail": _one_line(err)}, status_code=_status(err))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return JSONResponse({"detail": _one_line(f"{where or 'request'}: {first.get('msg', 'invalid')}")},
+                            status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"detail": _one_line(err.detail)}, status_code=err.status_code, headers=err.headers)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, err: Exception) -> JSONResponse:
+        log.exception("request %s %s failed", request.method, request.url.path)
+        return JSONResponse({"detail": _one_line(f"internal error: {type(err).__name__}: {err}")}, status_code=500)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    def backbone() -> dict[str, Any]:
+        info = model.info
+        return {"name": info.name, "arch": info.arch, "img_size": info.img_size, "weights": info.weights,
+                "fingerprint": model.fingerprint[:16], "bf16": model.bf16}
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "backbone": backbone(), "tasks": len(model.task_names()),
+                "admin": admin, "max_batch": max_batch, "batch_window_ms": batch_window_ms,
+                "max_upload_bytes": max_upload_bytes, "batching": batcher.stats.to_dict()}
+
+    @app.get("/tasks")
+    async def list_tasks() -> dict[str, Any]:
+        return {"backbone": backbone(), "tasks": [t.info() for t in model.tasks.values()]}
+
+    @app.get("/tasks/{name}")
+    async def get_task(name: str) -> dict[str, Any]:
+        task = model.tasks.get(name)
+        if task is None:
+            raise UnknownTaskError(f"no task {name!r} is loaded (loaded: {', '.join(model.task_names()) or 'none'})")
+        return task.info()
+
+    @app.post("/tasks", status_code=201)
+    async def add_task(request: Request) -> dict[str, Any]:
+        if not admin:
+            raise ForbiddenError("this service is read-only (started with --read-only): tasks cannot be added")
+        body = await _read_body(request, 64 * 1024)
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise BadRequestError(f"the JSON body is invalid ({err})") from None
+        if not isinstance(payload, dict) or not isinstance(payload.get("name"), str) \
+                or not isinstance(payload.get("path"), str):
+            raise BadRequestError('adding a task needs {"name": "...", "path": "tuned file or dense run folder"}')
+        task = await run_in_threadpool(model.add_task, payload["name"], payload["path"])
+        return task.info()
+
+    @app.delete("/tasks/{name}")
+    async def remove_task(name: str) -> dict[str, Any]:
+        if not admin:
+            raise ForbiddenError("this service is read-only (started with --read-only): tasks cannot be removed")
+        await run_in_threadpool(model.remove_task, name)
+        return {"removed": name, "tasks": model.task_names()}
+
+    @app.post("/predict", openapi_extra=_PREDICT_BODY)
+    async def predict(request: Request) -> dict[str, Any]:
+        data, tasks, top_k, threshold = await _parse_predict(request, max_upload_bytes)
+        top = default_top_k if top_k in (None, "") else _int_param(top_k, "top_k", 1, 1000)
+        thr = None if threshold in (None, "") else _float_param(threshold, "score_threshold", 0.0, 1.0)
+        samples = await run_in_threadpool(prepare, model, data, tasks, max_pixels)
+        results = await batcher.submit([(s, top, thr) for s in samples])
+        return {"results": {s.task: r for s, r in zip(samples, results)}}
+
+    return app

@@ -1,0 +1,182 @@
+"""``vistune serve`` settings: flags, or a YAML file with the same keys plus a ``tasks`` table.
+
+Example ``tasks.yaml`` (relative task paths are relative to the YAML file's folder)::
+
+    backbone: dinov2-s14      # optional: default is the backbone the first task names
+    img_size: 84
+    tasks:
+      linear: runs/demo/linear
+      lora: runs/demo/lora
+    max_batch: 16
+    batch_window_ms: 5
+    bf16: false
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vistune.serve.multitask import ServeError
+
+
+class ServeConfigError(ServeError):
+    """A serve flag or config file value is invalid."""
+
+
+@dataclass
+class ServeConfig:
+    backbone: str | None = None  # default: the backbone the first task's file names
+    weights: str | None = None
+    img_size: int | None = None
+    tasks: dict[str, str] = field(default_factory=dict)  # name -> tuned file or dense run folder
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 16
+    batch_window_ms: float = 5.0
+    bf16: bool = False
+    device: str = "cpu"
+    max_upload_mb: float = 16.0
+    read_only: bool = False
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+
+    def validate(self) -> None:
+        if not self.tasks:
+            raise ServeConfigError("no task to serve: give --task NAME=PATH (repeatable) or a tasks: table in --config")
+        checks = [(self.max_batch >= 1, f"max_batch must be >= 1, got {self.max_batch}"),
+                  (self.batch_window_ms >= 0, f"batch_window_ms must be >= 0, got {self.batch_window_ms}"),
+                  (self.max_upload_mb > 0, f"max_upload_mb must be > 0, got {self.max_upload_mb}"),
+                  (0 <= self.port < 65536, f"port must be 0-65535, got {self.port}"),
+                  (self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")]
+        for ok, msg in checks:
+            if not ok:
+                raise ServeConfigError(msg)
+
+
+def parse_task_args(pairs: list[str]) -> dict[str, str]:
+    """``["flowers=runs/a", ...]`` -> ordered dict; a malformed or repeated name is an error."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise ServeConfigError(f"--task {pair!r} is not of the form NAME=PATH")
+        if name in out:
+            raise ServeConfigError(f"task {name!r} is given twice")
+        out[name] = path
+    return out
+
+
+def _tasks_from_yaml(value: Any, base: Path, path: Path) -> dict[str, str]:
+    """``tasks:`` as a mapping name -> path, or a list of {name, path}."""
+    items: list[tuple[Any, Any]]
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, list) and all(isinstance(v, dict) and set(v) == {"name", "path"} for v in value):
+        items = [(v["name"], v["path"]) for v in value]
+    else:
+        raise ServeConfigError(f"{path}: 'tasks' must map task names to paths, or list {{name: ..., path: ...}} entries")
+    out: dict[str, str] = {}
+    for name, p in items:
+        if not isinstance(name, str) or not isinstance(p, str) or not p:
+            raise ServeConfigError(f"{path}: task entry {name!r}: {p!r} needs a name and a path (strings)")
+        if name in out:
+            raise ServeConfigError(f"{path}: task {name!r} is listed twice")
+        q = Path(p).expanduser()
+        out[name] = str(q if q.is_absolute() else base / q)
+    return out
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The YAML file's keys, checked against :class:`ServeConfig` and coerced to its types."""
+    import yaml
+
+    from vistune.methods.base import coerce_value
+
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except OSError as err:
+        raise ServeConfigError(f"config file {p}: {err.strerror or err}") from None
+    except yaml.YAMLError as err:
+        raise ServeConfigError(f"config file {p} is not valid YAML ({err})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ServeConfigError(f"config file {p} must hold a mapping of keys to values")
+    fields = {f.name: f for f in dataclasses.fields(ServeConfig)}
+    hints = typing.get_type_hints(ServeConfig)
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ServeConfigError(f"config file {p}: unknown key {key!r}; valid keys: {', '.join(fields)}")
+        if key == "tasks":
+            out[key] = _tasks_from_yaml(value, p.parent, p)
+            continue
+        try:
+            out[key] = coerce_value(value, hints[key])
+        except (TypeError, ValueError) as err:
+            raise ServeConfigError(f"config file {p}: {key}={value!r} is invalid ({err})") from None
+    return out
+
+
+def make_config(file_values: dict[str, Any] | None = None, tasks: dict[str, str] | None = None,
+                **overrides: Any) -> ServeConfig:
+    """File values, then flags that were given (None = not given); ``tasks`` are added after the file's."""
+    values = dict(file_values or {})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    merged = dict(values.pop("tasks", {}) or {})
+    for name, path in (tasks or {}).items():
+        if name in merged:
+            raise ServeConfigError(f"task {name!r} is given both in the config file and as --task")
+        merged[name] = path
+    cfg = ServeConfig(**values, tasks=merged)
+    cfg.validate()
+    return cfg
+
+
+def build_model(cfg: ServeConfig):
+    """The backbone (named, or the first task's) with every task added, in order."""
+    import torch
+
+    from vistune.engine.distributed import resolve_device
+    from vistune.serve.multitask import MultiTaskModel
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    first = next(iter(cfg.tasks.values()))
+    device = resolve_device(cfg.device)
+    if cfg.backbone:
+        model = MultiTaskModel.from_name(cfg.backbone, weights=cfg.weights, img_size=cfg.img_size, bf16=cfg.bf16,
+                                         device=device)
+    else:
+        if cfg.weights or cfg.img_size:
+            raise ServeConfigError("--weights/--img-size need --backbone (without it the first task's backbone is used)")
+        model = MultiTaskModel.for_file(first, bf16=cfg.bf16, device=device)
+    for name, path in cfg.tasks.items():
+        model.add_task(name, path)
+    return model
+
+
+def serve(cfg: ServeConfig) -> int:
+    """Load everything, then run uvicorn until interrupted."""
+    try:
+        import uvicorn
+
+        from vistune.serve.app import create_app
+    except ImportError as err:
+        raise ServeConfigError(f"vistune serve needs FastAPI and uvicorn ({err}); install them with "
+                               "pip install 'vistune[serve]'") from None
+    model = build_model(cfg)
+    app = create_app(model, max_batch=cfg.max_batch, batch_window_ms=cfg.batch_window_ms,
+                     max_upload_bytes=int(cfg.max_upload_mb * 2**20), admin=not cfg.read_only)
+    info = model.info
+    print(f"vistune serve: {info.name} @{info.img_size}px, {len(model.task_names())} tasks "
+          f"({', '.join(model.task_names())}) on http://{cfg.host}:{cfg.port}/  (page at /, API docs at /docs)",
+          flush=True)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+    return 0

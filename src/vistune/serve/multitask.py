@@ -1,0 +1,719 @@
+"""One frozen backbone in memory, many tuned files, mixed batches routed per sample.
+
+Why this works without touching any method's forward code
+---------------------------------------------------------
+A method attaches to a model by inserting child modules and registering hooks on the model's own
+modules. Two tasks cannot both attach to the one backbone (both LoRAs would be ``qkv.lora``), so
+each task attaches to a **view** of it instead: a structural copy of the module tree whose
+parameters and buffers *share storage* with the backbone (a deep copy whose memo maps every
+backbone tensor to a new tensor object over the same memory). The method attaches to the view
+exactly as ``load_tuned`` would attach it to a fresh backbone, and the tuned file is loaded with
+the library's own :func:`~vistune.tuning.load_tensors` (same key and shape checks). Tensors the
+method trains *in place* (BitFit's biases, SPT's whole vectors, every weight in full fine-tuning)
+are first given private storage in the view, so loading never writes into the shared backbone:
+its state dict stays bit-identical whatever is added or removed.
+
+A task then costs its inserted modules, its head and its private tensors, i.e. its tuned file
+(measured by :meth:`MultiTaskModel.memory_report`), plus the Python objects of the view's hosts.
+
+Routing a mixed batch
+---------------------
+For every backbone module where some task's view has hooks or private tensors, a
+:class:`_Router` sits on the real module (one pre- and one forward-hook). During a forward the
+:class:`MultiTaskModel` holds the batch's task assignment (``task -> row indices``; on the object
+for the duration of one pass, never a global), and each router applies, for each task present,
+*that task's own hooks* (called with the task's view of the module, so ``host.lora`` is the task's
+LoRA branch) to that task's rows only:
+
+* pure hooks (LoRA, Adapter, SPT's LoRA/adapters, Pro-tuning's prompt blocks, VPT's prompt
+  insertion/replacement/stripping): pre-hooks rewrite the task's rows of the input, forward
+  hooks the task's rows of the output. Nothing is merged; a sample only sees its task's deltas
+  (PEFT's ``_mixed_batch_forward`` idea, generalised from LoRA to every hook);
+* a private bias on a module whose output is affine in its bias (Linear, ConvNd, LayerNorm,
+  GroupNorm, BatchNorm in eval): the task's rows get ``out + (b_task - b)`` (BitFit; SPT's whole
+  bias vectors), so BitFit tasks share the backbone pass too;
+* anything else (SPT's sparse deltas, declared by ``Method.routing().swaps``; a private weight):
+  the task's view of the module is re-run on the task's rows, with all its hooks.
+
+Passes: rows whose tasks change the sequence length differently (VPT's prompts,
+``Method.routing().tokens``) cannot share a tensor, so the batch is split into one pass per
+prompt length: VPT tasks of equal length share a pass, each row getting its own task's prompts.
+A task whose re-run modules hold at least half the backbone's parameters (full fine-tuning,
+which keeps a private copy of every weight) or that changes the root module itself runs its
+view as a standalone model in a pass of its own. Everything else (linear probes, BitFit, LoRA,
+Adapter, SPT, Pro-tuning, classification and dense heads) shares one backbone pass.
+
+Every pass is exact per sample: out[i] equals what task(i)'s own model (``load_tuned`` /
+``load_dense`` on a fresh backbone) returns for ``x[i:i+1]``, up to fp32 rounding (tests/test_serve.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vistune.backbones import backbone_info, classifier
+from vistune.errors import MethodError, TunedFileError, VistuneError
+from vistune.tuning import MethodSpec, attach, check_backbone, fingerprint, load_tensors, read_tuned_file
+
+#: Task names travel in URLs and JSON: keep them to a safe alphabet.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _bias_axes() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """Module types whose output is ``f(x) + bias`` (eval mode), bias on the last axis / on axis 1.
+
+    A task's private bias on such a module becomes a delta on that axis instead of a re-run.
+    Exact types only: a subclass may do more after the bias (timm's BatchNormAct2d applies an
+    activation), so timm's own affine-in-bias layers are listed by name.
+    """
+    import timm.layers as tl
+
+    last = [nn.Linear, nn.LayerNorm] + [getattr(tl, n) for n in ("Linear", "LayerNorm", "LayerNormFp32")
+                                        if hasattr(tl, n)]
+    channel = [nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d]
+    channel += [getattr(tl, n) for n in ("LayerNorm2d", "GroupNorm", "GroupNorm1") if hasattr(tl, n)]
+    return tuple(last), tuple(channel)
+
+
+_BIAS_LAST, _BIAS_CHANNEL = _bias_axes()
+
+
+class ServeError(VistuneError, ValueError):
+    """A task cannot be added, found or run as asked."""
+
+
+class DuplicateTaskError(ServeError):
+    """A task of that name is already loaded."""
+
+
+class UnknownTaskError(ServeError, KeyError):
+    """A request names a task that is not loaded."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+# ------------------------------------------------------------------------------------------------
+# Views: the backbone's module tree over the backbone's own tensors
+
+
+def share_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers share storage with ``model``'s.
+
+    The copy's tensors are new objects (so a method may replace or re-point them in the copy)
+    over the same memory (so the copy costs Python objects, not weights).
+    """
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(p.data, requires_grad=False)
+    for b in model.buffers():
+        memo[id(b)] = b.detach()
+    return copy.deepcopy(model, memo)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or getattr(module, "_backward_pre_hooks", None))
+
+
+def _own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    out = {k: v for k, v in module._parameters.items() if v is not None}
+    out.update({k: v for k, v in module._buffers.items() if v is not None})
+    return out
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.device == b.device and a.dtype == b.dtype and a.shape == b.shape
+            and a.stride() == b.stride() and a.data_ptr() == b.data_ptr())
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    return (str(t.device), t.untyped_storage().data_ptr())
+
+
+def _storage_bytes(t: torch.Tensor) -> int:
+    return t.untyped_storage().nbytes()
+
+
+# ------------------------------------------------------------------------------------------------
+# Routes and routers
+
+
+@dataclass
+class _Route:
+    """One task's change to one backbone module, applied by that module's router."""
+
+    host: nn.Module  # the task's view of the module (its hooks and inserted children live here)
+    pre: list[Callable] = field(default_factory=list)
+    post: list[Callable] = field(default_factory=list)
+    rerun: bool = False  # re-run ``host`` on the task's rows (swapped or private weights)
+    bias: torch.Tensor | None = None  # b_task - b, added along ``bias_dim``
+    bias_dim: int = -1
+
+
+def _take(args: tuple, rows: torch.Tensor, batch: int) -> tuple:
+    """The rows of every batch-shaped tensor argument."""
+    return tuple(a.index_select(0, rows) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == batch
+                 else a for a in args)
+
+
+def _assemble(base: torch.Tensor, pieces: list[tuple[torch.Tensor, torch.Tensor]], where: str) -> torch.Tensor:
+    """``base`` with each ``(rows, values)`` written in; a new tensor (``base`` may be aliased)."""
+    same = all(v.shape[1:] == base.shape[1:] for _, v in pieces)
+    dtype = base.dtype
+    for _, v in pieces:
+        dtype = torch.promote_types(dtype, v.dtype)
+    if same:
+        out = base.to(dtype=dtype, copy=True)
+    else:
+        covered = sum(len(r) for r, _ in pieces)
+        shapes = {tuple(v.shape[1:]) for _, v in pieces}
+        if covered != base.shape[0] or len(shapes) != 1:
+            raise ServeError(
+                f"{where}: tasks in one pass change the tensor shape differently ({sorted(shapes)}); "
+                "their rows cannot share a batch (is Method.routing().tokens declared?)"
+            )
+        out = pieces[0][1].new_empty((base.shape[0], *pieces[0][1].shape[1:]), dtype=dtype)
+    for rows, v in pieces:
+        out[rows] = v.to(dtype)
+    return out
+
+
+class _Router:
+    """The hooks on one backbone module that apply every task's route to that task's rows."""
+
+    def __init__(self, owner: MultiTaskModel, name: str, module: nn.Module) -> None:
+        self.owner = owner
+        self.name = name or "<root>"
+        self.routes: dict[str, _Route] = {}
+        self.saved: list[tuple] = []  # inputs as called, for re-runs (a stack: modules may nest)
+        self.handles = [module.register_forward_pre_hook(self.pre),
+                        module.register_forward_hook(self.post)]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def _active(self) -> list[tuple[_Route, torch.Tensor]]:
+        rows = self.owner._rows
+        if not rows:
+            return []
+        return [(self.routes[t], r) for t, r in rows.items() if t in self.routes]
+
+    def _check_batch(self, args: tuple) -> int:
+        batch = self.owner._batch_size
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != batch:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ServeError(
+                f"cannot route rows at module {self.name!r}: its input {shape} does not lead with the "
+                f"batch size {batch} (the architecture reshapes the batch before this module)"
+            )
+        return batch
+
+    def pre(self, module: nn.Module, args: tuple) -> tuple | None:
+        active = self._active()
+        if not active:
+            return None
+        batch = self._check_batch(args)
+        self.saved.append(args)
+        changed: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for route, rows in active:
+            if route.rerun or not route.pre:
+                continue
+            sub = _take(args, rows, batch)
+            new = sub
+            for fn in route.pre:
+                res = fn(route.host, new)
+                if res is not None:
+                    new = res if isinstance(res, tuple) else (res,)
+            for i, (a, b) in enumerate(zip(sub, new)):
+                if a is not b:
+                    changed.setdefault(i, []).append((rows, b))
+        if not changed:
+            return None
+        out = list(args)
+        for i, pieces in changed.items():
+            out[i] = _assemble(args[i], pieces, f"module {self.name!r} (input {i})")
+        return tuple(out)
+
+    def post(self, module: nn.Module, args: tuple, out: Any) -> Any:
+        active = self._active()
+        if not active:
+            return None
+        called = self.saved.pop() if self.saved else args
+        if not isinstance(out, torch.Tensor):
+            raise ServeError(f"cannot route rows at module {self.name!r}: it returns {type(out).__name__}, "
+                             "not a tensor")
+        batch = self.owner._batch_size
+        pieces = []
+        for route, rows in active:
+            if route.rerun:
+                y = route.host(*_take(called, rows, batch))
+            else:
+                if not route.post and route.bias is None:
+                    continue
+                y = out.index_select(0, rows)
+                if route.bias is not None:
+                    shape = [1] * y.dim()
+                    shape[route.bias_dim] = -1
+                    y = y + route.bias.view(shape).to(y.dtype) if route.bias_dim != -1 else y + route.bias.to(y.dtype)
+                sub = _take(args, rows, batch)
+                for fn in route.post:
+                    res = fn(route.host, sub, y)
+                    if res is not None:
+                        y = res
+            pieces.append((rows, y))
+        if not pieces:
+            return None
+        return _assemble(out, pieces, f"module {self.name!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Tasks
+
+
+@dataclass
+class Task:
+    """One loaded tuned file (or dense run) and everything needed to run and describe it."""
+
+    name: str
+    kind: str  # classify | segment | detect
+    path: str
+    method: str
+    options: dict[str, Any]
+    classes: list[str]
+    report: dict[str, Any]  # TunedModel.parameter_report() (+ dense head params)
+    file_bytes: int  # tensor bytes of its file(s)
+    tokens: int  # sequence tokens its method adds (VPT): the pass it runs in
+    head: nn.Module  # the classifier (classify) or the DenseHead
+    levels: list[Any] = field(default_factory=list)  # dense: vistune.dense.features.Level
+    view: nn.Module | None = None  # set when the task runs as a standalone model (own pass)
+    routes: dict[str, _Route] = field(default_factory=dict)
+    private: list[torch.Tensor] = field(default_factory=list)  # every tensor only this task holds
+    score_threshold: float = 0.3
+
+    @property
+    def own_pass(self) -> bool:
+        return self.view is not None
+
+    def info(self) -> dict[str, Any]:
+        """JSON-able description (the service's task list)."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "method": self.method,
+            "options": self.options,
+            "classes": list(self.classes),
+            "num_classes": len(self.classes),
+            "tuned_params": int(self.report.get("tuned_params", 0)),
+            "head_params": int(self.report.get("head_params", 0)),
+            "file_bytes": int(self.file_bytes),
+            "shares_backbone_pass": not self.own_pass,
+            "path": self.path,
+        }
+
+
+def _file_tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _class_names(names: Any, n: int) -> list[str]:
+    if isinstance(names, list) and len(names) == n:
+        return [str(c) for c in names]
+    return [str(i) for i in range(n)]
+
+
+class MultiTaskModel:
+    """A frozen backbone shared by many tasks; ``forward(images, tasks)`` routes each sample.
+
+    ``backbone`` is a plain timm model (``create_backbone``); its classifier is dropped (every
+    task brings its own head) and it is put in eval mode with gradients off. Tasks are added
+    from tuned files (classification) or dense run folders at any time; a file made for other
+    backbone weights is refused by the same fingerprint check ``load_tuned`` does.
+    """
+
+    def __init__(self, backbone: nn.Module, *, bf16: bool = False, device: str | torch.device | None = None) -> None:
+        for name, m in backbone.named_modules():
+            if _has_hooks(m):
+                raise ServeError(
+                    f"the backbone has hooks on {name or 'its root'}: pass a plain backbone "
+                    "(create_backbone), not a model with a method attached"
+                )
+        if int(getattr(backbone, "num_classes", 0) or 0) != 0:
+            backbone.reset_classifier(0)
+        if device is not None:
+            backbone.to(device)  # before the views are made: they share the storage as it is now
+        backbone.eval()
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        self.backbone = backbone
+        self.bf16 = bool(bf16)
+        self.fingerprint = fingerprint(backbone)
+        self.info = backbone_info(backbone)
+        self._numel = sum(p.numel() for p in backbone.parameters())
+        self._template = share_copy(backbone)  # never hooked: each task's view is copied from it
+        self._modules = dict(backbone.named_modules())
+        self._tasks: dict[str, Task] = {}
+        self._routers: dict[str, _Router] = {}
+        self.lock = threading.RLock()  # held by forward/add/remove; hold it to make several calls atomic
+        # The batch being routed: task -> row indices, for the duration of one pass only.
+        self._rows: dict[str, torch.Tensor] | None = None
+        self._batch_size = 0
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_name(cls, name: str, *, weights: str | None = None, img_size: int | None = None,
+                  bf16: bool = False, device: str | torch.device | None = None) -> MultiTaskModel:
+        """Build the backbone the way training did (``vistune train --backbone NAME ...``)."""
+        from vistune.backbones import seeded_backbone
+
+        return cls(seeded_backbone(name, weights, img_size), bf16=bf16, device=device)
+
+    @classmethod
+    def for_file(cls, path: str | os.PathLike, *, weights: str | None = None, bf16: bool = False,
+                 device: str | torch.device | None = None) -> MultiTaskModel:
+        """The backbone a tuned file (or dense run) names in its metadata (its weights are a
+        label: a run trained on a local weights file needs ``weights`` passed again)."""
+        from vistune.backbones import backbone_for_file
+
+        tuned = _tuned_path(path)
+        meta, _ = read_tuned_file(tuned)
+        return cls(backbone_for_file(meta.get("backbone"), tuned, weights), bf16=bf16, device=device)
+
+    # -- tasks ----------------------------------------------------------------------------------
+    @property
+    def tasks(self) -> dict[str, Task]:
+        return dict(self._tasks)
+
+    def task_names(self) -> list[str]:
+        return list(self._tasks)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tasks
+
+    def add_task(self, name: str, source: str | os.PathLike) -> Task:
+        """Load a tuned file or a dense run folder as task ``name``; the backbone is not reloaded."""
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ServeError(f"task name {name!r} is invalid: use 1-64 letters, digits, '_', '-' or '.', "
+                             "starting with a letter or digit")
+        with self.lock:
+            if name in self._tasks:
+                raise DuplicateTaskError(f"task {name!r} is already loaded (remove it first)")
+            task = self._build_task(name, Path(source))
+            for host_name, route in task.routes.items():
+                router = self._routers.get(host_name)
+                if router is None:
+                    router = self._routers[host_name] = _Router(self, host_name, self._modules[host_name])
+                router.routes[name] = route
+            self._tasks[name] = task
+            return task
+
+    def remove_task(self, name: str) -> None:
+        with self.lock:
+            if name not in self._tasks:
+                raise UnknownTaskError(f"no task {name!r} is loaded (loaded: {', '.join(self._tasks) or 'none'})")
+            task = self._tasks.pop(name)
+            for host_name in task.routes:
+                router = self._routers[host_name]
+                router.routes.pop(name, None)
+                if not router.routes:
+                    router.remove()
+                    del self._routers[host_name]
+
+    def _build_task(self, name: str, source: Path) -> Task:
+        from vistune.dense.model import is_dense_run
+
+        dense = is_dense_run(source)
+        head_meta, head_tensors = ({}, {})
+        if dense:
+            from vistune.dense.model import read_head_file, resolve_run
+
+            tuned_path, head_path = resolve_run(source)
+            head_meta, head_tensors = read_head_file(head_path)
+        else:
+            tuned_path = _tuned_path(source)
+        meta, tensors = read_tuned_file(tuned_path)
+        try:
+            check_backbone(tuned_path, meta, self.backbone, self.fingerprint)
+        except KeyError as err:
+            raise TunedFileError(f"tuned file {tuned_path}: backbone metadata lacks {err}") from None
+        if dense and (meta["backbone"]["fingerprint"] != head_meta.get("backbone_fingerprint")
+                      or meta["method"] != head_meta.get("method")):
+            raise TunedFileError(f"{head_path} was trained with another backbone or method than {tuned_path}")
+        try:
+            spec = MethodSpec.from_dict(meta["method"])
+            num_classes = int(meta["num_classes"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise TunedFileError(f"tuned file {tuned_path}: metadata lacks {err}") from None
+
+        view = share_copy(self._template)
+        try:
+            tuned = attach(view, spec, num_classes=num_classes, state=tensors, base_fingerprint=self.fingerprint)
+        except MethodError as err:
+            raise TunedFileError(f"tuned file {tuned_path}: cannot rebuild its method: {err}") from None
+        self._unshare_trained_in_place(view, tuned)
+        load_tensors(tuned, tensors, tuned_path)
+        view.to(next(self.backbone.parameters()).device)  # the new head; shared tensors stay put
+        tuned.eval()
+        report = tuned.parameter_report()
+        file_bytes = _file_tensor_bytes(tensors)
+
+        if dense:
+            from vistune.dense.heads import DenseHead, HeadConfig
+
+            cfg = HeadConfig.from_dict(head_meta["head"])
+            head: nn.Module = DenseHead(cfg)
+            try:
+                head.load_state_dict(head_tensors, strict=True)
+            except RuntimeError as err:
+                raise TunedFileError(f"dense head file of {source} does not fit its recorded config: {err}") from None
+            head.to(next(self.backbone.parameters()).device).eval()
+            kind, levels, k = cfg.task, cfg.level_objs(), cfg.num_classes
+            classes = _class_names(head_meta.get("class_names"), k)
+            report["head_params"] = sum(p.numel() for p in head.parameters())
+            file_bytes += _file_tensor_bytes(head_tensors)
+        else:
+            if num_classes < 1:
+                raise TunedFileError(f"tuned file {tuned_path} has no classification head (num_classes=0) "
+                                     "and is not part of a dense run folder")
+            head = classifier(view)
+            kind, levels = "classify", []
+            classes = _class_names((meta.get("extra") or {}).get("class_names"), num_classes)
+
+        routing = tuned.method.routing()
+        task = Task(name=name, kind=kind, path=str(source), method=spec.name, options=dict(tuned.spec.options),
+                    classes=classes, report=report, file_bytes=file_bytes, tokens=int(routing.tokens),
+                    head=head, levels=levels)
+        routes, rerun_numel = self._routes(view, head, {id(m) for m in routing.swaps})
+        if "" in routes or 2 * rerun_numel >= self._numel:
+            task.view = view  # full fine-tuning & co: a standalone model over private weights
+        else:
+            task.routes = routes
+        task.private = self._private_tensors(view, task)
+        return task
+
+    def _unshare_trained_in_place(self, view: nn.Module, tuned: Any) -> None:
+        """Give private storage to the backbone tensors a method trains in place, before loading."""
+        backbone_names = {n for n, _ in self._template.named_parameters(remove_duplicate=False)}
+        backbone_names |= {n for n, _ in self._template.named_buffers(remove_duplicate=False)}
+        head_ids = {id(p) for p in classifier(view).parameters()}
+        for name in tuned.tuned_state_dict():
+            if name not in backbone_names:
+                continue  # an inserted module's tensor: already private
+            owner_name, _, attr = name.rpartition(".")
+            owner = view.get_submodule(owner_name)
+            if attr in owner._parameters:
+                p = owner._parameters[attr]
+                if id(p) not in head_ids:
+                    p.data = torch.empty_like(p.data)
+            else:
+                owner._buffers[attr] = torch.empty_like(owner._buffers[attr])
+
+    def _routes(self, view: nn.Module, head: nn.Module, swaps: set[int]) -> tuple[dict[str, _Route], int]:
+        """What each backbone module must do for this task's rows, and the parameters of re-run modules."""
+        routes: dict[str, _Route] = {}
+        rerun_numel = 0
+        head_ids = {id(m) for m in head.modules()}
+        for name, vm in view.named_modules():
+            real = self._modules.get(name)
+            if real is None or id(vm) in head_ids:
+                continue  # inserted modules run through their host's hooks; the head runs apart
+            if vm._forward_hooks_with_kwargs or vm._forward_pre_hooks_with_kwargs:
+                raise ServeError(f"module {name!r}: hooks that take keyword arguments cannot be routed")
+            real_own, view_own = _own_tensors(real), _own_tensors(vm)
+            private = {k for k, t in view_own.items() if k not in real_own or not _same_storage(t, real_own[k])}
+            private |= set(real_own) - set(view_own)
+            pre, post = list(vm._forward_pre_hooks.values()), list(vm._forward_hooks.values())
+            if not (pre or post or private or id(vm) in swaps):
+                continue
+            route = _Route(host=vm, pre=pre, post=post)
+            bias_dim = -1 if type(vm) in _BIAS_LAST else 1 if type(vm) in _BIAS_CHANNEL else None
+            if id(vm) in swaps or (private and (private != {"bias"} or bias_dim is None)):
+                route.rerun = True
+                rerun_numel += sum(t.numel() for t in real_own.values())
+            elif private:
+                with torch.no_grad():
+                    route.bias = (view_own["bias"] - real_own["bias"]).detach().clone()
+                route.bias_dim = bias_dim
+                # the view's copy is no longer read: point it back at the shared bias
+                vm._parameters["bias"].data = real_own["bias"].data
+            routes[name] = route
+        return routes, rerun_numel
+
+    def _private_tensors(self, view: nn.Module, task: Task) -> list[torch.Tensor]:
+        """Every tensor this task holds that the backbone does not (for memory accounting)."""
+        shared = {_storage_key(t) for t in self.backbone.parameters()} | {_storage_key(t) for t in self.backbone.buffers()}
+        seen: set[tuple[str, int]] = set()
+        out: list[torch.Tensor] = []
+
+        def add(ts: Iterable[torch.Tensor]) -> None:
+            for t in ts:
+                key = _storage_key(t)
+                if key not in shared and key not in seen and t.device.type != "meta":
+                    seen.add(key)
+                    out.append(t)
+
+        for m in (view, task.head):  # the whole view: VPT/Pro-tuning keep their modules on its root
+            add(m.parameters())
+            add(m.buffers())
+        add(r.bias for r in task.routes.values() if r.bias is not None)
+        return out
+
+    # -- memory ---------------------------------------------------------------------------------
+    def memory_report(self) -> dict[str, Any]:
+        """Bytes of tensor storage: the backbone once, then what each task adds on top of it."""
+        backbone = {_storage_key(t): _storage_bytes(t) for t in (*self.backbone.parameters(), *self.backbone.buffers())}
+        tasks = {}
+        for name, task in self._tasks.items():
+            tasks[name] = {"tensor_bytes": sum(_storage_bytes(t) for t in task.private),
+                           "file_bytes": task.file_bytes}
+        return {"backbone_bytes": sum(backbone.values()), "tasks": tasks}
+
+    # -- running --------------------------------------------------------------------------------
+    def _check_tasks(self, tasks: Sequence[str]) -> None:
+        for t in tasks:
+            if t not in self._tasks:
+                raise UnknownTaskError(f"no task {t!r} is loaded (loaded: {', '.join(self._tasks) or 'none'})")
+
+    def passes(self, tasks: Sequence[str]) -> list[tuple[tuple[int, str], list[int]]]:
+        """How ``forward`` splits a batch: (prompt tokens, own-pass task or '') -> sample indices."""
+        groups: dict[tuple[int, str], list[int]] = {}
+        for i, t in enumerate(tasks):
+            task = self._tasks[t]
+            key = (0, t) if task.own_pass else (task.tokens, "")
+            groups.setdefault(key, []).append(i)
+        return sorted(groups.items())
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, tasks: Sequence[str]) -> list[Any]:
+        """Per sample, what that sample's task model returns for ``images[i:i+1]``.
+
+        ``tasks[i]`` names the task of ``images[i]``. Classification: logits ``(1, K)``;
+        segmentation: logits ``(1, K, S, S)``; detection: the head's output dict for one image.
+        Dense tasks expect letterboxed inputs, classification tasks resized ones (see
+        :mod:`vistune.serve.predict`); the model does not check which.
+        """
+        tasks = list(tasks)
+        if images.dim() != 4 or images.shape[0] != len(tasks):
+            raise ServeError(f"images must be (N, C, H, W) with one task per image; got {tuple(images.shape)} "
+                             f"and {len(tasks)} task names")
+        with self.lock:
+            self._check_tasks(tasks)
+            outputs: list[Any] = [None] * len(tasks)
+            device = next(self.backbone.parameters()).device
+            for (_, own), idx in self.passes(tasks):
+                x = images[idx].to(device)
+                names = [tasks[i] for i in idx]
+                model = self._tasks[own].view if own else self.backbone
+                for i, out in zip(idx, self._run_pass(model, x, names, routed=not own)):
+                    outputs[i] = out
+            return outputs
+
+    __call__ = forward
+
+    def _run_pass(self, model: nn.Module, x: torch.Tensor, names: list[str], routed: bool) -> list[Any]:
+        from vistune.dense.features import FeatureExtractor, StopForward
+
+        rows: dict[str, torch.Tensor] = {}
+        for j, t in enumerate(names):
+            rows.setdefault(t, []).append(j)  # type: ignore[arg-type]
+        rows = {t: torch.tensor(r, dtype=torch.long, device=x.device) for t, r in rows.items()}
+        tasks = {t: self._tasks[t] for t in rows}
+        levels = {}
+        for task in tasks.values():
+            for lv in task.levels:
+                levels.setdefault(lv.module, lv)
+        classify = any(t.kind == "classify" for t in tasks.values())
+        extractor = FeatureExtractor(model, list(levels.values())) if levels else None
+        captured: dict[int, Any] = {}
+        pre = None
+        if routed:
+            self._rows, self._batch_size = rows, x.shape[0]
+        try:
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                if extractor is None:
+                    pre = model.forward_head(model.forward_features(x), pre_logits=True)
+                else:
+                    with extractor.capture(stop=not classify) as captured:
+                        try:
+                            feats = model.forward_features(x)
+                            if classify:
+                                pre = model.forward_head(feats, pre_logits=True)
+                        except StopForward:
+                            pass
+                    maps = self._maps(extractor, dict(captured), x)
+                outputs: list[Any] = [None] * len(names)
+                for t, task in tasks.items():
+                    r = rows[t]
+                    if task.kind == "classify":
+                        out = task.head(pre.index_select(0, r)).float()
+                        per = [out[j:j + 1] for j in range(len(r))]
+                    else:
+                        feats_t = [maps[lv.module].index_select(0, r) for lv in task.levels]
+                        out = task.head(feats_t, tuple(x.shape[-2:]))
+                        per = _split_dense(out, len(r))
+                    for j, o in zip(r.tolist(), per):
+                        outputs[j] = o
+                return outputs
+        finally:
+            if routed:
+                self._rows, self._batch_size = None, 0
+                for router in self._routers.values():
+                    router.saved.clear()
+
+    def _maps(self, extractor: Any, captured: dict[int, Any], x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Captured level outputs -> NCHW maps by module name; prompt tokens are dropped first (the
+        extractor reads the last H*W tokens; VPT's prompts sit between the prefix and the patches)."""
+        if extractor.vit:
+            model = extractor.model
+            pe = model.patch_embed
+            if getattr(model, "dynamic_img_size", False):
+                ph, pw = pe.patch_size if isinstance(pe.patch_size, (tuple, list)) else (pe.patch_size,) * 2
+                patches = (x.shape[-2] // ph) * (x.shape[-1] // pw)
+            else:
+                patches = int(pe.grid_size[0]) * int(pe.grid_size[1])
+            prefix = int(getattr(model, "num_prefix_tokens", 0))
+            for i, out in captured.items():
+                if isinstance(out, torch.Tensor) and out.dim() == 3 and out.shape[1] > prefix + patches:
+                    captured[i] = torch.cat([out[:, :prefix], out[:, out.shape[1] - patches:]], dim=1)
+        maps = extractor.maps(captured, x)
+        return {lv.module: m for lv, m in zip(extractor.levels, maps)}
+
+
+def _split_dense(out: Any, n: int) -> list[Any]:
+    """A dense head's batch output -> one single-image output per row."""
+    if isinstance(out, torch.Tensor):
+        return [out[j:j + 1] for j in range(n)]
+    per = []
+    for j in range(n):
+        d = {}
+        for k, v in out.items():
+            batched = isinstance(v, torch.Tensor) and k in ("cls", "box", "ctr")
+            d[k] = v[j:j + 1] if batched else v
+        per.append(d)
+    return per
+
+
+def _tuned_path(source: str | os.PathLike) -> Path:
+    """A tuned file, or the ``tuned.safetensors`` inside a run folder."""
+    p = Path(source)
+    if p.is_dir():
+        f = p / "tuned.safetensors"
+        if not f.is_file():
+            raise TunedFileError(f"{p}: no tuned.safetensors in this folder (is it a `vistune train` output?)")
+        return f
+    if not p.is_file():
+        raise TunedFileError(f"tuned file {p}: no such file or folder")
+    return p

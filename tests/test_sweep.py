@@ -1,0 +1,158 @@
+"""vistune sweep: Optuna search on val only, resume after a kill, several workers, the retrain stage."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+optuna = pytest.importorskip("optuna", reason="optuna (the sweep's search library) is not installed")
+
+from tests.test_engine import make_folder  # noqa: E402
+from vistune.cli import main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("sweepdata") / "data", classes=3, per_class=8)
+
+
+def sweep_argv(folder: Path, out: Path, *extra: str) -> list[str]:
+    return ["sweep", "--backbone", "test_vit", "--img-size", "32", "--method", "lora", "-o", "rank=2",
+            "--data", f"folder:{folder}", "--epochs", "2", "--batch-size", "8", "--out", str(out),
+            "--no-progress", "--pruner", "none", *extra]
+
+
+def _trial_metrics(out: Path) -> dict[str, dict]:
+    return {p.name: json.loads((p / "metrics.json").read_text()) for p in (out / "trials").iterdir()
+            if (p / "metrics.json").is_file()}
+
+
+def test_grid_selects_on_val_only_and_retrains_each_seed(folder, tmp_path, capsys):
+    out = tmp_path / "sw"
+    assert main(sweep_argv(folder, out, "--grid", "lr=0.3,0.003", "--grid", "wd=0", "--seeds", "2",
+                           "--trainval")) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    trials = _trial_metrics(out)
+    assert set(trials) == {"lr=0.003,wd=0", "lr=0.3,wd=0"}
+    for name, m in trials.items():  # the test split is never evaluated for a trial
+        assert not any(k.startswith(("test_", "periodic_test")) for k in m), name
+        log = (out / "trials" / name / "log.jsonl").read_text()
+        assert "test" not in log and m["num_val"] > 0
+    vals = {name: m["val_top1"] for name, m in trials.items()}
+    best = max(vals, key=lambda n: (vals[n], -float(n.split(",")[0][3:])))  # ties: the smaller lr
+    assert result["best"]["run_dir"] == f"trials/{best}" and result["best"]["val"] == vals[best]
+    final = result["final"]
+    assert final["trainval"] and [r["seed"] for r in final["runs"]] == [0, 1]
+    tests = []
+    for r in final["runs"]:
+        m = json.loads((out / r["dir"] / "metrics.json").read_text())
+        assert m["num_val"] == 0 and m["num_train"] == 24 + 9  # retrained on train+val
+        assert m["lr"] == result["best"]["params"]["lr"] and m["seed"] == r["seed"]
+        tests.append(m["test_top1"])
+    assert final["mean"] == pytest.approx(statistics.fmean(tests))
+    assert final["std"] == pytest.approx(statistics.stdev(tests))
+    assert (out / "sweep_grid.png").stat().st_size > 1000 and (out / "sweep_history.png").is_file()
+    assert "±" in (out / "sweep.md").read_text()
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row.startswith("| lora |") and f"{final['mean']:.2f} ± {final['std']:.2f} (n=2)" in row
+
+
+def test_killed_sweep_resumes_without_rerunning_finished_trials(folder, tmp_path, capsys):
+    from vistune.config import make_config
+    from vistune.workflows.sweep import Space, open_study, suggest
+    from vistune.workflows.train import train
+
+    out = tmp_path / "sw"
+    argv = sweep_argv(folder, out, "--grid", "lr=0.2,0.02,0.002", "--grid", "wd=0", "--seeds", "1")
+    assert main([*argv, "--max-trials", "1"]) == 0  # a first invocation that stops after one trial
+    first = _trial_metrics(out)
+    assert len(first) == 1 and not (out / "final").exists()
+    (name, _), = first.items()
+    stamp = (out / "trials" / name / "metrics.json").stat().st_mtime_ns
+    # Simulate a kill in the middle of the second trial: the study holds it RUNNING and its run
+    # folder holds the checkpoint of its first epoch.
+    space = Space({"lr": [0.2, 0.02, 0.002], "wd": [0.0]}, "adamw")
+    study = open_study(out, None, "vistune-sweep", "grid", space, "none", 2, 0)
+    trial = study.ask()
+    params = suggest(trial, space, "grid")
+    killed = f"lr={params['lr']:g},wd=0"
+    assert killed != name
+    cfg = make_config(backbone="test_vit", img_size=32, method="lora", options={"rank": 2}, data=f"folder:{folder}",
+                      epochs=2, batch_size=8, optimizer="adamw", lr=params["lr"], wd=0.0, progress=False,
+                      out=str(out / "trials" / killed), val_every=1)
+    assert train(cfg, stop_after_epoch=1, evaluate_test=False) == {"stopped_after_epoch": 1}
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "retrying 1 trial" in capsys.readouterr().err
+    result = json.loads((out / "sweep.json").read_text())
+    complete = [t for t in result["trials"] if t["state"] == "COMPLETE"]
+    assert sorted(t["params"]["lr"] for t in complete) == [0.002, 0.02, 0.2]  # each point once
+    assert (out / "trials" / name / "metrics.json").stat().st_mtime_ns == stamp  # not re-run
+    epochs = [json.loads(x)["epoch"] for x in (out / "trials" / killed / "log.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]  # the killed trial resumed from its checkpoint, no epoch twice
+    assert result["final"]["runs"][0]["test_top1"] is not None
+    again = (out / "sweep.json").stat().st_mtime_ns
+    assert main(argv) == 0  # a finished sweep: nothing runs again
+    assert len(json.loads((out / "sweep.json").read_text())["trials"]) == len(result["trials"])
+    assert (out / "sweep.json").stat().st_mtime_ns >= again
+
+
+def test_second_worker_joins_the_same_study(folder, tmp_path):
+    out = tmp_path / "sw"
+    assert main(sweep_argv(folder, out, "--grid", "lr=0.2,0.05,0.02,0.005", "--grid", "wd=0", "--seeds", "1",
+                           "--jobs", "2")) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    complete = [t for t in result["trials"] if t["state"] == "COMPLETE"]
+    assert sorted({t["params"]["lr"] for t in complete}) == [0.005, 0.02, 0.05, 0.2]
+    workers = {t["worker"] for t in complete}
+    assert len(workers) == 2, (workers, (out / "workers.log").read_text()[-2000:])
+
+
+def test_method_options_are_searched_and_pruner_reports_each_epoch(folder, tmp_path):
+    out = tmp_path / "sw"
+    argv = ["sweep", "--backbone", "test_vit", "--img-size", "32", "--method", "vpt", "-o", "vpt:length=1,3",
+            "-o", "deep=true", "--data", f"folder:{folder}", "--epochs", "2", "--batch-size", "8",
+            "--grid", "lr=0.1", "--grid", "wd=0", "--seeds", "1", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    assert result["space"]["options.length"] == ["1", "3"]
+    assert {t["params"]["options.length"] for t in result["trials"]} == {"1", "3"}
+    assert all(t["last_epoch"] == 2 for t in result["trials"])  # the pruner saw every epoch's val
+    final = json.loads((out / result["final"]["runs"][0]["dir"] / "metrics.json").read_text())
+    assert final["options"]["length"] == int(result["best"]["params"]["options.length"])
+    assert final["options"]["deep"] is True
+
+
+def test_pruning_callback_stops_a_trial_through_the_loop(folder, tmp_path):
+    from tests.test_engine import cfg_for
+    from vistune.workflows.sweep import OptunaPruning
+    from vistune.workflows.train import train
+
+    class Trial:
+        reports: list = []
+
+        def report(self, value, step):
+            self.reports.append((step, value))
+
+        def should_prune(self):
+            return True
+
+    trial = Trial()
+    with pytest.raises(optuna.TrialPruned, match="after epoch 1"):
+        train(cfg_for(folder, tmp_path / "p", method="linear", epochs=3), callbacks=[OptunaPruning(trial)],
+              evaluate_test=False)
+    assert [s for s, _ in trial.reports] == [1]
+    assert not (tmp_path / "p" / "metrics.json").exists()
+
+
+def test_bad_sweep_settings_are_one_line_errors(folder, tmp_path, capsys):
+    for extra in (["--grid", "lr"], ["--grid", "momentumx=1"], ["--grid", "lr=abc"], ["--sampler", "tpe"],
+                  ["--jobs", "0"]):
+        assert main(sweep_argv(folder, tmp_path / "x", *extra)) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "Traceback" not in err[0], (extra, err)
