@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,8 @@ T = "--backbone test_vit --img-size 32 --data folder:{data} --epochs 1 --batch-s
 #: (sub-command, argv template). Placeholders: {data} image folder, {cv} CamVid-style folder,
 #: {run}/{drun} a finished classification/segmentation run, {image} a photo, {notimage}, {text}
 #: and {garbage} files that are no image/weights/config, {afile} a plain file, {dup_yaml} and
-#: {bad_yaml} broken configs, {nan_metrics} a run folder whose metrics.json holds NaN, {tmp} a
+#: {bad_yaml} broken configs, {nan_metrics} a run folder whose metrics.json holds NaN, {bad_sweep}
+#: a sweep folder whose sweep.json is no result, {busy_port} a port already listened on, {tmp} a
 #: fresh folder per case.
 CASES: list[tuple[str, str]] = [
     ("", ""),
@@ -140,10 +142,46 @@ CASES: list[tuple[str, str]] = [
     ("eval", "eval --tuned {run} --data camvid:{cv}"),
     ("eval", "eval --tuned {run} --weights {text}"),
     ("eval", "eval --tuned {run} --split nope"),
+    ("sweep", "sweep " + T + " --method linear --out {tmp}/s --sampler tpe"),
+    ("sweep", "sweep " + T + " --method linear --out {tmp}/s --sampler tpe --trials 0"),
+    ("sweep", "sweep " + T + " --method linear --out {tmp}/s --max-trials 0"),
+    ("sweep", "sweep " + T + " --method linear --out {tmp}/s --seeds 0"),
+    ("sweep", "sweep " + T + " --method linear --out {tmp}/s --jobs 0"),
+    ("sweep", "sweep " + T + " --method linear --out {tmp}/s --grid lr"),
+    ("sweep", "sweep " + T + " --method linear --out {tmp}/s --grid lr=nan"),
+    ("sweep", "sweep " + T + " --method linear --out {tmp}/s --grid nope=1,2"),
+    ("sweep", "sweep " + T + " --method linear --out {tmp}/s --device banana"),
+    ("sweep", "sweep " + T + " --method linear --out {tmp}/s --img-size 30"),
+    ("sweep", "sweep " + T + " --method linear --out {afile}"),
+    ("export", "export --tuned {run} --format nope --out {tmp}/x"),
+    ("export", "export --tuned {tmp}/absent --format timm --out {tmp}/x"),
+    ("export", "export --tuned {text} --format timm --out {tmp}/x"),
+    ("export", "export --tuned {run} --format timm --out {afile}"),
+    ("export", "export --tuned {run} --format timm --out {run}"),
+    ("export", "export --tuned {run} --format onnx --exporter nope --out {tmp}/x"),
+    ("export", "export --tuned {run} --format peft --out {tmp}/x"),
+    ("export", "export --tuned {run} --format timm --out {tmp}/x --weights {text}"),
+    ("export", "export --tuned {run}"),
+    ("import-peft", "import-peft {tmp}/absent --backbone test_vit --out {tmp}/t.safetensors"),
+    ("import-peft", "import-peft {run} --backbone test_vit --out {tmp}/t.safetensors"),
+    ("import-peft", "import-peft {tmp} --backbone test_vit"),
+    ("serve", "serve"),
+    ("serve", "serve --task nope"),
+    ("serve", "serve --task a={tmp}/absent"),
+    ("serve", "serve --task a={text}"),
+    ("serve", "serve --task a={run} --task a={run}"),
+    ("serve", "serve --task a={run} --port 70000"),
+    ("serve", "serve --task a={run} --max-batch 0"),
+    ("serve", "serve --task a={run} --batch-window-ms nan"),
+    ("serve", "serve --task a={run} --device banana"),
+    ("serve", "serve --task a={run} --backbone nope"),
+    ("serve", "serve --task a={run} --port {busy_port}"),
+    ("serve", "serve --config {bad_yaml}"),
     ("report", "report"),
     ("report", "report {tmp}/absent"),
     ("report", "report {nan_metrics}"),
     ("report", "report {text}"),
+    ("report", "report {bad_sweep}"),
 ]
 
 #: Cases also run as a real ``python -m vistune`` process (argparse, timm's logging, warnings).
@@ -156,7 +194,7 @@ SUBPROCESS = [
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict[str, str]:
+def env(tmp_path_factory, request) -> dict[str, str]:
     root = tmp_path_factory.mktemp("fuzz")
     data = make_folder(root / "data", per_class=3)
     cv = make_camvid(root / "cv")
@@ -175,7 +213,13 @@ def env(tmp_path_factory) -> dict[str, str]:
     (root / "truncated.safetensors").write_bytes(tuned[: len(tuned) // 2])
     (root / "nan").mkdir()
     (root / "nan" / "metrics.json").write_text('{"method": "lora", "test_top1": NaN}')
-    return dict(data=str(data), cv=str(cv), run=str(run), drun=str(drun), image=str(next((cv / "test").glob("*.jpg"))),
+    (root / "sweep").mkdir()
+    (root / "sweep" / "sweep.json").write_text("[1, 2]")
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    request.addfinalizer(busy.close)
+    return dict(bad_sweep=str(root / "sweep"), busy_port=str(busy.getsockname()[1]),data=str(data), cv=str(cv), run=str(run), drun=str(drun), image=str(next((cv / "test").glob("*.jpg"))),
                 notimage=str(root / "notimage.png"), text=str(root / "notes.txt"), garbage=str(root / "garbage.bin"),
                 afile=str(root / "afile"), dup_yaml=str(root / "dup.yaml"), bad_yaml=str(root / "bad.yaml"),
                 truncated=str(root / "truncated.safetensors"), nan_metrics=str(root / "nan"))

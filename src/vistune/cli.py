@@ -327,6 +327,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args, trainval=False)
     seeds = list(range(args.seeds)) if args.seed_list is None else _int_list(args.seed_list)
+    if not args.worker and args.stage != "final":
+        from vistune.workflows.train import check_shared_settings
+
+        check_shared_settings(cfg)  # a bad setting: one line now, not a failed trial per worker
     result = run_sweep(cfg, grid=args.grid, optimizer_given=args.optimizer, sampler=args.sampler, trials=args.trials,
                        pruner=args.pruner, seeds=seeds, trainval=bool(args.trainval), storage=args.storage,
                        study_name=args.study_name, jobs=args.jobs, stage=args.stage, max_trials=args.max_trials,
@@ -522,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a searched run setting (lr, wd, head_lr, warmup_epochs, epochs, momentum, optimizer); "
                         "default: VPT's lr x wd grid for the method (method options: -o KEY=A,B)")
     p.add_argument("--sampler", choices=["grid", "tpe"], default="grid")
-    p.add_argument("--trials", type=int, default=None, help="number of trials for --sampler tpe")
+    p.add_argument("--trials", type=_positive_int, default=None, help="number of trials for --sampler tpe")
     p.add_argument("--pruner", choices=["median", "sha", "none"], default="median",
                    help="stop poor trials early on their per-epoch val numbers")
     p.add_argument("--seeds", type=int, default=3, help="seeds of the final retrain (0..N-1)")
@@ -532,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study-name", default="vistune-sweep")
     p.add_argument("--jobs", type=int, default=1, help="worker processes on this machine")
     p.add_argument("--stage", choices=["all", "search", "final"], default="all")
-    p.add_argument("--max-trials", type=int, default=None, help="run at most N trials in this invocation")
+    p.add_argument("--max-trials", type=_positive_int, default=None,
+                   help="run at most N trials in this invocation")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_sweep)
 
