@@ -153,6 +153,8 @@ CASES: list[tuple[str, str]] = [
     ("sweep", "sweep " + T + " --method linear --out {tmp}/s --device banana"),
     ("sweep", "sweep " + T + " --method linear --out {tmp}/s --img-size 30"),
     ("sweep", "sweep " + T + " --method linear --out {afile}"),
+    ("sweep", "sweep " + T + " --method linear --data folder:{tmp}/absent --out {tmp}/s"),
+    ("sweep", "sweep " + T + " --method linear --weights {text} --out {tmp}/s"),
     ("export", "export --tuned {run} --format nope --out {tmp}/x"),
     ("export", "export --tuned {tmp}/absent --format timm --out {tmp}/x"),
     ("export", "export --tuned {text} --format timm --out {tmp}/x"),
