@@ -327,10 +327,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args, trainval=False)
     seeds = list(range(args.seeds)) if args.seed_list is None else _int_list(args.seed_list)
-    if not args.worker and args.stage != "final":
+    if args.stage != "final":  # every worker too: each then starts its trials equally warm
+        import dataclasses
+
+        from vistune.workflows.sweep import split_searched_options
         from vistune.workflows.train import check_shared_settings
 
-        check_shared_settings(cfg)  # a bad setting: one line now, not a failed trial per worker
+        fixed, _ = split_searched_options(cfg.method, cfg.options)  # searched options are checked per value
+        check_shared_settings(dataclasses.replace(cfg, options=fixed))  # one line now, not a failed trial each
     result = run_sweep(cfg, grid=args.grid, optimizer_given=args.optimizer, sampler=args.sampler, trials=args.trials,
                        pruner=args.pruner, seeds=seeds, trainval=bool(args.trainval), storage=args.storage,
                        study_name=args.study_name, jobs=args.jobs, stage=args.stage, max_trials=args.max_trials,
