@@ -9,6 +9,8 @@ guesses module names on its own.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,10 +122,14 @@ def create_backbone(
                 )
             overlay = dict(file=str(path))
         weights_label = wname
+        file_state = read_weights_file(path)
         try:
-            model = _create(arch, kwargs, pretrained=True, pretrained_cfg_overlay=overlay)
+            with _quiet_timm_loader():
+                model = _create(arch, kwargs, pretrained=True, pretrained_cfg_overlay=overlay)
         except (RuntimeError, KeyError, ValueError) as err:
-            raise BackboneError(f"weights file {path} does not load into {arch!r}: {err}") from err
+            raise BackboneError(f"weights file {path} does not load into {arch!r}: {_first_line(err)}") from None
+        check_weights_loaded(model, file_state, path, arch)
+        del file_state
         if wentry is not None and wname in _POST_LOAD:
             import importlib
 
@@ -132,6 +138,8 @@ def create_backbone(
     else:
         model = _create(arch, kwargs, pretrained=False)
 
+    if img_size is not None:
+        check_img_size(model, name, img_size)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if mean is None and entry is not None:
         mean, std = entry.mean, entry.std
@@ -145,6 +153,170 @@ def create_backbone(
     if device is not None:
         model.to(device)
     return model
+
+
+def _first_line(err: BaseException) -> str:
+    """An exception's message as one line (torch's load errors span many, one per tensor)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    detail = [line for line in lines[1:] if "mismatch" in line or "Missing" in line or "Unexpected" in line]
+    text = lines[0] if not detail else f"{lines[0]} {detail[0]}"
+    more = len(detail) - 1
+    return text + (f" (and {more} more)" if more > 0 else "")
+
+
+@contextlib.contextmanager
+def _quiet_timm_loader():
+    """Mute timm's "Unexpected keys ... may be expected" warning while it loads a file: whether
+    the file fits is decided (and said in one line) by :func:`check_weights_loaded` instead."""
+    log = logging.getLogger("timm.models._builder")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file as timm reads it (``.safetensors`` or a torch state dict).
+
+    timm unwraps ``state_dict``/``model``/EMA entries and strips a ``module.`` prefix; reading
+    it the same way lets :func:`check_weights_loaded` compare what timm loaded against the file.
+    Anything that is not a weights file (text, garbage bytes, a pickle of other objects) is
+    refused here with one line, before any model is built.
+    """
+    from timm.models import load_state_dict
+
+    try:
+        state = load_state_dict(str(path))
+    except Exception as err:  # safetensors, zip and unpickling errors share no base class
+        from vistune.io import unreadable_reason
+
+        raise BackboneError(
+            f"weights file {path} is not a weights file (a .safetensors or a torch state dict): "
+            f"{unreadable_reason(err)}"
+        ) from None
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
+    if not tensors:
+        raise BackboneError(f"weights file {path} holds no tensors")
+    return state
+
+
+def _head_keys(model: nn.Module) -> tuple[set[str], tuple[str, ...]]:
+    """The classifier's state-dict names in the model, and the prefixes a file's classifier uses.
+
+    timm drops (and re-initialises) a classifier whose class count differs from the file's, so
+    those keys may legitimately be missing from the model, unexpected in the file, or differ.
+    """
+    head_ids = {id(p) for p in classifier(model).parameters()} if hasattr(model, "get_classifier") else set()
+    names = {n for n, p in model.named_parameters() if id(p) in head_ids}
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    prefixes = cfg.get("classifier") or ()
+    if isinstance(prefixes, str):
+        prefixes = (prefixes,)
+    return names, tuple(f"{p}." for p in prefixes)
+
+
+def _fit(model: nn.Module, state: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, different) keys of ``state`` against the model's loaded tensors."""
+    own = model.state_dict()
+    head, prefixes = _head_keys(model)
+
+    def is_head(key: str) -> bool:
+        return key in head or key.startswith(prefixes)
+
+    missing = [k for k in own if k not in state and not is_head(k) and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own and not is_head(k)]
+    different = []
+    for k, t in own.items():
+        v = state.get(k)
+        if is_head(k) or not isinstance(v, torch.Tensor) or v.shape != t.shape or t.device.type == "meta":
+            continue  # shape differs: resampled by timm's filter (position embeddings)
+        if not torch.equal(v.to(device=t.device, dtype=t.dtype), t):
+            different.append(k)
+    return missing, unexpected, different
+
+
+def check_weights_loaded(model: nn.Module, state: dict[str, Any], path: str | os.PathLike, arch: str) -> None:
+    """Prove the backbone's tensors came from ``state`` (the file), or refuse with one line.
+
+    timm loads a file non-strictly whenever the class count differs from the file's (always,
+    for a backbone without head), so a file whose keys do not fit (a tuned file, a training
+    checkpoint, another model's weights) would load nothing and leave a random backbone behind
+    a ``weights=FILE`` label. Every backbone tensor must be in the file under its name and hold
+    the file's values; only the classifier may be dropped and only timm-resampled tensors
+    (other shape) may differ. Files in another layout that timm's own checkpoint filter for the
+    architecture converts (e.g. original DINOv2 or open_clip keys) are checked after that filter.
+    """
+    missing, unexpected, different = _fit(model, state)
+    if not (missing or unexpected or different):
+        return
+    import importlib
+
+    filter_fn = getattr(importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        try:
+            filtered = filter_fn(dict(state), model)
+        except Exception:  # noqa: BLE001 - a filter that cannot read this file: keep the plain verdict
+            filtered = None
+        if isinstance(filtered, dict) and not any(_fit(model, filtered)):
+            return
+
+    def some(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+    n_own = len(model.state_dict())
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of the model's {n_own} tensors missing from the file ({some(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s) in the file ({some(unexpected)})")
+    if different:
+        parts.append(f"{len(different)} tensor(s) not loaded ({some(different)})")
+    raise BackboneError(
+        f"weights file {path} does not fit backbone {arch!r}: {'; '.join(parts)} "
+        "(expected the backbone's own state dict, e.g. saved by timm; not a tuned file or checkpoint)"
+    )
+
+
+def check_img_size(model: nn.Module, name: str, img_size: int) -> None:
+    """Refuse an input size the backbone cannot use as a whole.
+
+    A ViT's patch embedding is a strided convolution: a size that is not a multiple of the
+    patch size silently drops the last rows and columns (or fails at the first batch), and a
+    size below one patch has no tokens at all. For other backbones, a size below the native one
+    is tried once on a zero image (tiny at such sizes) so that one whose stages shrink the map
+    below a kernel is refused now rather than at the first batch with a traceback (on the meta
+    device, where ``info`` counts parameters, the same call checks shapes only).
+    """
+    pe = getattr(model, "patch_embed", None)
+    patch = getattr(pe, "patch_size", None)
+    if patch is not None and not getattr(pe, "dynamic_img_pad", False):
+        p = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+        if img_size < p:
+            raise BackboneError(f"img_size {img_size} is smaller than one {p}-pixel patch of {name}")
+        if img_size % p:
+            low = img_size - img_size % p
+            raise BackboneError(
+                f"img_size {img_size} is not a multiple of {name}'s patch size {p}: the last "
+                f"{img_size % p} pixel rows and columns would be dropped; use {low} or {low + p}"
+            )
+    first = next(iter(model.parameters()), None)
+    native = int(((getattr(model, "pretrained_cfg", None) or {}).get("input_size") or (3, 224, 224))[-1])
+    if first is None or img_size >= native:
+        return
+    was_training = model.training
+    try:
+        with torch.no_grad():  # on the meta device (``info``) this checks shapes only, for free
+            model.eval()(torch.zeros(1, 3, img_size, img_size, device=first.device, dtype=first.dtype))
+    except NotImplementedError:  # an op without a kernel here (meta): no verdict, the run will tell
+        pass
+    except (RuntimeError, AssertionError, ValueError) as err:
+        raise BackboneError(f"img_size {img_size} is too small for {name}: {_first_line(err)}") from None
+    finally:
+        model.train(was_training)
 
 
 def seeded_backbone(name: str, weights: str | os.PathLike | None = None, img_size: int | None = None,

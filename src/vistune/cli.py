@@ -8,14 +8,56 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import typing
 from collections.abc import Sequence
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's error contract: one line on stderr, exit 2.
+
+    Plain argparse prints the whole usage block first (twenty lines for ``train``), which
+    buries the one line that says what is wrong; ``--help`` still shows the usage.
+    """
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(text: object) -> str:
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def _number(kind: type, minimum: float | None = None, above: bool = False):
+    """An argparse ``type`` for a finite int/float with a lower bound, refused at parse time."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if minimum is not None and (value <= minimum if above else value < minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>' if above else '>='} {minimum:g}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+_positive_int = _number(int, 1)
+_count = _number(int, 0)
+_positive_float = _number(float, 0, above=True)
 
 
 def _add_backbone_args(p: argparse.ArgumentParser, method_required: bool = True) -> None:
     p.add_argument("--backbone", required=True, help="timm model name or vistune weights name (dinov2-s14, ...)")
     p.add_argument("--weights", default=None, help="vistune weights name or a local weights file")
-    p.add_argument("--img-size", type=int, default=None, help="input resolution (ViT position embeddings are resampled)")
+    p.add_argument("--img-size", type=_positive_int, default=None,
+                   help="input resolution (ViT position embeddings are resampled)")
     p.add_argument("--method", required=method_required, help="tuning method: linear, full, bitfit, vpt, lora, adapter, ...")
     p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
 
@@ -178,6 +220,13 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args, method="linear", out=str(Path(args.scores).parent))
     path = Path(args.scores)
+    if args.plot and not args.budget:
+        raise ValueError("--plot draws an allocation: give --budget too")
+    if args.budget:
+        from vistune.sensitivity.allocate import parse_budget
+
+        parse_budget(args.budget, 10**15)  # its form, before the pass (a percentage is resolved later)
+    path.parent.mkdir(parents=True, exist_ok=True)  # an unusable --scores place fails before the pass
     backbone, data, meta = write_sensitivity(cfg, path, batch_size=args.sens_batch_size, num_batches=args.batches,
                                              recompute=args.recompute)
     if meta is None:
@@ -195,8 +244,6 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         print("structured:", ", ".join(summary["structured_matrices"]) or "(none)")
         if args.plot:
             print(f"plot: {plot_allocation(alloc, args.plot)}")
-    elif args.plot:
-        raise ValueError("--plot draws an allocation: give --budget too")
     return 0
 
 
@@ -280,6 +327,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args, trainval=False)
     seeds = list(range(args.seeds)) if args.seed_list is None else _int_list(args.seed_list)
+    if args.stage != "final":  # every worker too: each then starts its trials equally warm
+        import dataclasses
+
+        from vistune.workflows.sweep import split_searched_options
+        from vistune.workflows.train import check_shared_settings
+
+        fixed, _ = split_searched_options(cfg.method, cfg.options)  # searched options are checked per value
+        check_shared_settings(dataclasses.replace(cfg, options=fixed))  # one line now, not a failed trial each
     result = run_sweep(cfg, grid=args.grid, optimizer_given=args.optimizer, sampler=args.sampler, trials=args.trials,
                        pruner=args.pruner, seeds=seeds, trainval=bool(args.trainval), storage=args.storage,
                        study_name=args.study_name, jobs=args.jobs, stage=args.stage, max_trials=args.max_trials,
@@ -409,13 +464,13 @@ def cmd_import_peft(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from vistune import __version__
 
-    parser = argparse.ArgumentParser(prog="vistune", description="Parameter-efficient tuning of frozen vision backbones")
+    parser = _Parser(prog="vistune", description="Parameter-efficient tuning of frozen vision backbones")
     parser.add_argument("--version", action="version", version=f"vistune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="parameter report of a method attached to a backbone")
     _add_backbone_args(p)
-    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--num-classes", type=_count, default=10)
     p.add_argument("--load-weights", action="store_true",
                    help="materialise the model and its weights (default: count on the meta device "
                         "unless --weights is given)")
@@ -431,14 +486,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sensitivity", help="SPT: gradient sensitivity scores (+ an allocation and its plot)")
     _add_train_args(p, runs=False)
     p.add_argument("--scores", required=True, help="output .safetensors for the scores")
-    p.add_argument("--sens-batch-size", type=int, default=32)
-    p.add_argument("--batches", type=int, default=16)
+    p.add_argument("--sens-batch-size", type=_positive_int, default=32)
+    p.add_argument("--batches", type=_positive_int, default=16)
     p.add_argument("--recompute", action="store_true")
     p.add_argument("--budget", default=None, help="e.g. 0.4M, 400k, 0.5%%: allocate and print the summary")
     p.add_argument("--structured", choices=["lora", "adapter", "none"], default="lora")
-    p.add_argument("--alpha", type=float, default=10.0)
-    p.add_argument("--beta", type=float, default=5.0)
-    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=_positive_float, default=10.0)
+    p.add_argument("--beta", type=_positive_float, default=5.0)
+    p.add_argument("--rank", type=_positive_int, default=8)
     p.add_argument("--plot", default=None, help="PNG heat-map of the allocation")
     p.set_defaults(func=cmd_sensitivity)
 
@@ -446,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tuned", required=True, help="dense run folder or its tuned.safetensors")
     p.add_argument("--image", required=True)
     p.add_argument("--out", required=True, help="output PNG")
-    p.add_argument("--score-threshold", type=float, default=0.3)
+    p.add_argument("--score-threshold", type=_number(float, 0), default=0.3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
@@ -460,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fewshot", help="few-shot protocol: shots x seeds x variants, mean ± std table + plot")
     _add_train_args(p, shots=False)
     p.add_argument("--shots", default="1,2,4,8,16", help="comma-separated K values")
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
+    p.add_argument("--seeds", type=_positive_int, default=3, help="number of seeds (0..N-1)")
     p.add_argument("--seed-list", default=None, help="explicit comma-separated seeds")
     p.add_argument("--compare", default=None, help="variants, e.g. vpt,vpt+pvp,lora,lora+pvp,linear")
     p.add_argument("--pvp", action="append", default=[], metavar="METHOD=FILE",
@@ -475,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a searched run setting (lr, wd, head_lr, warmup_epochs, epochs, momentum, optimizer); "
                         "default: VPT's lr x wd grid for the method (method options: -o KEY=A,B)")
     p.add_argument("--sampler", choices=["grid", "tpe"], default="grid")
-    p.add_argument("--trials", type=int, default=None, help="number of trials for --sampler tpe")
+    p.add_argument("--trials", type=_positive_int, default=None, help="number of trials for --sampler tpe")
     p.add_argument("--pruner", choices=["median", "sha", "none"], default="median",
                    help="stop poor trials early on their per-epoch val numbers")
     p.add_argument("--seeds", type=int, default=3, help="seeds of the final retrain (0..N-1)")
@@ -485,7 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study-name", default="vistune-sweep")
     p.add_argument("--jobs", type=int, default=1, help="worker processes on this machine")
     p.add_argument("--stage", choices=["all", "search", "final"], default="all")
-    p.add_argument("--max-trials", type=int, default=None, help="run at most N trials in this invocation")
+    p.add_argument("--max-trials", type=_positive_int, default=None,
+                   help="run at most N trials in this invocation")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_sweep)
 
@@ -497,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-class-mismatch", action="store_true",
                    help="evaluate although the data's class names differ from the model's")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -556,8 +612,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     where = f" (rank {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""
     try:
         return int(args.func(args) or 0)
-    except (VistuneError, ValueError, FileNotFoundError) as err:
-        print(f"vistune {args.command}: error{where}: {err}", file=sys.stderr)
+    except (VistuneError, ValueError, OSError) as err:
+        # OSError: a path the user named cannot be read or written (a file where a folder is
+        # expected, a read-only place, a full disk): the message names it, a traceback adds nothing.
+        if isinstance(err, OSError) and err.filename is not None and err.strerror:
+            err = f"{err.strerror}: {err.filename}"
+        print(f"vistune {args.command}: error{where}: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as err:
+        text = _one_line(err)
+        if not isinstance(err, MemoryError) and "out of memory" not in text and "can't allocate memory" not in text:
+            raise  # a bug: keep its traceback
+        print(f"vistune {args.command}: error{where}: out of memory ({text[:200]}); lower --batch-size, "
+              "--img-size or the method's size options", file=sys.stderr)
         return 2
 
 

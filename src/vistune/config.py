@@ -116,6 +116,8 @@ class TrainConfig:
             raise ConfigError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {self.head_init!r}")
         if self.task not in TASKS:
             raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if not str(self.out).strip():
+            raise ConfigError("out must name an output folder, got an empty string")
         if self.img_size is not None and self.img_size < 8:
             raise ConfigError(f"img_size must be >= 8 pixels, got {self.img_size}")
 
@@ -144,6 +146,40 @@ def config_keys() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_key_loader() -> type:
+    """A ``yaml.SafeLoader`` that refuses a key given twice in one mapping.
+
+    Plain YAML keeps the last value silently, so ``lr: 0.1`` further down a long file would
+    quietly win over the ``lr: 0.01`` the user is looking at. Built on demand so that importing
+    this module stays free of PyYAML.
+    """
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *base`` may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:  # an unhashable key: let SafeLoader report it
+                    continue
+                if first != key_node.start_mark.line + 1:
+                    raise _DuplicateKey(
+                        f"key {key!r} is given twice (lines {first} and {key_node.start_mark.line + 1}); "
+                        "keep one"
+                    )
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML mapping of TrainConfig keys (``-`` or ``_`` spelling); unknown keys are errors."""
     import yaml
@@ -152,9 +188,12 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        with path.open() as fh:  # a stream, so YAML's messages name the file
+            data = yaml.load(fh, Loader=_unique_key_loader()) or {}
+    except _DuplicateKey as err:
+        raise ConfigError(f"config file {path}: {err}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path}: not valid YAML ({err})") from None
+        raise ConfigError(f"config file {path}: not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of keys, got {type(data).__name__}")
     keys = set(config_keys())

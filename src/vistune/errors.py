@@ -18,3 +18,7 @@ class NotMergeableError(VistuneError):
 
 class TunedFileError(VistuneError):
     """A tuned file is corrupt, truncated, or was made for another backbone/method."""
+
+
+class MergeError(VistuneError, ValueError):
+    """Merging would write non-finite values into the base weights; the model is left as it was."""

@@ -126,6 +126,20 @@ def remove_orphan_temps(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def unreadable_reason(err: BaseException) -> str:
+    """Why a file we tried to load is not what it claims, in one short line.
+
+    Loading arbitrary bytes raises anything (unpickling a text file raises ``KeyError(101)``),
+    and torch's weights-only refusal suggests ``weights_only=False``, i.e. running the file's
+    code, which vistune never does: neither is a useful message, so both become one plain line.
+    """
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if "weights_only" in text or "Weights only" in text or not any(c.isalpha() for c in text):
+        return "not a plain tensor file: torch.load (weights only, never code) cannot read it"
+    return text[:200]
+
+
 def read_with_json_meta(
     path: str | os.PathLike, key: str, fmt: str, error: type[Exception], what: str, writer: str
 ) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -9,6 +9,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from vistune.errors import VistuneError
+
 DEFAULT_COLUMNS = (
     ("method", "method"),
     ("options", "options"),
@@ -22,19 +24,63 @@ DEFAULT_COLUMNS = (
 )
 
 
+_NUMERIC = ("test_top1", "val_top1", "tuned_params", "head_params", "train_img_per_s", "train_seconds",
+            "peak_memory_mb", "test_miou", "test_map50", "test_map")
+
+
+class ReportError(VistuneError, ValueError):
+    """A metrics.json that is not one vistune wrote (not JSON, NaN values, wrong types)."""
+
+
+def _refuse_constant(name: str) -> None:
+    raise ReportError(name)
+
+
+def read_metrics(path: str | os.PathLike) -> dict[str, Any]:
+    """One run's metrics.json, refused with one line unless it is a strict-JSON object of a run.
+
+    ``NaN``/``Infinity`` are not JSON; vistune never writes them (a diverging run stops without
+    metrics), so a file holding them is damaged or from a broken run and must not become a
+    normal-looking table row.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(), parse_constant=_refuse_constant)
+    except ReportError as err:
+        raise ReportError(f"{path} holds {err}, which is not a number in JSON (a diverged run or a damaged "
+                          "file); leave it out of the report") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ReportError(f"{path} is not JSON ({err})") from None
+    if not isinstance(data, dict) or "method" not in data:
+        raise ReportError(f"{path} is not a vistune metrics.json (expected a JSON object with a 'method' key)")
+    for key in _NUMERIC:
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ReportError(f"{path}: {key} is {value!r}, not a number")
+    if data.get("options") is not None and not isinstance(data["options"], dict):
+        raise ReportError(f"{path}: options is {data['options']!r}, not an object")
+    return data
+
+
 def load_metrics(paths: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
-    """metrics.json of run folders; a sweep folder gives one row (its retrained seeds' mean ± std)."""
+    """metrics.json of run folders; a sweep folder gives one row (its retrained seeds' mean ± std).
+    Folders without metrics are skipped (a run still in progress); a damaged file is refused."""
     from vistune.workflows.sweep import sweep_row
 
     rows = []
     for p in paths:
         p = Path(p)
-        if p.is_dir() and (row := sweep_row(p)) is not None:
-            rows.append(row)
-            continue
+        if p.is_dir():
+            try:
+                row = sweep_row(p)
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                raise ReportError(f"{p / 'sweep.json'} is not a vistune sweep result ({err!r})") from None
+            if row is not None:
+                rows.append(row)
+                continue
         f = p / "metrics.json" if p.is_dir() else p
         if f.is_file():
-            rows.append(json.loads(f.read_text()))
+            rows.append(read_metrics(f))
     return rows
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from vistune import __version__
 from vistune.backbones import backbone_info, classifier, head_parameters
-from vistune.errors import MethodError, TunedFileError
+from vistune.errors import MergeError, MethodError, TunedFileError
 from vistune.io import read_with_json_meta, write_atomic
 from vistune.methods import get_method, parse_options
 from vistune.methods.base import Method
@@ -149,9 +149,21 @@ class TunedModel(nn.Module):
 
     # -- merging ------------------------------------------------------------------------
     def merge(self) -> TunedModel:
-        """Fold mergeable deltas into the base weights; the model then has no extra modules."""
-        if not self.method.merged:
-            self.method.merge(self.model)
+        """Fold mergeable deltas into the base weights; the model then has no extra modules.
+
+        Like PEFT's ``safe_merge``, nothing is written unless every merged weight is finite: a
+        non-finite tuned tensor, or a delta that overflows the weight's dtype, raises
+        :class:`MergeError` and leaves the model exactly as it was (still unmerged).
+        """
+        if self.method.merged:
+            return self
+        tuned = {id(p) for p in self.tuned_parameters(include_head=False)}
+        bad = [n for n, p in self.model.named_parameters()
+               if id(p) in tuned and not bool(torch.isfinite(p.detach()).all())]
+        if bad:
+            raise MergeError(f"cannot merge: tuned tensor {bad[0]} holds non-finite values "
+                             f"({len(bad)} such tensor(s)); the model is left unmerged")
+        self.method.merge(self.model)
         return self
 
     def unmerge(self) -> TunedModel:

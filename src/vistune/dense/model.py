@@ -154,8 +154,10 @@ def load_dense(path: str | os.PathLike, device: str | torch.device = "cpu",
     records only a label; see :func:`vistune.backbones.backbone_for_file`).
     """
     from vistune.backbones import backbone_for_file
+    from vistune.engine.distributed import resolve_device
     from vistune.tuning import load_tuned, read_tuned_file
 
+    device = resolve_device(device)  # a bad --device fails before any file is read
     tuned_path, head_path = resolve_run(path)
     head_meta, head_tensors = read_head_file(head_path)
     meta, _ = read_tuned_file(tuned_path)
@@ -168,7 +170,5 @@ def load_dense(path: str | os.PathLike, device: str | torch.device = "cpu",
         model.head.load_state_dict(head_tensors, strict=True)
     except RuntimeError as err:
         raise TunedFileError(f"dense head file {head_path} does not fit its recorded config: {err}") from None
-    if str(device) == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device).eval()
     return model, head_meta

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ import numpy as np
 import torch
 
 from vistune.config import ConfigError
-from vistune.io import torch_save_atomic
+from vistune.io import torch_save_atomic, unreadable_reason
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = "vistune.checkpoint/2"
@@ -83,9 +81,10 @@ def load_checkpoint(path: str | os.PathLike, config: dict[str, Any]) -> dict[str
         raise CheckpointError(f"--resume: no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"--resume: {path} is not a readable vistune checkpoint ({first[:160]})") from None
+    except Exception as err:  # noqa: BLE001 - arbitrary bytes: unpickling raises KeyError, IndexError, ...
+        raise CheckpointError(
+            f"--resume: {path} is not a readable vistune checkpoint ({unreadable_reason(err)})"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"--resume: {path} is not a vistune checkpoint (format {got!r}, expected {FORMAT!r})")

@@ -32,14 +32,42 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from vistune.errors import VistuneError
+
 #: How long a collective may wait for a peer before the job fails (instead of hanging forever).
 DEFAULT_TIMEOUT_S = float(os.environ.get("VISTUNE_DIST_TIMEOUT", 600))
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
+class DeviceError(VistuneError, ValueError):
+    """A ``--device`` that torch does not know, or one this machine does not have."""
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``auto`` (a GPU when there is one), or a device this machine really has.
+
+    Checked here, once, so that ``--device cuda`` on a machine without a GPU or a typo such as
+    ``--device banana`` ends in one line before any work, not in a traceback from the first
+    ``.to(device)``.
+    """
+    text = str(name).strip()
+    if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise DeviceError(f"unknown device {text!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "meta":
+        raise DeviceError("device 'meta' holds no values (it only describes shapes); use auto, cpu or cuda")
+    backend = getattr(torch, dev.type, None)
+    available = torch.backends.mps.is_available if dev.type == "mps" else getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise DeviceError(f"device {text!r} is not available on this machine; use --device cpu (or auto)")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and count is not None and dev.index >= count():
+        raise DeviceError(f"device {text!r} does not exist: this machine has {count()} {dev.type} device(s)")
+    return dev
 
 
 @dataclass

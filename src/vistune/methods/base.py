@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from vistune.errors import MethodError, NotMergeableError
+from vistune.errors import MergeError, MethodError, NotMergeableError
 
 
 @dataclasses.dataclass
@@ -117,6 +117,24 @@ class Method:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+
+
+def check_merged_finite(model: nn.Module, host: nn.Module, attr: str, merged: torch.Tensor) -> None:
+    """Refuse a merge whose result ``merged`` (the would-be value of ``host.<attr>``) is not finite.
+
+    Called for every site *before* any weight is written (PEFT's ``safe_merge`` idea): a delta
+    that overflows the weight's dtype would otherwise leave inf/NaN in the backbone, and
+    ``unmerge`` could not subtract it back out (inf - inf is NaN).
+    """
+    if torch.isfinite(merged).all():
+        return
+    name = next((n for n, m in model.named_modules() if m is host), type(host).__name__)
+    where = f"{name}.{attr}" if name else attr
+    bad = int((~torch.isfinite(merged)).sum())
+    raise MergeError(
+        f"merging would make {bad} value(s) of {where} non-finite (the delta overflows "
+        f"{str(merged.dtype).removeprefix('torch.')}); the model is left unmerged"
+    )
 
 
 class NothingToMerge:

@@ -19,7 +19,7 @@ from torch import nn
 
 from vistune.backbones import VIT_MATRICES, is_vit, vit_block_linears
 from vistune.errors import MethodError
-from vistune.methods.base import Method
+from vistune.methods.base import Method, check_merged_finite
 
 
 @dataclass
@@ -158,6 +158,10 @@ class LoRA(Method):
 
     @torch.no_grad()
     def merge(self, model: nn.Module) -> None:
+        # Check every site first, write none unless all are finite (recomputing ΔW below is a
+        # rank-r matmul per site: cheaper than holding every merged weight at once).
+        for host, branch in self._sites:
+            check_merged_finite(model, host, "weight", host.weight + branch.delta_weight().to(host.weight.dtype))
         for host, branch in self._sites:
             host.weight += branch.delta_weight().to(host.weight.dtype)
             del host._modules["lora"]

@@ -56,7 +56,7 @@ from torch import nn
 
 from vistune.errors import MethodError, NotMergeableError
 from vistune.methods.adapter import Bottleneck
-from vistune.methods.base import Method, Routing
+from vistune.methods.base import Method, Routing, check_merged_finite
 from vistune.methods.lora import LoRABranch
 from vistune.sensitivity import (
     STRUCTURED_TYPES,
@@ -353,6 +353,15 @@ class SPT(Method):
                 "behind a GELU, not a change of the weights, so it cannot be merged; keep it attached, or "
                 "use structured=lora for a mergeable SPT"
             )
+        for host, kind, child in self._sites:  # all sites are checked before any is written
+            if kind == SPARSE:
+                for attr in child.attrs:
+                    flat = host._parameters[attr].data.view(-1)
+                    idx = child.index(attr)
+                    check_merged_finite(model, host, attr, flat[idx] + child.delta(attr).to(flat.dtype))
+            else:
+                check_merged_finite(model, host, "weight",
+                                    host.weight + child.delta_weight().view_as(host.weight).to(host.weight.dtype))
         for host, kind, child in self._sites:
             if kind == SPARSE:
                 saved = {}

@@ -222,7 +222,7 @@ class Allocator:
     ) -> None:
         if structured not in STRUCTURED_TYPES:
             raise SensitivityError(f"structured must be one of {STRUCTURED_TYPES}, got {structured!r}")
-        if alpha <= 0 or beta <= 0 or rank < 1:
+        if not (0 < alpha < math.inf and 0 < beta < math.inf) or rank < 1:  # NaN fails too
             raise SensitivityError(f"need alpha > 0, beta > 0 and rank >= 1 (got {alpha}, {beta}, {rank})")
         _check_keys(scores, model, "scores")
         self.arch = backbone_info(model).arch

@@ -162,6 +162,21 @@ def build_model(cfg: ServeConfig):
     return model
 
 
+def _check_can_listen(host: str, port: int) -> None:
+    """Bind the address once before loading anything: uvicorn reports a bad host or a busy port
+    as several log lines and exit code 3, after the models are loaded."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            sock.bind(address)
+    except OSError as err:
+        raise ServeConfigError(f"cannot listen on {host}:{port} ({err.strerror or err})") from None
+
+
 def serve(cfg: ServeConfig) -> int:
     """Load everything, then run uvicorn until interrupted."""
     try:
@@ -171,6 +186,7 @@ def serve(cfg: ServeConfig) -> int:
     except ImportError as err:
         raise ServeConfigError(f"vistune serve needs FastAPI and uvicorn ({err}); install them with "
                                "pip install 'vistune[serve]'") from None
+    _check_can_listen(cfg.host, cfg.port)
     model = build_model(cfg)
     app = create_app(model, max_batch=cfg.max_batch, batch_window_ms=cfg.batch_window_ms,
                      max_upload_bytes=int(cfg.max_upload_mb * 2**20), admin=not cfg.read_only)

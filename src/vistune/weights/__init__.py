@@ -310,6 +310,8 @@ def list_cached(cache_dir: str | os.PathLike | None = None) -> list[dict]:
     from safetensors import safe_open
 
     directory = weights_dir(cache_dir)
+    if directory.exists() and not directory.is_dir():
+        raise WeightsError(f"weights cache {directory} is a file, not a folder")
     if not directory.is_dir():
         return []
     rows = []

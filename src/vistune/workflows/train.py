@@ -61,6 +61,28 @@ def check_method(cfg: TrainConfig) -> None:
     parse_options(get_method(cfg.method), cfg.options)
 
 
+def check_shared_settings(cfg: TrainConfig) -> None:
+    """Check once what every run of a multi-run workflow shares, before the first run starts.
+
+    The method options, the device, the backbone with its weights and image size, and the data.
+    A sweep trial that fails on one of these fails inside Optuna, which logs the trial's
+    traceback before the CLI's one line; checked here, the sweep stops with the one line only.
+    """
+    from vistune.engine.distributed import resolve_device
+
+    check_method(cfg)
+    resolve_device(cfg.device)
+    backbone = make_task(cfg.task).build_backbone(cfg)
+    if cfg.task == "classify":
+        from vistune.tasks.classify import load_classification_data
+
+        load_classification_data(cfg, backbone)
+    else:
+        from vistune.tasks.dense import load_dense_for
+
+        load_dense_for(cfg, cfg.task, backbone)
+
+
 def saved_config(values: dict[str, Any] | None, **overrides: Any) -> TrainConfig:
     """A TrainConfig from a run's recorded config (keys this version does not know are dropped)."""
     known = set(config_keys())
