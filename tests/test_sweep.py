@@ -156,3 +156,14 @@ def test_bad_sweep_settings_are_one_line_errors(folder, tmp_path, capsys):
         assert main(sweep_argv(folder, tmp_path / "x", *extra)) == 2, extra
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "Traceback" not in err[0], (extra, err)
+
+
+def test_a_diverging_trial_fails_alone(folder, tmp_path):
+    """A learning rate that blows up is a bad configuration, not a broken sweep."""
+    out = tmp_path / "sw"
+    assert main(sweep_argv(folder, out, "--grid", "lr=1e9,0.01", "--grid", "wd=0", "--optimizer", "sgd",
+                           "--clip-grad", "0", "--seeds", "1")) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    states = {t["params"]["lr"]: t["state"] for t in result["trials"]}
+    assert states == {1e9: "FAIL", 0.01: "COMPLETE"}
+    assert result["best"]["params"]["lr"] == 0.01 and result["final"]["runs"][0]["test_top1"] is not None

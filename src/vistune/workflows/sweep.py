@@ -43,6 +43,7 @@ from typing import Any
 
 from vistune.config import ConfigError, TrainConfig
 from vistune.engine.callbacks import Callback, FitState
+from vistune.engine.loop import DivergedError
 from vistune.engine.rundir import FolderLock, RunDirError
 from vistune.io import save_figure_atomic, write_json_atomic, write_text_atomic
 
@@ -281,7 +282,6 @@ def suggest(trial: Any, space: Space, sampler: str) -> dict[str, Any]:
 def search(base: TrainConfig, space: Space, out: Path, study: Any, sampler: str, trials: int | None,
            max_trials: int | None, progress: bool, pruning: bool = True) -> None:
     """This worker's share of stage 1: trials until the grid is exhausted (or N trials exist)."""
-    from optuna.trial import TrialState
 
     from vistune.workflows.train import train
 
@@ -299,14 +299,23 @@ def search(base: TrainConfig, space: Space, out: Path, study: Any, sampler: str,
             metrics = json.loads(done.read_text())
         else:
             resume = (run_dir / "checkpoint.pt").is_file()
-            metrics = train(cfg, resume=resume, evaluate_test=False, callbacks=[OptunaPruning(trial)])
+            try:
+                metrics = train(cfg, resume=resume, evaluate_test=False, callbacks=[OptunaPruning(trial)])
+            except RunDirError:
+                if not done.is_file():  # another worker is running this configuration right now
+                    raise
+                metrics = json.loads(done.read_text())  # ... or just finished it: its number counts
+            except DivergedError as err:  # a bad setting, not a broken sweep: the trial fails, the rest go on
+                trial.set_user_attr("error", str(err))
+                print(f"vistune sweep: trial {trial.number} ({_params(params)}): {err}", file=sys.stderr)
+                return float("nan")  # Optuna records a NaN objective as a failed trial
         key = f"val_{_primary(metrics)}"
         if metrics.get(key) is None:
             raise SweepError(f"trial {run_dir}: the run has no {key} (does the data have a val split?)")
         return float(metrics[key])
 
     def finished() -> int:
-        return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+        return sum(_settled(t) for t in study.get_trials(deepcopy=False))
 
     n_trials = max_trials
     if sampler == "tpe":
@@ -323,10 +332,17 @@ def _primary(metrics: dict[str, Any]) -> str:
     return {"classify": "top1", "segment": "miou", "detect": "map50"}.get(metrics.get("task", "classify"), "top1")
 
 
-def _grid_done(study: Any, space: Space) -> bool:
+def _settled(t: Any) -> bool:
+    """A trial is settled when it completed, was pruned, or failed for its own reason (it diverged)."""
     from optuna.trial import TrialState
 
-    done = {trial_name(t.params) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))}
+    return t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
+        t.state == TrialState.FAIL and "error" in t.user_attrs)
+
+
+def _grid_done(study: Any, space: Space) -> bool:
+
+    done = {trial_name(t.params) for t in study.get_trials(deepcopy=False) if _settled(t)}
     import itertools
 
     keys = list(space.values)
@@ -334,11 +350,10 @@ def _grid_done(study: Any, space: Space) -> bool:
 
 
 def _search_complete(study: Any, space: Space, sampler: str, trials: int | None) -> bool:
-    from optuna.trial import TrialState
 
     if sampler == "grid":
         return _grid_done(study, space)
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))) >= (trials or 0)
+    return sum(_settled(t) for t in study.get_trials(deepcopy=False)) >= (trials or 0)
 
 
 def best_trial(study: Any) -> Any:
@@ -462,7 +477,8 @@ def summarise(study: Any, space: Space, out: Path, base: TrainConfig) -> dict[st
             continue
         rows.append({"number": t.number, "state": t.state.name, "params": dict(t.params), "value": t.value,
                      "last_epoch": max(t.intermediate_values) if t.intermediate_values else None,
-                     "run_dir": t.user_attrs.get("run_dir"), "worker": t.user_attrs.get("worker")})
+                     "run_dir": t.user_attrs.get("run_dir"), "worker": t.user_attrs.get("worker"),
+                     "error": t.user_attrs.get("error")})
     result: dict[str, Any] = {
         "format": "vistune.sweep/1", "method": base.method, "options": base.options, "data": base.data,
         "backbone": base.backbone, "img_size": base.img_size, "epochs": base.epochs,
