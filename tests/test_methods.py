@@ -281,3 +281,20 @@ def test_cnn_methods(method, tmp_path):
     torch.manual_seed(0)
     loaded = load_tuned(path, create_backbone("test_resnet", num_classes=3)).eval()
     torch.testing.assert_close(loaded(x), tuned(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method,opts", [("lora", {}), ("vpt", {"length": 2}), ("adapter", {}), ("bitfit", {}),
+                                         ("protuning", {})])
+def test_frozen_weights_stored_in_bf16_change_nothing_under_autocast(method, opts):
+    """bf16 runs keep frozen Linear/Conv weights in bf16: autocast casts them to exactly that anyway."""
+    import copy
+
+    backbone = create_backbone("test_vit", img_size=32)
+    a = attach(copy.deepcopy(backbone), method, num_classes=3, **opts)
+    b = attach(copy.deepcopy(backbone), method, num_classes=3, **opts)
+    b.load_state_dict(a.state_dict())
+    assert b.cast_frozen_matmul_weights() > 0
+    assert all(p.dtype == torch.float32 for p in b.tuned_parameters())  # the optimizer's copies stay fp32
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(a(x), b(x))

@@ -147,6 +147,15 @@ class Task:
                 p.requires_grad_(False)
         return tuned
 
+    def place(self, tuned: TunedModel) -> TunedModel:
+        """The tuned model on the run's device; in bf16 runs its frozen Linear/Conv weights are
+        stored in bf16 (bit-identical under autocast, one cast per step and half their memory
+        saved: ``benchmarks/speed.py --frozen-bf16``)."""
+        tuned = tuned.to(self.rt.device)
+        if self.cfg.precision == "bf16":
+            tuned.cast_frozen_matmul_weights(torch.bfloat16)
+        return tuned
+
     def scores_path(self, cfg: TrainConfig, out: Path | None) -> Path | None:
         if cfg.sensitivity:
             return Path(cfg.sensitivity)

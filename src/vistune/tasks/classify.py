@@ -68,7 +68,7 @@ class ClassifyTask(Task):
                               "cross-entropy")
             tuned = self.attach_method(cfg, backbone, self.data.num_classes, probe,
                                        reseed=lambda: seed_everything(cfg.seed))
-        self.tuned = tuned.to(rt.device)
+        self.tuned = self.place(tuned)
         self.head = classifier(self.tuned.model)
         self.use_cache = bool(cfg.cache_features and not cfg.augment and self.tuned.features_are_static())
         self._cache: dict[str, TensorDataset] = {}

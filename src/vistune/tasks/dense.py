@@ -99,7 +99,7 @@ class DenseTask(Task):
         else:
             self.data = data if data is not None else load_dense_for(cfg, self.name, model.tuned.model)
         self.model = model.to(rt.device)
-        self.tuned: TunedModel = model.tuned
+        self.tuned: TunedModel = self.place(model.tuned)
         # evaluation of a loaded model reads the test split without a cache, as training's final test does
         self.use_cache = bool(cfg.cache_features and self.tuned.features_are_static() and model_built)
         self.train_cache = self.val_cache = None

@@ -56,8 +56,8 @@ class MultiSourceTask(Task):
         first = self.datas[0]
         probe = TaskProbe(self.sensitivity_losses, self.scores_path(cfg, out), self.sources[0], SENSITIVITY_BATCH,
                           "cross-entropy")
-        self.tuned = self.attach_method(cfg, backbone, first.num_classes, probe,
-                                        reseed=lambda: seed_everything(cfg.seed)).to(rt.device)
+        self.tuned = self.place(self.attach_method(cfg, backbone, first.num_classes, probe,
+                                                   reseed=lambda: seed_everything(cfg.seed)))
         width = int(self.tuned.model.num_features)
         self.extra_heads = nn.ModuleList(nn.Linear(width, d.num_classes) for d in self.datas[1:]).to(rt.device)
         self.heads: list[nn.Module] = [classifier(self.tuned.model), *self.extra_heads]
