@@ -122,6 +122,8 @@ def main() -> int:
     ap.add_argument("--variants", default=";".join(VARIANTS), help="labels separated by ;")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd LoRA q,v and full")
     ap.add_argument("--no-peft", action="store_true")
+    ap.add_argument("--fused-attention", action="store_true",
+                    help="keep timm's fused SDPA attention (vistune switches it off on CPU; see set_fused_attention)")
     ap.add_argument("--frozen-bf16", action="store_true",
                     help="also time each PETL variant with its frozen Linear/Conv weights stored in bf16 (bf16 runs)")
     args = ap.parse_args()
@@ -154,6 +156,11 @@ def main() -> int:
             if label in models:
                 models[f"{label} compiled"] = torch.compile(build(backbone, *VARIANTS[label], args.num_classes, scores))
 
+    if not args.fused_attention:  # what vistune runs do on CPU (backbones.set_fused_attention)
+        from vistune.backbones import set_fused_attention
+
+        for m in models.values():
+            set_fused_attention(m, False)
     rows = []
     for prec in [p.strip() for p in args.precisions.split(",") if p.strip()]:
         bf16 = prec == "bf16"
@@ -176,8 +183,9 @@ def main() -> int:
             rows.append((prec, label, med * 1000, med / base if base else float("nan"), args.batch_size / med,
                          activation_mb(m, x, bf16), trainable))
 
+    attn = "fused SDPA" if args.fused_attention else "explicit (vistune's CPU default)"
     print(f"\n{args.backbone} @{args.img_size} px, batch {args.batch_size}, {torch.get_num_threads()} threads, "
-          f"median of {args.rounds} rounds x {args.steps} steps, torch {torch.__version__}\n")
+          f"attention {attn}, median of {args.rounds} rounds x {args.steps} steps, torch {torch.__version__}\n")
     print("| precision | variant | ms/step | × full FT | img/s | activations MB | trainable params |")
     print("|---|---|---|---|---|---|---|")
     for prec, label, ms, ratio, ips, act, n in rows:

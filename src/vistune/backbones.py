@@ -332,6 +332,22 @@ def seeded_backbone(name: str, weights: str | os.PathLike | None = None, img_siz
         return create_backbone(name, weights=weights, img_size=img_size, num_classes=num_classes)
 
 
+def set_fused_attention(model: nn.Module, enabled: bool) -> int:
+    """Switch timm's fused attention (``F.scaled_dot_product_attention``) on or off in every block.
+
+    Why off on CPU: PyTorch's CPU flash-attention *backward* is slow for the short sequences
+    vistune trains on (65 tokens at 112 px): on DINOv2-S, batch 32, bf16 it took ~40% of a LoRA
+    step, and the explicit softmax(q·kᵀ)·v path made the step 1.8x faster (forward alone: equal).
+    Returns how many attention modules were switched.
+    """
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "fused_attn") and isinstance(m.fused_attn, bool):
+            m.fused_attn = enabled
+            n += 1
+    return n
+
+
 def backbone_for_file(recorded: dict[str, Any], source: str | os.PathLike,
                       weights: str | os.PathLike | None = None) -> nn.Module:
     """Rebuild the backbone a tuned file's metadata (``recorded = meta["backbone"]``) names.

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vistune.backbones import seeded_backbone
+from vistune.backbones import seeded_backbone, set_fused_attention
 from vistune.config import ConfigError, TrainConfig
 from vistune.tuning import TunedModel, attach, attach_from_file
 
@@ -148,12 +148,16 @@ class Task:
         return tuned
 
     def place(self, tuned: TunedModel) -> TunedModel:
-        """The tuned model on the run's device; in bf16 runs its frozen Linear/Conv weights are
-        stored in bf16 (bit-identical under autocast, one cast per step and half their memory
-        saved: ``benchmarks/speed.py --frozen-bf16``)."""
+        """The tuned model on the run's device, set up for speed without changing what it computes
+        beyond float rounding: in bf16 runs its frozen Linear/Conv weights are stored in bf16
+        (bit-identical under autocast; saves a cast per step and half their memory), and on CPU
+        attention runs the explicit path (:func:`vistune.backbones.set_fused_attention`). Training
+        and ``vistune eval`` both come through here, so eval reproduces the run exactly."""
         tuned = tuned.to(self.rt.device)
         if self.cfg.precision == "bf16":
             tuned.cast_frozen_matmul_weights(torch.bfloat16)
+        if self.rt.device.type == "cpu":  # CPU flash-attention backward is slow at ViT sequence lengths
+            set_fused_attention(tuned.model, False)
         return tuned
 
     def scores_path(self, cfg: TrainConfig, out: Path | None) -> Path | None:
