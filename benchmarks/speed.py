@@ -164,7 +164,8 @@ def main() -> int:
     rows = []
     for prec in [p.strip() for p in args.precisions.split(",") if p.strip()]:
         bf16 = prec == "bf16"
-        steps = {label: make_step(m, x, y, bf16) for label, m in models.items()}
+        steps = {label: make_step(m, x, y, bf16) for label, m in models.items()
+                 if bf16 or "frozen-bf16" not in label}  # bf16-stored weights are for bf16 runs only
         for fn in steps.values():
             for _ in range(args.warmup):
                 fn()
