@@ -558,3 +558,43 @@ def test_plot_allocation_vit_cnn_and_rebuilt(tmp_path):
         data = png.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert math.isclose(tuned.method.allocation.summary()["realised_over_target"], 1.0)
+
+
+def test_sparse_linear_deltas_through_the_output_equal_weight_swaps():
+    """SPT's fast path (x·ΔWᵀ added to a Linear's output, O(tokens·k)) computes the same outputs and
+    the same delta gradients as swapping in W + scatter(Δ), which it replaced for speed."""
+    import copy
+
+    from vistune.backbones import seeded_backbone
+    from vistune.sensitivity import compute_sensitivity, save_scores
+    from vistune.tuning import attach
+
+    torch.manual_seed(0)
+    model = seeded_backbone("test_vit", None, 32)
+    probe = copy.deepcopy(model)
+    probe.reset_classifier(3)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4,))
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.mkdtemp()) / "s.safetensors"
+    save_scores(path, compute_sensitivity(probe, [(x, y)], num_batches=1), probe)
+    tuned = attach(model, "spt", num_classes=3, budget="3k", structured="none", sensitivity=str(path))
+    sites = [c for _, kind, c in tuned.method._sites if kind == "spt_sparse" and "weight" in c.attrs]
+    assert sites and any(c.linear_entries(h) is not None for h, kind, c in tuned.method._sites if kind == "spt_sparse")
+    with torch.no_grad():
+        for p in tuned.tuned_parameters(include_head=False):
+            p.normal_(0, 0.05)
+
+    def run():
+        tuned.zero_grad(set_to_none=True)
+        out = tuned(x)
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in tuned.tuned_parameters(include_head=False)]
+
+    fast_out, fast_grads = run()
+    tuned.method.trace_friendly(True)
+    swap_out, swap_grads = run()
+    torch.testing.assert_close(fast_out, swap_out, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fast_grads, swap_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
