@@ -140,7 +140,7 @@ def pvp_modules(args: argparse.Namespace) -> dict[str, Path]:
 def fewshot(args: argparse.Namespace) -> None:
     """Table 2: one sweep per (task, variant, K): lr chosen on val with seed 0, then 3 seeds."""
     files = pvp_modules(args)
-    for k in SHOTS:
+    for k in args.shots:
         for task in [t for t in FEWSHOT_TASKS if t in args.tasks]:
             for label, (method, opts, optimizer, lrs, pvp, head) in FEWSHOT_VARIANTS.items():
                 out = args.out / "fewshot" / task / f"{k}shot" / label
@@ -248,10 +248,13 @@ def main() -> int:
     ap.add_argument("--img-size", type=int, default=None, help="default 56 (DINOv2) / 64 (EfficientNet)")
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--full", action="store_true", help="224 px, 100 epochs, VPT's full grid, 5 seeds (a GPU job)")
+    ap.add_argument("--shots", default=",".join(map(str, SHOTS)),
+                    help="few-shot K values to run now (the table always lists 1/2/4/8/16)")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
     args.tasks = [t for t in args.tasks.split(",") if t]
     args.methods = [m for m in args.methods.split(",") if m]
+    args.shots = [int(k) for k in args.shots.split(",") if k]
     if args.full:
         args.epochs, args.fewshot_epochs, args.pvp_epochs, args.seeds = 100, 100, 30, 5
         args.img_size, args.precision = 224, "bf16"
