@@ -20,6 +20,18 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: a second intra-op thread buys nothing, and on a busy 2-core machine its
+    OpenMP spin-waits make each small op up to 100x slower (~50 ms for a 64-channel 8x8 conv
+    instead of 0.5 ms). Test modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``;
+    the count is restored after each test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def shared_path(*parts: str) -> Path:
     """A path in ../shared, or skip the test with the reason (a user's clone has no shared/)."""
     path = SHARED.joinpath(*parts)

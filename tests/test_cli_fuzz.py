@@ -240,12 +240,7 @@ def check_one_line(rc, err: str, what: str) -> None:
     assert lines[0].startswith("vistune") and "error" in lines[0], f"{what}: {lines[0]}"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("command,template", CASES, ids=[t or "(empty)" for _, t in CASES])

@@ -47,14 +47,7 @@ from conftest import shared_path
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: with two OpenMP threads on a shared 2-core machine, every conv
-    waits on a barrier (~50 ms for a 64-channel 8x8 conv instead of 0.5 ms), so use one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FLOOR = (128, 128, 128)

@@ -48,13 +48,7 @@ MERGEABLE = ["linear", "full", "bitfit", "lora", "spt-lora", "spt-none", "full-c
 NOT_MERGEABLE = ["vpt", "adapter", "protuning", "spt-adapter", "protuning-cnn", "spt-adapter-cnn"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast and keeps results independent of the machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def perturb(tuned, seed: int = 1) -> None:

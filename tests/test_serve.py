@@ -35,12 +35,7 @@ VIT = ("test_vit", 32)
 CNN = ("test_efficientnet", 32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def backbone(arch: str, size: int) -> torch.nn.Module:

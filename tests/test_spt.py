@@ -31,14 +31,7 @@ from vistune.sensitivity import (
 # helpers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: a second intra-op thread buys nothing, and on a busy 2-core machine
-    its spin-waits make each op up to 100x slower. Restored after each test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
