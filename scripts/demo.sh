@@ -48,7 +48,7 @@ COMMON=(--backbone dinov2-s14 --img-size 56 "${DATA[@]}" --subset 800/200 --trai
 RUNS=(
     "--method linear --optimizer sgd --grid lr=0.625,0.125 --out runs/demo/linear"
     "--method lora -o rank=8 --optimizer adamw --grid lr=5e-3,1e-3 --out runs/demo/lora"
-    "--method vpt -o length=10 -o deep=true --optimizer sgd --grid lr=3.125,0.625 --out runs/demo/vpt-deep"
+    "--method vpt -o length=10 -o deep=true --optimizer adamw --grid lr=1e-2,1e-3 --out runs/demo/vpt-deep"
 )
 if [ "$DRY" = 1 ]; then
     for run in "${RUNS[@]}"; do echo "demo: would run: $V sweep ${COMMON[*]} $run"; done

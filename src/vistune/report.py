@@ -100,7 +100,9 @@ def _cell(key: str, row: dict[str, Any]) -> str:
     text = _fmt(key, row.get(key))
     std = row.get(f"{key}_std")
     if std is not None and row.get(key) is not None:
-        text += f" ± {std:.2f} (n={row.get('seeds', '?')})"
+        # one seed has no spread to show: say so instead of printing a meaningless "± 0.00"
+        n = row.get("seeds", "?")
+        text += " (1 seed)" if n == 1 else f" ± {std:.2f} (n={n})"
     return text
 
 

@@ -630,11 +630,15 @@ def sweep_row(path: Path) -> dict[str, Any] | None:
     result = json.loads(f.read_text())
     final, best = result.get("final") or {}, result.get("best") or {}
     runs = final.get("runs") or [{}]
+    # speed and memory are per run, not averaged: show the first retrained seed's, as for train s
+    first = path / runs[0]["dir"] / "metrics.json" if runs[0].get("dir") else None
+    speed = json.loads(first.read_text()) if first is not None and first.is_file() else {}
     return {"method": result["method"], "options": {**result.get("options", {}),
                                                        **{k.removeprefix("options."): v for k, v in best.get("params", {}).items()}},
             "test_top1": final.get("mean"), "test_top1_std": final.get("std"), "seeds": len(final.get("runs") or []),
             "val_top1": best.get("val"), "tuned_params": runs[0].get("tuned_params"),
             "head_params": runs[0].get("head_params"), "train_seconds": runs[0].get("train_seconds"),
+            "train_img_per_s": speed.get("train_img_per_s"), "peak_memory_mb": speed.get("peak_memory_mb"),
             "trials": len(result.get("trials", [])), "sweep": str(path)}
 
 
