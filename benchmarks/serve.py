@@ -55,7 +55,7 @@ def make_tasks(out: Path, backbone: str, weights: str | None, img_size: int, n: 
     import torch
 
     from vistune import attach
-    from vistune.serve.links import build_backbone
+    from vistune.backbones import seeded_backbone
 
     out.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -64,7 +64,7 @@ def make_tasks(out: Path, backbone: str, weights: str | None, img_size: int, n: 
         name = f"t{k}-{method}"
         path = out / f"{name}.safetensors"
         if not path.is_file():
-            tuned = attach(build_backbone(backbone, weights, img_size), method, num_classes=classes, **METHODS[method])
+            tuned = attach(seeded_backbone(backbone, weights, img_size), method, num_classes=classes, **METHODS[method])
             g = torch.Generator().manual_seed(k)
             with torch.no_grad():
                 for p in tuned.tuned_parameters():
@@ -80,8 +80,7 @@ class NaiveModels:
     def __init__(self, files: dict[str, Path], bf16: bool) -> None:
         import threading as _t
 
-        from vistune.backbones import backbone_info
-        from vistune.serve.links import backbone_args_from_meta, build_backbone
+        from vistune.backbones import backbone_for_file, backbone_info
         from vistune.tuning import load_tuned, read_tuned_file
 
         self.lock = _t.RLock()
@@ -90,7 +89,7 @@ class NaiveModels:
         self._tasks = {}
         for name, f in files.items():
             meta, _ = read_tuned_file(f)
-            model = load_tuned(f, build_backbone(*backbone_args_from_meta(meta))).eval()
+            model = load_tuned(f, backbone_for_file(meta["backbone"], f)).eval()
             self.models[name] = model
             classes = meta["extra"]["class_names"]
             self._tasks[name] = SimpleNamespace(name=name, kind="classify", method=meta["method"]["name"],

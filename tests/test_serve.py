@@ -644,3 +644,25 @@ def test_shipped_serve_config_is_valid():
         n: (root / "runs" / "demo" / d / "final" / "seed0").resolve() for n, d in (("linear", "linear"), ("vpt-deep", "vpt-deep"),
                                                                ("lora", "lora"))}
 
+
+
+def test_serve_benchmark_runs_and_each_task_adds_its_file(tmp_path):
+    """benchmarks/serve.py end to end on a tiny model (it once broke silently when a module it
+    imported moved): both modes answer over HTTP, and adding a LoRA task adds exactly its file's
+    tensors to the service's memory."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "serve.py"), "--backbone", "test_vit", "--img-size", "32",
+         "--tasks", "1", "--requests", "8", "--warmup", "2", "--concurrency", "2",
+         "--memory-methods", "linear,lora", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line
+            for line in proc.stdout.splitlines() if line.startswith("|")}
+    assert ("multitask", "1") in rows and ("naive", "1") in rows
+    lora = next(line for line in proc.stdout.splitlines() if line.startswith("| lora |"))
+    file_kb, tensor_kb = (float(c) for c in lora.strip("|").split("|")[1:3])
+    assert file_kb > 0 and tensor_kb == file_kb
