@@ -75,10 +75,13 @@ from vistune.sensitivity import (
 )
 
 SPARSE, LORA, ADAPTER = "spt_sparse", "spt_lora", "spt_adapter"
-#: Up to this many sparse entries in a Linear's weight, x·ΔWᵀ is gathered per entry (O(tokens·k),
-#: no weight gradient); above it, swapping in W + scatter(Δ) and paying the weight-gradient GEMM
-#: is faster on CPU (measured on DINOv2-S's qkv at 2,080 tokens: the two cross near k = 200-400).
-GATHER_MAX_ENTRIES = 200
+#: A Linear's sparse weight entries span a sub-matrix (their distinct rows × distinct columns).
+#: Up to this share of the full matrix, x·ΔWᵀ runs as that small dense sub-matrix product added to
+#: the output (its weight gradient is an |R|×|C| GEMM); above it, swapping in W + scatter(Δ) and
+#: paying the full out×in weight-gradient GEMM costs about the same. Sensitivity concentrates the
+#: entries in few columns: on DINOv2-S a typical host has 100-1,000 entries in 20-250 rows × 10-100
+#: columns, 1-5% of the matrix.
+SUBMATRIX_MAX_SHARE = 0.25
 
 
 @dataclass
@@ -136,24 +139,28 @@ class SparseDelta(nn.Module):
     #: every other parameter (what graph exporters need: ONNX has no accumulating scatter).
     fast_linear: bool = True
 
-    def linear_entries(self, host: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(rows, cols) of the weight entries when ``host`` is a Linear with sparse weight deltas.
+    def linear_entries(self, host: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(rows, cols, local) when ``host`` is a Linear whose sparse weight deltas go through the
+        output: the distinct rows R and columns C the entries touch, and each entry's flat index in
+        the |R|×|C| sub-matrix.
 
-        Few entries go through :func:`_sparse_linear_out` instead of a weight swap: swapping in
-        ``W + scatter(delta)`` makes autograd compute the full ``out × in`` weight gradient only
-        to gather k entries from it — the cost that made SPT nearly as slow as full fine-tuning.
+        Swapping in ``W + scatter(delta)`` makes autograd compute the full ``out × in`` weight
+        gradient only to gather k entries from it — the cost that made SPT nearly as slow as full
+        fine-tuning. The sub-matrix keeps every product dense (GEMMs, no per-entry scatter over
+        tokens) at the size the entries actually span.
         """
         if not self.fast_linear or not isinstance(host, nn.Linear) or "weight" not in self.attrs:
             return None
-        if self.index("weight").numel() > GATHER_MAX_ENTRIES:
-            return None
-        key = "_rows_cols"
+        key = "_submatrix"
         cached = self.__dict__.get(key)
         idx = self.index("weight")
-        if cached is None or cached[0].device != idx.device or cached[2] is not idx:
-            cached = (idx // host.in_features, idx % host.in_features, idx)
+        if cached is None or cached[0] is not idx:
+            rows, r_local = (idx // host.in_features).unique(return_inverse=True)
+            cols, c_local = (idx % host.in_features).unique(return_inverse=True)
+            small = rows.numel() * cols.numel() <= SUBMATRIX_MAX_SHARE * host.out_features * host.in_features
+            cached = (idx, (rows, cols, r_local * cols.numel() + c_local) if small else None)
             self.__dict__[key] = cached
-        return cached[0], cached[1]
+        return cached[1]
 
     def swapped_attrs(self, host: nn.Module) -> tuple[str, ...]:
         """Host parameters swapped for ``base + scatter(delta)`` during the forward (all but a
@@ -179,16 +186,19 @@ def _swap_out(host: nn.Module, args: tuple, out: Any) -> None:
 
 
 def _sparse_linear_out(host: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-    """``out += x @ ΔWᵀ`` for a sparse ΔW with k entries, in O(tokens·k): each entry (i, j) adds
-    ``delta · x[..., j]`` to output feature i, and its gradient is Σ grad_y[..., i]·x[..., j]
-    (no dense weight gradient). In place, as LoRA's branch: a Linear's backward never reads its output."""
+    """``out += x @ ΔWᵀ`` for a sparse ΔW, through the small dense sub-matrix S (|R|×|C|) its
+    entries span: ``out[..., R] += x[..., C] @ Sᵀ``. Autograd then computes S's gradient as an
+    |R|×|C| GEMM and gathers the k entries from it (no out×in weight gradient). In place, as LoRA's
+    branch: a Linear's backward never reads its output."""
     sparse: SparseDelta = host._modules[SPARSE]
     entries = sparse.linear_entries(host)
-    if entries is None:  # switched to weight swaps (export)
+    if entries is None:  # switched to weight swaps (export), or entries spread over the matrix
         return out
-    rows, cols = entries
+    rows, cols, local = entries
+    delta = sparse.delta("weight")
+    sub = delta.new_zeros(rows.numel() * cols.numel()).index_add(0, local, delta).view(rows.numel(), cols.numel())
     x = args[0]
-    contribution = x[..., cols] * sparse.delta("weight").to(x.dtype)
+    contribution = x.index_select(-1, cols) @ sub.t().to(x.dtype)
     return out.index_add_(-1, rows, contribution.to(out.dtype))
 
 
