@@ -370,3 +370,23 @@ def test_vtab_subset_draws_train_and_val_from_the_training_pool(tmp_path):
     assert (m2["num_train"], m2["num_val"]) == (15, 0)  # the final protocol trains on all of them
     split2 = json.loads((tmp_path / "t" / "splits.json").read_text())
     assert set(split2["splits"]["train"]["ids"]) == train_ids | val_ids  # the same 15 whatever the seed
+
+
+def test_compiled_training_matches_eager(folder, tmp_path):
+    """--compile changes how the step runs, not what it computes: same losses to float rounding,
+    and the tuned file holds the eager model's own keys (no torch.compile wrapper prefix)."""
+    from safetensors import safe_open
+
+    eager = train(cfg_for(folder, tmp_path / "eager", epochs=2))
+    compiled = train(cfg_for(folder, tmp_path / "compiled", epochs=2, compile=True))
+    for a, b in zip(*[[json.loads(line)["train_loss"] for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+                      for d in ("eager", "compiled")]):
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(a))
+    assert abs(eager["test_loss"] - compiled["test_loss"]) <= 1e-4 * max(1.0, abs(eager["test_loss"]))
+    keys = [sorted(safe_open(str(tmp_path / d / "tuned.safetensors"), "pt").keys()) for d in ("eager", "compiled")]
+    assert keys[0] == keys[1] and not any("_orig_mod" in k for k in keys[1])
+
+
+def test_compile_is_refused_for_dense_tasks(tmp_path):
+    with pytest.raises(ConfigError, match="compile is for classification runs only"):
+        make_config(backbone="test_vit", data="camvid:x", task="segment", compile=True, out=str(tmp_path))

@@ -51,6 +51,7 @@ class TrainConfig:
     clip_grad: float | None = 1.0
     accum_steps: int = 1
     precision: str = "fp32"  # fp32 | bf16
+    compile: bool = False  # torch.compile the training forward (classification; benchmarks/RESULTS.md)
     augment: str | None = None  # None | flip
     trainval: bool = False  # VTAB final protocol: train on train800val200, no val split
     select: str = "last"  # last | best-val : which epoch's weights are tested
@@ -116,6 +117,8 @@ class TrainConfig:
             raise ConfigError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {self.head_init!r}")
         if self.task not in TASKS:
             raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.compile and self.task != "classify":
+            raise ConfigError(f"compile is for classification runs only (task {self.task!r} trains eagerly)")
         if not str(self.out).strip():
             raise ConfigError("out must name an output folder, got an empty string")
         if self.img_size is not None and self.img_size < 8:
