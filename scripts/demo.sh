@@ -29,12 +29,15 @@ FLOWERS=${VISTUNE_SHARED:-../shared}/data/flowers5
 FMNIST=${VISTUNE_FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}
 if [ -d "$FLOWERS" ]; then
     DATA=(--data "folder:$FLOWERS")
+    OUT=runs/demo
     WHAT="flowers-5 photos from $FLOWERS (5 classes; 800/200 train/val from the training pool, 864 test)"
 elif has_fashion_mnist "$FMNIST"; then
     DATA=(--data "fashion-mnist:$FMNIST")
+    OUT=runs/demo-fashion-mnist
     WHAT="Fashion-MNIST from $FMNIST (Debian package dataset-fashion-mnist; $FLOWERS is absent; 800/200 train/val, 10,000 test)"
 elif ERR=$("$PY" -m vistune.data fetch tv:FashionMNIST 2>&1 >/dev/null); then
     DATA=(--data tv:FashionMNIST)
+    OUT=runs/demo-fashion-mnist
     WHAT="Fashion-MNIST from torchvision in ${VISTUNE_DATA_ROOT:-~/.cache/vistune/data} ($FLOWERS is absent, no Debian package; 800/200 train/val, 10,000 test)"
 else
     echo "demo: no data set on this machine: install Fashion-MNIST with 'apt-get install dataset-fashion-mnist' (as root), or connect to the network so torchvision can download it, or set VISTUNE_SHARED to a folder holding data/flowers5 ($FLOWERS is absent, $FMNIST has no Fashion-MNIST, and ${ERR#*error: })" >&2
@@ -42,13 +45,14 @@ else
 fi
 echo "demo: data: $WHAT"
 
-# A finished sweep folder is read back, so running the demo again prints its table at once.
+# A finished sweep folder is read back, so running the demo again prints its table at once (each
+# data set has its own folder: a sweep refuses to resume with other settings).
 COMMON=(--backbone dinov2-s14 --img-size 56 "${DATA[@]}" --subset 800/200 --trainval --seeds 1 --seed 0
         --epochs 6 --batch-size 32 --warmup-epochs 1 --precision bf16 --grid wd=1e-4 --pruner none)
 RUNS=(
-    "--method linear --optimizer sgd --grid lr=0.625,0.125 --out runs/demo/linear"
-    "--method lora -o rank=8 --optimizer adamw --grid lr=5e-3,1e-3 --out runs/demo/lora"
-    "--method vpt -o length=10 -o deep=true --optimizer adamw --grid lr=1e-2,1e-3 --out runs/demo/vpt-deep"
+    "--method linear --optimizer sgd --grid lr=0.625,0.125 --out $OUT/linear"
+    "--method lora -o rank=8 --optimizer adamw --grid lr=5e-3,1e-3 --out $OUT/lora"
+    "--method vpt -o length=10 -o deep=true --optimizer adamw --grid lr=1e-2,1e-3 --out $OUT/vpt-deep"
 )
 if [ "$DRY" = 1 ]; then
     for run in "${RUNS[@]}"; do echo "demo: would run: $V sweep ${COMMON[*]} $run"; done
@@ -62,4 +66,4 @@ for run in "${RUNS[@]}"; do
 done
 echo
 echo "demo: data: $WHAT"
-$V report runs/demo/linear runs/demo/lora runs/demo/vpt-deep
+$V report "$OUT/linear" "$OUT/lora" "$OUT/vpt-deep"

@@ -167,3 +167,20 @@ def test_a_diverging_trial_fails_alone(folder, tmp_path):
     states = {t["params"]["lr"]: t["state"] for t in result["trials"]}
     assert states == {1e9: "FAIL", 0.01: "COMPLETE"}
     assert result["best"]["params"]["lr"] == 0.01 and result["final"]["runs"][0]["test_top1"] is not None
+
+
+def test_resuming_with_other_settings_is_refused(folder, tmp_path, capsys):
+    """A finished trial folder is read back on resume: a second sweep into the same folder with
+    other data or epochs would silently reuse those trials, so it is refused, naming the change."""
+    out = tmp_path / "s"
+    grid = ["--grid", "lr=0.05", "--grid", "wd=0", "--stage", "search"]
+    assert main(sweep_argv(folder, out, *grid)) == 0
+    trials = _trial_metrics(out)
+    argv = sweep_argv(folder, out, *grid)
+    argv[argv.index("--epochs") + 1] = "3"
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings" in err[0] and "epochs: 2 there, 3 now" in err[0], err
+    assert _trial_metrics(out) == trials
+    assert main(sweep_argv(folder, out, *grid)) == 0  # the same settings resume as before

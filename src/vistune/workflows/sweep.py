@@ -251,6 +251,37 @@ def open_study(out: Path, storage_url: str | None, name: str, sampler: str, spac
         raise SweepError(f"cannot open the study {name!r} in {storage_url or out / 'study.journal'}: {err}") from None
 
 
+#: Settings that do not change what a trial computes (where it writes, how it reports).
+_NOT_SETTINGS = ("out", "progress", "num_workers", "device")
+
+
+def sweep_settings(base: TrainConfig, space: Space) -> dict[str, Any]:
+    """What every trial of a study shares: the run settings and the searched space (as JSON)."""
+    cfg = {k: v for k, v in dataclasses.asdict(base).items() if k not in _NOT_SETTINGS}
+    return json.loads(json.dumps({"config": cfg, "space": space.values, "optimizer": space.optimizer}, default=str))
+
+
+def check_settings(study: Any, settings: dict[str, Any], out: Path) -> None:
+    """A study remembers the settings it was started with; resuming it with others would mix
+    trials trained on different data or schedules (a finished trial folder is read back, not
+    re-run), so that is refused with the first difference named."""
+    recorded = study.user_attrs.get("settings")
+    if recorded is None:
+        study.set_user_attr("settings", settings)
+        return
+    if recorded == settings:
+        return
+    diffs = []
+    for part in ("config", "space", "optimizer"):
+        a, b = recorded.get(part), settings.get(part)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            diffs.append(f"{part}: {a!r} there, {b!r} now")
+    raise SweepError(f"{out} holds a sweep with other settings ({'; '.join(diffs[:3])}); "
+                     "use another --out, or delete that folder to start over")
+
+
 def retry_stale_trials(study: Any) -> int:
     """Trials left RUNNING by a dead worker (we hold the sweep's lock, so no local worker is alive):
     mark them failed and queue a retry of the same configuration, keeping its grid point (what
@@ -411,6 +442,7 @@ def run_sweep(
         lock.acquire()
     try:
         study = open_study(out, storage, study_name, sampler, space, pruner, base.epochs, base.seed)
+        check_settings(study, sweep_settings(base, space), out)
         if stage in ("all", "search"):
             if not worker:
                 if storage is None:
