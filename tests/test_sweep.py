@@ -184,3 +184,19 @@ def test_resuming_with_other_settings_is_refused(folder, tmp_path, capsys):
     assert len(err) == 1 and "other settings" in err[0] and "epochs: 2 there, 3 now" in err[0], err
     assert _trial_metrics(out) == trials
     assert main(sweep_argv(folder, out, *grid)) == 0  # the same settings resume as before
+
+
+def test_a_study_without_recorded_settings_is_checked_against_its_trials(folder, tmp_path, capsys):
+    """Studies written before settings were recorded: a trial outside the new grid is named in one
+    line (Optuna's own error was 'CategoricalDistribution does not support dynamic value space')."""
+    out = tmp_path / "old"
+    grid = ["--grid", "wd=0", "--stage", "search"]
+    assert main(sweep_argv(folder, out, "--grid", "lr=0.05", *grid)) == 0
+    from vistune.workflows.sweep import open_study
+
+    study = open_study(out, None, "vistune-sweep", "tpe", None, "none", 2, 0)
+    study._storage.set_study_user_attr(study._study_id, "settings", None)  # as an old study had none
+    capsys.readouterr()
+    assert main(sweep_argv(folder, out, "--grid", "lr=0.01", *grid)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "searched other values (lr=0.05" in err[0], err

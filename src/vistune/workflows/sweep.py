@@ -267,6 +267,14 @@ def check_settings(study: Any, settings: dict[str, Any], out: Path) -> None:
     re-run), so that is refused with the first difference named."""
     recorded = study.user_attrs.get("settings")
     if recorded is None:
+        # a study from before settings were recorded: at least its trials must lie in this space
+        space = settings["space"]
+        for t in study.get_trials(deepcopy=False):
+            for key, value in t.params.items():
+                if key not in space or value not in space[key]:
+                    raise SweepError(f"{out} holds a sweep whose trials searched other values ({key}={value!r} "
+                                     f"is not in this search: {key} in {space.get(key)}); use another --out, or "
+                                     "delete that folder to start over")
         study.set_user_attr("settings", settings)
         return
     if recorded == settings:
