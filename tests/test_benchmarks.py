@@ -3,21 +3,22 @@ when the code under it moves. Their numbers are measured on real backbones, not 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import timm
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_speed_benchmark_table():
-    import importlib.util
-
-    pytest_peft = importlib.util.find_spec("peft")
+    has_peft = importlib.util.find_spec("peft") is not None
     cmd = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--backbone", "test_vit", "--img-size", "32",
            "--rounds", "1", "--steps", "1", "--warmup", "1", "--precisions", "fp32"]
-    if pytest_peft is None:
+    if not has_peft:
         cmd.append("--no-peft")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -28,11 +29,9 @@ def test_speed_benchmark_table():
             rows[cells[1]] = cells
     assert rows["full"][3] == "1.00"  # every ratio is against full fine-tuning in the same precision
     # LoRA r8 on q and v: blocks x 2 slices x r(d + d), over the linear probe's head (METHODS.md)
-    import timm
-
     vit = timm.create_model("test_vit", img_size=32)
     d = vit.embed_dim
     lora, linear = (int(rows[k][6].replace(",", "")) for k in ("lora r8 q,v", "linear (no cache)"))
     assert lora - linear == len(vit.blocks) * 2 * 8 * (d + d)
-    if pytest_peft is not None:
+    if has_peft:
         assert "peft lora r8 qkv" in rows

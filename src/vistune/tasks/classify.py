@@ -9,6 +9,7 @@ structure (:meth:`TunedModel.features_are_static`), not by the method's name.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -168,12 +169,11 @@ class ClassifyTask(Task):
         checkpoints, tuned files and eval are unchanged; only the training step gets faster."""
         if self.use_cache:
             return self.head
-        if not self.cfg.compile:
-            return self.tuned
-        compiled = self.__dict__.get("_compiled")
-        if compiled is None:
-            compiled = self.__dict__["_compiled"] = torch.compile(self.tuned)
-        return compiled
+        return self._compiled if self.cfg.compile else self.tuned
+
+    @functools.cached_property
+    def _compiled(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return torch.compile(self.tuned)
 
     def loss(self, batch: Any) -> tuple[torch.Tensor, int, dict[str, float]]:
         x, y = batch[0].to(self.rt.device), batch[1].to(self.rt.device)
