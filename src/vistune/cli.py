@@ -126,7 +126,9 @@ def _add_train_args(p: argparse.ArgumentParser, multi_data: bool = False, shots:
     p.add_argument("--warmup-epochs", type=float, default=None)
     p.add_argument("--clip-grad", type=float, default=None)
     p.add_argument("--accum-steps", type=int, default=None)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=None)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
+                   help="auto (default): bf16 autocast where the hardware runs it natively (CUDA with bf16, a CPU "
+                        "with AVX512-BF16/AMX), else fp32; fp16: CUDA only, with a gradient scaler")
     p.add_argument("--augment", choices=["flip"], default=None)
     p.add_argument("--compile", action="store_const", const=True, default=None,
                    help="torch.compile the training forward (classification; 15-20%% off a LoRA step on CPU, "
@@ -360,7 +362,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from vistune.workflows.train import evaluate_run
 
     res = evaluate_run(args.tuned, args.data, split=args.split, batch_size=args.batch_size, device=args.device,
-                       weights=args.weights, allow_class_mismatch=args.allow_class_mismatch)
+                       weights=args.weights, allow_class_mismatch=args.allow_class_mismatch, precision=args.precision)
     if args.json:
         print(json.dumps(res))
     elif res["task"] == "classify":
@@ -558,6 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto (default): the run's own precision where this hardware runs it natively, else fp32")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)

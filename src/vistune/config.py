@@ -24,6 +24,8 @@ class ConfigError(VistuneError, ValueError):
 
 TASKS = ("classify", "segment", "detect")
 HEAD_INITS = ("random", "zeros", "prototypes")
+#: auto = bf16 autocast where the device runs it natively, else fp32 (:mod:`vistune.precision`)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -50,7 +52,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     clip_grad: float | None = 1.0
     accum_steps: int = 1
-    precision: str = "fp32"  # fp32 | bf16
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (CUDA); auto: bf16 only where it is native
     compile: bool = False  # torch.compile the training forward (classification; benchmarks/RESULTS.md)
     augment: str | None = None  # None | flip
     trainval: bool = False  # VTAB final protocol: train on train800val200, no val split
@@ -77,8 +79,8 @@ class TrainConfig:
             raise ConfigError("backbone is required (e.g. --backbone dinov2-s14)")
         if not self.data:
             raise ConfigError("data is required (e.g. --data folder:../shared/data/flowers5)")
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.optimizer not in ("sgd", "adamw"):
             raise ConfigError(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
         if self.select not in ("last", "best-val"):

@@ -40,6 +40,7 @@ from vistune.engine.distributed import Dist
 from vistune.engine.optim import apply_step, build_optimizer, warmup_cosine
 from vistune.errors import VistuneError
 from vistune.io import json_text, write_set_atomic
+from vistune.precision import machine_info
 from vistune.tasks.base import Task, clone_tensors
 
 
@@ -105,6 +106,10 @@ def fit(
     dist.broadcast_parameters(params)
     optimizer = build_optimizer(method_params, cfg.optimizer, cfg.lr, cfg.wd, cfg.momentum,
                                 head=head_params, head_lr=cfg.head_lr)
+    precision = task.precision
+    scaler = precision.grad_scaler(dist.device.type)  # fp16 only: bf16 and fp32 need no loss scaling
+    if main and cfg.progress:
+        print(f"vistune: {precision.line()}", file=sys.stderr)
     steps_per_epoch = math.ceil(task.num_train_batches() / cfg.accum_steps)
     scheduler = warmup_cosine(optimizer, steps_per_epoch * cfg.epochs,
                               int(round(cfg.warmup_epochs * steps_per_epoch)), cfg.min_lr_ratio)
@@ -117,6 +122,8 @@ def fit(
         task.load_state_dict(ckpt["task"], "checkpoint")
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         rngs = ckpt["rng"]
         if len(rngs) != dist.world and main:
             print(f"vistune: resuming with {dist.world} processes instead of {len(rngs)}: random streams "
@@ -161,14 +168,15 @@ def fit(
                         f"step's was {first_loss:.4g}; lr {scheduler.get_last_lr()[0]:.3g}); lower the learning rate (--lr)"
                     )
                 share = n_local / n_global  # 1 in one process: this rank's part of the global batch
-                ((loss if share == 1 else loss * share) / cfg.accum_steps).backward()
+                scaled = (loss if share == 1 else loss * share) / cfg.accum_steps
+                (scaled if scaler is None else scaler.scale(scaled)).backward()
                 seen += n_local
                 loss_sum += loss_value * n_local
                 for k, v in batch_stats.items():
                     stats[k] = stats.get(k, 0.0) + v
             if (i + 1) % cfg.accum_steps == 0 or i + 1 == n_batches:
                 dist.reduce_gradients(params)
-                apply_step(optimizer, scheduler, params, cfg.clip_grad)
+                apply_step(optimizer, scheduler, params, cfg.clip_grad, scaler)
                 state.step += 1
             if batch is not None:
                 _each(cbs, dist, lambda c: c.on_batch_end(state, loss_value, n_local, scheduler.get_last_lr()[0]),
@@ -206,6 +214,7 @@ def fit(
                     "epoch": epoch, "task": clone_tensors(task.state_dict()), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": rngs, "history": history, "best": best,
                     "train_seconds": train_seconds, "config": _resume_config(config),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
                 })
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and not last:
             dist.barrier()
@@ -247,13 +256,14 @@ def fit(
         "train_img_per_s": num_train * cfg.epochs / max(train_seconds, 1e-9),
         "feature_cache_seconds": task.cache_seconds or None,
         "peak_memory_mb": peak_memory_mb(dist.device),
-        "precision": cfg.precision,
+        **precision.fields(),
         "device": str(dist.device),
+        "machine": machine_info(),
         "world_size": dist.world,
     })
     _each(cbs, dist, lambda c: c.on_fit_end(state, metrics))
     if writes:
-        files = task.output_files({"config": config, **(extra or {})})
+        files = task.output_files({"config": config, "precision": precision.name, **(extra or {})})
         text = json_text(metrics)
         write_set_atomic(out, [*files, ("metrics.json", lambda tmp: tmp.write_text(text))])
     dist.barrier()

@@ -83,10 +83,21 @@ def apply_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     params: list[nn.Parameter],
     clip_grad: float | None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
-    """End of an accumulation window: clip, step, advance the per-iteration schedule, clear grads."""
+    """End of an accumulation window: clip, step, advance the per-iteration schedule, clear grads.
+
+    With an fp16 ``scaler`` the gradients are unscaled before clipping (the threshold is in true
+    units) and a step whose gradients overflowed is skipped by the scaler, which then lowers its scale.
+    """
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     if clip_grad:
         nn.utils.clip_grad_norm_(params, clip_grad)
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

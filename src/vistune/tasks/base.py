@@ -37,6 +37,7 @@ from torch import nn
 
 from vistune.backbones import seeded_backbone, set_fused_attention
 from vistune.config import ConfigError, TrainConfig
+from vistune.precision import Precision, resolve_precision
 from vistune.tuning import TunedModel, attach, attach_from_file
 
 
@@ -99,6 +100,7 @@ class Task:
     rt: Runtime
     tuned: TunedModel
     cache_seconds: float = 0.0
+    _precision: Precision | None = None
 
     # -- building ----------------------------------------------------------------------------
     def setup(self, cfg: TrainConfig, rt: Runtime, out: Path | None) -> None:
@@ -108,9 +110,20 @@ class Task:
     def device(self) -> torch.device:
         return self.rt.device
 
+    @property
+    def precision(self) -> Precision:
+        """The run's precision, resolved once on its device (``auto``: bf16 only where native)."""
+        if self._precision is None:
+            self._precision = resolve_precision(self.cfg.precision, self.device)
+        return self._precision
+
+    def use_precision(self, precision: Precision) -> None:
+        """Fix the precision before :meth:`setup` (``vistune eval`` keeps the one the run trained in)."""
+        self._precision = precision
+
     def amp(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast around forward passes when the run asks for it (losses stay fp32)."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+        """Autocast around forward passes in bf16/fp16 runs (losses stay fp32)."""
+        return self.precision.autocast(self.device.type)
 
     def build_backbone(self, cfg: TrainConfig) -> nn.Module:
         return seeded_backbone(cfg.backbone, weights=cfg.weights, img_size=cfg.img_size)
@@ -149,13 +162,13 @@ class Task:
 
     def place(self, tuned: TunedModel) -> TunedModel:
         """The tuned model on the run's device, set up for speed without changing what it computes
-        beyond float rounding: in bf16 runs its frozen Linear/Conv weights are stored in bf16
-        (bit-identical under autocast; saves a cast per step and half their memory), and on CPU
+        beyond float rounding: in bf16/fp16 runs its frozen Linear/Conv weights are stored in that
+        dtype (bit-identical under autocast; saves a cast per step and half their memory), and on CPU
         attention runs the explicit path (:func:`vistune.backbones.set_fused_attention`). Training
         and ``vistune eval`` both come through here, so eval reproduces the run exactly."""
         tuned = tuned.to(self.rt.device)
-        if self.cfg.precision == "bf16":
-            tuned.cast_frozen_matmul_weights(torch.bfloat16)
+        if self.precision.dtype is not None:
+            tuned.cast_frozen_matmul_weights(self.precision.dtype)
         if self.rt.device.type == "cpu":  # CPU flash-attention backward is slow at ViT sequence lengths
             set_fused_attention(tuned.model, False)
         return tuned

@@ -19,6 +19,7 @@ from vistune.engine.callbacks import Callback
 from vistune.engine.distributed import Dist, init_distributed
 from vistune.engine.loop import fit
 from vistune.engine.rundir import RunDir
+from vistune.precision import resolve_precision
 from vistune.tasks import make_task
 
 
@@ -101,12 +102,15 @@ def evaluate_run(
     weights: str | None = None,
     allow_class_mismatch: bool = False,
     dist: Dist | None = None,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Rebuild the run at ``path`` (folder or tuned file) and evaluate ``split`` of its data.
 
     The data spec, seed, trainval flag and split cap default to what the run recorded, so
     ``evaluate_run(run)`` reproduces the run's test numbers. The data's class names must equal
     the ones the run was trained with (``allow_class_mismatch`` for the rare intended case).
+    ``precision="auto"`` keeps the precision the run trained in where this hardware runs it
+    natively (so the number reproduces), else fp32; an explicit choice is used as given.
     """
     from vistune.dense.model import is_dense_run, load_dense
 
@@ -119,6 +123,7 @@ def evaluate_run(
         cfg = saved_config(recorded, data=data_spec or recorded.get("data"), batch_size=batch_size,
                            device=str(dist.device), shots=None, augment=None, progress=False)
         task = make_task(model.task)
+        task.use_precision(resolve_precision(precision, dist.device, prefer=trained_precision(meta, recorded)))
         task.setup(cfg, dist, None, model=model)
     else:
         from vistune.backbones import backbone_for_file
@@ -136,6 +141,7 @@ def evaluate_run(
         cfg = saved_config(recorded, data=spec, batch_size=batch_size, device=str(dist.device), shots=None,
                            augment=None, progress=False, task="classify")
         task = make_task("classify")
+        task.use_precision(resolve_precision(precision, dist.device, prefer=trained_precision(extra, recorded)))
         task.setup(cfg, dist, None, tuned=tuned)
         if task.data.num_classes != tuned.num_classes:
             raise ConfigError(f"data {spec!r} has {task.data.num_classes} classes, the tuned file {tuned.num_classes}")
@@ -144,7 +150,14 @@ def evaluate_run(
         raise ConfigError(f"data {cfg.data!r} has no {split!r} split")
     res = task.evaluate(split)
     fields = task.metric_fields(split, res, final=True)
-    return {**fields, f"num_{split}": _split_size(task, split), "task": task.name}
+    return {**fields, f"num_{split}": _split_size(task, split), "task": task.name, **task.precision.fields()}
+
+
+def trained_precision(meta: dict[str, Any], recorded: dict[str, Any]) -> str | None:
+    """The precision a run really trained in: recorded beside its config since ``auto`` existed;
+    before, the config's own value was always a resolved one (fp32 or bf16)."""
+    value = meta.get("precision") or recorded.get("precision")
+    return value if value in ("fp32", "bf16", "fp16") else None
 
 
 def _split_size(task: Any, split: str) -> int:
