@@ -25,6 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT / "src"))
+from vistune.report import machine_lines  # noqa: E402
 
 # Learning rates chosen once, a priori (never on test): the head starts from scratch (1e-3,
 # AdamW); method modules use the classification benchmark's rates; full fine-tuning touches
@@ -64,7 +66,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-per-split", type=int, default=100)
     ap.add_argument("--head-lr", type=float, default=1e-3)
-    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--precision", default="auto", help="auto: bf16 where this machine runs it natively, else fp32")
     ap.add_argument("--augment", default="flip")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per run (1: on a shared 2-core machine two OpenMP threads "
@@ -118,6 +120,7 @@ def main() -> int:
           f"batch {args.batch_size}, <= {args.max_per_split} images per split, {args.precision}, "
           f"augment={args.augment}, {args.threads} torch thread(s)"
           + ("" if args.table_only else f"; total {time.perf_counter() - t_all:.0f}s") + "\n")
+    print("\n".join(machine_lines([{"method": f"{t}/{mth}", **m} for t, mth, m, _ in rows])) + "\n")
     print("| task | data | method | metric | test | also | tuned params | head params | train img/s | "
           "train s | peak MB | train/test imgs |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

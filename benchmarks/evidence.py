@@ -38,6 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VISTUNE_SHARED", ROOT.parent / "shared"))
+sys.path.insert(0, str(ROOT / "src"))
+from vistune.report import machine_lines  # noqa: E402
 
 TASKS = {
     "cifar10": f"npz:{SHARED}/data/cifar10/cifar10_jpeg.npz",
@@ -178,7 +180,8 @@ def _final(folder: Path) -> dict | None:
     runs = [json.loads((folder / r["dir"] / "metrics.json").read_text()) for r in final["runs"]]
     return {"mean": final["mean"], "std": final["std"], "n": len(final["runs"]),
             "values": [r[final["metric"]] for r in final["runs"]], "best": res["best"]["params"],
-            "val": res["best"]["val"], "tuned": runs[0].get("tuned_params"), "head": runs[0].get("head_params")}
+            "val": res["best"]["val"], "tuned": runs[0].get("tuned_params"), "head": runs[0].get("head_params"),
+            "machine": runs[0].get("machine"), "precision": runs[0].get("precision")}
 
 
 def _cell(r: dict | None) -> str:
@@ -191,7 +194,10 @@ def matrix_tables(out: Path, tasks: list[str]) -> str:
         results = {(m, t): _final(out / "matrix" / backbone / t / m) for m in methods for t in tasks}
         if not any(results.values()):
             continue
+        made = [{"method": f"{m}@{t}", "machine": r["machine"], "precision": r["precision"]}
+                for (m, t), r in results.items() if r]
         lines += [f"\n**{backbone}** — test top-1 % (mean ± std over seeds), lr chosen on val200, retrained on 1,000\n",
+                  *machine_lines(made), "",
                   "| method | tuned params | " + " | ".join(tasks) + " | mean |", "|---|---|" + "---|" * (len(tasks) + 1)]
         for m in methods:
             row = [results[(m, t)] for t in tasks]
@@ -232,7 +238,10 @@ def fewshot_tables(out: Path, tasks: list[str]) -> str:
         rows = {v: [_final(out / "fewshot" / task / f"{k}shot" / v) for k in SHOTS] for v in FEWSHOT_VARIANTS}
         if not any(r for rs in rows.values() for r in rs):
             continue
+        made = [{"method": f"{v}@{k}", "machine": r["machine"], "precision": r["precision"]}
+                for v, rs in rows.items() for k, r in zip(SHOTS, rs) if r]
         lines += [f"\n**{task}**, DINOv2-S — test top-1 % (mean ± std over 3 seeds; lr chosen on val per cell)\n",
+                  *machine_lines(made), "",
                   "| variant | " + " | ".join(f"{k}-shot" for k in SHOTS) + " |", "|---|" + "---|" * len(SHOTS)]
         for v, rs in rows.items():
             lines.append(f"| {v} | " + " | ".join(_cell(r) for r in rs) + " |")
@@ -250,7 +259,7 @@ def main() -> int:
     ap.add_argument("--pvp-epochs", type=int, default=5)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--img-size", type=int, default=None, help="default 56 (DINOv2) / 64 (EfficientNet)")
-    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--precision", default="auto", help="auto: bf16 where this machine runs it natively, else fp32")
     ap.add_argument("--full", action="store_true", help="224 px, 100 epochs, VPT's full grid, 5 seeds (a GPU job)")
     ap.add_argument("--shots", default=",".join(map(str, SHOTS)),
                     help="few-shot K values to run now (the table always lists 1/2/4/8/16)")
@@ -261,7 +270,7 @@ def main() -> int:
     args.shots = [int(k) for k in args.shots.split(",") if k]
     if args.full:
         args.epochs, args.fewshot_epochs, args.pvp_epochs, args.seeds = 100, 100, 30, 5
-        args.img_size, args.precision = 224, "bf16"
+        args.img_size = 224
     if not args.table_only:
         if "matrix" in args.parts:
             matrix(args)

@@ -40,14 +40,14 @@ def main() -> int:
     ap.add_argument("--shots", type=int, default=10)
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--batch-size", type=int, default=25)
-    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--precision", default="auto", help="auto: bf16 where this machine runs it natively, else fp32")
     ap.add_argument("--methods", default="linear,bitfit,vpt,lora,adapter,spt,protuning,full")
     ap.add_argument("--force", action="store_true", help="re-run methods whose run folder already has metrics.json")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-methods"))
     args = ap.parse_args()
 
     sys.path.insert(0, str(ROOT / "src"))
-    from vistune.report import load_metrics, markdown_table
+    from vistune.report import load_metrics, machine_lines, markdown_table
 
     out = Path(args.out)
     dirs = []
@@ -73,6 +73,7 @@ def main() -> int:
     first = rows[0]
     print(f"\nbackbone {args.backbone} @ {args.img_size}px, data {args.data}, shots {args.shots}, "
           f"{args.epochs} epochs, {args.precision}; train {first['num_train']} / test {first['num_test']} images\n")
+    print("\n".join(machine_lines(rows)) + "\n")
     print(markdown_table(rows))
     sens = out / "spt" / "sensitivity.safetensors"
     if sens.is_file():

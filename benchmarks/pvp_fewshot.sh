@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 V=.venv/bin/vistune
 OUT=${1:-runs/bench-pvp}
 SHARED=${VISTUNE_SHARED:-../shared}
-COMMON=(--backbone dinov2-s14 --img-size 56 --batch-size 16 --precision bf16 --optimizer adamw --no-progress)
+COMMON=(--backbone dinov2-s14 --img-size 56 --batch-size 16 --precision auto --optimizer adamw --no-progress)
 for m in vpt lora; do
     opts=(-o rank=8); [ $m = vpt ] && opts=(-o length=10 -o deep=true)
     [ -f $OUT/source-$m/modules.safetensors ] || \

@@ -118,7 +118,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--precisions", default="auto",
+                    help="comma-separated fp32,bf16; auto (default): fp32, plus bf16 where this CPU runs it natively "
+                         "(an emulated bf16 table says nothing about vistune)")
     ap.add_argument("--variants", default=";".join(VARIANTS), help="labels separated by ;")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd LoRA q,v and full")
     ap.add_argument("--no-peft", action="store_true")
@@ -161,8 +163,13 @@ def main() -> int:
 
         for m in models.values():
             set_fused_attention(m, False)
+    from vistune.precision import machine_line, native_bf16
+
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    if precisions == ["auto"]:
+        precisions = ["fp32", "bf16"] if native_bf16(torch.device("cpu"))[0] else ["fp32"]
     rows = []
-    for prec in [p.strip() for p in args.precisions.split(",") if p.strip()]:
+    for prec in precisions:
         bf16 = prec == "bf16"
         steps = {label: make_step(m, x, y, bf16) for label, m in models.items()
                  if bf16 or "frozen-bf16" not in label}  # bf16-stored weights are for bf16 runs only
@@ -185,7 +192,8 @@ def main() -> int:
                          activation_mb(m, x, bf16), trainable))
 
     attn = "fused SDPA" if args.fused_attention else "explicit (vistune's CPU default)"
-    print(f"\n{args.backbone} @{args.img_size} px, batch {args.batch_size}, {torch.get_num_threads()} threads, "
+    print("\n" + machine_line(",".join(precisions)))
+    print(f"{args.backbone} @{args.img_size} px, batch {args.batch_size}, {torch.get_num_threads()} threads, "
           f"attention {attn}, median of {args.rounds} rounds x {args.steps} steps, torch {torch.__version__}\n")
     print("| precision | variant | ms/step | × full FT | img/s | activations MB | trainable params |")
     print("|---|---|---|---|---|---|---|")

@@ -28,6 +28,8 @@ def test_speed_benchmark_table():
         if line.startswith("| fp32 |"):
             rows[cells[1]] = cells
     assert rows["full"][3] == "1.00"  # every ratio is against full fine-tuning in the same precision
+    machine = next(line for line in proc.stdout.splitlines() if line.startswith("machine: "))
+    assert "capability" in machine and "threads" in machine and machine.endswith("precision fp32")
     # LoRA r8 on q and v: blocks x 2 slices x r(d + d), over the linear probe's head (METHODS.md)
     vit = timm.create_model("test_vit", img_size=32)
     d = vit.embed_dim

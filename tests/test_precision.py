@@ -135,3 +135,17 @@ def test_fp16_grad_scaler_path_trains(tmp_path, monkeypatch):
     assert all(torch.isfinite(torch.tensor(m["final_train_loss"])).reshape(-1))
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert ckpt["scaler"] is not None and ckpt["scaler"]["scale"] > 0
+
+
+def test_report_heads_its_table_with_the_machine_and_precision(emulating_cpu, tmp_path, capsys):
+    folder = make_folder(tmp_path / "data")
+    train(cfg_for(folder, tmp_path / "a", epochs=1))
+    train(cfg_for(folder, tmp_path / "b", epochs=1, precision="bf16"))
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "a")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("machine: ") and "capability AVX2" in lines[0] and lines[0].endswith("precision fp32")
+    assert lines[2].startswith("| method |")
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("precision fp32 (rows: lora)") and lines[1].endswith("precision bf16 (rows: lora)")

@@ -394,12 +394,13 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from vistune.report import load_metrics, markdown_table
+    from vistune.report import load_metrics, machine_lines, markdown_table
 
     rows = load_metrics(args.runs)
     if not rows:
         print("vistune report: error: no metrics.json under " + ", ".join(args.runs), file=sys.stderr)
         return 2
+    print("\n".join(machine_lines(rows)) + "\n")  # what made the numbers, above them
     print(markdown_table(rows))
     return 0
 

@@ -188,12 +188,19 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
 
 
 def machine_line(precision: str | None = None, threads: int | None = None) -> str:
-    """One line naming the machine, for the top of every benchmark table."""
-    m = machine_info(threads)
-    text = (f"machine: {m['cpu']}, capability {m['cpu_capability']}, native bf16: {m['cpu_bf16']}, "
-            f"{m['threads']} threads, torch {m['torch']}")
-    if m["cuda"]:
-        text += f", GPU {m['cuda']}"
+    """One line naming this machine, for the top of every benchmark table."""
+    return format_machine(machine_info(threads), precision)
+
+
+def format_machine(m: dict[str, Any] | None, precision: str | None = None) -> str:
+    """One line from a :func:`machine_info` record (as ``metrics.json`` keeps it)."""
+    if not m:
+        text = "machine: not recorded (a run written before vistune recorded its machine)"
+    else:
+        text = (f"machine: {m.get('cpu')}, capability {m.get('cpu_capability')}, native bf16: {m.get('cpu_bf16')}, "
+                f"{m.get('threads')} threads, torch {m.get('torch')}")
+        if m.get("cuda"):
+            text += f", GPU {m['cuda']}"
     if precision:
         text += f", precision {precision}"
     return text

@@ -111,3 +111,17 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
     sep = "|" + "|".join("---" for _ in columns) + "|"
     body = ["| " + " | ".join(_cell(k, r) for k, _ in columns) + " |" for r in rows]
     return "\n".join([head, sep, *body])
+
+
+def machine_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Which machine and precision made the rows' numbers: one line per distinct pair, naming the
+    rows when there are several (a table mixing an AVX2 fp32 run with a native-bf16 one says so)."""
+    from vistune.precision import format_machine
+
+    groups: dict[str, list[str]] = {}
+    for r in rows:
+        line = format_machine(r.get("machine"), r.get("precision"))
+        groups.setdefault(line, []).append(str(r.get("method", "?")))
+    if len(groups) == 1:
+        return list(groups)
+    return [f"{line} (rows: {', '.join(methods)})" for line, methods in groups.items()]

@@ -679,7 +679,8 @@ def sweep_row(path: Path) -> dict[str, Any] | None:
             "val_top1": best.get("val"), "tuned_params": runs[0].get("tuned_params"),
             "head_params": runs[0].get("head_params"), "train_seconds": runs[0].get("train_seconds"),
             "train_img_per_s": speed.get("train_img_per_s"), "peak_memory_mb": speed.get("peak_memory_mb"),
-            "trials": len(result.get("trials", [])), "sweep": str(path)}
+            "trials": len(result.get("trials", [])), "sweep": str(path),
+            "machine": speed.get("machine"), "precision": speed.get("precision")}
 
 
 __all__ = ["DEFAULT_SPACES", "OptunaPruning", "Space", "SweepError", "run_sweep", "sweep_row"]
