@@ -13,6 +13,8 @@ import sys
 import typing
 from collections.abc import Sequence
 
+from vistune.methods import method_names
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse with the project's error contract: one line on stderr, exit 2.
@@ -53,12 +55,16 @@ _count = _number(int, 0)
 _positive_float = _number(float, 0, above=True)
 
 
+#: The registry's names (vistune.methods imports no torch until a method is used).
+_METHOD_HELP = "tuning method: " + ", ".join(method_names())
+
+
 def _add_backbone_args(p: argparse.ArgumentParser, method_required: bool = True) -> None:
     p.add_argument("--backbone", required=True, help="timm model name or vistune weights name (dinov2-s14, ...)")
     p.add_argument("--weights", default=None, help="vistune weights name or a local weights file")
     p.add_argument("--img-size", type=_positive_int, default=None,
                    help="input resolution (ViT position embeddings are resampled)")
-    p.add_argument("--method", required=method_required, help="tuning method: linear, full, bitfit, vpt, lora, adapter, ...")
+    p.add_argument("--method", required=method_required, help=_METHOD_HELP)
     p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
 
 
@@ -99,7 +105,7 @@ def _add_train_args(p: argparse.ArgumentParser, multi_data: bool = False, shots:
     p.add_argument("--backbone", default=None, help="timm model name or vistune weights name (dinov2-s14, ...)")
     p.add_argument("--weights", default=None, help="vistune weights name or a local weights file")
     p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--method", default=None, help="linear, full, bitfit, vpt, lora, adapter, spt, protuning")
+    p.add_argument("--method", default=None, help=_METHOD_HELP)
     p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
     data_help = ("fashion-mnist | npz:PATH | folder:PATH | vtab:PATH/TASK | fgvc:PATH | hf:NAME_OR_PATH[:CONFIG] | "
                  "tv:NAME (dense: camvid:PATH | voc:PATH | pennfudan:PATH)")

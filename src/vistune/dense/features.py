@@ -12,8 +12,8 @@ its 1x1 head conv, a ViT its final blocks when the chosen ones end earlier).
 
 ViT tokens become grids by keeping the *last* ``H*W`` tokens (VPT puts its prompts between the
 prefix tokens and the patches, so the patches are always last) and checking that the number of
-leading tokens is what the model declares: ``num_prefix_tokens``, plus ``vpt.length`` while
-prompts are inside the sequence. Each captured block output goes through the model's final norm
+leading tokens is what the model declares: ``num_prefix_tokens``, plus the tokens the method
+says it adds (``Method.routing().tokens``) while they are inside the sequence. Each captured block output goes through the model's final norm
 (DINOv2 and most timm ViTs are trained so the normed tokens are the features to read) and is
 marked with a resampling factor: the neck turns the single-stride ViT into a simple pyramid
 (ViTDet's idea; DPT's choice of blocks: four evenly spaced ones, scaled x4, x2, x1, x0.5).
@@ -122,8 +122,11 @@ class FeatureExtractor:
     rebuilt at will and never shows up in state dicts.
     """
 
-    def __init__(self, model: nn.Module, levels: list[Level]) -> None:
+    def __init__(self, model: nn.Module, levels: list[Level], extra_tokens: int | None = None) -> None:
         self.model = model
+        #: tokens a method adds between the prefix tokens and the patches (``Routing.tokens``:
+        #: VPT's prompts); None accepts any number (a server whose tasks add different numbers)
+        self.extra_tokens = extra_tokens
         self.levels = list(levels)
         self.vit = is_vit(model)
         self.modules = [_resolve(model, lv.module) for lv in self.levels]
@@ -142,11 +145,12 @@ class FeatureExtractor:
             raise FeatureError(f"block {level.module} returned shape {tuple(out.shape)}, expected (B, N, D)")
         leading = out.shape[1] - h * w
         prefix = int(getattr(self.model, "num_prefix_tokens", 0))
-        prompts = int(self.model.vpt.length) if hasattr(self.model, "vpt") else 0
-        if leading not in (prefix, prefix + prompts):
+        extra = self.extra_tokens
+        if leading < prefix or (extra is not None and leading not in (prefix, prefix + extra)):
+            added = "any number of" if extra is None else str(extra)
             raise FeatureError(
                 f"block {level.module}: {out.shape[1]} tokens = {leading} leading + {h}x{w} patches, but the "
-                f"model declares {prefix} prefix tokens (+{prompts} VPT prompts); cannot find the patch grid"
+                f"model declares {prefix} prefix tokens (+{added} tokens its method adds); cannot find the patch grid"
             )
         norm = getattr(self.model, "norm", None)
         tokens = out[:, leading:]

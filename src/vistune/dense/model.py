@@ -38,7 +38,7 @@ class DenseModel(nn.Module):
         super().__init__()
         self.tuned = tuned
         self.head = head
-        self.extractor = FeatureExtractor(tuned.model, head.cfg.level_objs())
+        self.extractor = FeatureExtractor(tuned.model, head.cfg.level_objs(), tuned.method.routing().tokens)
 
     @property
     def task(self) -> str:

@@ -37,7 +37,7 @@ from typing import Any
 
 from vistune.export.onnx_format import EXPORTERS, export_onnx
 from vistune.export.peft_format import export_peft, import_peft
-from vistune.export.run import CARRIERS, SIDECAR, ExportError, Run, load_run
+from vistune.export.run import SIDECAR, ExportError, Run, load_run
 from vistune.export.timm_format import export_timm
 
 FORMATS = ("onnx", "peft", "timm")
@@ -64,7 +64,6 @@ def export(run: str | os.PathLike, fmt: str, out: str | os.PathLike, *, overwrit
 
 
 __all__ = [
-    "CARRIERS",
     "EXPORTERS",
     "FORMATS",
     "SIDECAR",

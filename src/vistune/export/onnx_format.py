@@ -222,9 +222,7 @@ def export_onnx(run_path: str | os.PathLike, out: str | os.PathLike, *, exporter
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown ONNX exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
     run = load_run(run_path, weights)
-    trace_friendly = getattr(run.tuned.method, "trace_friendly", None)
-    if trace_friendly is not None:  # e.g. SPT: sparse deltas as weight swaps, which ONNX can express
-        trace_friendly(True)
+    run.tuned.method.trace_friendly(True)  # e.g. SPT: sparse deltas as weight swaps, which ONNX can express
     module, outputs, doc = graph_module(run)
     size = int(run.backbone["img_size"])
     x = example_input(size)

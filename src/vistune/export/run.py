@@ -27,18 +27,6 @@ from vistune.errors import VistuneError
 EXPORT_FORMAT = "vistune.export/1"
 SIDECAR = "vistune_export.json"
 
-#: Which formats can carry which methods; the refusal messages quote this table.
-CARRIERS = {
-    "linear": ("timm", "onnx"),
-    "full": ("timm", "onnx"),
-    "bitfit": ("timm", "onnx"),
-    "lora": ("timm", "onnx", "peft"),
-    "spt": ("timm", "onnx"),  # timm only without adapters (see carriers())
-    "vpt": ("onnx",),
-    "adapter": ("onnx",),
-    "protuning": ("onnx",),
-}
-
 
 class ExportError(VistuneError, ValueError):
     """An export or import cannot be done as asked (the message names the file and the reason)."""
@@ -142,12 +130,11 @@ def load_run(path: str | os.PathLike, weights: str | None = None) -> Run:
 
 
 def carriers(run: Run) -> tuple[str, ...]:
-    """The formats that can carry this run."""
+    """The formats that can carry this run: the method says (``Method.export_formats``); a dense
+    run's head is vistune's own module, which only a traced graph carries."""
     if run.dense is not None:
         return ("onnx",)
-    if run.method == "spt" and not run.tuned.method.mergeable:
-        return ("onnx",)
-    return CARRIERS.get(run.method, ("onnx",))
+    return run.tuned.method.export_formats()
 
 
 def refuse(run: Run, fmt: str, why: str) -> ExportError:

@@ -45,14 +45,6 @@ from vistune.export.run import (
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
-#: Why a method cannot become plain timm weights (quoted in the refusal).
-_NOT_MERGEABLE = {
-    "vpt": "its prompt tokens are extra inputs to the blocks, not weights of the architecture",
-    "adapter": "its bottlenecks sit behind a GELU beside the MLPs, so no weight change reproduces them",
-    "protuning": "its prompt blocks compute an input-dependent prompt, so no weight change reproduces them",
-    "spt": "its allocation holds adapters (structured=adapter), which sit behind a GELU and cannot be merged",
-}
-
 #: pretrained_cfg entries kept from the source model (the rest is set from the run).
 _CFG_KEEP = ("tag", "first_conv", "classifier", "license", "fixed_input_size")
 
@@ -138,7 +130,7 @@ def export_timm(run_path: str | os.PathLike, out: str | os.PathLike, *, overwrit
     if run.dense is not None:
         raise refuse_dense(run, "timm")
     if "timm" not in carriers(run):
-        raise refuse(run, "timm", _NOT_MERGEABLE.get(run.method, "it cannot be merged into the weights"))
+        raise refuse(run, "timm", run.tuned.method.not_mergeable_reason)
     tuned = run.tuned
     tuned.merge()
     model = tuned.model

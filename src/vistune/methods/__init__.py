@@ -1,16 +1,21 @@
 """The method registry: name → Method class. One file per method; this maps names to them.
 
 The mapping is a read-only table of ``module:Class`` strings, imported on first use: no
-registration side effects, no global mutable state, and ``vistune --help`` stays fast.
+registration side effects, no global mutable state, and ``vistune --help`` stays fast (the CLI
+lists the registry's names without importing torch: ``Method`` and the option parsers are
+loaded from :mod:`vistune.methods.base` only when asked for).
 """
 
 from __future__ import annotations
 
 import importlib
 from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
 from vistune.errors import MethodError
-from vistune.methods.base import Method, parse_kv, parse_options
+
+if TYPE_CHECKING:
+    from vistune.methods.base import Method
 
 REGISTRY = MappingProxyType(
     {
@@ -25,6 +30,8 @@ REGISTRY = MappingProxyType(
     }
 )
 
+_FROM_BASE = ("Method", "parse_kv", "parse_options")
+
 
 def method_names() -> list[str]:
     return list(REGISTRY)
@@ -37,6 +44,12 @@ def get_method(name: str) -> type[Method]:
         raise MethodError(f"unknown method {name!r}; known methods: {', '.join(REGISTRY)}") from None
     module, _, cls = target.partition(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_BASE:
+        return getattr(importlib.import_module("vistune.methods.base"), name)
+    raise AttributeError(f"module 'vistune.methods' has no attribute {name!r}")
 
 
 __all__ = ["Method", "REGISTRY", "get_method", "method_names", "parse_kv", "parse_options"]

@@ -64,6 +64,7 @@ def _parallel(mlp: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
 
 class Adapter(Method):
     name = "adapter"
+    not_mergeable_reason = "its bottlenecks sit behind a GELU beside the MLPs, so no weight change reproduces them"
     Options = AdapterOptions
 
     def attach(self, model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> None:

@@ -45,15 +45,58 @@ class Routing:
     tokens: int = 0
 
 
+#: VPT's grids (tune_vtab.py::get_lrwd_range): base learning rates for SGD, and weight decays.
+VPT_SGD_BASE_LRS = (50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05)
+VPT_ADAMW_LRS = (1e-3, 5e-4, 1e-4, 5e-3)  # VPT's end2end (full fine-tuning) grid
+VPT_WDS = (0.01, 1e-3, 1e-4, 0.0)
+#: AdamW grid for the low-rank and bottleneck modules (LoRA, Adapter, SPT): around the 1e-3 that
+#: SPT's and LoRA's recipes use (METHODS.md §2.2), a decade either side.
+MODULE_ADAMW_LRS = (1e-2, 5e-3, 1e-3, 5e-4, 1e-4)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+    """A method's default ``vistune sweep`` grid, declared by the method (its paper's protocol).
+
+    ``lrs="vpt-sgd"`` means VPT's SGD base rates scaled by batch/256 (the linear scaling rule
+    VPT's tuning script applies); otherwise the learning rates themselves.
+    """
+
+    optimizer: str
+    lrs: tuple[float, ...] | str
+    wds: tuple[float, ...] = VPT_WDS
+
+
+#: What a method without a declaration gets: AdamW around 1e-3, as for small inserted modules.
+MODULE_SEARCH = SearchSpace("adamw", MODULE_ADAMW_LRS)
+#: VPT's own protocol: SGD over its scaled base rates (linear probing, BitFit, prompts).
+VPT_SGD_SEARCH = SearchSpace("sgd", "vpt-sgd")
+
+
 class Method:
-    """Base class: subclasses set ``name``/``Options`` and implement :meth:`attach`."""
+    """Base class: subclasses set ``name``/``Options`` and implement :meth:`attach`.
+
+    Everything the rest of vistune needs to know about a method is declared here, on the
+    method, so no module outside ``methods/`` keeps a table keyed by method names: whether it
+    merges (and why not), which export formats carry it, its sweep grid, whether PVP can
+    pre-train it, and how a server routes it (:meth:`routing`).
+    """
 
     name: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
     #: True when merge() folds everything into base weights (or there is nothing to fold).
     mergeable: ClassVar[bool] = False
+    #: Why merge() cannot fold it (quoted when a format that needs plain weights refuses it).
+    not_mergeable_reason: ClassVar[str] = "it adds computation that cannot be folded into the backbone weights"
     #: True when the backbone itself trains (dropout, drop-path, BatchNorm statistics active).
     backbone_trains: ClassVar[bool] = False
+    #: Export formats that can carry a run ("timm": merged plain weights, "onnx": a traced graph,
+    #: "peft": HF PEFT's LoRA layout); "timm" is dropped for an attachment that is not mergeable.
+    formats: ClassVar[tuple[str, ...]] = ("onnx",)
+    #: The default sweep grid (``vistune sweep`` without ``--grid``).
+    search_space: ClassVar[SearchSpace] = MODULE_SEARCH
+    #: True when the method has modules that PVP stage 1 (``vistune pretrain``) can pre-train.
+    pretrainable: ClassVar[bool] = True
 
     def __init__(self, options: Any | None = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -104,6 +147,15 @@ class Method:
     def routing(self) -> Routing:
         """How a multi-task server may route this attachment (see :class:`Routing`)."""
         return Routing()
+
+    def export_formats(self) -> tuple[str, ...]:
+        """The formats that can carry this attachment (an unmergeable one never becomes plain timm)."""
+        return tuple(f for f in self.formats if f != "timm" or self.mergeable)
+
+    def trace_friendly(self, on: bool = True) -> None:
+        """Switch to ops a graph exporter can trace (``on``) or back to the fast path; same function.
+
+        Most methods trace as they are; SPT's sparse deltas switch to weight swaps here."""
 
     def spec_options(self) -> dict[str, Any]:
         """Options as plain JSON-able data, stored in tuned files."""

@@ -9,11 +9,13 @@ import torch
 from torch import nn
 
 from vistune.backbones import head_parameters
-from vistune.methods.base import Method, NothingToMerge
+from vistune.methods.base import VPT_SGD_SEARCH, Method, NothingToMerge
 
 
 class BitFit(NothingToMerge, Method):
     name = "bitfit"
+    formats = ("timm", "onnx")
+    search_space = VPT_SGD_SEARCH
 
     def attach(self, model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> None:
         head = {id(p) for p in head_parameters(model)}

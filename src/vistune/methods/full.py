@@ -6,11 +6,14 @@ import torch
 from torch import nn
 
 from vistune.backbones import head_parameters
-from vistune.methods.base import Method, NothingToMerge
+from vistune.methods.base import VPT_ADAMW_LRS, Method, NothingToMerge, SearchSpace
 
 
 class Full(NothingToMerge, Method):
     name = "full"
+    formats = ("timm", "onnx")
+    search_space = SearchSpace("adamw", VPT_ADAMW_LRS)  # VPT's end2end grid
+    pretrainable = False  # the whole backbone: not a module to transfer
     backbone_trains = True  # dropout/drop-path/BatchNorm statistics behave as in normal training
 
     def attach(self, model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> None:

@@ -7,11 +7,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vistune.methods.base import Method, NothingToMerge
+from vistune.methods.base import VPT_SGD_SEARCH, Method, NothingToMerge
 
 
 class Linear(NothingToMerge, Method):
     name = "linear"
+    formats = ("timm", "onnx")
+    search_space = VPT_SGD_SEARCH
+    pretrainable = False  # no modules: nothing to transfer
 
     def attach(self, model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> None:
         """Nothing to insert: the tuning contract always trains the head."""

@@ -121,6 +121,7 @@ def _add_branch_output(host: nn.Module, args: tuple, out: torch.Tensor) -> torch
 
 class LoRA(Method):
     name = "lora"
+    formats = ("timm", "onnx", "peft")
     Options = LoRAOptions
     mergeable = True
 

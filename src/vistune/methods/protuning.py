@@ -77,7 +77,7 @@ from torch import nn
 
 from vistune.backbones import is_vit, vit_geometry
 from vistune.errors import MethodError, NotMergeableError
-from vistune.methods.base import Method
+from vistune.methods.base import VPT_SGD_SEARCH, Method
 
 #: How many trailing CNN feature levels are prompted by default (the C2–C5 pyramid).
 DEFAULT_CNN_LEVELS = 4
@@ -268,6 +268,8 @@ def _vit_hook(block: PromptBlock, prefix: int, grid: Callable[[], tuple[int, int
 
 class ProTuning(Method):
     name = "protuning"
+    search_space = VPT_SGD_SEARCH
+    not_mergeable_reason = "its prompt blocks compute an input-dependent prompt, so no weight change reproduces them"
     Options = ProTuningOptions
 
     def attach(self, model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> None:

@@ -290,6 +290,9 @@ class SPT(Method):
     """Sensitivity-chosen sparse deltas, whole vectors and LoRA/adapters on the most sensitive matrices."""
 
     name = "spt"
+    formats = ("timm", "onnx")  # timm only while the allocation holds no adapter (mergeable)
+    not_mergeable_reason = ("its allocation holds adapters (structured=adapter), which sit behind a GELU and "
+                            "cannot be merged")
     Options = SPTOptions
     mergeable = True  # per instance: False once the allocation holds an adapter
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from vistune.backbones import is_vit, vit_geometry
 from vistune.errors import MethodError
-from vistune.methods.base import Method, Routing
+from vistune.methods.base import VPT_SGD_SEARCH, Method, Routing
 
 
 @dataclass
@@ -54,6 +54,8 @@ class VPTPrompts(nn.Module):
 
 class VPT(Method):
     name = "vpt"
+    search_space = VPT_SGD_SEARCH
+    not_mergeable_reason = "its prompt tokens are extra inputs to the blocks, not weights of the architecture"
     Options = VPTOptions
 
     def attach(self, model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> None:

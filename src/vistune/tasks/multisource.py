@@ -21,6 +21,7 @@ from torch import nn
 from vistune.backbones import classifier
 from vistune.config import ConfigError, TrainConfig
 from vistune.data import DataSplits
+from vistune.methods import get_method, method_names
 from vistune.tasks.base import Runtime, Task, TaskProbe, seed_everything
 from vistune.tasks.classify import SENSITIVITY_BATCH, classification_metrics, image_hashes, load_classification_data
 
@@ -40,9 +41,10 @@ class MultiSourceTask(Task):
         self.train_on_test = train_on_test
 
     def setup(self, cfg: TrainConfig, rt: Runtime, out: Path | None) -> None:
-        if not cfg.method or cfg.method in ("linear", "full"):
+        if not cfg.method or not get_method(cfg.method).pretrainable:
+            able = [n for n in method_names() if get_method(n).pretrainable]
             raise ConfigError(f"pretrain needs a method with modules to transfer; {cfg.method!r} has none "
-                              "(use vpt, lora, adapter, spt, protuning or bitfit)")
+                              f"(use {', '.join(able)})")
         if cfg.init_from:
             raise ConfigError("pretrain trains modules from their own initialisation; --init-from is for stage 2")
         self.cfg, self.rt = cfg, rt

@@ -46,26 +46,9 @@ from vistune.engine.callbacks import Callback, FitState
 from vistune.engine.loop import DivergedError
 from vistune.engine.rundir import FolderLock, RunDirError
 from vistune.io import save_figure_atomic, write_json_atomic, write_text_atomic
+from vistune.methods import get_method
+from vistune.methods.base import MODULE_ADAMW_LRS, VPT_SGD_BASE_LRS
 
-#: VPT's grids (tune_vtab.py::get_lrwd_range): base learning rates for SGD, and weight decays.
-VPT_SGD_BASE_LRS = (50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05)
-VPT_ADAMW_LRS = (1e-3, 5e-4, 1e-4, 5e-3)  # VPT's end2end (full fine-tuning) grid
-VPT_WDS = (0.01, 1e-3, 1e-4, 0.0)
-#: AdamW grid for the low-rank and bottleneck modules (LoRA, Adapter, SPT): around the 1e-3 that
-#: SPT's and LoRA's recipes use (METHODS.md §2.2), a decade either side.
-MODULE_ADAMW_LRS = (1e-2, 5e-3, 1e-3, 5e-4, 1e-4)
-
-#: method -> (optimizer, learning rates or "vpt-sgd", weight decays)
-DEFAULT_SPACES: dict[str, tuple[str, Any, tuple[float, ...]]] = {
-    "linear": ("sgd", "vpt-sgd", VPT_WDS),
-    "bitfit": ("sgd", "vpt-sgd", VPT_WDS),
-    "vpt": ("sgd", "vpt-sgd", VPT_WDS),
-    "protuning": ("sgd", "vpt-sgd", VPT_WDS),
-    "full": ("adamw", VPT_ADAMW_LRS, VPT_WDS),
-    "lora": ("adamw", MODULE_ADAMW_LRS, VPT_WDS),
-    "adapter": ("adamw", MODULE_ADAMW_LRS, VPT_WDS),
-    "spt": ("adamw", MODULE_ADAMW_LRS, VPT_WDS),
-}
 
 #: Run settings a search dimension may name besides method options.
 CONFIG_DIMENSIONS = ("lr", "wd", "head_lr", "warmup_epochs", "epochs", "momentum", "optimizer")
@@ -87,7 +70,9 @@ class Space:
 
 
 def default_space(method: str, optimizer: str | None, batch_size: int) -> Space:
-    opt, lrs, wds = DEFAULT_SPACES.get(method, ("adamw", MODULE_ADAMW_LRS, VPT_WDS))
+    """The method's own grid (``Method.search_space``), or the given optimizer's default grid."""
+    declared = get_method(method).search_space
+    opt, lrs, wds = declared.optimizer, declared.lrs, declared.wds
     if optimizer and optimizer != opt:  # the user's optimizer: that optimizer's default grid
         opt = optimizer
         lrs = "vpt-sgd" if opt == "sgd" else MODULE_ADAMW_LRS
@@ -140,8 +125,6 @@ def split_searched_options(method: str, options: dict[str, Any]) -> tuple[dict[s
     commas inside a list-typed option (``targets=q,v``) are its value — write ``q,v|q,k,v`` to
     search those. Returns (fixed options, searched options)."""
     import typing
-
-    from vistune.methods import get_method
 
     hints = typing.get_type_hints(get_method(method).Options)
     fixed: dict[str, Any] = {}
@@ -683,4 +666,4 @@ def sweep_row(path: Path) -> dict[str, Any] | None:
             "machine": speed.get("machine"), "precision": speed.get("precision")}
 
 
-__all__ = ["DEFAULT_SPACES", "OptunaPruning", "Space", "SweepError", "run_sweep", "sweep_row"]
+__all__ = ["OptunaPruning", "Space", "SweepError", "run_sweep", "sweep_row"]
