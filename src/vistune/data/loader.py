@@ -245,8 +245,9 @@ class DataSplits:
         """JSON-able record of exactly which samples are in which split.
 
         Holds the spec and load options, the layout decisions (``notes``), the
-        class names, and per split its size, ids (relative paths, or
-        ``"<array>:<row>"``) and labels, plus few-shot K/seed. Given the same
+        class names, and per split its size, images per class, ids (relative
+        paths, or ``"<array>:<row>"``) and labels, plus few-shot K/seed and the
+        long-tail plan (``imbalance``). Given the same
         files, ``load_data`` with the recorded options reproduces these ids;
         the ids alone are enough to rebuild the splits by other means.
         """
