@@ -120,6 +120,9 @@ def test_two_processes_match_one_for_classification(two_process_runs):
     one = _one_process(r["jobs"], "classify", r["root"])
     # Same global batches, gradients summed over ranks: equal up to float summation order.
     assert two["test_top1"] == one["test_top1"]
+    # per-class counts are summed over ranks (each rank's shard holds other classes), not averaged
+    assert two["test_per_class_top1"] == one["test_per_class_top1"]
+    assert two["test_balanced_top1"] == one["test_balanced_top1"] is not None
     assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-4, abs=1e-5)
     la = [json.loads(x)["train_loss"] for x in (run / "log.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["train_loss"] for x in (r["root"] / "one" / "classify" / "log.jsonl").read_text().splitlines()]

@@ -59,6 +59,18 @@ _positive_float = _number(float, 0, above=True)
 _METHOD_HELP = "tuning method: " + ", ".join(method_names())
 
 
+def _many_few(text: str) -> tuple[int, int]:
+    """``--group-thresholds MANY,FEW``: two non-negative integers, MANY >= FEW."""
+    parts = [t.strip() for t in text.split(",")]
+    try:
+        many, few = (int(t) for t in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MANY,FEW training-image counts (e.g. 100,20), got {text!r}") from None
+    if few < 0 or many < few:
+        raise argparse.ArgumentTypeError(f"expected MANY >= FEW >= 0, got {text!r}")
+    return many, few
+
+
 def _add_backbone_args(p: argparse.ArgumentParser, method_required: bool = True) -> None:
     p.add_argument("--backbone", required=True, help="timm model name or vistune weights name (dinov2-s14, ...)")
     p.add_argument("--weights", default=None, help="vistune weights name or a local weights file")
@@ -120,6 +132,13 @@ def _add_train_args(p: argparse.ArgumentParser, multi_data: bool = False, shots:
         p.add_argument("--shots", type=int, default=None, help="K examples per class from the training split")
     p.add_argument("--subset", default=None, metavar="TRAIN/VAL",
                    help="VTAB-1k protocol: e.g. 800/200 random training images as train/val (test untouched)")
+    if not multi_data:
+        p.add_argument("--imbalance", type=_number(float, 1), default=None, metavar="R",
+                       help="long-tailed training split (CIFAR-10-LT): class at rank c of a seeded order keeps "
+                            "int(n_max * R^(-c/(C-1))) images; 1 = as is; val/test untouched (README 'Class imbalance')")
+        p.add_argument("--group-thresholds", type=_many_few, default=None, metavar="MANY,FEW",
+                       help="many-/medium-/few-shot class groups of the test metrics: more than MANY, "
+                            "FEW..MANY, fewer than FEW training images (default 100,20)")
     p.add_argument("--head-init", choices=["random", "zeros", "prototypes"], default=None,
                    help="classification head start: timm's random init, zeros, or normalised class-mean prototypes")
     p.add_argument("--seed", type=int, default=None)
@@ -163,7 +182,7 @@ def _add_train_args(p: argparse.ArgumentParser, multi_data: bool = False, shots:
 
 
 _CONFIG_FLAGS = ("backbone", "weights", "img_size", "method", "data", "data_root", "image_column", "label_column",
-                 "shots", "subset", "head_init", "seed", "epochs", "batch_size",
+                 "shots", "subset", "imbalance", "group_thresholds", "head_init", "seed", "epochs", "batch_size",
                  "lr", "head_lr", "wd", "optimizer", "warmup_epochs", "clip_grad", "accum_steps", "precision",
                  "compile", "augment", "trainval", "select", "val_every", "eval_test_every", "checkpoint_every",
                  "max_per_split", "init_from", "freeze_modules", "sensitivity", "device", "out", "task")
@@ -259,7 +278,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
 
 def _print_metrics(metrics: dict, out: str) -> None:
-    keys = ["method", "val_top1", "test_top1", "test_miou", "test_map50", "test_map", "tuned_params",
+    keys = ["method", "val_top1", "test_top1", "test_balanced_top1", "test_miou", "test_map50", "test_map", "tuned_params",
             "head_params", "train_seconds", "train_img_per_s", "peak_memory_mb", "num_train", "num_test",
             "skipped_images", "world_size"]
     keys = [k for k in keys if k in metrics]

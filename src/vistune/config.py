@@ -41,6 +41,8 @@ class TrainConfig:
     label_column: str | None = None  # hf: specs: the label column (default: the first ClassLabel)
     shots: int | None = None
     subset: str | None = None  # "800/200": VTAB-1k's train/val sizes drawn from the training pool
+    imbalance: float | None = None  # R >= 1: long-tailed train split, n_max*R^(-c/(C-1)) per class (README)
+    group_thresholds: tuple[int, ...] = (100, 20)  # many-shot: > first, few-shot: < second training images
     seed: int = 0
     epochs: int = 10
     batch_size: int = 32
@@ -111,6 +113,14 @@ class TrainConfig:
         for name in ("val_every", "checkpoint_every", "eval_test_every", "num_workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.imbalance is not None and not (math.isfinite(self.imbalance) and self.imbalance >= 1):
+            raise ConfigError(f"imbalance must be a finite number >= 1 (1 = as is), got {self.imbalance}")
+        if self.imbalance is not None and self.task != "classify":
+            raise ConfigError(f"imbalance is for classification runs only, not task {self.task!r}")
+        many_few = tuple(self.group_thresholds)
+        if len(many_few) != 2 or many_few[0] < many_few[1] or many_few[1] < 0:
+            raise ConfigError("group_thresholds must be MANY,FEW training-image counts with MANY >= FEW >= 0 "
+                              f"(e.g. 100,20), got {','.join(map(str, many_few))}")
         if self.max_per_split is not None and self.max_per_split < 1:
             raise ConfigError(f"max_per_split must be >= 1, got {self.max_per_split}")
         if self.subset is not None:

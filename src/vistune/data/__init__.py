@@ -12,7 +12,7 @@ else from vistune, so the engine depends on it and not the reverse.
 
 from .errors import DataError
 from .fashion_mnist import ENV_VAR as FASHION_MNIST_ENV_VAR
-from .fewshot import fewshot_indices, proportional_quota, stratified_split
+from .fewshot import fewshot_indices, longtail_counts, longtail_quota, proportional_quota, stratified_split
 from .loader import (
     DataSplits,
     ImageDataset,
@@ -37,6 +37,8 @@ __all__ = [
     "complete_splits",
     "fewshot_indices",
     "load_data",
+    "longtail_counts",
+    "longtail_quota",
     "parse_spec",
     "proportional_quota",
     "read_source",

@@ -23,6 +23,8 @@ from .errors import DataError
 PURPOSE_FEWSHOT = 1
 PURPOSE_CARVE = 2
 PURPOSE_CAP = 3
+# 4 is taken by the VTAB-1k subset draw (loader._vtab_subset).
+PURPOSE_LONGTAIL = 5
 
 
 def _check_seed(seed: int) -> int:
@@ -117,6 +119,53 @@ def stratified_split(
             start += size
         parts[0].extend(order[start:])
     return [sorted(p) for p in parts]
+
+
+def longtail_counts(n_max: int, factor: float, num_classes: int) -> list[int]:
+    """Images kept per *rank* (head first) in a long-tailed split: CIFAR-10-LT's rule.
+
+    Cao et al. 2019 (LDAM, ``imbalance_cifar.py::get_img_num_per_cls``) keep
+    ``int(img_max * (imb_factor ** (cls_idx / (cls_num - 1.0))))`` with ``imb_factor = 1/R``;
+    this is that expression evaluated the same way (float power of ``1/R``, then truncation),
+    so the published counts come out exactly (CIFAR-10, R=100: 5000, 2997, ..., 50). The tail
+    keeps ``int(n_max * (1/R))`` whatever the number of classes.
+    """
+    if num_classes < 2:
+        raise DataError(f"imbalance needs at least 2 classes, got {num_classes}")
+    imb_factor = 1.0 / factor
+    return [int(n_max * (imb_factor ** (i / (num_classes - 1.0)))) for i in range(num_classes)]
+
+
+def longtail_class_order(num_classes: int, seed: int) -> list[int]:
+    """Labels from head to tail: a permutation seeded by ``seed`` alone.
+
+    Why a permutation and not label order: with label order, class 0 would always be the head,
+    so a result on "the few-shot classes" would be a result on whichever classes a data set
+    happens to list last. A stream of its own, so the same seed's image draws are unaffected.
+    """
+    seed = _check_seed(seed)
+    return [int(c) for c in np.random.default_rng([seed, PURPOSE_LONGTAIL]).permutation(num_classes)]
+
+
+def longtail_quota(
+    n_max: int, factor: float, num_classes: int, seed: int, class_names: Sequence[str] | None = None
+) -> tuple[list[int], dict[int, int]]:
+    """(head-to-tail labels, label -> images kept) for a long tail of factor ``factor``.
+
+    Refuses (one line naming the class) a plan that leaves a class with no image: a run that
+    silently lacks a class would not be the long-tailed version of the data set.
+    """
+    order = longtail_class_order(num_classes, seed)
+    counts = longtail_counts(n_max, factor, num_classes)
+    quota = {lab: n for lab, n in zip(order, counts)}
+    for rank, lab in enumerate(order):
+        if quota[lab] < 1:
+            raise DataError(
+                f"imbalance {factor:g}: class {_class_name(lab, class_names)} (rank {rank + 1} of {num_classes}) "
+                f"would keep int({n_max} * {factor:g}^(-{rank}/{num_classes - 1})) = 0 training images; "
+                f"the head class has {n_max}; lower the imbalance or keep more images per class"
+            )
+    return order, dict(sorted(quota.items()))
 
 
 def proportional_quota(counts: Mapping[int, int], total: int) -> dict[int, int]:

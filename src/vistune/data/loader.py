@@ -9,7 +9,9 @@ Pipeline (the same for every reader):
    (:func:`complete_splits`);
 3. ``trainval``: merge val into train, val = None;
 4. choose samples: ``shots`` -> exactly K per class from train (seeded by
-   ``seed``); ``max_per_split`` -> a class-proportional seeded cap;
+   ``seed``); ``imbalance`` R > 1 -> a long-tailed train split (CIFAR-10-LT's
+   rule, :func:`longtail_plan`); ``max_per_split`` -> a class-proportional
+   seeded cap;
 5. decode (or, in lazy mode, verify) every chosen file once, *before
    training*; nothing that is not chosen is decoded. Unreadable files are
    skipped (one warning each, listed in ``skipped``); for few-shot/capped
@@ -42,6 +44,7 @@ from .fewshot import (
     _check_seed,
     class_orders,
     fewshot_indices,
+    longtail_quota,
     proportional_quota,
     stratified_split,
 )
@@ -242,8 +245,9 @@ class DataSplits:
         """JSON-able record of exactly which samples are in which split.
 
         Holds the spec and load options, the layout decisions (``notes``), the
-        class names, and per split its size, ids (relative paths, or
-        ``"<array>:<row>"``) and labels, plus few-shot K/seed. Given the same
+        class names, and per split its size, images per class, ids (relative
+        paths, or ``"<array>:<row>"``) and labels, plus few-shot K/seed and the
+        long-tail plan (``imbalance``). Given the same
         files, ``load_data`` with the recorded options reproduces these ids;
         the ids alone are enough to rebuild the splits by other means.
         """
@@ -251,7 +255,8 @@ class DataSplits:
         for name in SPLITS:
             ds = self._split(name)
             splits[name] = None if ds is None else {
-                "size": len(ds), "ids": list(ds.ids), "labels": list(ds.targets),
+                "size": len(ds), "class_counts": class_counts(ds.targets, self.num_classes),
+                "ids": list(ds.ids), "labels": list(ds.targets),
             }  # fmt: skip
         out = dict(self.info)
         out.update(
@@ -262,6 +267,47 @@ class DataSplits:
             skipped=[[f, r] for f, r in self.skipped],
         )
         return out
+
+
+def class_counts(labels: Sequence[int], num_classes: int) -> list[int]:
+    """Images per label ``0..num_classes-1`` (what the long-tail metrics group classes by)."""
+    counts = Counter(int(lab) for lab in labels)
+    return [counts.get(c, 0) for c in range(num_classes)]
+
+
+def longtail_plan(
+    labels: Sequence[int], factor: float, seed: int, *, num_classes: int, class_names: Sequence[str],
+    shots: int | None = None, cap: int | None = None,
+) -> tuple[dict[int, int], dict[str, Any]]:
+    """Per-class quotas of a long-tailed training split, and its record for ``splits.json``.
+
+    Class at rank ``i`` of a seeded permutation keeps ``int(n_max * (1/R) ** (i / (C-1)))``
+    images (:func:`~vistune.data.fewshot.longtail_counts`). ``n_max`` is ``shots`` when given
+    (the K-shot set with its tail cut short), else the smallest class's count in the pool — after
+    the ``max_per_split`` cap when one applies — so every class can give its share exactly (for
+    a balanced pool such as CIFAR-10 that is the per-class count, as in Cao et al.). The images
+    are a prefix of each class's seeded few-shot order, so for one seed a larger R keeps a
+    subset of a smaller R's images, and ``shots`` + R a subset of the K-shot set.
+    """
+    if shots is not None:
+        n_max = shots
+    else:
+        pool = Counter(labels)
+        if cap is not None and len(labels) > cap:
+            pool = Counter(proportional_quota(pool, cap))
+        missing = [c for c in range(num_classes) if pool.get(c, 0) == 0]
+        if missing:
+            c = missing[0]
+            raise DataError(f"imbalance: class {class_names[c]!r} (label {c}) has no training images; "
+                            "a long-tailed split needs every class")
+        n_max = min(pool[c] for c in range(num_classes))
+    order, quota = longtail_quota(n_max, factor, num_classes, seed, class_names)
+    record = {
+        "factor": factor, "seed": seed, "n_max": n_max, "head_to_tail": order,
+        "counts": [quota[c] for c in range(num_classes)],
+        "rule": "class at rank i of head_to_tail keeps int(n_max * (1/factor) ** (i / (C - 1))) (Cao et al. 2019)",
+    }  # fmt: skip
+    return quota, record
 
 
 def complete_splits(src: SourceData, split_seed: int) -> tuple[dict[str, RawSplit], list[str]]:
@@ -449,6 +495,7 @@ def load_data(
     data_root: str | os.PathLike[str] | None = None,
     image_column: str | None = None,
     label_column: str | None = None,
+    imbalance: float | None = None,
 ) -> DataSplits:
     """Load the data set named by ``spec`` (see :func:`parse_spec`).
 
@@ -469,6 +516,11 @@ def load_data(
             (by ``split_seed``, so every seed and method shares them) from the training pool,
             any original val split discarded, test untouched; ``trainval`` then trains on all
             ``n_train + n_val``. Not combinable with ``shots``.
+        imbalance: ``R >= 1``: make the *training* split long-tailed, CIFAR-10-LT style
+            (:func:`longtail_plan`; head-to-tail order and images chosen by ``seed``). Applied
+            last, to the split that trains: after ``subset`` and the ``trainval`` merge, on
+            ``shots`` (n_max = K) or on the ``max_per_split`` cap. Val and test are untouched;
+            ``R = 1`` (or None) changes nothing.
         split_seed: seed for carving missing splits and for the cap; kept
             apart from ``seed`` so few-shot seeds share one test set.
         cache_mb: keep decoded uint8 images in memory when they fit this
@@ -497,6 +549,11 @@ def load_data(
         shots = _positive_int(shots, "shots")
     if max_per_split is not None:
         max_per_split = _positive_int(max_per_split, "max_per_split")
+    if imbalance is not None:
+        if isinstance(imbalance, bool) or not isinstance(imbalance, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(imbalance) or imbalance < 1:
+            raise DataError(f"imbalance must be a finite number >= 1, got {imbalance!r}")
+        imbalance = float(imbalance) if imbalance > 1 else None  # R = 1: the data as it is
     workers = max(1, min(8, os.cpu_count() or 1)) if workers is None else max(1, int(workers))
 
     opts = ReadOptions(
@@ -534,6 +591,7 @@ def load_data(
 
     quotas: dict[str, dict[int, int] | None] = {}
     purposes: dict[str, tuple[int, int]] = {}
+    longtail: dict[str, Any] | None = None
     for name, split in splits.items():
         quotas[name], purposes[name] = None, (split_seed, PURPOSE_CAP)
         if name == "train" and shots is not None:
@@ -543,6 +601,14 @@ def load_data(
             purposes[name] = (seed, PURPOSE_FEWSHOT)
         elif max_per_split is not None and len(split) > max_per_split:
             quotas[name] = proportional_quota(Counter(split.labels), max_per_split)
+        if name == "train" and imbalance is not None:
+            quotas[name], longtail = longtail_plan(
+                split.labels, imbalance, seed, num_classes=src.num_classes, class_names=src.class_names,
+                shots=shots, cap=max_per_split,
+            )  # fmt: skip
+            purposes[name] = (seed, PURPOSE_FEWSHOT)
+            notes.append(f"imbalance {imbalance:g}: long-tailed train split, {longtail['n_max']} (head) to "
+                         f"{min(longtail['counts'])} (tail) images per class, order by seed={seed}")
 
     expected = sum(len(s) if quotas[n] is None else sum(quotas[n].values()) for n, s in splits.items())
     estimate_mb = expected * src.source.channels * img_size * img_size / 2**20
@@ -559,11 +625,14 @@ def load_data(
             name, split, src.source, size=img_size, quota=quotas[name], seed=split_seed_or_seed,
             purpose=purpose, keep=keep, workers=workers, skipped=skipped,
         )  # fmt: skip
-        if name == "train" and shots is not None and shortfall:
+        if name == "train" and (shots is not None or imbalance is not None) and shortfall:
             c = min(shortfall)
+            quota = quotas[name]
+            assert quota is not None
+            what = "few-shot" if imbalance is None else f"imbalance {imbalance:g}"
             raise DataError(
-                f"few-shot: class {src.class_names[c]!r} (label {c}) has only {shots - shortfall[c]} readable "
-                f"training images, need {shots} (see the skipped-file warnings)"
+                f"{what}: class {src.class_names[c]!r} (label {c}) has only {quota[c] - shortfall[c]} readable "
+                f"training images, need {quota[c]} (see the skipped-file warnings)"
             )
         if not positions:
             raise DataError(f"{kind}: the {name} split of {src.root} has no readable images")
@@ -582,6 +651,7 @@ def load_data(
         "split_seed": split_seed, "trainval": bool(trainval), "max_per_split": max_per_split,
         "subset": None if subset is None else list(subset),
         "fewshot": None if shots is None else {"shots": shots, "seed": seed},
+        "imbalance": longtail,
         "augment": augment, "cached": keep, "notes": notes,
     }  # fmt: skip
     train = datasets["train"]

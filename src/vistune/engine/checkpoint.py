@@ -26,7 +26,7 @@ FORMAT = "vistune.checkpoint/2"
 
 #: Run settings that may differ between an interrupted run and its resume.
 RESUMABLE_KEYS = ("out", "progress", "num_workers", "device", "eval_test_every", "checkpoint_every",
-                  "val_every", "overwrite", "data_root")
+                  "val_every", "overwrite", "data_root", "group_thresholds")
 
 
 class CheckpointError(ConfigError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from torch.utils.data import TensorDataset
 from vistune.backbones import backbone_info, classifier
 from vistune.config import ConfigError, TrainConfig
 from vistune.data import DataSplits, load_data
+from vistune.data.loader import class_counts
 from vistune.errors import TunedFileError
 from vistune.io import json_text
 from vistune.tasks.base import Runtime, Task, TaskProbe, seed_everything
@@ -40,7 +41,7 @@ def load_classification_data(cfg: TrainConfig, model: nn.Module, spec: str | Non
         spec or cfg.data, img_size=info.img_size, mean=info.mean, std=info.std,
         shots=cfg.shots if shots is True else (shots or None), seed=cfg.seed, augment=cfg.augment,
         trainval=cfg.trainval, max_per_split=cfg.max_per_split, subset=cfg.subset_sizes(), data_root=cfg.data_root,
-        image_column=cfg.image_column, label_column=cfg.label_column,
+        image_column=cfg.image_column, label_column=cfg.label_column, imbalance=cfg.imbalance,
     )
 
 
@@ -51,6 +52,9 @@ class ClassifyTask(Task):
 
     data: DataSplits
     use_cache: bool = False
+    #: training images per class of the run (group metrics); None when unknown (``vistune eval`` of
+    #: a file that does not record them)
+    train_counts: list[int] | None = None
 
     def setup(self, cfg: TrainConfig, rt: Runtime, out: Path | None, *, data: DataSplits | None = None,
               backbone: nn.Module | None = None, tuned: TunedModel | None = None) -> None:
@@ -62,6 +66,8 @@ class ClassifyTask(Task):
             backbone = backbone if backbone is not None else self.build_backbone(cfg)
         model = tuned.model if tuned is not None else backbone
         self.data = data if data is not None else load_classification_data(cfg, model)
+        # evaluation reloads the data without the run's shots: its train split is not the run's
+        self.train_counts = class_counts(self.data.train.targets, self.data.num_classes) if training else None
         if tuned is None:
             if cfg.init_from:
                 check_source_target_disjoint(cfg.init_from, self.data.test)
@@ -214,9 +220,15 @@ class ClassifyTask(Task):
         return classification_metrics(self.rt.gather((correct, total, loss_sum)))
 
     def metric_fields(self, prefix: str, result: dict[str, Any], final: bool) -> dict[str, Any]:
-        fields = {f"{prefix}_top1": result["top1"], f"{prefix}_loss": result["loss"]}
-        if final and prefix == "test":
+        """top-1, balanced top-1 and loss; in metrics.json also per-class top-1 and, with the
+        training counts known, many/medium/few-shot group top-1 (all in percent)."""
+        fields = {f"{prefix}_top1": result["top1"], f"{prefix}_balanced_top1": result["balanced_top1"],
+                  f"{prefix}_loss": result["loss"]}
+        if final:
             fields[f"{prefix}_per_class_top1"] = result["per_class_top1"]
+            if self.train_counts is not None:
+                groups = group_top1(result["per_class_top1"], self.train_counts, self.cfg.group_thresholds)
+                fields.update({f"{prefix}_{g}_top1": v for g, v in groups.items()})
         return fields
 
     # -- state and outputs --------------------------------------------------------------------
@@ -240,24 +252,57 @@ class ClassifyTask(Task):
             "num_train": len(d.train), "num_val": len(d.val) if d.val is not None else 0,
             "num_test": len(d.test) if d.test is not None else 0, "num_classes": d.num_classes,
             "class_names": list(d.class_names), "skipped_images": len(d.skipped),
+            "imbalance": self.cfg.imbalance, "train_class_counts": self.train_counts,
+            "group_thresholds": list(self.cfg.group_thresholds),
         }  # fmt: skip
 
     def output_files(self, extra: dict[str, Any]) -> list[tuple[str, Callable[[Path], None]]]:
-        meta = {**extra, "class_names": list(self.data.class_names)}
+        meta = {**extra, "class_names": list(self.data.class_names), "train_class_counts": self.train_counts}
         manifest = json_text(self.data.manifest())
         return [("tuned.safetensors", lambda tmp: self.tuned.write_tuned(tmp, extra=meta)),
                 ("splits.json", lambda tmp: tmp.write_text(manifest))]
 
 
 def classification_metrics(parts: list[tuple[torch.Tensor, torch.Tensor, float]]) -> dict[str, Any]:
-    """Reduce per-rank (correct per class, total per class, loss sum) into the split's metrics."""
+    """Reduce per-rank (correct per class, total per class, loss sum) into the split's metrics.
+
+    Counts are summed over ranks *before* any ratio is taken: a rank's shard of a split holds
+    some classes more than others, so averaging per-rank accuracies would weight them wrongly.
+    """
     correct = sum(p[0] for p in parts)
     total = sum(p[1] for p in parts)
     loss_sum = sum(p[2] for p in parts)
     n = int(total.sum())
     per_class = [100.0 * c / t if t > 0 else None for c, t in zip(correct.tolist(), total.tolist())]
     return {"top1": 100.0 * int(correct.sum()) / max(n, 1), "loss": loss_sum / max(n, 1),
-            "per_class_top1": per_class, "num": n}
+            "per_class_top1": per_class, "balanced_top1": balanced_top1(per_class), "num": n}
+
+
+def balanced_top1(per_class: Sequence[float | None]) -> float | None:
+    """Mean per-class recall in percent (classes absent from the split, ``None``, are left out).
+
+    Why: on a long-tailed or skewed split plain top-1 is mostly the head classes' accuracy; the
+    mean over classes weighs every class alike. None when no class has a sample.
+    """
+    scored = [v for v in per_class if v is not None]
+    return sum(scored) / len(scored) if scored else None
+
+
+def group_top1(per_class: Sequence[float | None], train_counts: Sequence[int],
+               thresholds: Sequence[int] = (100, 20)) -> dict[str, float | None]:
+    """Many/medium/few-shot top-1 (percent): the mean per-class top-1 of each group of classes.
+
+    Groups by *training* images per class as Liu et al. 2019 (OLTR) do: many-shot has more than
+    ``thresholds[0]``, few-shot fewer than ``thresholds[1]``, medium-shot the rest (both bounds
+    included). A group with no class (or none present in the split) is None.
+    """
+    many, few = thresholds
+    members: dict[str, list[float]] = {"many": [], "medium": [], "few": []}
+    for acc, n in zip(per_class, train_counts):
+        if acc is None:
+            continue
+        members["many" if n > many else "few" if n < few else "medium"].append(acc)
+    return {g: (sum(v) / len(v) if v else None) for g, v in members.items()}
 
 
 def image_hashes(dataset: Any, limit: int | None = None) -> list[str]:

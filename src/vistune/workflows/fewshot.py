@@ -86,6 +86,7 @@ def run_fewshot(
     from vistune.workflows.train import train
 
     check_variants(variants, pvp_files, base.options)
+    check_imbalance(base.imbalance, shots)
     dist = dist or init_distributed(base.device)
     out = Path(out)
     runs: list[dict[str, Any]] = []
@@ -109,11 +110,25 @@ def run_fewshot(
                 else:
                     m = train(cfg, overwrite=overwrite, dist=dist)
                 runs.append({"variant": v.label, "shots": k, "seed": s, "test_top1": m["test_top1"],
-                             "val_top1": m["val_top1"], "tuned_params": m["tuned_params"],
+                             "test_balanced_top1": m.get("test_balanced_top1"), "val_top1": m["val_top1"], "tuned_params": m["tuned_params"],
                              "train_seconds": m["train_seconds"], "dir": str(run_dir)})
                 if dist.is_main:
                     _write(out, runs, variants, shots)
     return _write(out, runs, variants, shots) if dist.is_main else summarise_result(runs, variants, shots)
+
+
+def check_imbalance(imbalance: float | None, shots: list[int]) -> None:
+    """With ``imbalance`` R, a K-shot run keeps K images of its head class down to ``int(K / R)``
+    of its tail class (n_max = K, :func:`vistune.data.loader.longtail_plan`); refuse, before the
+    first run, a K whose tail would be empty (that does not depend on the number of classes)."""
+    if imbalance is None or imbalance <= 1:
+        return
+    from vistune.data import longtail_counts
+
+    bad = [k for k in shots if longtail_counts(k, imbalance, 2)[-1] < 1]
+    if bad:
+        raise ConfigError(f"--imbalance {imbalance:g} with --shots {bad[0]}: the tail class would keep "
+                          f"int({bad[0]} * (1/{imbalance:g})) = 0 images; use more shots or a smaller --imbalance")
 
 
 def summarise_result(runs: list[dict[str, Any]], variants: list[Variant], shots: list[int]) -> dict[str, Any]:

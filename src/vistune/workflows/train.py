@@ -139,10 +139,11 @@ def evaluate_run(
         if not spec:
             raise ConfigError(f"{tuned_path}: no --data given and the file does not record its data spec")
         cfg = saved_config(recorded, data=spec, batch_size=batch_size, device=str(dist.device), shots=None,
-                           augment=None, progress=False, task="classify")
+                           imbalance=None, augment=None, progress=False, task="classify")
         task = make_task("classify")
         task.use_precision(resolve_precision(precision, dist.device, prefer=trained_precision(extra, recorded)))
         task.setup(cfg, dist, None, tuned=tuned)
+        task.train_counts = extra.get("train_class_counts")  # the run's, for its group metrics
         if task.data.num_classes != tuned.num_classes:
             raise ConfigError(f"data {spec!r} has {task.data.num_classes} classes, the tuned file {tuned.num_classes}")
     check_class_names(names, list(task.data.class_names), cfg.data, allow_class_mismatch)
