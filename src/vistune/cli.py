@@ -80,6 +80,30 @@ def _add_backbone_args(p: argparse.ArgumentParser, method_required: bool = True)
     p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
 
 
+class _HelpWithMethodOptions(argparse.Action):
+    """``vistune info --method X --help``: the usual help, then X's options table, generated from
+    the option declarations on the method (``methods.base.option``), so it never drifts from them."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        method = getattr(namespace, "method", None)
+        rows: list[dict] = []
+        if method:
+            from vistune.methods import get_method
+            from vistune.methods.base import option_table
+
+            try:
+                rows = option_table(get_method(method).Options)
+            except ValueError as err:
+                parser.exit(2, f"{parser.prog}: error: {_one_line(err)}\n")
+        parser.print_help()
+        if method:
+            print(f"\noptions of method {method} (-o KEY=VALUE):" if rows else f"\nmethod {method} has no options")
+            for r in rows:
+                bounds = f"; {r['bounds']}" if r["bounds"] else ""
+                print(f"  {r['name']} ({r['type']}, default {json.dumps(r['default'])}{bounds})\n      {r['help']}")
+        parser.exit()
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
@@ -431,7 +455,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from vistune.serve.config import load_config_file, make_config, parse_task_args, serve
+    from vistune.serve.config import (
+        load_config_file,
+        make_config,
+        parse_task_args,
+        serve,
+    )
 
     file_values = load_config_file(args.config) if args.config else {}
     cfg = make_config(file_values, parse_task_args(args.task), backbone=args.backbone, weights=args.weights,
@@ -499,7 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vistune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("info", help="parameter report of a method attached to a backbone")
+    p = sub.add_parser("info", help="parameter report of a method attached to a backbone", add_help=False)
+    p.add_argument("-h", "--help", action=_HelpWithMethodOptions, nargs=0,
+                   help="show this help; with --method X before it, also X's options (defaults, bounds, help)")
     _add_backbone_args(p)
     p.add_argument("--num-classes", type=_count, default=10)
     p.add_argument("--load-weights", action="store_true",

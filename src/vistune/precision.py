@@ -31,7 +31,6 @@ import torch
 
 from vistune.config import PRECISIONS, ConfigError
 
-
 #: Measured here on a 2-core AVX2 AMD EPYC (DINOv2-S @56 px, batch 32, forward, one thread):
 #: fp32 459 ms, bf16 3,263 ms. Quoted in the one-line warning an emulated bf16 run prints.
 EMULATED_BF16_SLOWDOWN = 7
@@ -168,7 +167,7 @@ def resolve_precision(requested: str, device: torch.device | str, *, prefer: str
     return Precision("fp32", requested, f"auto: {why}, so fp32 (bf16 would be emulated, ~{EMULATED_BF16_SLOWDOWN}x slower)")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_once(message: str) -> None:
     """One stderr line per distinct message per process (a sweep's 20 runs warn once)."""
     print(message, file=sys.stderr)

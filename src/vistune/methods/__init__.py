@@ -52,4 +52,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'vistune.methods' has no attribute {name!r}")
 
 
-__all__ = ["Method", "REGISTRY", "get_method", "method_names", "parse_kv", "parse_options"]
+__all__ = ["REGISTRY", "Method", "get_method", "method_names", "parse_kv", "parse_options"]

@@ -21,20 +21,15 @@ from torch import nn
 
 from vistune.backbones import is_vit
 from vistune.errors import MethodError
-from vistune.methods.base import Method
+from vistune.methods.base import Method, option
 
 
 @dataclass
 class AdapterOptions:
-    bottleneck: int = 8
-    position: str = "sequential"  # sequential (Pfeiffer) | parallel (AdaptFormer)
-    scale: float = 1.0  # multiplies the parallel branch (AdaptFormer uses 0.1)
-
-    def validate(self) -> None:
-        if self.bottleneck < 1:
-            raise ValueError(f"bottleneck must be >= 1, got {self.bottleneck}")
-        if self.position not in ("sequential", "parallel"):
-            raise ValueError(f"position must be 'sequential' or 'parallel', got {self.position!r}")
+    bottleneck: int = option(8, "hidden width of the Down -> GELU -> Up bottleneck", min=1)
+    position: str = option("sequential", "after the MLP (Pfeiffer) or beside it (AdaptFormer)",
+                           choices=("sequential", "parallel"))
+    scale: float = option(1.0, "multiplies the parallel branch (AdaptFormer uses 0.1)")
 
 
 class Bottleneck(nn.Module):

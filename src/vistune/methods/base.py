@@ -11,13 +11,78 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from vistune.errors import MergeError, MethodError, NotMergeableError
+
+
+def option(default: Any, help: str, *, min: float | None = None, max: float | None = None,
+           below: float | None = None, choices: Sequence[Any] | None = None,
+           each: Sequence[Any] | None = None) -> Any:
+    """A method option: its default, its help text and its bounds, in one place (PEFT's
+    ``field(metadata={"help": ...})`` style).
+
+    ``-o KEY=VALUE`` parsing checks the bounds (``min``/``max`` inclusive, ``below`` exclusive,
+    ``choices`` for a value, ``each`` for every item of a tuple), ``vistune info --method X --help``
+    prints the table, and the tuned file's metadata stores the parsed dataclass, so one
+    declaration serves all three. Cross-field rules stay in the Options class's ``validate``.
+    """
+    meta = {"help": help, "min": min, "max": max, "below": below,
+            "choices": tuple(choices) if choices is not None else None,
+            "each": tuple(each) if each is not None else None}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def check_bounds(key: str, value: Any, meta: Mapping[str, Any]) -> None:
+    """Raise ValueError when ``value`` breaks the bounds declared by :func:`option`."""
+    if value is None:
+        return
+    low, high, below = meta.get("min"), meta.get("max"), meta.get("below")
+    if low is not None and value < low:
+        raise ValueError(f"{key} must be >= {low:g}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{key} must be <= {high:g}, got {value}")
+    if below is not None and value >= below:
+        raise ValueError(f"{key} must be < {below:g}, got {value}")
+    choices, each = meta.get("choices"), meta.get("each")
+    if choices is not None and value not in choices:
+        raise ValueError(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    if each is not None:
+        bad = [v for v in value if v not in each]
+        if bad or not value:
+            raise ValueError(f"{key} must be a non-empty subset of {list(each)}, got {list(value)}")
+
+
+def option_table(options_cls: type) -> list[dict[str, Any]]:
+    """Every option of a method: name, type, default, help and bounds (for help screens)."""
+    hints = typing.get_type_hints(options_cls)
+    rows = []
+    for f in dataclasses.fields(options_cls):
+        meta = dict(f.metadata)
+        bounds = []
+        if meta.get("min") is not None:
+            bounds.append(f">= {meta['min']:g}")
+        if meta.get("max") is not None:
+            bounds.append(f"<= {meta['max']:g}")
+        if meta.get("below") is not None:
+            bounds.append(f"< {meta['below']:g}")
+        if meta.get("choices") is not None:
+            bounds.append("one of " + "|".join(map(str, meta["choices"])))
+        if meta.get("each") is not None:
+            bounds.append("subset of " + ",".join(map(str, meta["each"])))
+        default = f.default if f.default is not dataclasses.MISSING else None
+        rows.append({"name": f.name, "type": _type_name(hints[f.name]), "default": _to_plain(default),
+                     "help": meta.get("help", ""), "bounds": "; ".join(bounds)})
+    return rows
+
+
+def _type_name(annotation: Any) -> str:
+    text = str(annotation).replace("typing.", "")
+    return getattr(annotation, "__name__", text) if typing.get_origin(annotation) is None else text
 
 
 @dataclasses.dataclass
@@ -288,11 +353,13 @@ def parse_options(method_cls: type[Method], options: dict[str, Any] | None) -> A
     except (TypeError, ValueError) as err:
         raise MethodError(f"method {method_cls.name!r}: {err}") from None
     validate = getattr(opts, "validate", None)
-    if validate is not None:
-        try:
+    try:
+        for name, f in fields.items():
+            check_bounds(name, getattr(opts, name), f.metadata)
+        if validate is not None:
             validate()
-        except ValueError as err:
-            raise MethodError(f"method {method_cls.name!r}: {err}") from None
+    except ValueError as err:
+        raise MethodError(f"method {method_cls.name!r}: {err}") from None
     return opts
 
 

@@ -12,29 +12,22 @@ of its output rows only.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from vistune.backbones import VIT_MATRICES, is_vit, vit_block_linears
 from vistune.errors import MethodError
-from vistune.methods.base import Method, check_merged_finite
+from vistune.methods.base import Method, check_merged_finite, option
 
 
 @dataclass
 class LoRAOptions:
-    rank: int = 8
-    alpha: float | None = None  # scale = alpha / rank; None means alpha = rank (scale 1)
-    targets: tuple[str, ...] = field(default=("q", "v"))
-    dropout: float = 0.0
-
-    def validate(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
-        bad = [t for t in self.targets if t not in VIT_MATRICES]
-        if bad or not self.targets:
-            raise ValueError(f"targets must be a non-empty subset of {list(VIT_MATRICES)}, got {list(self.targets)}")
+    rank: int = option(8, "r, the rank of each update B·A", min=1)
+    alpha: float | None = option(None, "scale = alpha / rank; none means alpha = rank (scale 1)", min=0.0)
+    targets: tuple[str, ...] = option(("q", "v"), "which matrices of each block get an update", each=VIT_MATRICES)
+    dropout: float = option(0.0, "dropout on the branch's input", min=0.0, below=1.0)
 
 
 class LoRABranch(nn.Module):

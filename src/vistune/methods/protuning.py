@@ -77,7 +77,7 @@ from torch import nn
 
 from vistune.backbones import is_vit, vit_geometry
 from vistune.errors import MethodError, NotMergeableError
-from vistune.methods.base import VPT_SGD_SEARCH, Method
+from vistune.methods.base import VPT_SGD_SEARCH, Method, option
 
 #: How many trailing CNN feature levels are prompted by default (the C2–C5 pyramid).
 DEFAULT_CNN_LEVELS = 4
@@ -87,23 +87,15 @@ DEFAULT_VIT_GROUPS = 4
 
 @dataclass
 class ProTuningOptions:
-    #: Stage indices to prompt: timm ``feature_info`` indices for CNNs, group indices for ViTs.
-    #: Empty = the default (last four CNN levels; every ViT group).
-    stages: tuple[int, ...] = ()
-    #: Channel reduction ρ of the block's bottleneck (hidden width = max(1, C // ρ)).
-    reduction: int = 8
-    #: Depthwise kernel size (odd, so the feature map keeps its size).
-    kernel: int = 3
-    #: ViTs only: number of contiguous block groups acting as stages (None = 4).
-    groups: int | None = None
+    stages: tuple[int, ...] = option((), "stage indices to prompt: timm feature_info indices for CNNs, group "
+                                          "indices for ViTs; empty = the last four CNN levels / every ViT group")
+    reduction: int = option(8, "channel reduction ρ of the block's bottleneck (hidden = max(1, C // ρ))", min=1)
+    kernel: int = option(3, "depthwise kernel size (odd, so the feature map keeps its size)", min=1)
+    groups: int | None = option(None, "ViTs only: contiguous block groups acting as stages (none = 4)", min=1)
 
     def validate(self) -> None:
-        if self.reduction < 1:
-            raise ValueError(f"reduction must be >= 1, got {self.reduction}")
-        if self.kernel < 1 or self.kernel % 2 == 0:
+        if self.kernel % 2 == 0:
             raise ValueError(f"kernel must be a positive odd number, got {self.kernel}")
-        if self.groups is not None and self.groups < 1:
-            raise ValueError(f"groups must be >= 1, got {self.groups}")
         negative = [s for s in self.stages if s < 0]
         if negative:
             raise ValueError(f"stages must be non-negative indices, got {negative[0]}")

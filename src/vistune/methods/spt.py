@@ -56,22 +56,22 @@ from torch import nn
 
 from vistune.errors import MethodError, NotMergeableError
 from vistune.methods.adapter import Bottleneck
-from vistune.methods.base import Method, Routing, check_merged_finite
+from vistune.methods.base import Method, Routing, check_merged_finite, option
 from vistune.methods.lora import LoRABranch
 from vistune.sensitivity import (
     STRUCTURED_TYPES,
-    accumulate_sensitivity,
-    save_scores,
     Allocation,
     SensitivityError,
     Unit,
     UnitChoice,
+    accumulate_sensitivity,
     allocate,
     backbone_param_count,
     check_budget,
     load_scores,
     pool_parameters,
     pool_units,
+    save_scores,
 )
 
 SPARSE, LORA, ADAPTER = "spt_sparse", "spt_lora", "spt_adapter"
@@ -86,25 +86,20 @@ SUBMATRIX_MAX_SHARE = 0.25
 
 @dataclass
 class SPTOptions:
-    budget: str = "0.4M"  # 400000 | 400k | 0.4M | 0.5% (of the backbone's parameters, head excluded)
-    structured: str = "lora"  # lora | adapter | none (unstructured and whole vectors only)
-    alpha: float = 10.0  # a matrix is structured when n(W) >= P_struct(W) / alpha
-    beta: float = 5.0  # a vector is tuned whole when n >= len / beta
-    rank: int = 8  # LoRA rank / adapter bottleneck
-    sensitivity: str | None = None  # scores file from `vistune sensitivity` (ignored when loading)
-    fill: bool = False  # top up to the exact budget past the closest top-k (see sensitivity.Allocator)
+    budget: str = option("0.4M", "tuned parameters: 400000 | 400k | 0.4M | 0.5% (of the backbone, head excluded)")
+    structured: str = option("lora", "what a sensitive matrix gets: lora | adapter | none (sparse entries and "
+                             "whole vectors only)", choices=STRUCTURED_TYPES)
+    alpha: float = option(10.0, "a matrix is structured when n(W) >= P_struct(W) / alpha", min=1e-12)
+    beta: float = option(5.0, "a vector is tuned whole when n >= len / beta", min=1e-12)
+    rank: int = option(8, "LoRA rank / adapter bottleneck of structured matrices", min=1)
+    sensitivity: str | None = option(None, "scores file from `vistune sensitivity` (ignored when loading)")
+    fill: bool = option(False, "top up to the exact budget past the closest top-k (see sensitivity.Allocator)")
 
     def validate(self) -> None:
         try:
             check_budget(self.budget)
         except SensitivityError as err:
             raise ValueError(str(err)) from None
-        if self.structured not in STRUCTURED_TYPES:
-            raise ValueError(f"structured must be one of {list(STRUCTURED_TYPES)}, got {self.structured!r}")
-        if not self.alpha > 0 or not self.beta > 0:
-            raise ValueError(f"alpha and beta must be > 0, got alpha={self.alpha}, beta={self.beta}")
-        if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,20 +19,14 @@ from torch import nn
 
 from vistune.backbones import is_vit, vit_geometry
 from vistune.errors import MethodError
-from vistune.methods.base import VPT_SGD_SEARCH, Method, Routing
+from vistune.methods.base import VPT_SGD_SEARCH, Method, Routing, option
 
 
 @dataclass
 class VPTOptions:
-    length: int = 50
-    deep: bool = False
-    dropout: float = 0.0
-
-    def validate(self) -> None:
-        if self.length < 1:
-            raise ValueError(f"length must be >= 1, got {self.length}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+    length: int = option(50, "prompt tokens per layer (VPT's p: 1-200 in the paper's grid)", min=1)
+    deep: bool = option(False, "new prompts at every block's input (deep) or only before the first (shallow)")
+    dropout: float = option(0.0, "dropout on the prompt tokens (VPT uses 0.1 on some tasks)", min=0.0, below=1.0)
 
 
 class VPTPrompts(nn.Module):
