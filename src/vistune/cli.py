@@ -401,7 +401,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         print("vistune report: error: no metrics.json under " + ", ".join(args.runs), file=sys.stderr)
         return 2
     print("\n".join(machine_lines(rows)) + "\n")  # what made the numbers, above them
-    print(markdown_table(rows))
+    from vistune.report import DEFAULT_COLUMNS
+    from vistune.robustness.report import report_columns
+
+    print(markdown_table(rows, report_columns(rows, DEFAULT_COLUMNS)))
     return 0
 
 

@@ -13,6 +13,7 @@ Summary numbers, and why they are defined so:
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -227,15 +228,15 @@ def attack_figure(report: dict[str, Any]):
 def robustness_summary(folder: str | os.PathLike) -> dict[str, Any]:
     """The headline of a run folder's robustness report (``robustness.json`` in it or in
     ``robustness/``), for ``vistune report``; {} when there is none or it is unreadable."""
-    import json
-
     for path in (Path(folder) / "robustness.json", Path(folder) / "robustness" / "robustness.json"):
         if path.is_file():
             try:
-                data = json.loads(path.read_text())
-                return {k: v for k, v in (data.get("summary") or {}).items()}
-            except (json.JSONDecodeError, OSError, AttributeError, UnicodeDecodeError):
+                summary = dict(json.loads(path.read_text()).get("summary") or {})
+            except (json.JSONDecodeError, OSError, AttributeError, UnicodeDecodeError, TypeError, ValueError):
                 return {}
+            if isinstance(summary.get("relative_mce"), float):  # a ratio: the table's 1 decimal is too coarse
+                summary["relative_mce"] = f"{summary['relative_mce']:.3f}"
+            return summary
     return {}
 
 
