@@ -167,7 +167,7 @@ def _ood_md(ood: list[dict[str, Any]]) -> list[str]:
         lines.append(f"| `{o['data']}` | {_pct(o['top1'])} | {o['n']} | {len(o['kept_classes'])} | "
                      f"{len(o['dropped_classes'])} | {o['dropped_images']} |")
     for o in ood:
-        kept = ", ".join(f"{k} → {v}" for k, v in o["kept_classes"].items())
+        kept = "; ".join(f"{k} → {v}" for k, v in o["kept_classes"].items())
         lines += ["", f"`{o['data']}` kept: {kept}"]
     return lines + [""]
 
