@@ -325,3 +325,14 @@ def test_report_gains_robustness_columns(run, tmp_path, capsys):
     assert "mCA" in table and "robust top-1" in table and "OOD top-1" not in table
     rows = [line for line in table.splitlines() if line.startswith("| linear")]
     assert len(rows) == 2 and rows[1].rstrip(" |").endswith("-")
+
+
+def test_spatter_without_drops_returns_the_clean_image_not_nan_garbage():
+    """Seed 35 at severity 1 leaves no drop on this 32 px image; the reference divides 0 by 0."""
+    img = _image().transpose(1, 2, 0)
+    ic = C.load_imagecorruptions()
+    np.random.seed(35)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        raw = np.asarray(ic.spatter(Image.fromarray(np.ascontiguousarray(img)), 1), float)
+    assert np.isnan(raw).all()  # the reference's behaviour this repair exists for
+    assert np.array_equal(C.corrupt(_image(), "spatter", 1, 35), _image())

@@ -16,6 +16,11 @@ unchanged and repairs, *inside that one module only*, exactly four things:
   module's copy takes its ``rng`` from NumPy's global state, so seeding makes impulse_noise
   reproducible like the other 18.
 
+One more repair is of the output, in :func:`corrupt`: spatter (severities 1-3) divides by the
+largest drop value, which is 0 when no drop survives its threshold (about 1 in 40 images at
+32 px): the reference returns an all-NaN image, which ``np.uint8`` turns into platform-dependent
+bytes. There is no spatter on such an image, so NaN pixels keep their clean value.
+
 Nothing outside ``imagecorruptions.corruptions`` changes (no global NumPy or scikit-image patch).
 Every corruption draws from NumPy's global generator; :func:`corrupt` seeds it per image from
 ``(seed, corruption, severity, image id)`` so a rerun, in any DataLoader worker, gives identical bytes.
@@ -47,6 +52,8 @@ SEVERITIES = (1, 2, 3, 4, 5)
 #: imagecorruptions refuses smaller images (its frost and zoom crops assume it).
 MIN_SIZE = 32
 INSTALL_HINT = "pip install 'vistune[robustness]' (or: pip install imagecorruptions)"
+#: Revision of the repairs below; part of every corruption cell's stamp, so a fix recomputes old cells.
+LAYER_REVISION = 2
 
 
 class RobustnessError(VistuneError, ValueError):
@@ -150,6 +157,13 @@ def load_imagecorruptions() -> Any:
     return ic
 
 
+def implementation() -> dict[str, Any]:
+    """What a corrupted image depends on besides its inputs: the package's and the layer's versions."""
+    from importlib.metadata import version
+
+    return {"imagecorruptions": version("imagecorruptions"), "layer": LAYER_REVISION}
+
+
 def image_seed(seed: int, name: str, severity: int, image_id: str) -> int:
     """A 32-bit seed for one (corruption, severity, image): independent of batch, worker and order."""
     return zlib.crc32(f"{seed}|{name}|{severity}|{image_id}".encode()) & 0x7FFFFFFF
@@ -171,10 +185,13 @@ def corrupt(image: np.ndarray, name: str, severity: int, seed: int) -> np.ndarra
     state = np.random.get_state()
     np.random.seed(seed)
     try:
-        out = getattr(ic, name)(Image.fromarray(np.ascontiguousarray(hwc)), severity)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = np.asarray(getattr(ic, name)(Image.fromarray(np.ascontiguousarray(hwc)), severity), np.float64)
     finally:
         np.random.set_state(state)
-    out = np.uint8(np.asarray(out))
+    if out.ndim == 3 and np.isnan(out).any():  # spatter's 0/0 when no drop survives: no spatter there
+        out = np.where(np.isnan(out), hwc, out)
+    out = np.uint8(out)
     if out.ndim == 2:
         out = np.repeat(out[..., None], 3, axis=2)
     return np.ascontiguousarray(out.transpose(2, 0, 1))

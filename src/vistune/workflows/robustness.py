@@ -22,6 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from vistune.config import ConfigError
 from vistune.data.fewshot import class_orders, proportional_quota
 from vistune.io import write_json_atomic
 from vistune.precision import Precision, resolve_precision
-from vistune.robustness.corruptions import RobustnessError, corrupt, image_seed
+from vistune.robustness.corruptions import RobustnessError, corrupt, image_seed, implementation
 
 #: Stream tag of the ``max_images`` choice (distinct from the loader's carving and capping tags).
 PURPOSE_ROBUSTNESS = 7
@@ -325,7 +326,7 @@ def _prepare_ood(s: RobustnessSettings, plan: Plan) -> None:
 def corruption_cells(s: RobustnessSettings, run: LoadedRun, positions: list[int], prefix: str = "") -> dict:
     """Clean and every (corruption, severity) accuracy of ``run`` on ``positions``."""
     out, base = Path(s.out), cache_key(run.identity, positions, run.test.ids)
-    base = {**base, "precision": run.precision.name, "seed": s.seed}
+    base = {**base, "precision": run.precision.name, "seed": s.seed, "implementation": implementation()}
     clean = cell(out, f"{prefix}clean", {**base, "cell": "clean"},
                  lambda: accuracy(run, Images(run.test, positions), s.batch_size, 0), s.verbose)
     table: dict[str, dict[str, Any]] = {}
@@ -350,7 +351,7 @@ def attack_cells(s: RobustnessSettings, run: LoadedRun, positions: list[int]) ->
                for j in range(0, len(images), s.batch_size)]
     out = Path(s.out)
     base = {**cache_key(run.identity, positions, run.test.ids), "precision": prec.name, "seed": s.seed,
-            "batch_size": s.batch_size}  # PGD's random start is drawn per batch
+            "batch_size": s.batch_size, "art": version("adversarial-robustness-toolbox")}  # batch: PGD's start
 
     def clean() -> dict[str, Any]:
         ok = [int(v) for x, y in batches for v in (predict(model, x.float() / 255, device) == y).tolist()]
