@@ -20,7 +20,7 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -126,7 +126,11 @@ def _sha256(path: Path) -> str:
 
 
 def select_images(labels: Sequence[int], max_images: int | None, seed: int = 0) -> list[int]:
-    """Positions of at most ``max_images`` images, class-proportional, seeded; all when no cap."""
+    """Positions of at most ``max_images`` images, class-proportional, seeded; all when no cap.
+
+    The seed is fixed (not ``--seed``, which draws the corruption noise and PGD's start), so the
+    choice depends on the split's labels alone and every run on the same data sees the same images.
+    """
     if max_images is None or max_images >= len(labels):
         return list(range(len(labels)))
     quota = proportional_quota(Counter(int(y) for y in labels), max_images)
@@ -266,7 +270,7 @@ def prepare(s: RobustnessSettings) -> Plan:
     run = load_run(s.tuned, s.data, device, s.weights, s.precision)
     if s.corruptions and run.img_size < 32:
         raise RobustnessError(f"corruptions need images of at least 32 px; {s.tuned} sees {run.img_size} px")
-    plan = Plan(run, select_images(run.test.targets, s.max_images, s.seed))
+    plan = Plan(run, select_images(run.test.targets, s.max_images))  # not --seed: every run, same images
     if s.baseline:
         plan.baseline = load_run(s.baseline, run.spec, device, None, s.precision)
         plan.baseline_positions = _same_images(plan.baseline.test, run.test, plan.positions, s.baseline)
@@ -318,7 +322,7 @@ def _prepare_ood(s: RobustnessSettings, plan: Plan) -> None:
         if not sel.positions:
             raise RobustnessError(f"--ood {spec!r}: none of its classes is a class of the run"
                                   f"{'' if plan.class_map else ' (give --class-map to map its names)'}")
-        keep = select_images(sel.labels, s.max_images, s.seed)
+        keep = select_images(sel.labels, s.max_images)
         sel.positions, sel.labels = [sel.positions[i] for i in keep], [sel.labels[i] for i in keep]
         plan.ood.append((spec, data.test, sel))
 
@@ -347,14 +351,17 @@ def attack_cells(s: RobustnessSettings, run: LoadedRun, positions: list[int]) ->
     prec = resolve_precision(s.attack_precision, device)
     model = PixelModel(run.model, run.mean, run.std, lambda: prec.autocast(device.type)).to(device).eval()
     images = Images(run.test, positions)
-    batches = [torch.utils.data.default_collate([images[i] for i in range(j, min(j + s.batch_size, len(images)))])
-               for j in range(0, len(images), s.batch_size)]
+
+    def batches():  # made on demand: all images at once could be GBs at 224 px
+        for j in range(0, len(images), s.batch_size):
+            yield torch.utils.data.default_collate([images[i] for i in range(j, min(j + s.batch_size, len(images)))])
+
     out = Path(s.out)
     base = {**cache_key(run.identity, positions, run.test.ids), "precision": prec.name, "seed": s.seed,
             "batch_size": s.batch_size, "art": version("adversarial-robustness-toolbox")}  # batch: PGD's start
 
     def clean() -> dict[str, Any]:
-        ok = [int(v) for x, y in batches for v in (predict(model, x.float() / 255, device) == y).tolist()]
+        ok = [int(v) for x, y in batches() for v in (predict(model, x.float() / 255, device) == y).tolist()]
         return {"correct": sum(ok), "n": len(ok), "top1": 100.0 * sum(ok) / max(len(ok), 1), "ok": ok}
 
     clean_res = cell(out, "attack-clean", {**base, "cell": "attack-clean"}, clean, s.verbose)
@@ -368,7 +375,7 @@ def attack_cells(s: RobustnessSettings, run: LoadedRun, positions: list[int]) ->
 
             def robust(name=name, eps=eps) -> dict[str, Any]:
                 attack = make_attack(name, estimator, eps, s.pgd_steps, s.pgd_alpha, s.batch_size)
-                return _robust_accuracy(model, attack, batches, clean_res["ok"], device, s.seed, name, eps)
+                return _robust_accuracy(model, attack, batches(), clean_res["ok"], device, s.seed, name, eps)
 
             res = cell(out, f"attack-{name}-{eps:.8f}", stamp, robust, s.verbose)
             table.setdefault(name, {})[eps_label(eps)] = {**res, "eps": eps, "steps": steps, "alpha": alpha}
@@ -376,7 +383,7 @@ def attack_cells(s: RobustnessSettings, run: LoadedRun, positions: list[int]) ->
             "precision": prec.fields()}
 
 
-def _robust_accuracy(model: Any, attack: Any, batches: list, clean_ok: list[int], device: torch.device,
+def _robust_accuracy(model: Any, attack: Any, batches: Iterable, clean_ok: list[int], device: torch.device,
                      seed: int, name: str, eps: float) -> dict[str, Any]:
     from vistune.robustness.attacks import attack_batch, predict
 
