@@ -22,10 +22,10 @@ from vistune.cli import main
 if importlib.util.find_spec("imagecorruptions") is None or importlib.util.find_spec("art") is None:
     pytest.skip("the robustness extra is not installed (pip install 'vistune[robustness]')", allow_module_level=True)
 
-from vistune.robustness import corruptions as C  # noqa: E402
-from vistune.robustness.attacks import PixelModel, parse_eps  # noqa: E402
-from vistune.robustness.ood import check_map_sources, read_class_map, select_ood  # noqa: E402
-from vistune.workflows import robustness as W  # noqa: E402
+from vistune.robustness import corruptions as C
+from vistune.robustness.attacks import PixelModel, parse_eps
+from vistune.robustness.ood import check_map_sources, read_class_map, select_ood
+from vistune.workflows import robustness as W
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

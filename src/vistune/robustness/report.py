@@ -116,10 +116,10 @@ def _pct(v: Any) -> str:
 def markdown(report: dict[str, Any]) -> str:
     """A human-readable page with every table of the report."""
     run, summ = report["run"], report["summary"]
-    lines = [f"# Robustness of {run['tuned_file']}", "",
-             f"{run['method']['name']} on {run['backbone']}, data `{run['data']}`, {report['num_images']} test images "
-             f"at {report['img_size']} px; eval precision {report['precision']['precision']}; "
-             f"{report['seconds']:.0f} s.", ""]
+    about = (f"{run['method']['name']} on {run['backbone']}, data `{run['data']}`, {report['num_images']} test "
+             f"images at {report['img_size']} px; eval precision {report['precision']['precision']}; "
+             f"{report['seconds']:.0f} s.")
+    lines = [f"# Robustness of {run['tuned_file']}", "", about, ""]
     if summ:
         lines += ["| " + " | ".join(summ) + " |", "|" + "---|" * len(summ),
                   "| " + " | ".join(_pct(v) if isinstance(v, float) else str(v) for v in summ.values()) + " |", ""]
@@ -161,8 +161,8 @@ def _attack_md(att: dict[str, Any]) -> list[str]:
 
 
 def _ood_md(ood: list[dict[str, Any]]) -> list[str]:
-    lines = ["## Other data sets (top-1 %)", "", "| data | top-1 | images | classes kept | dropped classes "
-             "| dropped images |", "|---|---|---|---|---|---|"]
+    head = "| data | top-1 | images | classes kept | dropped classes | dropped images |"
+    lines = ["## Other data sets (top-1 %)", "", head, "|---|---|---|---|---|---|"]
     for o in ood:
         lines.append(f"| `{o['data']}` | {_pct(o['top1'])} | {o['n']} | {len(o['kept_classes'])} | "
                      f"{len(o['dropped_classes'])} | {o['dropped_images']} |")
