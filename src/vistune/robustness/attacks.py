@@ -77,6 +77,8 @@ def art_classifier(model: PixelModel, num_classes: int, img_size: int, device: t
         raise RobustnessError(f"--attack needs the adversarial-robustness-toolbox package ({err}); "
                               f"{INSTALL_HINT}") from None
     logging.getLogger("art").setLevel(logging.ERROR)  # its info lines would interleave with ours
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # ART places its tensors on the *current* CUDA device
     return PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), input_shape=(3, img_size, img_size),
                              nb_classes=num_classes, clip_values=(0.0, 1.0),
                              device_type="gpu" if device.type == "cuda" else "cpu")
