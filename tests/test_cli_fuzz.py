@@ -196,6 +196,35 @@ CASES: list[tuple[str, str]] = [
     ("report", "report {nan_metrics}"),
     ("report", "report {text}"),
     ("report", "report {bad_sweep}"),
+    ("robustness", "robustness --tuned {run} --out {tmp}/r"),
+    ("robustness", "robustness --tuned {run} --out {tmp}/r --corruptions nope"),
+    ("robustness", "robustness --tuned {run} --out {tmp}/r --corruptions fog,nope"),
+    ("robustness", "robustness --tuned {run} --out {tmp}/r --corruptions fog --severities 0"),
+    ("robustness", "robustness --tuned {run} --out {tmp}/r --corruptions fog --severities 6"),
+    ("robustness", "robustness --tuned {run} --out {tmp}/r --corruptions fog --severities x"),
+    ("robustness", "robustness --tuned {run} --out {tmp}/r --attack nope"),
+    ("robustness", "robustness --tuned {run} --out {tmp}/r --attack fgsm --eps 0"),
+    ("robustness", "robustness --tuned {run} --out {tmp}/r --attack fgsm --eps 1.5"),
+    ("robustness", "robustness --tuned {run} --out {tmp}/r --attack fgsm --eps=-8/255"),
+    ("robustness", "robustness --tuned {run} --out {tmp}/r --attack fgsm --eps abc"),
+    ("robustness", "robustness --tuned {run} --out {tmp}/r --attack pgd --pgd-steps 0"),
+    ("robustness", "robustness --tuned {run} --out {tmp}/r --attack pgd --pgd-alpha nan"),
+    ("robustness", "robustness --tuned {drun} --out {tmp}/r --attack fgsm"),
+    ("robustness", "robustness --tuned {drun} --out {tmp}/r --corruptions fog"),
+    ("robustness", "robustness --tuned {run} --out {tmp}/r --ood folder:{data} --class-map {bad_map}"),
+    ("robustness", "robustness --tuned {run} --out {tmp}/r --ood folder:{data} --class-map {text}"),
+    ("robustness", "robustness --tuned {run} --out {tmp}/r --ood folder:{data} --class-map {tmp}/absent.yaml"),
+    ("robustness", "robustness --tuned {run} --out {tmp}/r --ood folder:{tmp}/absent"),
+    ("robustness", "robustness --tuned {run} --out {tmp}/r --class-map {bad_map}"),
+    ("robustness", "robustness --tuned {run} --out {tmp}/r --corruptions fog --max-images 0"),
+    ("robustness", "robustness --tuned {run} --out {afile} --corruptions fog"),
+    ("robustness", "robustness --tuned {run} --out {afile}/sub --corruptions fog"),
+    ("robustness", "robustness --tuned {run} --out {tmp}/r --corruptions fog --device banana"),
+    ("robustness", "robustness --tuned {run} --out {tmp}/r --corruptions fog --data camvid:{cv}"),
+    ("robustness", "robustness --tuned {text} --out {tmp}/r --corruptions fog"),
+    ("robustness", "robustness --tuned {tmp}/absent --out {tmp}/r --corruptions fog"),
+    ("robustness", "robustness --tuned {run} --out {tmp}/r --corruptions fog --baseline {text}"),
+    ("robustness", "robustness --tuned {run} --out {tmp}/r --attack fgsm --baseline {run}"),
 ]
 
 #: Cases also run as a real ``python -m vistune`` process (argparse, timm's logging, warnings).
@@ -204,6 +233,7 @@ SUBPROCESS = [
     "info --backbone test_vit --method lora --weights {run}/tuned.safetensors",
     "train " + T + " --method linear --out {tmp}/o --device banana",
     "report {nan_metrics}",
+    "robustness --tuned {run} --out {tmp}/r --corruptions fog --severities 6",
 ]
 
 
@@ -223,6 +253,7 @@ def env(tmp_path_factory, request) -> dict[str, str]:
     (root / "notimage.png").write_text("not a png")
     (root / "dup.yaml").write_text("lr: 0.01\nlr: 0.1\n")
     (root / "bad.yaml").write_text("lr: [0.1\n")
+    (root / "badmap.yaml").write_text("class0: no_such_class\n")  # robustness --class-map
     tuned = (run / "tuned.safetensors").read_bytes()
     (root / "truncated.safetensors").write_bytes(tuned[: len(tuned) // 2])
     (root / "nan").mkdir()
@@ -236,7 +267,8 @@ def env(tmp_path_factory, request) -> dict[str, str]:
     return dict(bad_sweep=str(root / "sweep"), busy_port=str(busy.getsockname()[1]),data=str(data), cv=str(cv), run=str(run), drun=str(drun), image=str(next((cv / "test").glob("*.jpg"))),
                 notimage=str(root / "notimage.png"), text=str(root / "notes.txt"), garbage=str(root / "garbage.bin"),
                 afile=str(root / "afile"), dup_yaml=str(root / "dup.yaml"), bad_yaml=str(root / "bad.yaml"),
-                truncated=str(root / "truncated.safetensors"), nan_metrics=str(root / "nan"))
+                truncated=str(root / "truncated.safetensors"), nan_metrics=str(root / "nan"),
+                bad_map=str(root / "badmap.yaml"))
 
 
 def argv_for(template: str, env: dict[str, str], tmp: Path) -> list[str]:
@@ -264,6 +296,8 @@ def test_bad_input_is_one_line_exit_2(env, tmp_path, capsys, command, template):
         rc = stop.code
     out, err = capsys.readouterr()
     check_one_line(rc, err, template)
+    if command == "robustness":  # refused before anything is written
+        assert not (tmp_path / "r").exists(), f"{template}: wrote {tmp_path / 'r'}"
 
 
 @pytest.mark.parametrize("template", SUBPROCESS)

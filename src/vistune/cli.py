@@ -450,7 +450,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         print("vistune report: error: no metrics.json under " + ", ".join(args.runs), file=sys.stderr)
         return 2
     print("\n".join(machine_lines(rows)) + "\n")  # what made the numbers, above them
-    print(markdown_table(rows))
+    from vistune.report import DEFAULT_COLUMNS
+    from vistune.robustness.report import report_columns
+
+    print(markdown_table(rows, report_columns(rows, DEFAULT_COLUMNS)))
     return 0
 
 
@@ -519,6 +522,62 @@ def cmd_import_peft(args: argparse.Namespace) -> int:
     print(f"written {res['out']}: lora rank={opts['rank']} alpha={opts['alpha']} targets={','.join(opts['targets'])}, "
           f"{res['num_classes']} classes")
     return 0
+
+
+def cmd_robustness(args: argparse.Namespace) -> int:
+    from vistune.robustness.attacks import parse_attacks, parse_eps
+    from vistune.robustness.corruptions import parse_corruptions, parse_severities
+    from vistune.workflows.robustness import RobustnessSettings, run_robustness
+
+    s = RobustnessSettings(
+        tuned=args.tuned, out=args.out, data=args.data,
+        corruptions=parse_corruptions(args.corruptions) if args.corruptions else [],
+        severities=parse_severities(args.severities), attacks=parse_attacks(args.attack) if args.attack else [],
+        eps=parse_eps(args.eps), pgd_steps=args.pgd_steps, pgd_alpha=args.pgd_alpha,
+        ood=[x.strip() for x in args.ood.split(",") if x.strip()] if args.ood else [], class_map=args.class_map,
+        baseline=args.baseline, max_images=args.max_images, batch_size=args.batch_size, device=args.device,
+        precision=args.precision, attack_precision=args.attack_precision, workers=args.workers, seed=args.seed,
+        weights=args.weights, verbose=not args.no_progress)
+    report = run_robustness(s)
+    for key, value in report["summary"].items():
+        print(f"{key:<13} {value:.2f}" if isinstance(value, float) else f"{key:<13} {value}")
+    print(f"written       {args.out}/robustness.json, robustness.md ({report['seconds']:.0f} s)")
+    return 0
+
+
+def _add_robustness_parser(sub) -> None:
+    import os
+
+    p = sub.add_parser("robustness", help="a run under ImageNet-C corruptions, FGSM/PGD attacks and other data sets")
+    p.add_argument("--tuned", required=True, help="a classification run folder or its tuned.safetensors")
+    p.add_argument("--data", default=None, help="data spec (default: the one recorded in the run)")
+    p.add_argument("--out", required=True, help="output folder: robustness.json/.md, plots, cells/ (resumable)")
+    p.add_argument("--corruptions", default=None, metavar="all|common|extra|NAME,NAME",
+                   help="ImageNet-C corruptions (imagecorruptions): 15 common + 4 extra")
+    p.add_argument("--severities", default="1,2,3,4,5", help="comma-separated, each 1..5")
+    p.add_argument("--baseline", default=None, metavar="RUN",
+                   help="a run evaluated on the same corrupted images: CE and relative mCE against it")
+    p.add_argument("--attack", default=None, metavar="fgsm,pgd", help="L∞ untargeted attacks (ART)")
+    p.add_argument("--eps", default="1/255,2/255,4/255,8/255",
+                   help="L∞ radii in [0,1] pixel space: fractions or floats")
+    p.add_argument("--pgd-steps", type=_positive_int, default=10)
+    p.add_argument("--pgd-alpha", type=_positive_float, default=None, help="PGD step (default 2.5*eps/steps)")
+    p.add_argument("--attack-precision", choices=["fp32", "auto", "bf16", "fp16"], default="fp32",
+                   help="attack precision (default fp32: input gradients in bf16 weaken the attack)")
+    p.add_argument("--ood", default=None, metavar="SPEC[,SPEC]", help="other data sets with (some of) the run's classes")
+    p.add_argument("--class-map", default=None, metavar="FILE", help="YAML 'source class: run class' for --ood")
+    p.add_argument("--max-images", type=_positive_int, default=None,
+                   help="at most N images per evaluation (seeded, class-proportional, the same for every run)")
+    p.add_argument("--seed", type=_count, default=0, help="corruption noise and PGD random start")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--workers", type=_count, default=min(4, os.cpu_count() or 1),
+                   help="DataLoader worker processes for the corruptions (CPU-bound)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="evaluation forwards: auto (default) keeps the run's own precision where native, else fp32")
+    p.add_argument("--weights", default=None, help="backbone weights file, for runs trained on a local file")
+    p.add_argument("--no-progress", action="store_true", help="no line per finished cell")
+    p.set_defaults(func=cmd_robustness)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -660,6 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     _add_serve_parser(sub)
+    _add_robustness_parser(sub)
     return parser
 
 

@@ -59,7 +59,9 @@ def read_metrics(path: str | os.PathLike) -> dict[str, Any]:
             raise ReportError(f"{path}: {key} is {value!r}, not a number")
     if data.get("options") is not None and not isinstance(data["options"], dict):
         raise ReportError(f"{path}: options is {data['options']!r}, not an object")
-    return data
+    from vistune.robustness.report import robustness_summary
+
+    return {**data, **robustness_summary(path.parent)}  # mCA / robust / OOD columns when the run has them
 
 
 def load_metrics(paths: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
