@@ -222,7 +222,9 @@ def finish(model: MultiTaskModel, sample: Sample, output: Any, *, top: int = 5,
 
 def predict(model: MultiTaskModel, data: bytes, tasks: list[str] | None = None, *, top: int = 5,
             score_threshold: float | None = None) -> dict[str, dict[str, Any]]:
-    """One image (file bytes) through ``tasks`` (default all) in one batch: ``{task: result}``."""
-    samples = prepare(model, data, tasks)
+    """One image (file bytes) through ``tasks`` (default all) in one batch: ``{task: result}``.
+
+    In-process use: no decode byte limit (the HTTP service sets one; the pixel limit stays)."""
+    samples = prepare(model, data, tasks, max_bytes=None)
     outputs = model.forward(torch.stack([s.x for s in samples]), [s.task for s in samples])
     return {s.task: finish(model, s, o, top=top, score_threshold=score_threshold) for s, o in zip(samples, outputs)}
