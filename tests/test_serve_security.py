@@ -6,7 +6,6 @@ measured by peak RSS in a subprocess that decodes it through the service's own d
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -17,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from test_serve import AUTH, PNG, TOKEN, backbone, live_server, perturb
@@ -293,7 +291,7 @@ def test_a_16bit_png_bomb_decodes_in_bounded_memory(bomb):
     assert bomb.stat().st_size < 200_000
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(bomb)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(bomb)], capture_output=True, text=True, check=False,
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -52,13 +52,32 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from vistune.errors import VistuneError
-from vistune.serve.admin import (UnauthorizedError, check_token, confine, public_path, resolve_root, scrub,
-                                 token_matches)
+from vistune.serve.admin import (
+    UnauthorizedError,
+    check_token,
+    confine,
+    public_path,
+    resolve_root,
+    scrub,
+    token_matches,
+)
 from vistune.serve.batching import Batcher
-from vistune.serve.multitask import (DuplicateTaskError, MultiTaskModel, ServeError, UnknownTaskError,
-                                     check_task_name)
-from vistune.serve.predict import (MAX_DECODE_BYTES, MAX_PIXELS, BadImageError, ImageTooLargeError, Sample, finish,
-                                   prepare)
+from vistune.serve.multitask import (
+    DuplicateTaskError,
+    MultiTaskModel,
+    ServeError,
+    UnknownTaskError,
+    check_task_name,
+)
+from vistune.serve.predict import (
+    MAX_DECODE_BYTES,
+    MAX_PIXELS,
+    BadImageError,
+    ImageTooLargeError,
+    Sample,
+    finish,
+    prepare,
+)
 
 STATIC = Path(__file__).resolve().parent / "static"
 log = logging.getLogger("vistune.serve")
