@@ -139,7 +139,9 @@ def run_server(args: argparse.Namespace) -> None:
         model = MultiTaskModel.for_file(first, bf16=args.bf16)
         for name, f in files.items():
             model.add_task(name, f)
-    app = create_app(model, max_batch=args.max_batch, batch_window_ms=args.window_ms)
+    # every client admitted: the benchmark measures throughput, not the service's 503s when busy
+    app = create_app(model, max_batch=args.max_batch, batch_window_ms=args.window_ms,
+                     max_inflight=max(16, args.concurrency))
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 
@@ -182,7 +184,7 @@ def measure(mode: str, files: dict[str, Path], args: argparse.Namespace, image: 
     port = _free_port()
     cmd = [sys.executable, __file__, "--_server", "--mode", mode, "--port", str(port), "--threads", str(args.threads),
            "--files", json.dumps({k: str(v) for k, v in files.items()}), "--max-batch", str(args.max_batch),
-           "--window-ms", str(args.window_ms)] + (["--bf16"] if args.bf16 else [])
+           "--window-ms", str(args.window_ms), "--concurrency", str(args.concurrency)] + (["--bf16"] if args.bf16 else [])
     env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(cmd, env=env)
     url = f"http://127.0.0.1:{port}"

@@ -191,6 +191,19 @@ CASES: list[tuple[str, str]] = [
     ("serve", "serve --task a={run} --backbone nope"),
     ("serve", "serve --task a={run} --port {busy_port}"),
     ("serve", "serve --config {bad_yaml}"),
+    ("serve", "serve --config {token_yaml}"),
+    ("serve", "serve --task a={run} --admin-token abcdefghijklmnopqrstuvwxyz"),
+    ("serve", "serve --task a={run} --admin --admin-token abcdefghijklmnopqrstuvwxyz"),
+    ("serve", "serve --task a={run} --admin --task-root {tmp}"),
+    ("serve", "serve --task a={run} --admin --task-root {tmp} --admin-token short"),
+    ("serve", "serve --task a={run} --admin --task-root {tmp}/absent --admin-token abcdefghijklmnopqrstuvwxyz"),
+    ("serve", "serve --task a={run} --admin --task-root {afile} --admin-token abcdefghijklmnopqrstuvwxyz"),
+    ("serve", "serve --task a={run} --admin --read-only --task-root {tmp} --admin-token abcdefghijklmnopqrstuvwxyz"),
+    ("serve", "serve --task a={run} --task-root {tmp}"),
+    ("serve", "serve --task a={run} --max-inflight 0"),
+    ("serve", "serve --task a={run} --max-decodes 0"),
+    ("serve", "serve --task a={run} --max-image-mb nan"),
+    ("serve", "serve --task a={run} --max-image-mb -1"),
     ("report", "report"),
     ("report", "report {tmp}/absent"),
     ("report", "report {nan_metrics}"),
@@ -254,6 +267,7 @@ def env(tmp_path_factory, request) -> dict[str, str]:
     (root / "dup.yaml").write_text("lr: 0.01\nlr: 0.1\n")
     (root / "bad.yaml").write_text("lr: [0.1\n")
     (root / "badmap.yaml").write_text("class0: no_such_class\n")  # robustness --class-map
+    (root / "token.yaml").write_text("admin: true\nadmin_token: abcdefghijklmnopqrstuvwxyz\n")
     tuned = (run / "tuned.safetensors").read_bytes()
     (root / "truncated.safetensors").write_bytes(tuned[: len(tuned) // 2])
     (root / "nan").mkdir()
@@ -267,6 +281,7 @@ def env(tmp_path_factory, request) -> dict[str, str]:
     return dict(bad_sweep=str(root / "sweep"), busy_port=str(busy.getsockname()[1]),data=str(data), cv=str(cv), run=str(run), drun=str(drun), image=str(next((cv / "test").glob("*.jpg"))),
                 notimage=str(root / "notimage.png"), text=str(root / "notes.txt"), garbage=str(root / "garbage.bin"),
                 afile=str(root / "afile"), dup_yaml=str(root / "dup.yaml"), bad_yaml=str(root / "bad.yaml"),
+                token_yaml=str(root / "token.yaml"),
                 truncated=str(root / "truncated.safetensors"), nan_metrics=str(root / "nan"),
                 bad_map=str(root / "badmap.yaml"))
 
@@ -288,7 +303,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("command,template", CASES, ids=[t or "(empty)" for _, t in CASES])
-def test_bad_input_is_one_line_exit_2(env, tmp_path, capsys, command, template):
+def test_bad_input_is_one_line_exit_2(env, tmp_path, capsys, monkeypatch, command, template):
+    monkeypatch.delenv("VISTUNE_ADMIN_TOKEN", raising=False)  # the serve --admin cases rely on its absence
     argv = argv_for(template, env, tmp_path)
     try:
         rc = main(argv)

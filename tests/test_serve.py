@@ -10,6 +10,8 @@ import asyncio
 import base64
 import io
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -460,6 +462,37 @@ def test_batcher_groups_waiting_jobs_and_isolates_failures():
 # HTTP
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def live_server(app) -> Iterator[str]:
+    """``app`` behind a real uvicorn on 127.0.0.1 (a thread of this process), yielding its URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not srv.started:
+        if time.time() > deadline or not thread.is_alive():
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{srv.config.port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def service(dense_runs):
     mt = MultiTaskModel(backbone("test_vit", 64))
@@ -536,24 +569,37 @@ def test_http_oversized_image_dimensions_are_refused(dense_runs):
         assert r.status_code == 413 and "more than 1,000 pixels" in r.json()["detail"]
 
 
+#: An admin token for tests (the service refuses tokens under 16 characters).
+TOKEN = "test-admin-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
 def test_http_add_and_remove_tasks_at_run_time(dense_runs, vit_files, tmp_path):
+    import shutil
+
+    root = tmp_path / "root"  # the task root: the only place POST /tasks may load from
+    shutil.copytree(dense_runs["seg_linear"], root / "seg_linear")
+    shutil.copy(vit_files["lora"], root / "lora32.safetensors")
     mt = MultiTaskModel(backbone("test_vit", 64))
     mt.add_task("cls", dense_runs["cls"])
-    with TestClient(create_app(mt)) as client:
-        r = client.post("/tasks", json={"name": "seg", "path": str(dense_runs["seg_linear"])})
-        assert r.status_code == 201 and r.json()["kind"] == "segment"
+    with TestClient(create_app(mt, admin=True, admin_token=TOKEN, task_root=root)) as client:
+        r = client.post("/tasks", json={"name": "seg", "path": "seg_linear"}, headers=AUTH)
+        assert r.status_code == 201 and r.json()["kind"] == "segment" and r.json()["path"] == "seg_linear"
         assert "seg" in client.post("/predict", files={"file": ("a.png", PNG, "image/png")}).json()["results"]
-        assert client.post("/tasks", json={"name": "seg", "path": str(dense_runs["seg_linear"])}).status_code == 409
-        r = client.post("/tasks", json={"name": "other", "path": str(vit_files["lora"])})  # made at 32 px
+        assert client.post("/tasks", json={"name": "seg", "path": "seg_linear"}, headers=AUTH).status_code == 409
+        r = client.post("/tasks", json={"name": "other", "path": "lora32.safetensors"}, headers=AUTH)  # made at 32 px
         assert r.status_code == 400 and "image size" in r.json()["detail"]
-        assert client.post("/tasks", json={"name": "x"}).status_code == 400
-        assert client.delete("/tasks/seg").json() == {"removed": "seg", "tasks": ["cls"]}
-        assert client.delete("/tasks/seg").status_code == 404
+        assert str(root) not in r.json()["detail"] and "lora32.safetensors" in r.json()["detail"]
+        assert client.post("/tasks", json={"name": "x"}, headers=AUTH).status_code == 400
+        assert client.delete("/tasks/seg").status_code == 401  # no token: nothing removed
+        assert client.delete("/tasks/seg", headers=AUTH).json() == {"removed": "seg", "tasks": ["cls"]}
+        assert client.delete("/tasks/seg", headers=AUTH).status_code == 404
         assert client.post("/predict", files={"file": ("a.png", PNG, "image/png")}, data={"task": "seg"}).status_code == 404
-    with TestClient(create_app(mt, admin=False)) as client:
-        r = client.delete("/tasks/cls")
-        assert r.status_code == 403 and "read-only" in r.json()["detail"]
-        assert client.post("/tasks", json={"name": "a", "path": "x"}).status_code == 403
+    with TestClient(create_app(mt)) as client:  # the default: the admin API is off
+        r = client.delete("/tasks/cls", headers=AUTH)
+        assert r.status_code == 403 and "admin API is off" in r.json()["detail"]
+        assert client.post("/tasks", json={"name": "a", "path": "x"}, headers=AUTH).status_code == 403
+        assert mt.task_names() == ["cls"]
 
 
 def assert_same_prediction(a: dict, b: dict) -> None:

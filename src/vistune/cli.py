@@ -469,7 +469,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = make_config(file_values, parse_task_args(args.task), backbone=args.backbone, weights=args.weights,
                       img_size=args.img_size, host=args.host, port=args.port, max_batch=args.max_batch,
                       batch_window_ms=args.batch_window_ms, bf16=args.bf16, device=args.device,
-                      max_upload_mb=args.max_upload_mb, read_only=args.read_only, threads=args.threads)
+                      max_upload_mb=args.max_upload_mb, read_only=args.read_only, threads=args.threads,
+                      admin=args.admin, admin_token=args.admin_token, task_root=args.task_root,
+                      max_inflight=args.max_inflight, max_decodes=args.max_decodes, max_image_mb=args.max_image_mb)
     return serve(cfg)
 
 
@@ -490,7 +492,18 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cpu (default), cuda, auto")
     p.add_argument("--max-upload-mb", type=float, default=None, help="largest request body (default 16)")
     p.add_argument("--read-only", action="store_const", const=True, default=None,
-                   help="refuse POST/DELETE /tasks (adding or removing tasks at run time)")
+                   help="refuse POST/DELETE /tasks (the default; contradicts --admin)")
+    p.add_argument("--admin", action="store_const", const=True, default=None,
+                   help="open POST/DELETE /tasks to holders of the admin token, for files under --task-root")
+    p.add_argument("--admin-token", default=None, metavar="TOKEN",
+                   help="the admin bearer token (prefer $VISTUNE_ADMIN_TOKEN: a flag shows in ps)")
+    p.add_argument("--task-root", default=None, metavar="DIR",
+                   help="with --admin: the only folder POST /tasks may load from")
+    p.add_argument("--max-inflight", type=int, default=None,
+                   help="predictions admitted at once; more get 503 + Retry-After (default 16)")
+    p.add_argument("--max-decodes", type=int, default=None, help="images decoded at once (default 2)")
+    p.add_argument("--max-image-mb", type=float, default=None,
+                   help="the most memory one image decode may take, else 413 (default 128)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.set_defaults(func=cmd_serve)
 def cmd_export(args: argparse.Namespace) -> int:

@@ -48,10 +48,7 @@ def pil_to_chw(im: Image.Image, size: int) -> np.ndarray:
         if mode in ("1", "L", "LA", "La"):
             im = im.convert("L")
         else:
-            a = np.asarray(im, dtype=np.float64)
-            lo, hi = float(a.min()), float(a.max())
-            scale = 255.0 / (hi - lo) if hi > lo else 0.0
-            im = Image.fromarray(((a - lo) * scale).round().astype(np.uint8), mode="L")
+            im = _rescale_to_l(im)
         grey = True
     else:
         if mode != "RGB":
@@ -63,6 +60,60 @@ def pil_to_chw(im: Image.Image, size: int) -> np.ndarray:
     if grey:
         return np.ascontiguousarray(arr[None])
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+#: Rows of a high-bit-depth image rescaled at once: ~2 MB of float64 per band of rows.
+_RESCALE_CHUNK_VALUES = 1 << 18
+
+
+def _rescale_to_l(im: Image.Image) -> Image.Image:
+    """``I;16``/``I``/``F`` -> ``L`` by the image's own range, a band of rows at a time.
+
+    Why bands: the whole image as float64 (plus its temporaries) cost ~25 bytes per pixel, so
+    a 92 KB 16-bit PNG of 6,300 x 6,300 px took ~1 GB to decode. Each band is read from the
+    image's own storage (a crop, native dtype), rescaled in float64 exactly as before (so the
+    pixels are bit-identical) and pasted into the result: the extra memory is one ``L`` image
+    (1 byte per pixel) and one band.
+    """
+    w, h = im.size
+    rows = max(1, _RESCALE_CHUNK_VALUES // max(1, w))
+    lo = hi = None
+    for top in range(0, h, rows):
+        band = np.asarray(im.crop((0, top, w, min(h, top + rows))))
+        b_lo, b_hi = band.min(), band.max()  # NaN (mode F) propagates, as np.min over the whole did
+        lo = b_lo if lo is None else np.minimum(lo, b_lo)
+        hi = b_hi if hi is None else np.maximum(hi, b_hi)
+    lo, hi = float(lo), float(hi)
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    out = Image.new("L", (w, h))
+    for top in range(0, h, rows):
+        band = np.asarray(im.crop((0, top, w, min(h, top + rows))), dtype=np.float64)
+        out.paste(Image.fromarray(((band - lo) * scale).round().astype(np.uint8), mode="L"), (0, top))
+    return out
+
+
+#: Bytes per pixel PIL stores for a decoded image of each mode (2-4 band modes take 4).
+_STORED_BPP = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+
+#: Extra bytes per pixel :func:`pil_to_chw` allocates at full size on top of the decoded image,
+#: by mode: P goes through RGBA then RGB (both alive at once); other colour modes one RGB copy;
+#: grey modes one ``L`` copy (``convert`` copies even L -> L).
+_CONVERT_BPP = {"RGB": 0, "P": 8, "1": 1, "L": 1, "LA": 1, "La": 1,
+                "I": 1, "F": 1, "I;16": 1, "I;16B": 1, "I;16L": 1, "I;16N": 1}
+
+
+def decode_bytes(mode: str, width: int, height: int, rgb: bool = False) -> int:
+    """Peak bytes :func:`pil_to_chw` holds at full size for a ``width x height`` image of
+    ``mode``: the decoded pixels plus the conversions it makes before resizing. ``rgb=True``:
+    the image is converted to RGB instead (the letterbox path; 4 bytes per pixel unless RGB).
+
+    Known from the header alone (PIL reads size and mode lazily), so a service can refuse an
+    image before ``load()`` whose pixel count passes but whose working set would not: memory
+    grows with bytes, not pixels (a 16-bit image is 2 bytes per pixel, RGB 4 in PIL).
+    """
+    extra = (0 if mode == "RGB" else 4) if rgb else _CONVERT_BPP.get(mode, 4)
+    per_pixel = _STORED_BPP.get(mode, 4) + extra
+    return int(width) * int(height) * per_pixel
 
 
 def load_image_file(path: Path | BinaryIO, size: int) -> np.ndarray:

@@ -6,17 +6,26 @@ Endpoints (JSON unless said otherwise; every error is ``{"detail": "<one line>"}
     GET    /health           status, backbone, task count, batching statistics
     GET    /tasks            every task: name, kind, method, options, classes, tuned params, bytes
     GET    /tasks/{name}     one task
-    POST   /tasks            {"name": ..., "path": tuned file or dense run folder}   (admin)
-    DELETE /tasks/{name}                                                            (admin)
+    POST   /tasks            {"name": ..., "path": tuned file or run folder under the task root}  (admin)
+    DELETE /tasks/{name}                                                                         (admin)
     POST   /predict          multipart: file=<image>, task=<name> (repeatable, or tasks=a,b),
                              top_k, score_threshold; or JSON: {"image": <base64 or data URL>,
                              "task": name | "tasks": [names], "top_k": 5, "score_threshold": 0.3}.
                              No task named = every task. -> {"results": {task: prediction}}
 
-Status codes: 400 bad input (not an image, bad base64, malformed request, unloadable tuned file),
-404 unknown task, 409 duplicate task name, 413 upload or image too large, 415 unsupported
-content type, 422 invalid parameter, 403 admin endpoint on a read-only service. A failing request
-never stops the service: each error is answered and the worker keeps serving.
+Status codes: 400 bad input (not an image, bad base64, malformed or too deeply nested JSON, a
+task name with a control character, a task path that cannot be loaded), 401 admin call without
+the right bearer token, 403 admin endpoint while the admin API is off (the default), 404 unknown
+task, 409 duplicate task name, 413 upload or image too large (pixels, or bytes to decode), 415
+unsupported content type, 422 invalid parameter, 503 busy (``max_inflight`` predictions already
+admitted; ``Retry-After`` says when to retry). A failing request never stops the service: each
+error is answered and the worker keeps serving.
+
+Memory: at most ``max_inflight`` predictions are admitted at once (each holds its body, at most
+``max_upload_bytes``, and the image bytes in it), and at most ``max_decodes`` of them decode at
+once, each decode refused beforehand if it would hold more than ``max_decode_bytes``
+(:func:`vistune.data.transforms.decode_bytes`). The admin API (``admin=True``) needs a bearer
+token and a task root: see :mod:`vistune.serve.admin`.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ import binascii
 import json
 import logging
 import math
+import os
+import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -41,9 +52,32 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from vistune.errors import VistuneError
+from vistune.serve.admin import (
+    UnauthorizedError,
+    check_token,
+    confine,
+    public_path,
+    resolve_root,
+    scrub,
+    token_matches,
+)
 from vistune.serve.batching import Batcher
-from vistune.serve.multitask import DuplicateTaskError, MultiTaskModel, ServeError, UnknownTaskError
-from vistune.serve.predict import MAX_PIXELS, BadImageError, ImageTooLargeError, Sample, finish, prepare
+from vistune.serve.multitask import (
+    DuplicateTaskError,
+    MultiTaskModel,
+    ServeError,
+    UnknownTaskError,
+    check_task_name,
+)
+from vistune.serve.predict import (
+    MAX_DECODE_BYTES,
+    MAX_PIXELS,
+    BadImageError,
+    ImageTooLargeError,
+    Sample,
+    finish,
+    prepare,
+)
 
 STATIC = Path(__file__).resolve().parent / "static"
 log = logging.getLogger("vistune.serve")
@@ -66,16 +100,42 @@ class UnsupportedMediaError(ServeError):
 
 
 class ForbiddenError(ServeError):
-    """An admin endpoint on a read-only service (403)."""
+    """An admin endpoint while the admin API is off (403)."""
+
+
+class BusyError(ServeError):
+    """``max_inflight`` predictions are already admitted (503, with Retry-After)."""
+
+
+#: Seconds a client told "busy" should wait before retrying.
+RETRY_AFTER_S = 1
 
 
 def _status(err: Exception) -> int:
     for cls, code in ((UnknownTaskError, 404), (ImageTooLargeError, 413), (UploadTooLargeError, 413),
                       (UnsupportedMediaError, 415), (InvalidParameterError, 422), (ForbiddenError, 403),
-                      (DuplicateTaskError, 409), (BadImageError, 400)):
+                      (UnauthorizedError, 401), (BusyError, 503), (DuplicateTaskError, 409), (BadImageError, 400)):
         if isinstance(err, cls):
             return code
     return 400
+
+
+def _headers(err: Exception) -> dict[str, str] | None:
+    if isinstance(err, UnauthorizedError):
+        return {"WWW-Authenticate": "Bearer"}
+    if isinstance(err, BusyError):
+        return {"Retry-After": str(RETRY_AFTER_S)}
+    return None
+
+
+def _json(body: bytes) -> Any:
+    """The parsed body; malformed or too deeply nested JSON is a 400, not a 500."""
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BadRequestError(f"the JSON body is invalid ({err})") from None
+    except RecursionError:  # e.g. 30,000 nested arrays: json's decoder recurses per level
+        raise BadRequestError("the JSON body is nested too deeply") from None
 
 
 def _one_line(text: str) -> str:
@@ -152,10 +212,7 @@ async def _parse_predict(request: Request, limit: int) -> tuple[bytes, list[str]
         tasks = _task_list(form.getlist("task") + form.getlist("tasks"))
         return data, tasks, form.get("top_k"), form.get("score_threshold")
     if ctype.startswith("application/json") or (not ctype and body.lstrip().startswith(b"{")):
-        try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise BadRequestError(f"the JSON body is invalid ({err})") from None
+        payload = _json(body)
         if not isinstance(payload, dict) or not isinstance(payload.get("image"), str):
             raise BadRequestError('JSON requests need {"image": "<base64 image>", "task": ... (optional)}')
         text = payload["image"]
@@ -190,10 +247,32 @@ _PREDICT_BODY = {"requestBody": {"required": True, "content": {
 
 
 def create_app(model: MultiTaskModel, *, max_batch: int = 16, batch_window_ms: float = 5.0,
-               max_upload_bytes: int = 16 * 2**20, max_pixels: int = MAX_PIXELS, admin: bool = True,
+               max_upload_bytes: int = 16 * 2**20, max_pixels: int = MAX_PIXELS, admin: bool = False,
+               admin_token: str | None = None, task_root: str | os.PathLike | None = None,
+               max_inflight: int = 16, max_decodes: int = 2, max_decode_bytes: int | None = MAX_DECODE_BYTES,
                default_top_k: int = 5) -> FastAPI:
     """The FastAPI app serving ``model``. Requests arriving within ``batch_window_ms`` of each
-    other share one forward of up to ``max_batch`` samples, whatever their tasks."""
+    other share one forward of up to ``max_batch`` samples, whatever their tasks.
+
+    ``admin=True`` opens ``POST/DELETE /tasks`` to callers holding ``admin_token`` (as a bearer
+    token), for files under ``task_root`` only; it is off by default because it turns request
+    strings into server paths. ``max_inflight`` / ``max_decodes`` / ``max_decode_bytes`` bound
+    the memory requests can take (module docstring).
+    """
+    root = None
+    if admin:
+        check_token(admin_token)
+        if task_root is None:
+            raise ServeError("the admin API needs a task root: the only folder POST /tasks may load from")
+        root = resolve_root(task_root)
+    if max_inflight < 1 or max_decodes < 1:
+        raise ServeError(f"max_inflight and max_decodes must be >= 1, got {max_inflight} and {max_decodes}")
+    decode_slots = threading.BoundedSemaphore(max_decodes)
+    inflight = 0
+
+    def decode(data: bytes, tasks: list[str] | None) -> list[Sample]:
+        with decode_slots:  # a queue: at most max_decodes full-size images in memory at once
+            return prepare(model, data, tasks, max_pixels, max_decode_bytes)
 
     def run(items: list[tuple[Sample, int, float | None]]) -> list[Any]:
         """One mixed batch: forward + JSON, atomic with respect to task add/remove."""
@@ -226,7 +305,8 @@ def create_app(model: MultiTaskModel, *, max_batch: int = 16, batch_window_ms: f
 
     @app.exception_handler(VistuneError)
     async def _vistune_error(request: Request, err: VistuneError) -> JSONResponse:
-        return JSONResponse({"detail": _one_line(err)}, status_code=_status(err))
+        return JSONResponse({"detail": _one_line(scrub(str(err), root))}, status_code=_status(err),
+                            headers=_headers(err))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -242,7 +322,9 @@ def create_app(model: MultiTaskModel, *, max_batch: int = 16, batch_window_ms: f
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, err: Exception) -> JSONResponse:
         log.exception("request %s %s failed", request.method, request.url.path)
-        return JSONResponse({"detail": _one_line(f"internal error: {type(err).__name__}: {err}")}, status_code=500)
+        # the message stays in the server log: it may name server paths
+        return JSONResponse({"detail": f"internal error ({type(err).__name__}); the server log has the details"},
+                            status_code=500)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -252,55 +334,83 @@ def create_app(model: MultiTaskModel, *, max_batch: int = 16, batch_window_ms: f
 
     def backbone() -> dict[str, Any]:
         info = model.info
-        return {"name": info.name, "arch": info.arch, "img_size": info.img_size, "weights": info.weights,
+        weights = info.weights
+        if weights is not None and ("/" in str(weights) or os.sep in str(weights)):
+            weights = Path(weights).name  # a local weights file: its name, not where it lives
+        return {"name": info.name, "arch": info.arch, "img_size": info.img_size, "weights": weights,
                 "fingerprint": model.fingerprint[:16], "bf16": model.bf16}
+
+    def task_info(task: Any) -> dict[str, Any]:
+        info = task.info()
+        info["path"] = public_path(task.path, root)  # relative to the task root, or null
+        return info
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "backbone": backbone(), "tasks": len(model.task_names()),
                 "admin": admin, "max_batch": max_batch, "batch_window_ms": batch_window_ms,
-                "max_upload_bytes": max_upload_bytes, "batching": batcher.stats.to_dict()}
+                "max_upload_bytes": max_upload_bytes, "inflight": inflight, "max_inflight": max_inflight,
+                "max_decodes": max_decodes,
+                "max_decode_bytes": max_decode_bytes, "batching": batcher.stats.to_dict()}
 
     @app.get("/tasks")
     async def list_tasks() -> dict[str, Any]:
-        return {"backbone": backbone(), "tasks": [t.info() for t in model.tasks.values()]}
+        return {"backbone": backbone(), "tasks": [task_info(t) for t in model.tasks.values()]}
 
     @app.get("/tasks/{name}")
     async def get_task(name: str) -> dict[str, Any]:
         task = model.tasks.get(name)
         if task is None:
             raise UnknownTaskError(f"no task {name!r} is loaded (loaded: {', '.join(model.task_names()) or 'none'})")
-        return task.info()
+        return task_info(task)
+
+    def require_admin(request: Request, what: str) -> None:
+        """403 while the admin API is off; 401 without the token. Checked before the body is read."""
+        if not admin:
+            raise ForbiddenError(f"the task admin API is off (read-only service): tasks cannot be {what}; "
+                                 "start vistune serve with --admin to allow it")
+        assert admin_token is not None
+        if not token_matches(request.headers.get("authorization"), admin_token):
+            raise UnauthorizedError(f"tasks can be {what} only with the header 'Authorization: Bearer <admin token>'")
 
     @app.post("/tasks", status_code=201)
     async def add_task(request: Request) -> dict[str, Any]:
-        if not admin:
-            raise ForbiddenError("this service is read-only (started with --read-only): tasks cannot be added")
-        body = await _read_body(request, 64 * 1024)
-        try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise BadRequestError(f"the JSON body is invalid ({err})") from None
+        require_admin(request, "added")
+        payload = _json(await _read_body(request, 64 * 1024))
         if not isinstance(payload, dict) or not isinstance(payload.get("name"), str) \
                 or not isinstance(payload.get("path"), str):
-            raise BadRequestError('adding a task needs {"name": "...", "path": "tuned file or dense run folder"}')
-        task = await run_in_threadpool(model.add_task, payload["name"], payload["path"])
-        return task.info()
+            raise BadRequestError('adding a task needs {"name": "...", "path": "tuned file or run folder, '
+                                  'relative to the task root"}')
+        name = check_task_name(payload["name"])
+        if name in model:
+            raise DuplicateTaskError(f"task {name!r} is already loaded (remove it first)")
+        assert root is not None
+        source = await run_in_threadpool(confine, root, payload["path"])
+        task = await run_in_threadpool(model.add_task, name, source)
+        return task_info(task)
 
     @app.delete("/tasks/{name}")
-    async def remove_task(name: str) -> dict[str, Any]:
-        if not admin:
-            raise ForbiddenError("this service is read-only (started with --read-only): tasks cannot be removed")
+    async def remove_task(request: Request, name: str) -> dict[str, Any]:
+        require_admin(request, "removed")
         await run_in_threadpool(model.remove_task, name)
         return {"removed": name, "tasks": model.task_names()}
 
     @app.post("/predict", openapi_extra=_PREDICT_BODY)
     async def predict(request: Request) -> dict[str, Any]:
-        data, tasks, top_k, threshold = await _parse_predict(request, max_upload_bytes)
-        top = default_top_k if top_k in (None, "") else _int_param(top_k, "top_k", 1, 1000)
-        thr = None if threshold in (None, "") else _float_param(threshold, "score_threshold", 0.0, 1.0)
-        samples = await run_in_threadpool(prepare, model, data, tasks, max_pixels)
-        results = await batcher.submit([(s, top, thr) for s in samples])
-        return {"results": {s.task: r for s, r in zip(samples, results)}}
+        nonlocal inflight
+        if inflight >= max_inflight:  # no await between the check and the count: one event loop
+            raise BusyError(f"the service is busy ({max_inflight} predictions in progress, the most it admits); "
+                            f"retry in {RETRY_AFTER_S} s")
+        inflight += 1
+        try:
+            data, tasks, top_k, threshold = await _parse_predict(request, max_upload_bytes)
+            top = default_top_k if top_k in (None, "") else _int_param(top_k, "top_k", 1, 1000)
+            thr = None if threshold in (None, "") else _float_param(threshold, "score_threshold", 0.0, 1.0)
+            samples = await run_in_threadpool(decode, data, tasks)
+            del data
+            results = await batcher.submit([(s, top, thr) for s in samples])
+            return {"results": {s.task: r for s, r in zip(samples, results)}}
+        finally:
+            inflight -= 1
 
     return app

@@ -10,17 +10,26 @@ Example ``tasks.yaml`` (relative task paths are relative to the YAML file's fold
     max_batch: 16
     batch_window_ms: 5
     bf16: false
+    admin: false              # true: POST/DELETE /tasks for files under task_root, with a bearer token
+    task_root: runs           # (relative to this file's folder, like task paths)
+    max_inflight: 16          # predictions admitted at once; more get 503 + Retry-After
+    max_decodes: 2            # images decoded at once (the others wait)
+    max_image_mb: 128         # the most one decode may hold (decoded pixels + conversions)
+
+The admin token is never a YAML key: it comes from $VISTUNE_ADMIN_TOKEN or ``--admin-token``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vistune.serve.admin import ADMIN_TOKEN_ENV, check_token, resolve_root
 from vistune.serve.multitask import ServeError
 
 
@@ -41,7 +50,13 @@ class ServeConfig:
     bf16: bool = False
     device: str = "cpu"
     max_upload_mb: float = 16.0
-    read_only: bool = False
+    read_only: bool = False  # the admin API stays off (the default); contradicts admin: true
+    admin: bool = False  # POST/DELETE /tasks, with a bearer token, for files under task_root
+    task_root: str | None = None
+    admin_token: str | None = field(default=None, repr=False)  # flag or $VISTUNE_ADMIN_TOKEN, never YAML
+    max_inflight: int = 16
+    max_decodes: int = 2
+    max_image_mb: float = 128.0
     threads: int | None = None  # torch intra-op threads (None: torch's default)
 
     def validate(self) -> None:
@@ -51,10 +66,27 @@ class ServeConfig:
                   (self.batch_window_ms >= 0, f"batch_window_ms must be >= 0, got {self.batch_window_ms}"),
                   (self.max_upload_mb > 0, f"max_upload_mb must be > 0, got {self.max_upload_mb}"),
                   (0 <= self.port < 65536, f"port must be 0-65535, got {self.port}"),
-                  (self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")]
+                  (self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}"),
+                  (self.max_inflight >= 1, f"max_inflight must be >= 1, got {self.max_inflight}"),
+                  (self.max_decodes >= 1, f"max_decodes must be >= 1, got {self.max_decodes}"),
+                  (self.max_image_mb > 0, f"max_image_mb must be > 0, got {self.max_image_mb}"),
+                  (not (self.admin and self.read_only),
+                   "--admin and --read-only contradict each other (read-only means the admin API stays off)"),
+                  (self.admin or self.admin_token is None, "--admin-token is only used with --admin"),
+                  (self.admin or self.task_root is None, "--task-root is only used with --admin"),
+                  (not self.admin or self.task_root is not None,
+                   "--admin needs --task-root DIR: the only folder POST /tasks may load task files from")]
         for ok, msg in checks:
             if not ok:
                 raise ServeConfigError(msg)
+        if self.admin:
+            try:
+                check_token(self.admin_token)
+                resolve_root(self.task_root)
+            except ServeConfigError:
+                raise
+            except ServeError as err:
+                raise ServeConfigError(str(err)) from None
 
 
 def parse_task_args(pairs: list[str]) -> dict[str, str]:
@@ -112,10 +144,17 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     hints = typing.get_type_hints(ServeConfig)
     out: dict[str, Any] = {}
     for key, value in data.items():
+        if key == "admin_token":
+            raise ServeConfigError(f"config file {p}: admin_token is never read from a file (files get copied and "
+                                   f"committed): set {ADMIN_TOKEN_ENV} or pass --admin-token")
         if key not in fields:
             raise ServeConfigError(f"config file {p}: unknown key {key!r}; valid keys: {', '.join(fields)}")
         if key == "tasks":
             out[key] = _tasks_from_yaml(value, p.parent, p)
+            continue
+        if key == "task_root" and isinstance(value, str) and value:
+            q = Path(value).expanduser()
+            out[key] = str(q if q.is_absolute() else p.parent / q)  # like task paths: relative to the file
             continue
         try:
             out[key] = coerce_value(value, hints[key])
@@ -135,6 +174,8 @@ def make_config(file_values: dict[str, Any] | None = None, tasks: dict[str, str]
             raise ServeConfigError(f"task {name!r} is given both in the config file and as --task")
         merged[name] = path
     cfg = ServeConfig(**values, tasks=merged)
+    if cfg.admin and not cfg.admin_token:
+        cfg.admin_token = os.environ.get(ADMIN_TOKEN_ENV) or None  # only read when the admin API is on
     cfg.validate()
     return cfg
 
@@ -186,13 +227,22 @@ def serve(cfg: ServeConfig) -> int:
     except ImportError as err:
         raise ServeConfigError(f"vistune serve needs FastAPI and uvicorn ({err}); install them with "
                                "pip install 'vistune[serve]'") from None
+    from vistune.serve.admin import is_loopback
+
     _check_can_listen(cfg.host, cfg.port)
     model = build_model(cfg)
     app = create_app(model, max_batch=cfg.max_batch, batch_window_ms=cfg.batch_window_ms,
-                     max_upload_bytes=int(cfg.max_upload_mb * 2**20), admin=not cfg.read_only)
+                     max_upload_bytes=int(cfg.max_upload_mb * 2**20), admin=cfg.admin, admin_token=cfg.admin_token,
+                     task_root=cfg.task_root, max_inflight=cfg.max_inflight, max_decodes=cfg.max_decodes,
+                     max_decode_bytes=int(cfg.max_image_mb * 2**20))
     info = model.info
+    admin = f"admin API on (task root {cfg.task_root})" if cfg.admin else "admin API off"
     print(f"vistune serve: {info.name} @{info.img_size}px, {len(model.task_names())} tasks "
-          f"({', '.join(model.task_names())}) on http://{cfg.host}:{cfg.port}/  (page at /, API docs at /docs)",
-          flush=True)
+          f"({', '.join(model.task_names())}) on http://{cfg.host}:{cfg.port}/  (page at /, API docs at /docs; "
+          f"{admin})", flush=True)
+    if cfg.admin and not is_loopback(cfg.host):
+        print(f"vistune serve: warning: the task admin API is on and {cfg.host} is not a loopback address: "
+              f"anyone who reaches port {cfg.port} with the token can load and remove tasks (use TLS or a "
+              "private network)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
     return 0

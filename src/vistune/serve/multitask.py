@@ -69,6 +69,20 @@ from vistune.tuning import MethodSpec, attach, check_backbone, fingerprint, load
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+def check_task_name(name: Any) -> str:
+    """``name`` if it is a valid task name; a ServeError (400 over HTTP) otherwise.
+
+    ``fullmatch``, not ``match``: ``$`` also matches before a trailing newline, which let
+    ``"flowers\n"`` through as a name (names travel in URLs, JSON and log lines).
+    """
+    if isinstance(name, str) and any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in name):
+        raise ServeError(f"task name {name!r} contains a control character")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ServeError(f"task name {name!r} is invalid: use 1-64 letters, digits, '_', '-' or '.', "
+                         "starting with a letter or digit")
+    return name
+
+
 def _bias_axes() -> tuple[tuple[type, ...], tuple[type, ...]]:
     """Module types whose output is ``f(x) + bias`` (eval mode), bias on the last axis / on axis 1.
 
@@ -405,9 +419,7 @@ class MultiTaskModel:
 
     def add_task(self, name: str, source: str | os.PathLike) -> Task:
         """Load a tuned file or a dense run folder as task ``name``; the backbone is not reloaded."""
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise ServeError(f"task name {name!r} is invalid: use 1-64 letters, digits, '_', '-' or '.', "
-                             "starting with a letter or digit")
+        check_task_name(name)
         with self.lock:
             if name in self._tasks:
                 raise DuplicateTaskError(f"task {name!r} is already loaded (remove it first)")

@@ -22,6 +22,10 @@ from vistune.serve.multitask import MultiTaskModel, ServeError, Task, UnknownTas
 
 #: Decoded images larger than this are refused (PIL's own bomb limit is ~179 Mpx).
 MAX_PIXELS = 40_000_000
+#: ... and so are images whose decode would hold more than this many bytes at full size (the
+#: decoded pixels plus the conversions preprocessing makes; see ``decode_bytes``). Memory grows
+#: with bytes, not pixels: a 6,300 x 6,300 16-bit PNG of 92 KB passes the pixel limit.
+MAX_DECODE_BYTES = 128 * 2**20
 
 
 class BadImageError(ServeError):
@@ -29,7 +33,7 @@ class BadImageError(ServeError):
 
 
 class ImageTooLargeError(ServeError):
-    """The upload decodes to more pixels than the service accepts."""
+    """The upload decodes to more pixels or bytes than the service accepts."""
 
 
 @dataclass
@@ -42,6 +46,7 @@ class Sample:
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """The image with its header read (size and mode known), nothing decoded yet."""
     if not data:
         raise BadImageError("the upload is empty")
     try:
@@ -57,9 +62,22 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     return im
 
 
-def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """The full-resolution image (checked: decodes completely, not too many pixels)."""
+def _check_bytes(im: Image.Image, max_bytes: int | None, rgb: bool) -> None:
+    """Refuse, before ``load()``, an image whose decode would hold more than ``max_bytes``."""
+    from vistune.data.transforms import decode_bytes
+
+    need = decode_bytes(im.mode, im.width, im.height, rgb=rgb)
+    if max_bytes is not None and need > max_bytes:
+        raise ImageTooLargeError(
+            f"the image ({im.width}x{im.height}, mode {im.mode}) needs {need / 2**20:,.0f} MB to decode, "
+            f"more than the {max_bytes / 2**20:,.0f} MB this service allows per image")
+
+
+def decode(data: bytes, max_pixels: int = MAX_PIXELS, max_bytes: int | None = MAX_DECODE_BYTES) -> Image.Image:
+    """The full-resolution image (checked: decodes completely, not too many pixels, and its
+    conversion to RGB fits ``max_bytes``)."""
     im = _open(data, max_pixels)
+    _check_bytes(im, max_bytes, rgb=True)
     try:
         im.load()
     except (OSError, ValueError, SyntaxError) as err:
@@ -67,7 +85,8 @@ def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     return im
 
 
-def classify_input(data: bytes, size: int, mean, std, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+def classify_input(data: bytes, size: int, mean, std, max_pixels: int = MAX_PIXELS,
+                   max_bytes: int | None = MAX_DECODE_BYTES) -> torch.Tensor:
     """``(3, S, S)``: exactly what the data loaders give the model for this file at eval time."""
     from vistune.data.transforms import Normalize, pil_to_chw
 
@@ -75,6 +94,10 @@ def classify_input(data: bytes, size: int, mean, std, max_pixels: int = MAX_PIXE
     try:
         if im.format == "JPEG":
             im.draft(None, (size, size))  # what load_image_file does for data-set JPEGs
+    except (OSError, ValueError, SyntaxError) as err:
+        raise BadImageError(f"the image cannot be decoded ({err})") from None
+    _check_bytes(im, max_bytes, rgb=False)  # after the draft: what will really be decoded
+    try:
         im.load()
         arr = pil_to_chw(im, size)
     except (OSError, ValueError, SyntaxError) as err:
@@ -88,7 +111,7 @@ def dense_input(image: Image.Image, size: int, mean, std) -> tuple[torch.Tensor,
     """``(3, S, S)`` letterboxed as ``vistune predict`` does, and the letterbox geometry."""
     from vistune.dense.datasets import letterbox_geometry, letterbox_image
 
-    rgb = image.convert("RGB")
+    rgb = image if image.mode == "RGB" else image.convert("RGB")  # convert copies even RGB -> RGB
     lb = letterbox_geometry(rgb.width, rgb.height, size)
     x = torch.from_numpy(letterbox_image(rgb, lb)).float().div(255)
     x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
@@ -96,8 +119,13 @@ def dense_input(image: Image.Image, size: int, mean, std) -> tuple[torch.Tensor,
 
 
 def prepare(model: MultiTaskModel, data: bytes, tasks: list[str] | None = None,
-            max_pixels: int = MAX_PIXELS) -> list[Sample]:
-    """One image for ``tasks`` (default: every loaded task) -> one :class:`Sample` per task."""
+            max_pixels: int = MAX_PIXELS, max_bytes: int | None = MAX_DECODE_BYTES) -> list[Sample]:
+    """One image for ``tasks`` (default: every loaded task) -> one :class:`Sample` per task.
+
+    The image is decoded at most twice (once the classification way, once the dense way), one
+    after the other: at most one full-size decode is alive at a time, so a call's peak is
+    ``decode_bytes`` of the upload (bounded by ``max_bytes``).
+    """
     loaded = model.tasks
     names = list(loaded) if tasks is None else list(dict.fromkeys(tasks))
     if not names:
@@ -107,20 +135,12 @@ def prepare(model: MultiTaskModel, data: bytes, tasks: list[str] | None = None,
             raise UnknownTaskError(f"no task {t!r} is loaded (loaded: {', '.join(loaded) or 'none'})")
     info = model.info
     size, mean, std = int(info.img_size), tuple(info.mean), tuple(info.std)
-    samples: list[Sample] = []
-    classify_x = None
-    image = None
-    for t in names:
-        if loaded[t].kind == "classify":
-            if classify_x is None:
-                classify_x = classify_input(data, size, mean, std, max_pixels)
-            samples.append(Sample(t, classify_x))
-        else:
-            if image is None:
-                image = decode(data, max_pixels)
-            x, lb = dense_input(image, size, mean, std)
-            samples.append(Sample(t, x, lb))
-    return samples
+    kinds = {loaded[t].kind for t in names}
+    classify_x = classify_input(data, size, mean, std, max_pixels, max_bytes) if "classify" in kinds else None
+    dense_x = lb = None
+    if kinds - {"classify"}:
+        dense_x, lb = dense_input(decode(data, max_pixels, max_bytes), size, mean, std)
+    return [Sample(t, classify_x) if loaded[t].kind == "classify" else Sample(t, dense_x, lb) for t in names]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -202,7 +222,9 @@ def finish(model: MultiTaskModel, sample: Sample, output: Any, *, top: int = 5,
 
 def predict(model: MultiTaskModel, data: bytes, tasks: list[str] | None = None, *, top: int = 5,
             score_threshold: float | None = None) -> dict[str, dict[str, Any]]:
-    """One image (file bytes) through ``tasks`` (default all) in one batch: ``{task: result}``."""
-    samples = prepare(model, data, tasks)
+    """One image (file bytes) through ``tasks`` (default all) in one batch: ``{task: result}``.
+
+    In-process use: no decode byte limit (the HTTP service sets one; the pixel limit stays)."""
+    samples = prepare(model, data, tasks, max_bytes=None)
     outputs = model.forward(torch.stack([s.x for s in samples]), [s.task for s in samples])
     return {s.task: finish(model, s, o, top=top, score_threshold=score_threshold) for s, o in zip(samples, outputs)}
