@@ -77,14 +77,16 @@ def make_tasks(out: Path, backbone: str, weights: str | None, img_size: int, n: 
 class NaiveModels:
     """The baseline behind the same service: one complete model (own backbone) per task."""
 
-    def __init__(self, files: dict[str, Path], bf16: bool) -> None:
+    def __init__(self, files: dict[str, Path], precision: str) -> None:
         import threading as _t
 
         from vistune.backbones import backbone_for_file, backbone_info
+        from vistune.precision import resolve_precision
         from vistune.tuning import load_tuned, read_tuned_file
 
         self.lock = _t.RLock()
-        self.bf16 = bf16
+        self.precision = resolve_precision(precision, "cpu")
+        self.bf16 = self.precision.name == "bf16"
         self.models = {}
         self._tasks = {}
         for name, f in files.items():
@@ -114,7 +116,7 @@ class NaiveModels:
         groups: dict[str, list[int]] = {}
         for i, t in enumerate(tasks):
             groups.setdefault(t, []).append(i)
-        with self.lock, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        with self.lock, torch.no_grad(), self.precision.autocast("cpu"):
             for t, idx in groups.items():
                 logits = self.models[t](images[idx]).float()
                 for j, i in enumerate(idx):
@@ -133,10 +135,10 @@ def run_server(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     files = json.loads(args.files)
     if args.mode == "naive":
-        model = NaiveModels({k: Path(v) for k, v in files.items()}, args.bf16)
+        model = NaiveModels({k: Path(v) for k, v in files.items()}, args.precision)
     else:
         first = next(iter(files.values()))
-        model = MultiTaskModel.for_file(first, bf16=args.bf16)
+        model = MultiTaskModel.for_file(first, precision=args.precision)
         for name, f in files.items():
             model.add_task(name, f)
     # every client admitted: the benchmark measures throughput, not the service's 503s when busy
@@ -184,7 +186,7 @@ def measure(mode: str, files: dict[str, Path], args: argparse.Namespace, image: 
     port = _free_port()
     cmd = [sys.executable, __file__, "--_server", "--mode", mode, "--port", str(port), "--threads", str(args.threads),
            "--files", json.dumps({k: str(v) for k, v in files.items()}), "--max-batch", str(args.max_batch),
-           "--window-ms", str(args.window_ms), "--concurrency", str(args.concurrency)] + (["--bf16"] if args.bf16 else [])
+           "--window-ms", str(args.window_ms), "--concurrency", str(args.concurrency), "--precision", args.precision]
     env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(cmd, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -312,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--window-ms", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=1, help="torch threads in the server")
-    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 only where this CPU runs it natively, else fp32")
+    p.add_argument("--bf16", action="store_true", help="same as --precision bf16")
     p.add_argument("--out", default="runs/bench-serve")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--memory-only", action="store_true", help="only the per-task memory table")
@@ -324,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--files", default="{}", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.bf16:
+        args.precision = "bf16"
     if args._server:
         run_server(args)
         return 0
@@ -349,10 +355,13 @@ def main(argv: list[str] | None = None) -> int:
     mem = [] if args.skip_memory else memory_per_task(args, out)
     (out / "serve.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
                                                 "throughput": results, "memory": mem}, indent=2))
+    from vistune.precision import machine_line, resolve_precision
+
+    print("\n" + machine_line(resolve_precision(args.precision, "cpu").name, threads=args.threads))
     if results:
-        print(f"\n{args.backbone} @{args.img_size}px, methods cycled {','.join(args.methods)}; "
+        print(f"{args.backbone} @{args.img_size}px, methods cycled {','.join(args.methods)}; "
               f"{args.requests} requests, {args.concurrency} clients, server: {args.threads} torch thread(s), "
-              f"max batch {args.max_batch}, window {args.window_ms} ms{', bf16' if args.bf16 else ''}\n")
+              f"max batch {args.max_batch}, window {args.window_ms} ms\n")
         print("| mode | tasks | req/s | p50 ms | p95 ms | mean batch | RSS loaded MB | RSS peak MB |")
         print("|---|---|---|---|---|---|---|---|")
     for r in results:

@@ -20,12 +20,11 @@ def _seed():
     yield
 
 
-@pytest.fixture(autouse=True)
-def _fp32_auto_precision(monkeypatch):
-    """``--precision auto`` means bf16 on a CPU with AVX512-BF16/AMX and fp32 elsewhere; the suite
-    runs the same numbers on both kinds of machine by treating every CPU as emulating bf16 (also in
-    the subprocesses it starts: the variable is inherited). Tests of ``auto`` itself override it."""
-    monkeypatch.setenv("VISTUNE_CPU_BF16", "0")
+# ``--precision auto`` means bf16 on a CPU with AVX512-BF16/AMX and fp32 elsewhere; the suite computes
+# the same numbers on both kinds of machine by treating every CPU as emulating bf16 — set before any
+# fixture (module-scoped ones build models too) and inherited by the subprocesses tests start. Tests
+# of ``auto`` itself override it with monkeypatch.
+os.environ["VISTUNE_CPU_BF16"] = "0"
 
 
 @pytest.fixture

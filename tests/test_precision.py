@@ -149,3 +149,20 @@ def test_report_heads_its_table_with_the_machine_and_precision(emulating_cpu, tm
     assert main(["report", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].endswith("precision fp32 (rows: lora)") and lines[1].endswith("precision bf16 (rows: lora)")
+
+
+def test_serve_precision_is_auto_and_the_old_bf16_switch_still_works(emulating_cpu):
+    import timm
+
+    from vistune.serve.config import ServeConfigError, make_config
+    from vistune.serve.multitask import MultiTaskModel
+
+    assert make_config({"tasks": {"a": "x"}}).precision == "auto"
+    assert MultiTaskModel(timm.create_model("test_vit", img_size=32)).precision.name == "fp32"
+    assert MultiTaskModel(timm.create_model("test_vit", img_size=32), bf16=True).bf16
+    cfg = make_config({"tasks": {"a": "x"}, "bf16": True})
+    assert cfg.bf16 is True and cfg.precision == "auto"  # build_model turns it into precision bf16
+    with pytest.raises(ServeConfigError, match="bf16: true contradicts precision: fp32"):
+        make_config({"tasks": {"a": "x"}, "bf16": True, "precision": "fp32"})
+    with pytest.raises(ServeConfigError, match="precision must be one of"):
+        make_config({"tasks": {"a": "x"}, "precision": "half"})

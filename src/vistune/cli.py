@@ -468,7 +468,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     file_values = load_config_file(args.config) if args.config else {}
     cfg = make_config(file_values, parse_task_args(args.task), backbone=args.backbone, weights=args.weights,
                       img_size=args.img_size, host=args.host, port=args.port, max_batch=args.max_batch,
-                      batch_window_ms=args.batch_window_ms, bf16=args.bf16, device=args.device,
+                      batch_window_ms=args.batch_window_ms, bf16=args.bf16, precision=args.precision, device=args.device,
                       max_upload_mb=args.max_upload_mb, read_only=args.read_only, threads=args.threads,
                       admin=args.admin, admin_token=args.admin_token, task_root=args.task_root,
                       max_inflight=args.max_inflight, max_decodes=args.max_decodes, max_image_mb=args.max_image_mb)
@@ -488,7 +488,9 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--max-batch", type=int, default=None, help="most samples per forward (default 16)")
     p.add_argument("--batch-window-ms", type=float, default=None,
                    help="how long the first request of a batch waits for others (default 5)")
-    p.add_argument("--bf16", action="store_const", const=True, default=None, help="bf16 autocast (CPU too)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
+                   help="auto (default): bf16 autocast only where this machine runs it natively, else fp32")
+    p.add_argument("--bf16", action="store_const", const=True, default=None, help="same as --precision bf16")
     p.add_argument("--device", default=None, help="cpu (default), cuda, auto")
     p.add_argument("--max-upload-mb", type=float, default=None, help="largest request body (default 16)")
     p.add_argument("--read-only", action="store_const", const=True, default=None,

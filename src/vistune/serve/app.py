@@ -338,7 +338,8 @@ def create_app(model: MultiTaskModel, *, max_batch: int = 16, batch_window_ms: f
         if weights is not None and ("/" in str(weights) or os.sep in str(weights)):
             weights = Path(weights).name  # a local weights file: its name, not where it lives
         return {"name": info.name, "arch": info.arch, "img_size": info.img_size, "weights": weights,
-                "fingerprint": model.fingerprint[:16], "bf16": model.bf16}
+                "fingerprint": model.fingerprint[:16], "bf16": model.bf16,
+                "precision": model.precision.name, "precision_reason": model.precision.reason}
 
     def task_info(task: Any) -> dict[str, Any]:
         info = task.info()

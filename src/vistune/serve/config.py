@@ -9,7 +9,7 @@ Example ``tasks.yaml`` (relative task paths are relative to the YAML file's fold
       lora: runs/demo/lora
     max_batch: 16
     batch_window_ms: 5
-    bf16: false
+    precision: auto           # bf16 only where this machine runs it natively, else fp32
     admin: false              # true: POST/DELETE /tasks for files under task_root, with a bearer token
     task_root: runs           # (relative to this file's folder, like task paths)
     max_inflight: 16          # predictions admitted at once; more get 503 + Retry-After
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vistune.config import PRECISIONS
 from vistune.serve.admin import ADMIN_TOKEN_ENV, check_token, resolve_root
 from vistune.serve.multitask import ServeError
 
@@ -47,7 +48,8 @@ class ServeConfig:
     port: int = 8000
     max_batch: int = 16
     batch_window_ms: float = 5.0
-    bf16: bool = False
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (CUDA): vistune.precision
+    bf16: bool | None = None  # the older switch: true = precision bf16, false = fp32
     device: str = "cpu"
     max_upload_mb: float = 16.0
     read_only: bool = False  # the admin API stays off (the default); contradicts admin: true
@@ -70,6 +72,10 @@ class ServeConfig:
                   (self.max_inflight >= 1, f"max_inflight must be >= 1, got {self.max_inflight}"),
                   (self.max_decodes >= 1, f"max_decodes must be >= 1, got {self.max_decodes}"),
                   (self.max_image_mb > 0, f"max_image_mb must be > 0, got {self.max_image_mb}"),
+                  (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, "
+                                                 f"got {self.precision!r}"),
+                  (self.bf16 is None or self.precision in ("auto", "bf16" if self.bf16 else "fp32"),
+                   f"bf16: {str(self.bf16).lower()} contradicts precision: {self.precision}"),
                   (not (self.admin and self.read_only),
                    "--admin and --read-only contradict each other (read-only means the admin API stays off)"),
                   (self.admin or self.admin_token is None, "--admin-token is only used with --admin"),
@@ -192,12 +198,12 @@ def build_model(cfg: ServeConfig):
     first = next(iter(cfg.tasks.values()))
     device = resolve_device(cfg.device)
     if cfg.backbone:
-        model = MultiTaskModel.from_name(cfg.backbone, weights=cfg.weights, img_size=cfg.img_size, bf16=cfg.bf16,
-                                         device=device)
+        model = MultiTaskModel.from_name(cfg.backbone, weights=cfg.weights, img_size=cfg.img_size,
+                                         precision=cfg.precision, bf16=cfg.bf16, device=device)
     else:
         if cfg.weights or cfg.img_size:
             raise ServeConfigError("--weights/--img-size need --backbone (without it the first task's backbone is used)")
-        model = MultiTaskModel.for_file(first, bf16=cfg.bf16, device=device)
+        model = MultiTaskModel.for_file(first, precision=cfg.precision, bf16=cfg.bf16, device=device)
     for name, path in cfg.tasks.items():
         model.add_task(name, path)
     return model

@@ -63,6 +63,7 @@ from torch import nn
 
 from vistune.backbones import backbone_info, classifier
 from vistune.errors import MethodError, TunedFileError, VistuneError
+from vistune.precision import resolve_precision
 from vistune.tuning import MethodSpec, attach, check_backbone, fingerprint, load_tensors, read_tuned_file
 
 #: Task names travel in URLs and JSON: keep them to a safe alphabet.
@@ -358,7 +359,8 @@ class MultiTaskModel:
     backbone weights is refused by the same fingerprint check ``load_tuned`` does.
     """
 
-    def __init__(self, backbone: nn.Module, *, bf16: bool = False, device: str | torch.device | None = None) -> None:
+    def __init__(self, backbone: nn.Module, *, precision: str = "auto", bf16: bool | None = None,
+                 device: str | torch.device | None = None) -> None:
         for name, m in backbone.named_modules():
             if _has_hooks(m):
                 raise ServeError(
@@ -373,7 +375,10 @@ class MultiTaskModel:
         for p in backbone.parameters():
             p.requires_grad_(False)
         self.backbone = backbone
-        self.bf16 = bool(bf16)
+        if bf16 is not None:  # the older switch: bf16=True/False is precision bf16/fp32
+            precision = "bf16" if bf16 else "fp32"
+        #: ``auto``: bf16 autocast only where this device runs it natively (vistune.precision)
+        self.precision = resolve_precision(precision, next(backbone.parameters()).device)
         self.fingerprint = fingerprint(backbone)
         self.info = backbone_info(backbone)
         self._numel = sum(p.numel() for p in backbone.parameters())
@@ -386,25 +391,31 @@ class MultiTaskModel:
         self._rows: dict[str, torch.Tensor] | None = None
         self._batch_size = 0
 
+    @property
+    def bf16(self) -> bool:
+        return self.precision.name == "bf16"
+
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def from_name(cls, name: str, *, weights: str | None = None, img_size: int | None = None,
-                  bf16: bool = False, device: str | torch.device | None = None) -> MultiTaskModel:
+                  precision: str = "auto", bf16: bool | None = None,
+                  device: str | torch.device | None = None) -> MultiTaskModel:
         """Build the backbone the way training did (``vistune train --backbone NAME ...``)."""
         from vistune.backbones import seeded_backbone
 
-        return cls(seeded_backbone(name, weights, img_size), bf16=bf16, device=device)
+        return cls(seeded_backbone(name, weights, img_size), precision=precision, bf16=bf16, device=device)
 
     @classmethod
-    def for_file(cls, path: str | os.PathLike, *, weights: str | None = None, bf16: bool = False,
-                 device: str | torch.device | None = None) -> MultiTaskModel:
+    def for_file(cls, path: str | os.PathLike, *, weights: str | None = None, precision: str = "auto",
+                 bf16: bool | None = None, device: str | torch.device | None = None) -> MultiTaskModel:
         """The backbone a tuned file (or dense run) names in its metadata (its weights are a
         label: a run trained on a local weights file needs ``weights`` passed again)."""
         from vistune.backbones import backbone_for_file
 
         tuned = _tuned_path(path)
         meta, _ = read_tuned_file(tuned)
-        return cls(backbone_for_file(meta.get("backbone"), tuned, weights), bf16=bf16, device=device)
+        return cls(backbone_for_file(meta.get("backbone"), tuned, weights), precision=precision, bf16=bf16,
+                   device=device)
 
     # -- tasks ----------------------------------------------------------------------------------
     @property
@@ -654,7 +665,7 @@ class MultiTaskModel:
         if routed:
             self._rows, self._batch_size = rows, x.shape[0]
         try:
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            with self.precision.autocast(x.device.type):
                 if extractor is None:
                     pre = model.forward_head(model.forward_features(x), pre_logits=True)
                 else:
