@@ -200,3 +200,48 @@ def test_a_study_without_recorded_settings_is_checked_against_its_trials(folder,
     assert main(sweep_argv(folder, out, "--grid", "lr=0.01", *grid)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "searched other values (lr=0.05" in err[0], err
+
+
+@pytest.mark.parametrize("journal", ["deleted", "emptied"])
+def test_a_lost_journal_never_reuses_trials_trained_with_other_settings(folder, tmp_path, capsys, journal):
+    """Issue item 3: with OUT/study.journal gone, a rerun with --epochs 3 read the 2-epoch trial
+    folders back and reported them as 3-epoch results. Each folder's own config is compared now."""
+    out = tmp_path / "s"
+    grid = ["--grid", "lr=0.05", "--grid", "wd=0", "--seeds", "1"]
+    assert main(sweep_argv(folder, out, *grid)) == 0
+    trials = _trial_metrics(out)
+    final = (out / "final" / "seed0" / "metrics.json").read_text()
+    if journal == "deleted":
+        (out / "study.journal").unlink()
+    else:
+        (out / "study.journal").write_text("")
+    argv = sweep_argv(folder, out, *grid)
+    argv[argv.index("--epochs") + 1] = "3"
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trials/lr=0.05,wd=0" in err[0] and "epochs: 2 there, 3 now" in err[0], err
+    assert _trial_metrics(out) == trials
+    # the same settings as the folders were trained with are read back (nothing retrained)
+    stamp = (out / "trials" / "lr=0.05,wd=0" / "metrics.json").stat().st_mtime_ns
+    assert main(sweep_argv(folder, out, *grid)) == 0
+    assert (out / "trials" / "lr=0.05,wd=0" / "metrics.json").stat().st_mtime_ns == stamp
+    assert (out / "final" / "seed0" / "metrics.json").read_text() == final
+    assert json.loads((out / "sweep.json").read_text())["epochs"] == 2
+
+
+def test_a_final_run_trained_with_other_settings_is_not_read_back(folder, tmp_path, capsys):
+    """The retrain stage reads final/seed<S> back too: only when that run's config is the one asked."""
+    out = tmp_path / "s"
+    grid = ["--grid", "lr=0.05", "--grid", "wd=0", "--seeds", "1"]
+    assert main(sweep_argv(folder, out, *grid)) == 0
+    (out / "study.journal").unlink()
+    import shutil
+
+    shutil.rmtree(out / "trials")
+    argv = sweep_argv(folder, out, *grid)
+    argv[argv.index("--epochs") + 1] = "1"
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "final/seed0" in err[0] and "epochs: 2 there, 1 now" in err[0], err

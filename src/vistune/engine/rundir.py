@@ -144,3 +144,64 @@ class RunDir:
                 f"--out {self.path} holds an unfinished run (checkpoint.pt); continue it with --resume "
                 "or replace it with --overwrite"
             )
+
+
+def recorded_settings(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The settings the run in ``path`` was trained with, as :func:`settings_of` gives them.
+
+    Read from the finished run's ``tuned.safetensors`` metadata (its config), else from an
+    unfinished run's ``checkpoint.pt``; None when the folder holds neither. Why: a workflow that
+    reads a finished run back instead of retraining it (a sweep's trials) must know the run was
+    trained as it now asks — a study journal that is gone cannot vouch for that any more.
+    An unreadable file is a :class:`RunDirError` naming it.
+    """
+    folder = Path(path)
+    tuned, ckpt = folder / "tuned.safetensors", folder / "checkpoint.pt"
+    if tuned.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(tuned), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("vistune") or "{}")
+            config = (meta.get("extra") or {}).get("config")
+        except Exception as err:  # noqa: BLE001 - safetensors/JSON errors of a damaged file
+            raise RunDirError(f"{tuned} is corrupt or truncated ({err}); delete {folder} to retrain it") from None
+        return settings_of(config) if isinstance(config, dict) else {}
+    if ckpt.is_file():
+        import torch
+
+        from vistune.io import unreadable_reason
+
+        try:
+            saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - arbitrary bytes raise anything when unpickled
+            raise RunDirError(f"{ckpt} is not a readable checkpoint ({unreadable_reason(err)}); "
+                              f"delete {folder} to retrain it") from None
+        config = saved.get("config") if isinstance(saved, dict) else None
+        return _plain(config) if isinstance(config, dict) else {}
+    return None
+
+
+def settings_of(config: dict[str, Any]) -> dict[str, Any]:
+    """A run config reduced to what changes its result (the checkpoint's resume fingerprint)."""
+    from vistune.engine.checkpoint import config_fingerprint
+
+    return _plain(config_fingerprint(config))
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def settings_diff(recorded: dict[str, Any], wanted: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """``key: A there, B now`` for each setting that differs (options key by key);
+    ``ignore`` names settings (``lr``, ``options.rank``) that may differ."""
+    diffs = []
+    for key in sorted(set(recorded) | set(wanted)):
+        a, b = recorded.get(key), wanted.get(key)
+        if key == "options" and isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f"options.{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(set(a) | set(b))
+                      if a.get(k) != b.get(k) and f"options.{k}" not in ignore]
+        elif a != b and key not in ignore:
+            diffs.append(f"{key}: {a!r} there, {b!r} now")
+    return diffs

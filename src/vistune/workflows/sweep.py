@@ -44,7 +44,7 @@ from typing import Any
 from vistune.config import ConfigError, TrainConfig
 from vistune.engine.callbacks import Callback, FitState
 from vistune.engine.loop import DivergedError
-from vistune.engine.rundir import FolderLock, RunDirError
+from vistune.engine.rundir import FolderLock, RunDirError, recorded_settings, settings_diff, settings_of
 from vistune.io import save_figure_atomic, write_json_atomic, write_text_atomic
 
 #: VPT's grids (tune_vtab.py::get_lrwd_range): base learning rates for SGD, and weight decays.
@@ -290,6 +290,48 @@ def check_settings(study: Any, settings: dict[str, Any], out: Path) -> None:
                      "use another --out, or delete that folder to start over")
 
 
+def trial_config(base: TrainConfig, space: Space, params: dict[str, Any], run_dir: Path, progress: bool,
+                 pruning: bool) -> TrainConfig:
+    """The run config of the trial with ``params`` (one place, so the read-back check and the
+    training agree on it)."""
+    # the pruner needs every epoch's val number; without one, the run's own val_every stands
+    val_every = 1 if pruning else base.val_every
+    return apply_params(base, params, space.optimizer, trainval=False, out=str(run_dir), progress=progress,
+                        val_every=val_every, eval_test_every=0)
+
+
+def check_trial_folders(base: TrainConfig, space: Space, out: Path) -> None:
+    """Every trial folder already in ``OUT/trials`` must have been trained with this sweep's
+    settings (apart from the searched ones), or it would be read back as this sweep's result.
+
+    The study journal records the settings too, but the journal can be gone (deleted, emptied,
+    a new ``--storage``) while the folders stay: then only the runs' own configs can tell.
+    """
+    folder = out / "trials"
+    if not folder.is_dir():
+        return
+    wanted = settings_of(trial_config(base, space, {}, folder, False, True).to_dict())
+    searched = tuple(space.values)
+    for run_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        recorded = recorded_settings(run_dir)
+        if recorded is None:
+            continue
+        diffs = settings_diff(recorded, wanted, ignore=searched)
+        if diffs:
+            raise SweepError(f"trial folder {run_dir} was trained with other settings than this sweep asks "
+                             f"({'; '.join(diffs[:3])}), so its result cannot be reused; use another --out, or "
+                             "delete that folder to retrain it")
+
+
+def _check_read_back(run_dir: Path, cfg: TrainConfig) -> None:
+    """A finished run is read back only when its recorded settings equal ``cfg``'s."""
+    recorded = recorded_settings(run_dir)
+    diffs = settings_diff(recorded or {}, settings_of(cfg.to_dict())) if recorded is not None else []
+    if diffs:
+        raise SweepError(f"{run_dir} holds a run trained with other settings ({'; '.join(diffs[:3])}), so its "
+                         "result cannot be reused; use another --out, or delete that folder to retrain it")
+
+
 def retry_stale_trials(study: Any) -> int:
     """Trials left RUNNING by a dead worker (we hold the sweep's lock, so no local worker is alive):
     mark them failed and queue a retry of the same configuration, keeping its grid point (what
@@ -329,12 +371,10 @@ def search(base: TrainConfig, space: Space, out: Path, study: Any, sampler: str,
         run_dir = out / "trials" / trial_name(params)
         trial.set_user_attr("run_dir", str(run_dir.relative_to(out)))
         trial.set_user_attr("worker", f"{os.uname().nodename}:{os.getpid()}")
-        # the pruner needs every epoch's val number; without one, the run's own val_every stands
-        val_every = 1 if pruning else base.val_every
-        cfg = apply_params(base, params, space.optimizer, trainval=False, out=str(run_dir), progress=progress,
-                           val_every=val_every, eval_test_every=0)
+        cfg = trial_config(base, space, params, run_dir, progress, pruning)
         done = run_dir / "metrics.json"
         if done.is_file():  # finished before (a retried or duplicated configuration): read it back
+            _check_read_back(run_dir, cfg)
             metrics = json.loads(done.read_text())
         else:
             resume = (run_dir / "checkpoint.pt").is_file()
@@ -343,6 +383,7 @@ def search(base: TrainConfig, space: Space, out: Path, study: Any, sampler: str,
             except RunDirError:
                 if not done.is_file():  # another worker is running this configuration right now
                     raise
+                _check_read_back(run_dir, cfg)
                 metrics = json.loads(done.read_text())  # ... or just finished it: its number counts
             except DivergedError as err:  # a bad setting, not a broken sweep: the trial fails, the rest go on
                 trial.set_user_attr("error", str(err))
@@ -449,6 +490,8 @@ def run_sweep(
     if not worker:
         lock.acquire()
     try:
+        if not worker:  # before the study records this sweep's settings: a refusal changes nothing
+            check_trial_folders(base, space, out)
         study = open_study(out, storage, study_name, sampler, space, pruner, base.epochs, base.seed)
         check_settings(study, sweep_settings(base, space), out)
         if stage in ("all", "search"):
@@ -547,6 +590,7 @@ def final_stage(base: TrainConfig, space: Space, study: Any, out: Path, seeds: S
                            select="last")
         done = run_dir / "metrics.json"
         if done.is_file():
+            _check_read_back(run_dir, cfg)
             m = json.loads(done.read_text())
         else:
             m = train(cfg, resume=(run_dir / "checkpoint.pt").is_file())
