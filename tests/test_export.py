@@ -516,6 +516,66 @@ def test_output_folder_is_replaced_only_with_overwrite(runs, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp or backup folders left
 
 
+def test_overwrite_never_deletes_the_run_or_its_siblings(tmp_path, capsys):
+    """Issue item 4: ``--tuned runs/r1 --out runs --overwrite`` replaced the whole ``runs`` folder,
+    deleting r1 itself and every other run; an --out that is or contains the run is refused now."""
+    runs_dir = tmp_path / "runs"
+    r1 = make_run(runs_dir, "linear")
+    sibling = make_run(runs_dir, "bitfit")
+    before = {p: p.read_bytes() for p in runs_dir.rglob("*") if p.is_file()}
+    for out in (runs_dir, r1, tmp_path):
+        for tuned in (r1, r1 / "tuned.safetensors"):
+            with pytest.raises(ExportError, match="is or contains the run being exported"):
+                export(tuned, "timm", out, overwrite=True)
+            assert main(["export", "--tuned", str(tuned), "--format", "onnx", "--out", str(out), "--overwrite"]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and str(out) in err[0], err
+    assert {p: p.read_bytes() for p in runs_dir.rglob("*") if p.is_file()} == before
+    assert (sibling / "tuned.safetensors").is_file()
+    export(r1, "timm", r1 / "timm")  # a folder inside the run is fine
+    assert (r1 / "timm" / "model.safetensors").is_file() and (r1 / "tuned.safetensors").is_file()
+
+
+def test_overwrite_replaces_only_an_earlier_exports_files(runs, tmp_path):
+    """Other files in --out stay; the old export's files go only once the new set is complete."""
+    out = tmp_path / "out"
+    export(runs("linear"), "onnx", out)
+    (out / "notes.txt").write_text("mine")
+    (out / "sub").mkdir()
+    export(runs("bitfit"), "timm", out, overwrite=True)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["config.json", "model.safetensors", "notes.txt", "sub", "vistune_export.json"], names
+    assert (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "vistune_export.json").read_text())["artefact"] == "timm"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp or backup folders left
+    # a new file whose name a foreign file holds is refused, and nothing changes
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model.onnx").write_text("not mine to delete")
+    with pytest.raises(ExportError, match="holds 'model.onnx', which no vistune export wrote"):
+        export(runs("linear"), "onnx", other, overwrite=True)
+    assert [p.name for p in other.iterdir()] == ["model.onnx"]
+    assert (other / "model.onnx").read_text() == "not mine to delete"
+
+
+def test_a_failed_overwrite_keeps_the_old_export(runs, tmp_path, monkeypatch):
+    """A failure while building the new set (disk full, a failed check) leaves the old export whole."""
+    from vistune.export import onnx_format
+
+    out = tmp_path / "out"
+    export(runs("linear"), "onnx", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(out / "model.onnx"))
+
+    monkeypatch.setattr(onnx_format, "check_graph", full_disk)
+    with pytest.raises(OSError):
+        export(runs("bitfit"), "onnx", out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_cli_export_and_import(runs, tmp_path, capsys):
     pytest.importorskip("peft")
     assert main(["export", "--tuned", str(runs("lora")), "--format", "peft", "--out", str(tmp_path / "p")]) == 0

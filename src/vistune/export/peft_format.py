@@ -162,7 +162,7 @@ def export_peft(run_path: str | os.PathLike, out: str | os.PathLike, *, include_
     config = peft_config(run, ranks, scale)
     out = Path(out)
     model = run.tuned.model
-    with staged_dir(out, overwrite) as tmp:
+    with staged_dir(out, overwrite, source=run.path) as tmp:
         save_file(state_for_file(tensors), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         write_json(tmp / CONFIG_FILE, config)
         files = [CONFIG_FILE, WEIGHTS_FILE]
