@@ -602,6 +602,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: What to do after an interruption, per command (Ctrl-C prints this instead of a traceback).
+_RESUME = {
+    "train": "; resume with --resume",
+    "pretrain": "; resume with --resume",
+    "sweep": "; resume by running the same command again (finished trials are kept)",
+    "fewshot": "; run the same command again to continue (finished runs are kept)",
+}
+
+
+def _lost_peer(err: BaseException, text: str) -> bool:
+    """A collective failed because another rank is gone (gloo/NCCL say so in their own words)."""
+    names = {type(e).__name__ for e in (err, err.__cause__, err.__context__) if e is not None}
+    markers = ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL", "ProcessGroup",
+               "Broken pipe", "Socket Timeout", "connection closed")
+    return bool(names & {"DistBackendError", "DistNetworkError", "DistError"}) or any(m in text for m in markers)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import os
 
@@ -622,8 +639,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             err = f"{err.strerror}: {err.filename}"
         print(f"vistune {args.command}: error{where}: {_one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"vistune {args.command}: interrupted{where}{_RESUME.get(args.command, '')}", file=sys.stderr)
+        return 130
     except (MemoryError, RuntimeError) as err:
         text = _one_line(err)
+        if world > 1 and _lost_peer(err, text):
+            print(f"vistune {args.command}: error{where}: lost contact with another process of the job (a rank "
+                  f"died or was killed: {text[:160]}); the job stops{_RESUME.get(args.command, '')}", file=sys.stderr)
+            return 2
         if not isinstance(err, MemoryError) and "out of memory" not in text and "can't allocate memory" not in text:
             raise  # a bug: keep its traceback
         print(f"vistune {args.command}: error{where}: out of memory ({text[:200]}); lower --batch-size, "

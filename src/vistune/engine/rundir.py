@@ -9,8 +9,13 @@ model beside the old metrics; a killed writer leaves ``*.tmp`` orphans. So:
   is refused with one line naming the holder's pid, host and start time.
 * **Completion marker.** ``metrics.json`` is written last, as part of one set with the model
   files (:func:`vistune.io.write_set_atomic`); its presence means the run is complete. A
-  finished folder is not overwritten unless ``--overwrite``, and then the marker is deleted
-  *first*, so an interrupted re-run is visibly incomplete.
+  finished folder is not overwritten unless ``--overwrite``.
+* **Overwrite keeps the old run until the new one is complete.** ``--overwrite`` moves the old
+  run's files into ``OUT/.previous/`` (a rename: nothing is copied or deleted), so the folder is
+  visibly incomplete while the new run trains. When the new run completes, ``.previous`` is
+  deleted; when it fails (a full disk, a bad setting), the partial new files are removed and the
+  old run is moved back. An interrupted (Ctrl-C) or killed re-run keeps ``.previous`` beside its
+  checkpoint: ``--resume`` finishes the new run, another ``--overwrite`` starts it again.
 * **Orphans.** Temp files left by a killed writer are removed when the next run takes the lock.
 
 Only rank 0 of a distributed job touches the folder.
@@ -30,6 +35,8 @@ from vistune.io import remove_orphan_temps
 
 LOCK_NAME = ".vistune.lock"
 MARKER = "metrics.json"
+#: Where ``--overwrite`` keeps the old run's files until the new run is complete.
+PREVIOUS = ".previous"
 #: Files a run may leave in its folder; ``--overwrite`` deletes exactly these (never other files).
 RUN_FILES = ("metrics.json", "tuned.safetensors", "dense_head.safetensors", "splits.json", "log.jsonl",
              "checkpoint.pt", "sensitivity.safetensors", "modules.safetensors", "heads.safetensors")
@@ -121,8 +128,36 @@ class RunDir:
             raise
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self._lock.release()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        try:
+            if self.is_main:
+                self._settle_previous(exc_type)
+        finally:
+            self._lock.release()
+
+    def _settle_previous(self, exc_type: Any) -> None:
+        """The old run kept by ``--overwrite``: dropped once the new run is complete, moved back
+        when the new run failed (not when it was interrupted or stopped: it can be resumed)."""
+        import shutil
+
+        previous = self.path / PREVIOUS
+        if not previous.is_dir():
+            return
+        if exc_type is None:
+            if (self.path / MARKER).is_file():
+                shutil.rmtree(previous, ignore_errors=True)
+            return
+        if issubclass(exc_type, KeyboardInterrupt) or (self.path / MARKER).is_file():
+            return
+        self._remove_run_files()
+        for item in previous.iterdir():
+            os.replace(item, self.path / item.name)
+        previous.rmdir()
+
+    def _remove_run_files(self) -> None:
+        # the completion marker goes first: from here on the folder is visibly incomplete
+        for name in (MARKER, *self.run_files):
+            (self.path / name).unlink(missing_ok=True)
 
     def _check_contents(self) -> None:
         finished = (self.path / MARKER).is_file()
@@ -136,14 +171,30 @@ class RunDir:
                 "or choose another --out"
             )
         if self.overwrite:
-            # the completion marker goes first: from here on the folder is visibly incomplete
-            for name in (MARKER, *self.run_files):
-                (self.path / name).unlink(missing_ok=True)
+            self._set_aside()
         elif (self.path / "checkpoint.pt").is_file():
             raise RunDirError(
                 f"--out {self.path} holds an unfinished run (checkpoint.pt); continue it with --resume "
                 "or replace it with --overwrite"
             )
+
+    def _set_aside(self) -> None:
+        """``--overwrite``: move the old run's files into ``.previous`` (see the module docstring)."""
+        import shutil
+
+        previous = self.path / PREVIOUS
+        present = [n for n in dict.fromkeys((MARKER, *self.run_files)) if (self.path / n).is_file()]
+        if previous.is_dir():
+            if not (self.path / MARKER).is_file():
+                # .previous holds the last complete run; what is here is a partial re-run
+                self._remove_run_files()
+                return
+            shutil.rmtree(previous)  # the folder holds a newer complete run than .previous
+        if not present:
+            return
+        previous.mkdir()
+        for name in present:  # the marker first: from here on the folder is visibly incomplete
+            os.replace(self.path / name, previous / name)
 
 
 def recorded_settings(path: str | os.PathLike) -> dict[str, Any] | None:

@@ -280,7 +280,15 @@ def staged_dir(out: str | os.PathLike, overwrite: bool = False,
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        yield tmp
+        try:
+            yield tmp
+        except Exception as err:  # a full disk, in the words of torch/safetensors/onnx: one line naming --out
+            from vistune.io import write_error
+
+            translated = write_error(err, out)
+            if translated is None:
+                raise
+            raise translated from None
         if not out.exists():
             os.replace(tmp, out)
             return
