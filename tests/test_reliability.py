@@ -553,3 +553,28 @@ def test_a_full_disk_is_one_line_and_keeps_the_old_run(tiny_data, small_tmpfs, c
     assert main(["export", "--tuned", str(out), "--format", "timm", "--out", str(small_tmpfs / "x")]) == 2
     assert "No space left on device" in one_error_line(capsys, "export")
     assert not list(small_tmpfs.glob(".x.*"))
+
+
+def test_report_lists_what_it_skipped_and_keeps_the_good_rows(runs, tmp_path, capsys):
+    """Issue item 9: an absent path, an empty folder or an unfinished run vanished silently (exit 0:
+    a typo went unnoticed), and one broken file aborted the whole table."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "metrics.json").write_text('{"method": ')
+    paths = {"absent": tmp_path / "absnet", "empty": tmp_path / "empty", "unfinished": runs / "stopped",
+             "broken": tmp_path / "broken"}
+    capsys.readouterr()
+    assert main(["report", str(runs / "done"), *map(str, paths.values())]) == 0
+    out, err = capsys.readouterr()
+    table = [line for line in out.splitlines() if line.startswith("| linear")]
+    assert len(table) == 1, out
+    lines = err.strip().splitlines()
+    assert len(lines) == 4 and "Traceback" not in err, err
+    reasons = {"absent": "no such file or folder", "empty": "empty folder", "unfinished": "unfinished run",
+               "broken": "is not JSON"}
+    for (name, path), line in zip(paths.items(), lines):
+        assert line.startswith(f"vistune report: skipped {path}: ") and reasons[name] in line, (name, line)
+    # nothing readable: exit 2, one line naming every path and why
+    assert main(["report", *map(str, paths.values())]) == 2
+    line = one_error_line(capsys, "report")
+    assert all(str(p) in line for p in paths.values()) and "empty folder" in line, line

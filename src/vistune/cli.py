@@ -392,13 +392,16 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from vistune.report import load_metrics, markdown_table
+    from vistune.report import collect_rows, markdown_table
 
-    rows = load_metrics(args.runs)
+    rows, skipped = collect_rows(args.runs)
     if not rows:
-        print("vistune report: error: no metrics.json under " + ", ".join(args.runs), file=sys.stderr)
+        reasons = "; ".join(f"{path}: {why}" for path, why in skipped)
+        print(f"vistune report: error: nothing readable ({_one_line(reasons)})", file=sys.stderr)
         return 2
     print(markdown_table(rows))
+    for path, why in skipped:  # after the table, on stderr: the good rows stay usable
+        print(f"vistune report: skipped {path}: {_one_line(why)}", file=sys.stderr)
     return 0
 
 
