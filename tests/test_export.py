@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -473,6 +474,56 @@ def test_import_refuses_an_adapter_for_another_architecture(peft, tmp_path):
     with pytest.raises(ExportError, match="made for 'timm/vit_small_patch16_224.augreg_in21k', not for .*'test_vit'"):
         import_peft(tmp_path / "adapter", tmp_path / "a.safetensors", backbone="test_vit", img_size=SIZE)
     assert not (tmp_path / "a.safetensors").exists()
+
+
+def lora_adapter(root: Path, rank: int = 16) -> Path:
+    """A vistune-exported PEFT adapter of a rank-``rank`` LoRA on q,k,v (PEFT sees qkv at 3 x rank)."""
+    tuned = attach(seeded_backbone("test_vit", None, SIZE), "lora", num_classes=len(CLASSES), rank=rank,
+                   targets="q,k,v")
+    perturb(tuned)
+    tuned.save_tuned(root / "run" / "tuned.safetensors", extra={"class_names": CLASSES})
+    export(root / "run", "peft", root / "adapter", include_base=False)
+    return root / "adapter"
+
+
+@pytest.mark.parametrize("edit,words", [
+    ([], "adapter_config.json: expected a JSON object"),
+    ("r=64", "adapter_config.json: says rank 64 for blocks.0.attn.qkv, but"),
+    ("r=x", "adapter_config.json: r='x' is not a positive integer rank"),
+    ("r=0", "adapter_config.json: r=0 is not a positive integer rank"),
+    ("r=true", "adapter_config.json: r=True is not a positive integer rank"),
+    ("lora_alpha=a", "adapter_config.json: lora_alpha='a' is not a finite number"),
+    ("rank_pattern=[]", "adapter_config.json: rank_pattern must be an object"),
+])
+def test_import_refuses_a_config_that_disagrees_with_its_tensors(tmp_path, capsys, edit, words):
+    """Issue item 8: ``[]`` was an AttributeError traceback; ``r`` 64, "x" or 0 beside rank-16
+    tensors was imported silently (as the rank of B's non-zero columns). Every message names the file."""
+    adapter = lora_adapter(tmp_path)
+    cfg_path = adapter / "adapter_config.json"
+    if isinstance(edit, list):
+        cfg_path.write_text(json.dumps(edit))
+    else:
+        key, _, value = edit.partition("=")
+        parsed = {"x": "x", "a": "a", "true": True, "[]": []}.get(value, value)
+        cfg = json.loads(cfg_path.read_text())
+        cfg[key] = int(parsed) if isinstance(parsed, str) and parsed.isdigit() else parsed
+        cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ExportError, match=re.escape(words)) as info:
+        import_peft(adapter, tmp_path / "t.safetensors", backbone="test_vit", img_size=SIZE)
+    assert str(cfg_path) in str(info.value)
+    assert main(["import-peft", str(adapter), "--backbone", "test_vit", "--img-size", str(SIZE),
+                 "--out", str(tmp_path / "t.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(cfg_path) in err[0] and "Traceback" not in err[0], err
+    assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_a_consistent_rank_16_adapter_still_imports(tmp_path):
+    adapter = lora_adapter(tmp_path)
+    summary = import_peft(adapter, tmp_path / "t.safetensors", backbone="test_vit", img_size=SIZE)
+    assert summary["method"]["options"]["rank"] == 16
+    x = generated_images(2)
+    assert max_diff(vistune_outputs(tmp_path / "t.safetensors", x), vistune_outputs(tmp_path / "run", x)) <= 1e-5
 
 
 # ------------------------------------------------------------------------------- bad input, CLI
