@@ -245,3 +245,44 @@ def test_a_final_run_trained_with_other_settings_is_not_read_back(folder, tmp_pa
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "final/seed0" in err[0] and "epochs: 2 there, 1 now" in err[0], err
+
+
+def test_a_truncated_journal_record_is_dropped_and_the_sweep_resumes(folder, tmp_path, capsys):
+    """Issue item 6: a kill or a full disk mid-append leaves a partial last line; Optuna appended
+    the next record onto it and every later resume died with a bare JSON error naming no file."""
+    out = tmp_path / "s"
+    argv = sweep_argv(folder, out, "--grid", "lr=0.05,0.01", "--grid", "wd=0", "--stage", "search")
+    assert main([*argv, "--max-trials", "1"]) == 0
+    journal = out / "study.journal"
+    data = journal.read_bytes()
+    journal.write_bytes(data[:-25])  # the last record (the trial's COMPLETE state) cut short
+    capsys.readouterr()
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "study.journal: dropped a partial last record (" in err and "Traceback" not in err, err
+    assert (out / "study.journal.partial").read_bytes() == data[-len(data.split(b"\n")[-2]) - 1:-25] + b"\n"
+    assert main(argv) == 0  # and again: the journal is sound now
+    result = json.loads((out / "sweep.json").read_text())
+    complete = sorted(t["params"]["lr"] for t in result["trials"] if t["state"] == "COMPLETE")
+    assert complete == [0.01, 0.05], result["trials"]
+
+
+@pytest.mark.parametrize("damage", ["middle", "end"])
+def test_a_garbage_journal_is_refused_naming_the_file(folder, tmp_path, capsys, damage):
+    out = tmp_path / "s"
+    argv = sweep_argv(folder, out, "--grid", "lr=0.05", "--grid", "wd=0", "--stage", "search")
+    assert main(argv) == 0
+    journal = out / "study.journal"
+    lines = journal.read_bytes().split(b"\n")
+    if damage == "middle":
+        lines.insert(1, b"\xff\xfe\x00garbage")
+        journal.write_bytes(b"\n".join(lines))
+    else:
+        journal.write_bytes(b"\n".join(lines) + bytes(range(11, 256)))  # no newline in it
+    before = journal.read_bytes()
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(journal) in err[0] and "move it away" in err[0], err
+    assert ("line 2" in err[0]) if damage == "middle" else ("ends in bytes" in err[0])
+    assert journal.read_bytes() == before  # nothing repaired that cannot be

@@ -211,6 +211,57 @@ class OptunaPruning(Callback):
 # The study
 
 
+def repair_journal(path: Path) -> str | None:
+    """Check ``OUT/study.journal`` before Optuna reads it; drop a partial last record.
+
+    A kill or a full disk in the middle of Optuna's append leaves a last line without its end.
+    Optuna skips such a line when reading, but appends the next record right after it, which
+    fuses both into one undecodable line and stops every later resume with a bare JSON error. So
+    the partial record is cut off here (its bytes kept in ``study.journal.partial``) and the
+    caller says so; the trial it belonged to is retried like any trial a killed worker left.
+    Anything else that is no journal record (garbage bytes, a damaged line in the middle) is
+    refused naming the file and line: vistune cannot tell what was lost there.
+
+    Call only while holding the sweep folder's lock (no other writer). Returns what was repaired.
+    """
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline
+    good = 0
+    for number, line in enumerate(lines, 1):
+        if not _journal_record(line):
+            if number == len(lines) and not tail and line.lstrip().startswith(b"{"):
+                tail = line + b"\n"  # a cut record that happens to end in a newline: also partial
+                break
+            raise SweepError(
+                f"{path} is damaged at line {number} (not an Optuna journal record: {line[:40]!r}); restore it "
+                "from a backup, or move it away to rebuild the study (finished trial folders are then read back "
+                "when their settings match)")
+        good += len(line) + 1
+    if not tail:
+        return None
+    if not tail.lstrip().startswith(b"{"):
+        raise SweepError(
+            f"{path} ends in bytes that are no journal record (line {len(lines) + 1}: {tail[:40]!r}); restore it "
+            "from a backup, or move it away to rebuild the study (finished trial folders are then read back when "
+            "their settings match)")
+    with open(path.with_name(path.name + ".partial"), "ab") as f:
+        f.write(tail if tail.endswith(b"\n") else tail + b"\n")
+    os.truncate(path, good)
+    return (f"{path}: dropped a partial last record ({len(tail)} bytes, left by an interrupted write; kept in "
+            f"{path.name}.partial); its trial is retried")
+
+
+def _journal_record(line: bytes) -> bool:
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(record, dict) and "op_code" in record
+
+
 def open_study(out: Path, storage_url: str | None, name: str, sampler: str, space: Space, pruner: str,
                epochs: int, seed: int, create: bool = True) -> Any:
     import optuna
@@ -492,6 +543,10 @@ def run_sweep(
     try:
         if not worker:  # before the study records this sweep's settings: a refusal changes nothing
             check_trial_folders(base, space, out)
+        if not worker and storage is None:
+            repaired = repair_journal(out / "study.journal")
+            if repaired:
+                print(f"vistune sweep: {repaired}", file=sys.stderr)
         study = open_study(out, storage, study_name, sampler, space, pruner, base.epochs, base.seed)
         check_settings(study, sweep_settings(base, space), out)
         if stage in ("all", "search"):
