@@ -111,6 +111,8 @@ def test_second_worker_joins_the_same_study(folder, tmp_path):
     assert sorted({t["params"]["lr"] for t in complete}) == [0.005, 0.02, 0.05, 0.2]
     workers = {t["worker"] for t in complete}
     assert len(workers) == 2, (workers, (out / "workers.log").read_text()[-2000:])
+    # issue item 5: two workers once trained the last point twice (7 trials for a 6-point grid)
+    assert len(result["trials"]) == 4, result["trials"]
 
 
 def test_method_options_are_searched_and_pruner_reports_each_epoch(folder, tmp_path):
@@ -286,3 +288,93 @@ def test_a_garbage_journal_is_refused_naming_the_file(folder, tmp_path, capsys, 
     assert len(err) == 1 and str(journal) in err[0] and "move it away" in err[0], err
     assert ("line 2" in err[0]) if damage == "middle" else ("ends in bytes" in err[0])
     assert journal.read_bytes() == before  # nothing repaired that cannot be
+
+
+def test_a_trial_whose_worker_is_alive_is_not_retried(folder, tmp_path, capsys):
+    """Issue item 5: the rerun after a kill marked a trial FAIL and retried it although its worker
+    (an orphan) was still training it. A worker holds a liveness lock; a held lock means alive."""
+    import fcntl
+    import os
+
+    from vistune.workflows.sweep import Space, open_study, retry_stale_trials
+
+    out = tmp_path / "s"
+    out.mkdir()
+    space = Space({"lr": [0.1, 0.01], "wd": [0.0]}, "adamw")
+    study = open_study(out, None, "vistune-sweep", "grid", space, "none", 2, 0)
+    trial = study.ask()
+    trial.set_user_attr("alive", ".alive-elsewhere-1")
+    trial.set_user_attr("worker", "elsewhere:1")
+    fd = os.open(out / ".alive-elsewhere-1", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # the live worker's lock
+    try:
+        assert retry_stale_trials(study, out, wait=0) == 0
+        assert "still running in elsewhere:1; not retried" in capsys.readouterr().err
+        assert [t.state.name for t in study.get_trials()] == ["RUNNING"]
+    finally:
+        os.close(fd)  # the worker dies
+    assert retry_stale_trials(study, out, wait=0) == 1
+    assert [t.state.name for t in study.get_trials()] == ["FAIL", "WAITING"]
+    assert not (out / ".alive-elsewhere-1").exists()
+
+
+def test_killing_the_sweep_kills_its_workers(folder, tmp_path, capsys):
+    """Issue item 5 with real processes: ``kill -9`` of ``sweep --jobs 2`` left the worker training
+    on as an orphan (re-parented to PID 1). Workers die with their parent now, and the rerun
+    then retries both trials (neither worker holds its liveness lock any more)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from vistune.workflows.sweep import Space, open_study, retry_stale_trials
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "s"
+    argv = sweep_argv(folder, out, "--grid", "lr=0.05,0.01", "--grid", "wd=0", "--stage", "search")
+    argv[argv.index("--epochs") + 1] = "1000"  # far longer than the test waits: only a kill ends them
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(repo / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "vistune", *argv, "--jobs", "2"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # both processes are training (an epoch logged in each trial)
+            logs = list((out / "trials").glob("*/log.jsonl")) if (out / "trials").is_dir() else []
+            if len(logs) == 2 and all(p.stat().st_size for p in logs):
+                break
+            assert proc.poll() is None, "the sweep ended before it could be killed"
+            time.sleep(0.2)
+        else:
+            pytest.fail("the two trials did not start")
+        workers = [int(p.name.split("-")[1].split(".")[0]) for p in out.glob(".worker-*.ready")]
+        assert len(workers) == 1
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+        def alive(pid: int) -> bool:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                return False
+            return state not in ("Z", "X")
+
+        deadline = time.monotonic() + 10
+        while alive(workers[0]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(workers[0]), "the worker outlived its killed parent"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    space = Space({"lr": [0.05, 0.01], "wd": [0.0]}, "adamw")
+    study = open_study(out, None, "vistune-sweep", "grid", space, "none", 1000, 0)
+    assert retry_stale_trials(study, out, wait=0) == 2
+    assert "not retried" not in capsys.readouterr().err

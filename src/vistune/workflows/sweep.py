@@ -262,6 +262,24 @@ def _journal_record(line: bytes) -> bool:
     return isinstance(record, dict) and "op_code" in record
 
 
+def _grid_sampler_class() -> Any:
+    import optuna
+
+    class GridSampler(optuna.samplers.GridSampler):
+        """Optuna's grid sampler, except that it never calls ``study.stop()`` after a trial: the
+        sweep runs its own ask/tell loop (see :func:`search`), which decides when the grid is done,
+        and ``stop()`` outside ``optimize`` raises."""
+
+        def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+            return None
+
+    return GridSampler
+
+
+def _GridSampler(values: dict[str, list[Any]], seed: int) -> Any:  # noqa: N802 - a class factory
+    return _grid_sampler_class()(values, seed=seed)
+
+
 def open_study(out: Path, storage_url: str | None, name: str, sampler: str, space: Space, pruner: str,
                epochs: int, seed: int, create: bool = True) -> Any:
     import optuna
@@ -286,7 +304,7 @@ def open_study(out: Path, storage_url: str | None, name: str, sampler: str, spac
 
         storage = JournalStorage(JournalFileBackend(storage_url))
     if sampler == "grid":
-        samp = optuna.samplers.GridSampler(space.values, seed=seed)
+        samp = _GridSampler(space.values, seed=seed)
     else:
         samp = optuna.samplers.TPESampler(seed=seed)
     if pruner == "median":
@@ -383,21 +401,94 @@ def _check_read_back(run_dir: Path, cfg: TrainConfig) -> None:
                          "result cannot be reused; use another --out, or delete that folder to retrain it")
 
 
-def retry_stale_trials(study: Any) -> int:
-    """Trials left RUNNING by a dead worker (we hold the sweep's lock, so no local worker is alive):
-    mark them failed and queue a retry of the same configuration, keeping its grid point (what
-    Optuna's heartbeat retry does for an RDB storage; the journal file has no heartbeat)."""
+def retry_stale_trials(study: Any, out: Path | None = None, wait: float = 10.0) -> int:
+    """Trials left RUNNING by a dead worker: mark them failed and queue a retry of the same
+    configuration, keeping its grid point (what Optuna's heartbeat retry does for an RDB storage;
+    the journal file has no heartbeat).
+
+    A worker holds a lock on ``OUT/.alive-<host>-<pid>`` while it runs trials (the kernel drops it
+    when the process dies, even by ``kill -9``), so a trial whose worker still holds its lock is
+    not retried: retrying it would train its configuration twice and make the live worker fail
+    with Optuna's ``UpdateFinishedTrialError``. A worker whose parent was just killed dies with it
+    (see :func:`_start_workers`) a moment later, so a held lock is waited on for ``wait`` seconds.
+    """
     import optuna
     from optuna.trial import TrialState
 
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    retried = 0
     for t in stale:
+        alive = t.user_attrs.get("alive")
+        if out is not None and alive and _held(out / str(alive), wait):
+            print(f"vistune sweep: trial {t.number} ({_params(t.params)}) is still running in "
+                  f"{t.user_attrs.get('worker')}; not retried", file=sys.stderr)
+            continue
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         history = [*t.system_attrs.get("retry_history", []), t.number]
         study.add_trial(optuna.create_trial(
             state=TrialState.WAITING, params=t.params, distributions=t.distributions, user_attrs=t.user_attrs,
             system_attrs={**t.system_attrs, "failed_trial": t.number, "retry_history": history}))
-    return len(stale)
+        retried += 1
+    if out is not None:
+        for lock in out.glob(".alive-*"):  # the locks of dead workers
+            if not _held(lock, 0):
+                lock.unlink(missing_ok=True)
+    return retried
+
+
+def _held(path: Path, wait: float) -> bool:
+    """Whether another process holds the flock on ``path`` (polled for up to ``wait`` seconds)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return False
+            except OSError:
+                if time.monotonic() >= deadline:
+                    return True
+                time.sleep(0.2)
+    finally:
+        os.close(fd)  # also releases the flock if we took it
+
+
+class _Alive:
+    """This process's liveness lock (see :func:`retry_stale_trials`)."""
+
+    def __init__(self, out: Path) -> None:
+        import fcntl
+
+        self.name = f".alive-{os.uname().nodename}-{os.getpid()}"
+        self.path = out / self.name
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+
+
+class _FileLock:
+    """An exclusive flock held for a ``with`` block (serialises ``study.ask`` across workers)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> _FileLock:
+        import fcntl
+
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        os.close(self.fd)
 
 
 def suggest(trial: Any, space: Space, sampler: str) -> dict[str, Any]:
@@ -445,18 +536,74 @@ def search(base: TrainConfig, space: Space, out: Path, study: Any, sampler: str,
             raise SweepError(f"trial {run_dir}: the run has no {key} (does the data have a val split?)")
         return float(metrics[key])
 
-    def finished() -> int:
-        return sum(_settled(t) for t in study.get_trials(deepcopy=False))
+    alive = _Alive(out)
+    try:
+        done = 0
+        while max_trials is None or done < max_trials:
+            # One process at a time decides whether work is left and takes it: two workers asking
+            # at once both saw the last grid point free, and one trained it twice (7 trials for 6).
+            with _FileLock(out / ".ask.lock"):
+                left = _work_left(study, space, sampler, trials)
+                if not left:
+                    break
+                if isinstance(left, dict):  # the next grid point, chosen here rather than at random
+                    study.enqueue_trial(left)
+                trial = study.ask()
+                trial.set_user_attr("alive", alive.name)
+                suggest(trial, space, sampler)  # its params are in the study before the next process looks
+            _run_trial(study, trial, objective)
+            done += 1
+    finally:
+        alive.close()
 
-    n_trials = max_trials
-    if sampler == "tpe":
-        left = max(0, (trials or 0) - finished())
-        n_trials = left if max_trials is None else min(left, max_trials)
-        if n_trials == 0:
-            return
-    elif _grid_done(study, space):
+
+def _run_trial(study: Any, trial: Any, objective: Any) -> None:
+    """Optuna's ``optimize`` step without its logging: a trial's error reaches the CLI as one line."""
+    import gc
+
+    import optuna
+    from optuna.trial import TrialState
+
+    try:
+        value = objective(trial)
+    except optuna.TrialPruned:
+        study.tell(trial, state=TrialState.PRUNED)
         return
-    study.optimize(objective, n_trials=n_trials, catch=(RunDirError,), gc_after_trial=True)
+    except RunDirError as err:  # another worker holds this configuration's folder: not this trial's fault
+        print(f"vistune sweep: trial {trial.number}: {err}", file=sys.stderr)
+        study.tell(trial, state=TrialState.FAIL)
+        return
+    except BaseException:
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    finally:
+        gc.collect()
+    if math.isnan(value):
+        study.tell(trial, state=TrialState.FAIL)
+    else:
+        study.tell(trial, value)
+
+
+def _work_left(study: Any, space: Space, sampler: str, trials: int | None) -> bool | dict[str, Any]:
+    """A queued retry (True), the first grid point no trial has settled or is running (its
+    params), or (TPE) fewer than N trials settled or running (True); False when nothing is left."""
+    from optuna.trial import TrialState
+
+    all_trials = study.get_trials(deepcopy=False)
+    if any(t.state == TrialState.WAITING for t in all_trials):
+        return True
+    taken = [t for t in all_trials if _settled(t) or t.state == TrialState.RUNNING]
+    if sampler == "tpe":
+        return len(taken) < (trials or 0)
+    import itertools
+
+    names = {trial_name(t.params) for t in taken}
+    keys = list(space.values)
+    for combo in itertools.product(*space.values.values()):
+        params = dict(zip(keys, combo))
+        if trial_name(params) not in names:
+            return params
+    return False
 
 
 def _primary(metrics: dict[str, Any]) -> str:
@@ -552,7 +699,7 @@ def run_sweep(
         if stage in ("all", "search"):
             if not worker:
                 if storage is None:
-                    n = retry_stale_trials(study)
+                    n = retry_stale_trials(study, out)
                     if n:
                         print(f"vistune sweep: retrying {n} trial(s) a killed worker left running", file=sys.stderr)
                 children = _start_workers(jobs - 1, argv or [], out)
@@ -585,7 +732,8 @@ def _start_workers(n: int, argv: Sequence[str], out: Path) -> list[subprocess.Po
     for old in out.glob(".worker-*.ready"):
         old.unlink()
     with open(out / "workers.log", "a") as f:
-        children = [subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT) for _ in range(n)]
+        children = [subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                     preexec_fn=_die_with_parent(os.getpid())) for _ in range(n)]
     # Start searching only once every worker has joined the study (importing torch takes seconds),
     # so the first trials are shared out rather than all taken by this process.
     deadline = time.monotonic() + 120
@@ -594,6 +742,31 @@ def _start_workers(n: int, argv: Sequence[str], out: Path) -> list[subprocess.Po
             break
         time.sleep(0.2)
     return children
+
+
+def _die_with_parent(parent: int) -> Any:
+    """A ``preexec_fn`` that makes a worker die when the process that started it dies.
+
+    Without it, ``kill -9`` of the sweep left its workers running as orphans (re-parented to
+    PID 1): the rerun retried their trials, and the orphans then failed on trials that were no
+    longer theirs. Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``; elsewhere nothing (the rerun's
+    liveness check still keeps a live worker's trial from being retried).
+    """
+    def preexec() -> None:
+        import signal
+
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+            except (OSError, AttributeError):
+                return
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
 
 
 def _wait(children: list[subprocess.Popen], out: Path | None = None) -> None:
