@@ -704,6 +704,7 @@ def run_sweep(
                         print(f"vistune sweep: retrying {n} trial(s) a killed worker left running", file=sys.stderr)
                 children = _start_workers(jobs - 1, argv or [], out)
             else:
+                die_with_parent()
                 (out / f".worker-{os.getpid()}.ready").touch()  # tells the first process this worker is in
             search(base, space, out, study, sampler, trials, max_trials, base.progress, pruner != "none")
             if not worker:
@@ -732,8 +733,8 @@ def _start_workers(n: int, argv: Sequence[str], out: Path) -> list[subprocess.Po
     for old in out.glob(".worker-*.ready"):
         old.unlink()
     with open(out / "workers.log", "a") as f:
-        children = [subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                     preexec_fn=_die_with_parent(os.getpid())) for _ in range(n)]
+        children = [subprocess.Popen(cmd, env={**env, PARENT_ENV: str(os.getpid())}, stdout=f,
+                                     stderr=subprocess.STDOUT) for _ in range(n)]
     # Start searching only once every worker has joined the study (importing torch takes seconds),
     # so the first trials are shared out rather than all taken by this process.
     deadline = time.monotonic() + 120
@@ -744,29 +745,33 @@ def _start_workers(n: int, argv: Sequence[str], out: Path) -> list[subprocess.Po
     return children
 
 
-def _die_with_parent(parent: int) -> Any:
-    """A ``preexec_fn`` that makes a worker die when the process that started it dies.
+#: The environment variable that tells a ``--jobs`` worker which process started it.
+PARENT_ENV = "VISTUNE_SWEEP_PARENT"
+
+
+def die_with_parent() -> None:
+    """Make this ``--jobs`` worker die when the sweep process that started it dies.
 
     Without it, ``kill -9`` of the sweep left its workers running as orphans (re-parented to
     PID 1): the rerun retried their trials, and the orphans then failed on trials that were no
-    longer theirs. Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``; elsewhere nothing (the rerun's
-    liveness check still keeps a live worker's trial from being retried).
+    longer theirs. Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, called by the worker itself (not
+    in a ``preexec_fn``, which is unsafe once torch has started threads); a parent that died
+    before that call is caught by comparing ``getppid()`` with the recorded parent. Elsewhere
+    nothing is set, and the rerun's liveness check still keeps a live worker's trial from
+    being retried.
     """
-    def preexec() -> None:
-        import signal
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
 
-        if sys.platform.startswith("linux"):
-            import ctypes
-
-            try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
-            except (OSError, AttributeError):
-                return
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):
+        os._exit(1)
 
 
 def _wait(children: list[subprocess.Popen], out: Path | None = None) -> None:
