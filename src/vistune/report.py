@@ -64,23 +64,15 @@ def read_metrics(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_metrics(paths: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
     """metrics.json of run folders; a sweep folder gives one row (its retrained seeds' mean ± std).
-    Folders without metrics are skipped (a run still in progress); a damaged file is refused."""
+    Paths without metrics are skipped (a run still in progress); a damaged file is refused.
+    ``vistune report`` uses :func:`collect_rows`, which also says what it skipped and why."""
     from vistune.workflows.sweep import sweep_row
 
     rows = []
     for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            try:
-                row = sweep_row(p)
-            except (ValueError, KeyError, TypeError, AttributeError) as err:
-                raise ReportError(f"{p / 'sweep.json'} is not a vistune sweep result ({err!r})") from None
-            if row is not None:
-                rows.append(row)
-                continue
-        f = p / "metrics.json" if p.is_dir() else p
-        if f.is_file():
-            rows.append(read_metrics(f))
+        row = _row_of(Path(p), sweep_row)
+        if not isinstance(row, str):
+            rows.append(row)
     return rows
 
 
