@@ -378,3 +378,21 @@ def test_killing_the_sweep_kills_its_workers(folder, tmp_path, capsys):
     study = open_study(out, None, "vistune-sweep", "grid", space, "none", 1000, 0)
     assert retry_stale_trials(study, out, wait=0) == 2
     assert "not retried" not in capsys.readouterr().err
+
+
+def test_an_rdb_storage_sweep_keeps_optunas_heartbeat(folder, tmp_path, capsys):
+    """The sweep runs its own ask/tell loop; with an RDB storage each trial still runs inside
+    Optuna's heartbeat thread (so a dead machine's trials are retried), and nothing warns."""
+    out = tmp_path / "s"
+    argv = sweep_argv(folder, out, "--grid", "lr=0.05,0.01", "--grid", "wd=0", "--stage", "search",
+                      "--storage", f"sqlite:///{tmp_path}/db.sqlite")
+    argv[argv.index("--epochs") + 1] = "1"
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert capsys.readouterr().err == ""
+    study = optuna.load_study(study_name="vistune-sweep", storage=f"sqlite:///{tmp_path}/db.sqlite")
+    assert sorted(t.params["lr"] for t in study.trials if t.state.name == "COMPLETE") == [0.01, 0.05]
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "db.sqlite") as db:  # each trial beat while it ran
+        assert db.execute("select count(distinct trial_id) from trial_heartbeats").fetchone()[0] == 2

@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -291,13 +292,11 @@ def open_study(out: Path, storage_url: str | None, name: str, sampler: str, spac
 
         storage: Any = JournalStorage(JournalFileBackend(str(out / "study.journal")))
     elif storage_url.startswith(("sqlite:", "postgresql", "mysql")):
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
-        storage = optuna.storages.RDBStorage(storage_url, heartbeat_interval=60, grace_period=180,
-                                             heartbeat_stale_trial_callback=retry)
+            storage = optuna.storages.RDBStorage(storage_url, heartbeat_interval=60, grace_period=180,
+                                                 heartbeat_stale_trial_callback=retry)
     else:
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
@@ -543,12 +542,15 @@ def search(base: TrainConfig, space: Space, out: Path, study: Any, sampler: str,
             # One process at a time decides whether work is left and takes it: two workers asking
             # at once both saw the last grid point free, and one trained it twice (7 trials for 6).
             with _FileLock(out / ".ask.lock"):
+                _fail_stale_trials(study)
                 left = _work_left(study, space, sampler, trials)
                 if not left:
                     break
                 if isinstance(left, dict):  # the next grid point, chosen here rather than at random
                     study.enqueue_trial(left)
-                trial = study.ask()
+                with warnings.catch_warnings():  # "Heartbeat ... supposed to be used with Study.optimize":
+                    warnings.simplefilter("ignore", UserWarning)  # _run_trial runs the heartbeat itself
+                    trial = study.ask()
                 trial.set_user_attr("alive", alive.name)
                 suggest(trial, space, sampler)  # its params are in the study before the next process looks
             _run_trial(study, trial, objective)
@@ -562,10 +564,12 @@ def _run_trial(study: Any, trial: Any, objective: Any) -> None:
     import gc
 
     import optuna
+    from optuna.storages._heartbeat import get_heartbeat_thread  # what optimize() runs a trial in
     from optuna.trial import TrialState
 
     try:
-        value = objective(trial)
+        with get_heartbeat_thread(trial._trial_id, study._storage):  # an RDB storage's liveness signal
+            value = objective(trial)
     except optuna.TrialPruned:
         study.tell(trial, state=TrialState.PRUNED)
         return
@@ -582,6 +586,19 @@ def _run_trial(study: Any, trial: Any, objective: Any) -> None:
         study.tell(trial, state=TrialState.FAIL)
     else:
         study.tell(trial, value)
+
+
+def _fail_stale_trials(study: Any) -> None:
+    """An RDB storage's heartbeat retry (as ``optimize()`` does before each trial): trials of a
+    dead machine become FAIL and :class:`optuna.storages.RetryHeartbeatStaleTrialCallback`
+    queues them again."""
+    import optuna
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    if is_heartbeat_enabled(study._storage):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
 
 
 def _work_left(study: Any, space: Space, sampler: str, trials: int | None) -> bool | dict[str, Any]:
