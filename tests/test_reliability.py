@@ -578,3 +578,22 @@ def test_report_lists_what_it_skipped_and_keeps_the_good_rows(runs, tmp_path, ca
     assert main(["report", *map(str, paths.values())]) == 2
     line = one_error_line(capsys, "report")
     assert all(str(p) in line for p in paths.values()) and "empty folder" in line, line
+
+
+def test_a_sweep_on_a_full_disk_is_one_line_and_resumes_once_space_is_free(tiny_data, small_tmpfs, capsys):
+    """A real full disk under a sweep: one line; freeing space and rerunning finishes every point
+    once (a failed write once left the trial's folder lock held, and the rerun looped on it)."""
+    out = small_tmpfs / "s"
+    argv = ["sweep", *train_argv(tiny_data, out)[1:], "--pruner", "none", "--grid", "lr=0.05,0.01", "--grid", "wd=0",
+            "--stage", "search", "--method", "lora", "-o", "rank=2"]
+    assert main([*argv, "--max-trials", "1"]) == 0
+    fill(small_tmpfs)
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "No space left on device" in one_error_line(capsys, "sweep")
+    for filler in small_tmpfs.glob("filler*"):
+        filler.unlink()
+    assert main(argv) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    complete = sorted(t["params"]["lr"] for t in result["trials"] if t["state"] == "COMPLETE")
+    assert complete == [0.01, 0.05], result["trials"]

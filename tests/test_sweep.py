@@ -396,3 +396,51 @@ def test_an_rdb_storage_sweep_keeps_optunas_heartbeat(folder, tmp_path, capsys):
 
     with sqlite3.connect(tmp_path / "db.sqlite") as db:  # each trial beat while it ran
         assert db.execute("select count(distinct trial_id) from trial_heartbeats").fetchone()[0] == 2
+
+
+def test_a_point_whose_folder_another_process_holds_is_not_asked_again(folder, tmp_path, capsys):
+    """A trial folder held by another process fails that trial; the loop once asked the same point
+    again and again (thousands of FAIL trials). Now the point is left to its holder."""
+    import signal
+
+    from vistune.engine.rundir import FolderLock
+
+    out = tmp_path / "s"
+    holder = FolderLock(out / "trials" / "lr=0.05,wd=0")
+    holder.acquire()  # "another process" (flock is per open file, so this process counts)
+
+    def hung(*args):
+        raise TimeoutError("the sweep kept asking the held point")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    try:
+        assert main(sweep_argv(folder, out, "--grid", "lr=0.05,0.01", "--grid", "wd=0", "--stage", "search")) == 0
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        holder.release()
+    err = capsys.readouterr().err
+    assert err.count("is in use by another run") == 1, err
+    result = json.loads((out / "sweep.json").read_text())
+    assert sorted((t["params"]["lr"], t["state"]) for t in result["trials"]) == [(0.01, "COMPLETE"), (0.05, "FAIL")]
+
+
+def test_a_lock_that_cannot_record_its_holder_is_released(tmp_path, monkeypatch):
+    """A full disk while the lock file is written left the flock held by the failed run."""
+    import os
+
+    from vistune.engine import rundir
+
+    def full(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rundir.os, "write", full)
+    with pytest.raises(OSError, match="No space left on device") as info:
+        rundir.FolderLock(tmp_path / "r").acquire()
+    monkeypatch.undo()
+    assert info.value.filename == str(tmp_path / "r" / rundir.LOCK_NAME)
+    lock = rundir.FolderLock(tmp_path / "r")
+    lock.acquire()  # free again
+    lock.release()
+    assert os.path.exists(tmp_path / "r" / rundir.LOCK_NAME)

@@ -78,9 +78,13 @@ class FolderLock:
                 f"--out {self.path} is in use by another {self.what} ({holder}); wait for it to finish or "
                 "choose another --out"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                     "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        except OSError as err:  # a full disk: without this close the lock stayed held by a failed run
+            os.close(fd)
+            raise OSError(err.errno, err.strerror, str(self.path / LOCK_NAME)) from None
         self._fd = fd
 
     @staticmethod

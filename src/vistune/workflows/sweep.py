@@ -536,6 +536,7 @@ def search(base: TrainConfig, space: Space, out: Path, study: Any, sampler: str,
         return float(metrics[key])
 
     alive = _Alive(out)
+    busy: set[str] = set()  # grid points whose folder another process holds: not asked again here
     try:
         done = 0
         while max_trials is None or done < max_trials:
@@ -543,7 +544,7 @@ def search(base: TrainConfig, space: Space, out: Path, study: Any, sampler: str,
             # at once both saw the last grid point free, and one trained it twice (7 trials for 6).
             with _FileLock(out / ".ask.lock"):
                 _fail_stale_trials(study)
-                left = _work_left(study, space, sampler, trials)
+                left = _work_left(study, space, sampler, trials, busy)
                 if not left:
                     break
                 if isinstance(left, dict):  # the next grid point, chosen here rather than at random
@@ -553,14 +554,16 @@ def search(base: TrainConfig, space: Space, out: Path, study: Any, sampler: str,
                     trial = study.ask()
                 trial.set_user_attr("alive", alive.name)
                 suggest(trial, space, sampler)  # its params are in the study before the next process looks
-            _run_trial(study, trial, objective)
+            if not _run_trial(study, trial, objective):
+                busy.add(trial_name(trial.params))
             done += 1
     finally:
         alive.close()
 
 
-def _run_trial(study: Any, trial: Any, objective: Any) -> None:
-    """Optuna's ``optimize`` step without its logging: a trial's error reaches the CLI as one line."""
+def _run_trial(study: Any, trial: Any, objective: Any) -> bool:
+    """Optuna's ``optimize`` step without its logging: a trial's error reaches the CLI as one line.
+    False when another process holds the trial's run folder."""
     import gc
 
     import optuna
@@ -572,11 +575,11 @@ def _run_trial(study: Any, trial: Any, objective: Any) -> None:
             value = objective(trial)
     except optuna.TrialPruned:
         study.tell(trial, state=TrialState.PRUNED)
-        return
+        return True
     except RunDirError as err:  # another worker holds this configuration's folder: not this trial's fault
         print(f"vistune sweep: trial {trial.number}: {err}", file=sys.stderr)
         study.tell(trial, state=TrialState.FAIL)
-        return
+        return False
     except BaseException:
         study.tell(trial, state=TrialState.FAIL)
         raise
@@ -586,6 +589,7 @@ def _run_trial(study: Any, trial: Any, objective: Any) -> None:
         study.tell(trial, state=TrialState.FAIL)
     else:
         study.tell(trial, value)
+    return True
 
 
 def _fail_stale_trials(study: Any) -> None:
@@ -601,9 +605,11 @@ def _fail_stale_trials(study: Any) -> None:
             optuna.storages.fail_stale_trials(study)
 
 
-def _work_left(study: Any, space: Space, sampler: str, trials: int | None) -> bool | dict[str, Any]:
+def _work_left(study: Any, space: Space, sampler: str, trials: int | None,
+               busy: set[str] | frozenset[str] = frozenset()) -> bool | dict[str, Any]:
     """A queued retry (True), the first grid point no trial has settled or is running (its
-    params), or (TPE) fewer than N trials settled or running (True); False when nothing is left."""
+    params), or (TPE) fewer than N trials settled or running (True); False when nothing is left.
+    ``busy`` grid points (their folder held by another process) count as taken."""
     from optuna.trial import TrialState
 
     all_trials = study.get_trials(deepcopy=False)
@@ -614,7 +620,7 @@ def _work_left(study: Any, space: Space, sampler: str, trials: int | None) -> bo
         return len(taken) < (trials or 0)
     import itertools
 
-    names = {trial_name(t.params) for t in taken}
+    names = {trial_name(t.params) for t in taken} | set(busy)
     keys = list(space.values)
     for combo in itertools.product(*space.values.values()):
         params = dict(zip(keys, combo))
