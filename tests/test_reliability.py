@@ -470,7 +470,8 @@ def test_a_torch_write_failure_is_one_line_naming_the_file(tiny_data, tmp_path, 
 
 
 def test_ctrl_c_is_one_line_saying_how_to_resume(tiny_data, tmp_path, capsys, monkeypatch):
-    from vistune.workflows import sweep, train as train_module
+    from vistune.workflows import sweep
+    from vistune.workflows import train as train_module
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -510,13 +511,13 @@ def small_tmpfs(tmp_path):
     mnt.mkdir()
     try:
         proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True,
-                              text=True, timeout=30)
+                              text=True, timeout=30, check=False)
     except (OSError, subprocess.SubprocessError) as err:
         pytest.skip(f"cannot mount a tmpfs here ({err})")
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
     yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30, check=False)
 
 
 def fill(folder: Path) -> None:

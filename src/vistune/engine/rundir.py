@@ -132,14 +132,14 @@ class RunDir:
             raise
         return self
 
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         try:
             if self.is_main:
                 self._settle_previous(exc_type)
         finally:
             self._lock.release()
 
-    def _settle_previous(self, exc_type: Any) -> None:
+    def _settle_previous(self, exc_type: type[BaseException] | None) -> None:
         """The old run kept by ``--overwrite``: dropped once the new run is complete, moved back
         when the new run failed (not when it was interrupted or stopped: it can be resumed)."""
         import shutil

@@ -277,7 +277,7 @@ def _grid_sampler_class() -> Any:
     return GridSampler
 
 
-def _GridSampler(values: dict[str, list[Any]], seed: int) -> Any:  # noqa: N802 - a class factory
+def _grid_sampler(values: dict[str, list[Any]], seed: int) -> Any:
     return _grid_sampler_class()(values, seed=seed)
 
 
@@ -303,7 +303,7 @@ def open_study(out: Path, storage_url: str | None, name: str, sampler: str, spac
 
         storage = JournalStorage(JournalFileBackend(storage_url))
     if sampler == "grid":
-        samp = _GridSampler(space.values, seed=seed)
+        samp = _grid_sampler(space.values, seed=seed)
     else:
         samp = optuna.samplers.TPESampler(seed=seed)
     if pruner == "median":
@@ -486,7 +486,7 @@ class _FileLock:
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         os.close(self.fd)
 
 
