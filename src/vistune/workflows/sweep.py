@@ -12,9 +12,13 @@ The study lives in the output folder (``OUT/study.journal``, Optuna's journal fi
 ``--storage URL`` names any Optuna storage (e.g. PostgreSQL), so:
 
 * a killed sweep resumes with the same command: finished trials are never re-run (their run
-  folders are read back), and a trial that was running when the process died is retried —
-  its run resumes from its own checkpoint, so the result equals an uninterrupted run;
-* ``--jobs N`` runs N worker processes on this machine against one study;
+  folders are read back, but only when each run's own recorded config is the one asked, so a
+  lost journal never passes old trials off as new), and a trial that was running when the
+  process died is retried — its run resumes from its own checkpoint, so the result equals an
+  uninterrupted run; a partial last journal record (a kill or a full disk mid-write) is cut off;
+* ``--jobs N`` runs N worker processes on this machine against one study; they die with the
+  sweep (``PR_SET_PDEATHSIG``), a trial whose worker is alive (its liveness lock held) is never
+  retried, and trials are asked one process at a time, so no grid point is trained twice;
 * several machines started with the same ``--storage URL`` work on one study (stale trials of a
   dead machine are retried after Optuna's heartbeat grace period); run ``--stage search`` on
   each and ``--stage final`` once.
