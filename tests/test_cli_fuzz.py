@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -167,6 +168,7 @@ CASES: list[tuple[str, str]] = [
     ("sweep", "sweep " + T + " --method linear --out {afile}"),
     ("sweep", "sweep " + T + " --method linear --data folder:{tmp}/absent --out {tmp}/s"),
     ("sweep", "sweep " + T + " --method linear --weights {text} --out {tmp}/s"),
+    ("sweep", "sweep " + T + " --method linear --out {bad_journal}"),
     ("export", "export --tuned {run} --format nope --out {tmp}/x"),
     ("export", "export --tuned {tmp}/absent --format timm --out {tmp}/x"),
     ("export", "export --tuned {text} --format timm --out {tmp}/x"),
@@ -176,9 +178,15 @@ CASES: list[tuple[str, str]] = [
     ("export", "export --tuned {run} --format peft --out {tmp}/x"),
     ("export", "export --tuned {run} --format timm --out {tmp}/x --weights {text}"),
     ("export", "export --tuned {run}"),
+    ("export", "export --tuned {runcopy} --format timm --out {runcopy} --overwrite"),
+    ("export", "export --tuned {runcopy}/tuned.safetensors --format onnx --out {runs_parent} --overwrite"),
     ("import-peft", "import-peft {tmp}/absent --backbone test_vit --out {tmp}/t.safetensors"),
     ("import-peft", "import-peft {run} --backbone test_vit --out {tmp}/t.safetensors"),
     ("import-peft", "import-peft {tmp} --backbone test_vit"),
+    ("import-peft", "import-peft {peft_list} --backbone test_vit --img-size 32 --out {tmp}/t.safetensors"),
+    ("import-peft", "import-peft {peft_r64} --backbone test_vit --img-size 32 --out {tmp}/t.safetensors"),
+    ("import-peft", "import-peft {peft_rx} --backbone test_vit --img-size 32 --out {tmp}/t.safetensors"),
+    ("import-peft", "import-peft {peft_r0} --backbone test_vit --img-size 32 --out {tmp}/t.safetensors"),
     ("serve", "serve"),
     ("serve", "serve --task nope"),
     ("serve", "serve --task a={tmp}/absent"),
@@ -238,6 +246,9 @@ CASES: list[tuple[str, str]] = [
     ("robustness", "robustness --tuned {tmp}/absent --out {tmp}/r --corruptions fog"),
     ("robustness", "robustness --tuned {run} --out {tmp}/r --corruptions fog --baseline {text}"),
     ("robustness", "robustness --tuned {run} --out {tmp}/r --attack fgsm --baseline {run}"),
+    ("report", "report {tmp}"),
+    ("report", "report {tmp}/absent {text}"),
+    ("report", "report {unfinished} {tmp}/typo"),
 ]
 
 #: Cases also run as a real ``python -m vistune`` process (argparse, timm's logging, warnings).
@@ -274,16 +285,45 @@ def env(tmp_path_factory, request) -> dict[str, str]:
     (root / "nan" / "metrics.json").write_text('{"method": "lora", "test_top1": NaN}')
     (root / "sweep").mkdir()
     (root / "sweep" / "sweep.json").write_text("[1, 2]")
+    (root / "runs").mkdir()  # a run beside others, for the --overwrite cases (that must never delete it)
+    shutil.copytree(run, root / "runs" / "r1")
+    (root / "runs" / "r2").mkdir()
+    (root / "runs" / "r2" / "keep.txt").write_text("another run's file")
+    (root / "unfinished").mkdir()
+    (root / "unfinished" / "checkpoint.pt").write_bytes(b"")
+    (root / "journal").mkdir()
+    (root / "journal" / "study.journal").write_bytes(b'{"op_code": 0}\n' + bytes(range(11, 256)) + b"\n")
+    peft = make_peft_adapters(root)
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
     request.addfinalizer(busy.close)
-    return dict(bad_sweep=str(root / "sweep"), busy_port=str(busy.getsockname()[1]),data=str(data), cv=str(cv), run=str(run), drun=str(drun), image=str(next((cv / "test").glob("*.jpg"))),
+    return dict(runcopy=str(root / "runs" / "r1"), runs_parent=str(root / "runs"), unfinished=str(root / "unfinished"),
+                bad_journal=str(root / "journal"), **peft,
+                bad_sweep=str(root / "sweep"), busy_port=str(busy.getsockname()[1]),data=str(data), cv=str(cv), run=str(run), drun=str(drun), image=str(next((cv / "test").glob("*.jpg"))),
                 notimage=str(root / "notimage.png"), text=str(root / "notes.txt"), garbage=str(root / "garbage.bin"),
                 afile=str(root / "afile"), dup_yaml=str(root / "dup.yaml"), bad_yaml=str(root / "bad.yaml"),
                 token_yaml=str(root / "token.yaml"),
                 truncated=str(root / "truncated.safetensors"), nan_metrics=str(root / "nan"),
                 bad_map=str(root / "badmap.yaml"))
+
+
+def make_peft_adapters(root: Path) -> dict[str, str]:
+    """A small vistune-exported PEFT adapter and copies whose adapter_config.json is wrong."""
+    from vistune import attach
+    from vistune.backbones import seeded_backbone
+    from vistune.export import export
+
+    tuned = attach(seeded_backbone("test_vit", None, 32), "lora", num_classes=3, rank=2)
+    tuned.save_tuned(root / "lora" / "tuned.safetensors")
+    export(root / "lora", "peft", root / "peft", include_base=False)
+    out = {}
+    for name, edit in (("peft_list", []), ("peft_r64", {"r": 64}), ("peft_rx", {"r": "x"}), ("peft_r0", {"r": 0})):
+        folder = Path(shutil.copytree(root / "peft", root / name))
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**cfg, **edit} if edit else edit))
+        out[name] = str(folder)
+    return out
 
 
 def argv_for(template: str, env: dict[str, str], tmp: Path) -> list[str]:
@@ -336,3 +376,5 @@ def test_the_fixture_runs_are_sound(env):
     """The cases above fail because of their bad value, not because the fixtures are broken."""
     m = json.loads((Path(env["run"]) / "metrics.json").read_text())
     assert m["method"] == "linear" and (Path(env["drun"]) / "dense_head.safetensors").is_file()
+    assert (Path(env["runs_parent"]) / "r2" / "keep.txt").is_file()  # --overwrite never deleted a sibling run
+    assert (Path(env["runcopy"]) / "tuned.safetensors").is_file()  # ... nor the exported run

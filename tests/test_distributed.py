@@ -173,3 +173,52 @@ def test_a_failing_rank_stops_the_job_with_one_line(tmp_path):
     assert lines and lines[0].startswith("vistune train: error (rank 1 of 2): injected failure on rank 1")
     assert "Traceback" not in lines[0]
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_a_killed_rank_leaves_one_vistune_line_per_survivor(tmp_path):
+    """Issue item 7: ``kill -9`` of one rank printed ~80 lines of gloo traceback from the others
+    and no vistune line. The surviving rank now says, in one line, that it lost its peer."""
+    folder = make_folder(tmp_path / "data", classes=2, per_class=8)
+    script = tmp_path / "kill.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, sys
+        from vistune.cli import main
+        from vistune.tasks.classify import ClassifyTask
+        real = ClassifyTask.loss
+        calls = []
+        def loss(self, batch):
+            calls.append(1)
+            if os.environ["RANK"] == "1" and len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)  # the OOM killer, or a user's kill -9
+            return real(self, batch)
+        ClassifyTask.loss = loss
+        sys.exit(main({["train", "--method", "lora", *_common(f"folder:{folder}", tmp_path / "out")]!r}))
+    """))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    assert proc.returncode != 0
+    ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("vistune train:")]
+    assert len(ours) == 1, proc.stderr[-3000:]
+    assert ours[0].startswith("vistune train: error (rank 0 of 2): lost contact with another process"), ours
+    assert "--resume" in ours[0]
+    assert "pair.cc" not in proc.stderr.replace(ours[0], ""), proc.stderr[-3000:]  # no gloo traceback
+
+
+def test_launch_names_the_signal_that_killed_a_rank(monkeypatch, capsys):
+    """``--nproc``: a rank killed by SIGKILL was reported as 'exit code -9'."""
+    import torch.distributed.launcher.api as api
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from vistune.engine.distributed import launch
+
+    def launcher(config, entry):
+        def run(*args):
+            raise ChildFailedError("vistune", {1: ProcessFailure(local_rank=1, pid=1234, exitcode=-9,
+                                                                 error_file="/nonexistent")})
+        return run
+
+    monkeypatch.setattr(api, "elastic_launch", launcher)
+    assert launch(2, ["train"], "train") == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "vistune train: error: worker rank 1 of 2 was killed by SIGKILL; the job was stopped; resume with --resume"

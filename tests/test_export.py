@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -475,6 +476,56 @@ def test_import_refuses_an_adapter_for_another_architecture(peft, tmp_path):
     assert not (tmp_path / "a.safetensors").exists()
 
 
+def lora_adapter(root: Path, rank: int = 16) -> Path:
+    """A vistune-exported PEFT adapter of a rank-``rank`` LoRA on q,k,v (PEFT sees qkv at 3 x rank)."""
+    tuned = attach(seeded_backbone("test_vit", None, SIZE), "lora", num_classes=len(CLASSES), rank=rank,
+                   targets="q,k,v")
+    perturb(tuned)
+    tuned.save_tuned(root / "run" / "tuned.safetensors", extra={"class_names": CLASSES})
+    export(root / "run", "peft", root / "adapter", include_base=False)
+    return root / "adapter"
+
+
+@pytest.mark.parametrize("edit,words", [
+    ([], "adapter_config.json: expected a JSON object"),
+    ("r=64", "adapter_config.json: says rank 64 for blocks.0.attn.qkv, but"),
+    ("r=x", "adapter_config.json: r='x' is not a positive integer rank"),
+    ("r=0", "adapter_config.json: r=0 is not a positive integer rank"),
+    ("r=true", "adapter_config.json: r=True is not a positive integer rank"),
+    ("lora_alpha=a", "adapter_config.json: lora_alpha='a' is not a finite number"),
+    ("rank_pattern=[]", "adapter_config.json: rank_pattern must be an object"),
+])
+def test_import_refuses_a_config_that_disagrees_with_its_tensors(tmp_path, capsys, edit, words):
+    """Issue item 8: ``[]`` was an AttributeError traceback; ``r`` 64, "x" or 0 beside rank-16
+    tensors was imported silently (as the rank of B's non-zero columns). Every message names the file."""
+    adapter = lora_adapter(tmp_path)
+    cfg_path = adapter / "adapter_config.json"
+    if isinstance(edit, list):
+        cfg_path.write_text(json.dumps(edit))
+    else:
+        key, _, value = edit.partition("=")
+        parsed = {"x": "x", "a": "a", "true": True, "[]": []}.get(value, value)
+        cfg = json.loads(cfg_path.read_text())
+        cfg[key] = int(parsed) if isinstance(parsed, str) and parsed.isdigit() else parsed
+        cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ExportError, match=re.escape(words)) as info:
+        import_peft(adapter, tmp_path / "t.safetensors", backbone="test_vit", img_size=SIZE)
+    assert str(cfg_path) in str(info.value)
+    assert main(["import-peft", str(adapter), "--backbone", "test_vit", "--img-size", str(SIZE),
+                 "--out", str(tmp_path / "t.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(cfg_path) in err[0] and "Traceback" not in err[0], err
+    assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_a_consistent_rank_16_adapter_still_imports(tmp_path):
+    adapter = lora_adapter(tmp_path)
+    summary = import_peft(adapter, tmp_path / "t.safetensors", backbone="test_vit", img_size=SIZE)
+    assert summary["method"]["options"]["rank"] == 16
+    x = generated_images(2)
+    assert max_diff(vistune_outputs(tmp_path / "t.safetensors", x), vistune_outputs(tmp_path / "run", x)) <= 1e-5
+
+
 # ------------------------------------------------------------------------------- bad input, CLI
 
 def test_missing_backbone_weights_is_one_line_and_writes_nothing(tmp_path):
@@ -514,6 +565,66 @@ def test_output_folder_is_replaced_only_with_overwrite(runs, tmp_path):
     export(runs("bitfit"), "timm", out, overwrite=True)
     assert (out / "model.safetensors").read_bytes() != before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp or backup folders left
+
+
+def test_overwrite_never_deletes_the_run_or_its_siblings(tmp_path, capsys):
+    """Issue item 4: ``--tuned runs/r1 --out runs --overwrite`` replaced the whole ``runs`` folder,
+    deleting r1 itself and every other run; an --out that is or contains the run is refused now."""
+    runs_dir = tmp_path / "runs"
+    r1 = make_run(runs_dir, "linear")
+    sibling = make_run(runs_dir, "bitfit")
+    before = {p: p.read_bytes() for p in runs_dir.rglob("*") if p.is_file()}
+    for out in (runs_dir, r1, tmp_path):
+        for tuned in (r1, r1 / "tuned.safetensors"):
+            with pytest.raises(ExportError, match="is or contains the run being exported"):
+                export(tuned, "timm", out, overwrite=True)
+            assert main(["export", "--tuned", str(tuned), "--format", "onnx", "--out", str(out), "--overwrite"]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and str(out) in err[0], err
+    assert {p: p.read_bytes() for p in runs_dir.rglob("*") if p.is_file()} == before
+    assert (sibling / "tuned.safetensors").is_file()
+    export(r1, "timm", r1 / "timm")  # a folder inside the run is fine
+    assert (r1 / "timm" / "model.safetensors").is_file() and (r1 / "tuned.safetensors").is_file()
+
+
+def test_overwrite_replaces_only_an_earlier_exports_files(runs, tmp_path):
+    """Other files in --out stay; the old export's files go only once the new set is complete."""
+    out = tmp_path / "out"
+    export(runs("linear"), "onnx", out)
+    (out / "notes.txt").write_text("mine")
+    (out / "sub").mkdir()
+    export(runs("bitfit"), "timm", out, overwrite=True)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["config.json", "model.safetensors", "notes.txt", "sub", "vistune_export.json"], names
+    assert (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "vistune_export.json").read_text())["artefact"] == "timm"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp or backup folders left
+    # a new file whose name a foreign file holds is refused, and nothing changes
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model.onnx").write_text("not mine to delete")
+    with pytest.raises(ExportError, match="holds 'model.onnx', which no vistune export wrote"):
+        export(runs("linear"), "onnx", other, overwrite=True)
+    assert [p.name for p in other.iterdir()] == ["model.onnx"]
+    assert (other / "model.onnx").read_text() == "not mine to delete"
+
+
+def test_a_failed_overwrite_keeps_the_old_export(runs, tmp_path, monkeypatch):
+    """A failure while building the new set (disk full, a failed check) leaves the old export whole."""
+    from vistune.export import onnx_format
+
+    out = tmp_path / "out"
+    export(runs("linear"), "onnx", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(out / "model.onnx"))
+
+    monkeypatch.setattr(onnx_format, "check_graph", full_disk)
+    with pytest.raises(OSError):
+        export(runs("bitfit"), "onnx", out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_cli_export_and_import(runs, tmp_path, capsys):

@@ -392,3 +392,209 @@ def test_missing_sensitivity_file_is_computed_there(runs, tmp_path):
     m = train(cfg_for(runs / "data", tmp_path / "spt", method="spt", epochs=1, options={"budget": "2k"},
                       sensitivity=str(scores), batch_size=4))
     assert scores.is_file() and m["tuned_params"] > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# issue items 4 and 7: --overwrite keeps the old run until the new one is complete; a full disk,
+# Ctrl-C and a lost rank are one line
+
+
+def train_argv(data, out, *extra):
+    return ["train", "--backbone", "test_vit", "--img-size", "32", "--method", "linear", "--data", f"folder:{data}",
+            "--epochs", "1", "--batch-size", "8", "--no-progress", "--out", str(out), *extra]
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".vistune.lock"}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("full") / "data", per_class=2)
+
+
+def test_a_failed_overwrite_keeps_the_finished_run(tiny_data, tmp_path, capsys, monkeypatch):
+    """Issue item 4: ``train --overwrite`` deleted the old run's files first, so a new run that
+    failed (here: safetensors reporting a full disk) left nothing. Now the old run comes back."""
+    import safetensors.torch
+
+    out = tmp_path / "run"
+    assert main(train_argv(tiny_data, out)) == 0
+    before = files_of(out)
+
+    def full(*args, **kwargs):
+        raise safetensors.SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    capsys.readouterr()
+    assert main(train_argv(tiny_data, out, "--epochs", "2", "--overwrite")) == 2
+    line = one_error_line(capsys, "train")
+    assert "No space left on device" in line and str(out / "tuned.safetensors") in line, line
+    assert files_of(out) == before  # the old run, whole; no .previous, no temp files
+    monkeypatch.undo()
+    assert main(train_argv(tiny_data, out, "--epochs", "2", "--overwrite")) == 0  # a good re-run replaces it
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 2
+    assert not (out / ".previous").exists()
+
+
+def test_an_interrupted_overwrite_can_be_resumed(tiny_data, tmp_path):
+    """Stopped mid-way, the re-run keeps its checkpoint (and the old run aside): --resume finishes it."""
+    from tests.test_engine import cfg_for
+    from vistune.workflows.train import train
+
+    out = tmp_path / "run"
+    train(cfg_for(tiny_data, out, method="linear", epochs=1))
+    old = (out / "metrics.json").read_bytes()
+    assert train(cfg_for(tiny_data, out, method="linear", epochs=2), overwrite=True, stop_after_epoch=1) == {
+        "stopped_after_epoch": 1}
+    assert not (out / "metrics.json").exists() and (out / ".previous" / "metrics.json").read_bytes() == old
+    assert train(cfg_for(tiny_data, out, method="linear", epochs=2), resume=True)["epochs"] == 2
+    assert not (out / ".previous").exists()
+
+
+def test_a_torch_write_failure_is_one_line_naming_the_file(tiny_data, tmp_path, capsys, monkeypatch):
+    """Issue item 7: ``RuntimeError: [enforce fail at inline_container.cc:672]`` was a traceback."""
+    import torch as torch_module
+
+    def failed(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(torch_module, "save", failed)
+    assert main(train_argv(tiny_data, tmp_path / "run")) == 2
+    line = one_error_line(capsys, "train")
+    assert "checkpoint.pt" in line and "file write failed" in line, line
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_ctrl_c_is_one_line_saying_how_to_resume(tiny_data, tmp_path, capsys, monkeypatch):
+    from vistune.workflows import sweep
+    from vistune.workflows import train as train_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train", interrupted)
+    assert main(train_argv(tiny_data, tmp_path / "run")) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "vistune train: interrupted; resume with --resume" and "Traceback" not in err, err
+    monkeypatch.setattr(sweep, "run_sweep", interrupted)
+    assert main(["sweep", *train_argv(tiny_data, tmp_path / "sw")[1:]]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "interrupted; resume by running the same command again" in err[0], err
+
+
+def test_a_lost_rank_is_one_line(tiny_data, tmp_path, capsys, monkeypatch):
+    """Issue item 7: a rank whose peer was killed printed gloo's traceback and no vistune line."""
+    from vistune.workflows import train as train_module
+
+    def lost(*args, **kwargs):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+                           "[127.0.0.1]:40173")
+
+    monkeypatch.setattr(train_module, "train", lost)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(train_argv(tiny_data, tmp_path / "run")) == 2
+    line = one_error_line(capsys, "train")
+    assert "(rank 1 of 2)" in line and "lost contact with another process" in line and "--resume" in line, line
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 4 MiB tmpfs: a real full disk (mounting needs root; skipped where the sandbox refuses)."""
+    import subprocess
+
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    try:
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True,
+                              text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError) as err:
+        pytest.skip(f"cannot mount a tmpfs here ({err})")
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30, check=False)
+
+
+def fill(folder: Path) -> None:
+    """Write a filler file until the file system is full."""
+    with open(folder / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    try:  # the last partial buffer may still be pending
+        with open(folder / "filler2", "wb") as f:
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+    except OSError:
+        pass
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_old_run(tiny_data, small_tmpfs, capsys):
+    """A real full disk (tmpfs): train, train --overwrite and export each end in one line, and the
+    finished run that was there stays whole."""
+    out = small_tmpfs / "run"
+    assert main(train_argv(tiny_data, out)) == 0
+    before = files_of(out)
+    fill(small_tmpfs)
+    capsys.readouterr()
+    assert main(train_argv(tiny_data, out, "--epochs", "2", "--overwrite")) == 2
+    assert "No space left on device" in one_error_line(capsys, "train")
+    assert files_of(out) == before
+    assert main(train_argv(tiny_data, small_tmpfs / "new")) == 2
+    assert "No space left on device" in one_error_line(capsys, "train")
+    assert main(["export", "--tuned", str(out), "--format", "timm", "--out", str(small_tmpfs / "x")]) == 2
+    assert "No space left on device" in one_error_line(capsys, "export")
+    assert not list(small_tmpfs.glob(".x.*"))
+
+
+def test_report_lists_what_it_skipped_and_keeps_the_good_rows(runs, tmp_path, capsys):
+    """Issue item 9: an absent path, an empty folder or an unfinished run vanished silently (exit 0:
+    a typo went unnoticed), and one broken file aborted the whole table."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "metrics.json").write_text('{"method": ')
+    paths = {"absent": tmp_path / "absnet", "empty": tmp_path / "empty", "unfinished": runs / "stopped",
+             "broken": tmp_path / "broken"}
+    capsys.readouterr()
+    assert main(["report", str(runs / "done"), *map(str, paths.values())]) == 0
+    out, err = capsys.readouterr()
+    table = [line for line in out.splitlines() if line.startswith("| linear")]
+    assert len(table) == 1, out
+    lines = err.strip().splitlines()
+    assert len(lines) == 4 and "Traceback" not in err, err
+    reasons = {"absent": "no such file or folder", "empty": "empty folder", "unfinished": "unfinished run",
+               "broken": "is not JSON"}
+    for (name, path), line in zip(paths.items(), lines):
+        assert line.startswith(f"vistune report: skipped {path}: ") and reasons[name] in line, (name, line)
+    # nothing readable: exit 2, one line naming every path and why
+    assert main(["report", *map(str, paths.values())]) == 2
+    line = one_error_line(capsys, "report")
+    assert all(str(p) in line for p in paths.values()) and "empty folder" in line, line
+
+
+def test_a_sweep_on_a_full_disk_is_one_line_and_resumes_once_space_is_free(tiny_data, small_tmpfs, capsys):
+    """A real full disk under a sweep: one line; freeing space and rerunning finishes every point
+    once (a failed write once left the trial's folder lock held, and the rerun looped on it)."""
+    out = small_tmpfs / "s"
+    argv = ["sweep", *train_argv(tiny_data, out)[1:], "--pruner", "none", "--grid", "lr=0.05,0.01", "--grid", "wd=0",
+            "--stage", "search", "--method", "lora", "-o", "rank=2"]
+    assert main([*argv, "--max-trials", "1"]) == 0
+    fill(small_tmpfs)
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "No space left on device" in one_error_line(capsys, "sweep")
+    for filler in small_tmpfs.glob("filler*"):
+        filler.unlink()
+    assert main(argv) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    complete = sorted(t["params"]["lr"] for t in result["trials"] if t["state"] == "COMPLETE")
+    assert complete == [0.01, 0.05], result["trials"]

@@ -111,6 +111,8 @@ def test_second_worker_joins_the_same_study(folder, tmp_path):
     assert sorted({t["params"]["lr"] for t in complete}) == [0.005, 0.02, 0.05, 0.2]
     workers = {t["worker"] for t in complete}
     assert len(workers) == 2, (workers, (out / "workers.log").read_text()[-2000:])
+    # issue item 5: two workers once trained the last point twice (7 trials for a 6-point grid)
+    assert len(result["trials"]) == 4, result["trials"]
 
 
 def test_method_options_are_searched_and_pruner_reports_each_epoch(folder, tmp_path):
@@ -200,3 +202,245 @@ def test_a_study_without_recorded_settings_is_checked_against_its_trials(folder,
     assert main(sweep_argv(folder, out, "--grid", "lr=0.01", *grid)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "searched other values (lr=0.05" in err[0], err
+
+
+@pytest.mark.parametrize("journal", ["deleted", "emptied"])
+def test_a_lost_journal_never_reuses_trials_trained_with_other_settings(folder, tmp_path, capsys, journal):
+    """Issue item 3: with OUT/study.journal gone, a rerun with --epochs 3 read the 2-epoch trial
+    folders back and reported them as 3-epoch results. Each folder's own config is compared now."""
+    out = tmp_path / "s"
+    grid = ["--grid", "lr=0.05", "--grid", "wd=0", "--seeds", "1"]
+    assert main(sweep_argv(folder, out, *grid)) == 0
+    trials = _trial_metrics(out)
+    final = (out / "final" / "seed0" / "metrics.json").read_text()
+    if journal == "deleted":
+        (out / "study.journal").unlink()
+    else:
+        (out / "study.journal").write_text("")
+    argv = sweep_argv(folder, out, *grid)
+    argv[argv.index("--epochs") + 1] = "3"
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trials/lr=0.05,wd=0" in err[0] and "epochs: 2 there, 3 now" in err[0], err
+    assert _trial_metrics(out) == trials
+    # the same settings as the folders were trained with are read back (nothing retrained)
+    stamp = (out / "trials" / "lr=0.05,wd=0" / "metrics.json").stat().st_mtime_ns
+    assert main(sweep_argv(folder, out, *grid)) == 0
+    assert (out / "trials" / "lr=0.05,wd=0" / "metrics.json").stat().st_mtime_ns == stamp
+    assert (out / "final" / "seed0" / "metrics.json").read_text() == final
+    assert json.loads((out / "sweep.json").read_text())["epochs"] == 2
+
+
+def test_a_final_run_trained_with_other_settings_is_not_read_back(folder, tmp_path, capsys):
+    """The retrain stage reads final/seed<S> back too: only when that run's config is the one asked."""
+    out = tmp_path / "s"
+    grid = ["--grid", "lr=0.05", "--grid", "wd=0", "--seeds", "1"]
+    assert main(sweep_argv(folder, out, *grid)) == 0
+    (out / "study.journal").unlink()
+    import shutil
+
+    shutil.rmtree(out / "trials")
+    argv = sweep_argv(folder, out, *grid)
+    argv[argv.index("--epochs") + 1] = "1"
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "final/seed0" in err[0] and "epochs: 2 there, 1 now" in err[0], err
+
+
+def test_a_truncated_journal_record_is_dropped_and_the_sweep_resumes(folder, tmp_path, capsys):
+    """Issue item 6: a kill or a full disk mid-append leaves a partial last line; Optuna appended
+    the next record onto it and every later resume died with a bare JSON error naming no file."""
+    out = tmp_path / "s"
+    argv = sweep_argv(folder, out, "--grid", "lr=0.05,0.01", "--grid", "wd=0", "--stage", "search")
+    assert main([*argv, "--max-trials", "1"]) == 0
+    journal = out / "study.journal"
+    data = journal.read_bytes()
+    journal.write_bytes(data[:-25])  # the last record (the trial's COMPLETE state) cut short
+    capsys.readouterr()
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "study.journal: dropped a partial last record (" in err and "Traceback" not in err, err
+    assert (out / "study.journal.partial").read_bytes() == data[-len(data.split(b"\n")[-2]) - 1:-25] + b"\n"
+    assert main(argv) == 0  # and again: the journal is sound now
+    result = json.loads((out / "sweep.json").read_text())
+    complete = sorted(t["params"]["lr"] for t in result["trials"] if t["state"] == "COMPLETE")
+    assert complete == [0.01, 0.05], result["trials"]
+
+
+@pytest.mark.parametrize("damage", ["middle", "end"])
+def test_a_garbage_journal_is_refused_naming_the_file(folder, tmp_path, capsys, damage):
+    out = tmp_path / "s"
+    argv = sweep_argv(folder, out, "--grid", "lr=0.05", "--grid", "wd=0", "--stage", "search")
+    assert main(argv) == 0
+    journal = out / "study.journal"
+    lines = journal.read_bytes().split(b"\n")
+    if damage == "middle":
+        lines.insert(1, b"\xff\xfe\x00garbage")
+        journal.write_bytes(b"\n".join(lines))
+    else:
+        journal.write_bytes(b"\n".join(lines) + bytes(range(11, 256)))  # no newline in it
+    before = journal.read_bytes()
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(journal) in err[0] and "move it away" in err[0], err
+    assert ("line 2" in err[0]) if damage == "middle" else ("ends in bytes" in err[0])
+    assert journal.read_bytes() == before  # nothing repaired that cannot be
+
+
+def test_a_trial_whose_worker_is_alive_is_not_retried(folder, tmp_path, capsys):
+    """Issue item 5: the rerun after a kill marked a trial FAIL and retried it although its worker
+    (an orphan) was still training it. A worker holds a liveness lock; a held lock means alive."""
+    import fcntl
+    import os
+
+    from vistune.workflows.sweep import Space, open_study, retry_stale_trials
+
+    out = tmp_path / "s"
+    out.mkdir()
+    space = Space({"lr": [0.1, 0.01], "wd": [0.0]}, "adamw")
+    study = open_study(out, None, "vistune-sweep", "grid", space, "none", 2, 0)
+    trial = study.ask()
+    trial.set_user_attr("alive", ".alive-elsewhere-1")
+    trial.set_user_attr("worker", "elsewhere:1")
+    fd = os.open(out / ".alive-elsewhere-1", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # the live worker's lock
+    try:
+        assert retry_stale_trials(study, out, wait=0) == 0
+        assert "still running in elsewhere:1; not retried" in capsys.readouterr().err
+        assert [t.state.name for t in study.get_trials()] == ["RUNNING"]
+    finally:
+        os.close(fd)  # the worker dies
+    assert retry_stale_trials(study, out, wait=0) == 1
+    assert [t.state.name for t in study.get_trials()] == ["FAIL", "WAITING"]
+    assert not (out / ".alive-elsewhere-1").exists()
+
+
+def test_killing_the_sweep_kills_its_workers(folder, tmp_path, capsys):
+    """Issue item 5 with real processes: ``kill -9`` of ``sweep --jobs 2`` left the worker training
+    on as an orphan (re-parented to PID 1). Workers die with their parent now, and the rerun
+    then retries both trials (neither worker holds its liveness lock any more)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from vistune.workflows.sweep import Space, open_study, retry_stale_trials
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "s"
+    argv = sweep_argv(folder, out, "--grid", "lr=0.05,0.01", "--grid", "wd=0", "--stage", "search")
+    argv[argv.index("--epochs") + 1] = "1000"  # far longer than the test waits: only a kill ends them
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(repo / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "vistune", *argv, "--jobs", "2"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # both processes are training (an epoch logged in each trial)
+            logs = list((out / "trials").glob("*/log.jsonl")) if (out / "trials").is_dir() else []
+            if len(logs) == 2 and all(p.stat().st_size for p in logs):
+                break
+            assert proc.poll() is None, "the sweep ended before it could be killed"
+            time.sleep(0.2)
+        else:
+            pytest.fail("the two trials did not start")
+        workers = [int(p.name.split("-")[1].split(".")[0]) for p in out.glob(".worker-*.ready")]
+        assert len(workers) == 1
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+        def alive(pid: int) -> bool:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                return False
+            return state not in ("Z", "X")
+
+        deadline = time.monotonic() + 10
+        while alive(workers[0]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(workers[0]), "the worker outlived its killed parent"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    space = Space({"lr": [0.05, 0.01], "wd": [0.0]}, "adamw")
+    study = open_study(out, None, "vistune-sweep", "grid", space, "none", 1000, 0)
+    assert retry_stale_trials(study, out, wait=0) == 2
+    assert "not retried" not in capsys.readouterr().err
+
+
+def test_an_rdb_storage_sweep_keeps_optunas_heartbeat(folder, tmp_path, capsys):
+    """The sweep runs its own ask/tell loop; with an RDB storage each trial still runs inside
+    Optuna's heartbeat thread (so a dead machine's trials are retried), and nothing warns."""
+    out = tmp_path / "s"
+    argv = sweep_argv(folder, out, "--grid", "lr=0.05,0.01", "--grid", "wd=0", "--stage", "search",
+                      "--storage", f"sqlite:///{tmp_path}/db.sqlite")
+    argv[argv.index("--epochs") + 1] = "1"
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert capsys.readouterr().err == ""
+    study = optuna.load_study(study_name="vistune-sweep", storage=f"sqlite:///{tmp_path}/db.sqlite")
+    assert sorted(t.params["lr"] for t in study.trials if t.state.name == "COMPLETE") == [0.01, 0.05]
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "db.sqlite") as db:  # each trial beat while it ran
+        assert db.execute("select count(distinct trial_id) from trial_heartbeats").fetchone()[0] == 2
+
+
+def test_a_point_whose_folder_another_process_holds_is_not_asked_again(folder, tmp_path, capsys):
+    """A trial folder held by another process fails that trial; the loop once asked the same point
+    again and again (thousands of FAIL trials). Now the point is left to its holder."""
+    import signal
+
+    from vistune.engine.rundir import FolderLock
+
+    out = tmp_path / "s"
+    holder = FolderLock(out / "trials" / "lr=0.05,wd=0")
+    holder.acquire()  # "another process" (flock is per open file, so this process counts)
+
+    def hung(*args):
+        raise TimeoutError("the sweep kept asking the held point")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    try:
+        assert main(sweep_argv(folder, out, "--grid", "lr=0.05,0.01", "--grid", "wd=0", "--stage", "search")) == 0
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        holder.release()
+    err = capsys.readouterr().err
+    assert err.count("is in use by another run") == 1, err
+    result = json.loads((out / "sweep.json").read_text())
+    assert sorted((t["params"]["lr"], t["state"]) for t in result["trials"]) == [(0.01, "COMPLETE"), (0.05, "FAIL")]
+
+
+def test_a_lock_that_cannot_record_its_holder_is_released(tmp_path, monkeypatch):
+    """A full disk while the lock file is written left the flock held by the failed run."""
+    import os
+
+    from vistune.engine import rundir
+
+    def full(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rundir.os, "write", full)
+    with pytest.raises(OSError, match="No space left on device") as info:
+        rundir.FolderLock(tmp_path / "r").acquire()
+    monkeypatch.undo()
+    assert info.value.filename == str(tmp_path / "r" / rundir.LOCK_NAME)
+    lock = rundir.FolderLock(tmp_path / "r")
+    lock.acquire()  # free again
+    lock.release()
+    assert os.path.exists(tmp_path / "r" / rundir.LOCK_NAME)

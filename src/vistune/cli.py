@@ -443,17 +443,18 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from vistune.report import load_metrics, machine_lines, markdown_table
-
-    rows = load_metrics(args.runs)
-    if not rows:
-        print("vistune report: error: no metrics.json under " + ", ".join(args.runs), file=sys.stderr)
-        return 2
-    print("\n".join(machine_lines(rows)) + "\n")  # what made the numbers, above them
-    from vistune.report import DEFAULT_COLUMNS
+    from vistune.report import DEFAULT_COLUMNS, collect_rows, machine_lines, markdown_table
     from vistune.robustness.report import report_columns
 
+    rows, skipped = collect_rows(args.runs)
+    if not rows:
+        reasons = "; ".join(f"{path}: {why}" for path, why in skipped)
+        print(f"vistune report: error: nothing readable ({_one_line(reasons)})", file=sys.stderr)
+        return 2
+    print("\n".join(machine_lines(rows)) + "\n")  # what made the numbers, above them
     print(markdown_table(rows, report_columns(rows, DEFAULT_COLUMNS)))
+    for path, why in skipped:  # after the table, on stderr: the good rows stay usable
+        print(f"vistune report: skipped {path}: {_one_line(why)}", file=sys.stderr)
     return 0
 
 
@@ -738,6 +739,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: What to do after an interruption, per command (Ctrl-C prints this instead of a traceback).
+_RESUME = {
+    "train": "; resume with --resume",
+    "pretrain": "; resume with --resume",
+    "sweep": "; resume by running the same command again (finished trials are kept)",
+    "fewshot": "; run the same command again to continue (finished runs are kept)",
+}
+
+
+def _lost_peer(err: BaseException, text: str) -> bool:
+    """A collective failed because another rank is gone (gloo/NCCL say so in their own words)."""
+    names = {type(e).__name__ for e in (err, err.__cause__, err.__context__) if e is not None}
+    markers = ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL", "ProcessGroup",
+               "Broken pipe", "Socket Timeout", "connection closed")
+    return bool(names & {"DistBackendError", "DistNetworkError", "DistError"}) or any(m in text for m in markers)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import os
 
@@ -758,8 +776,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             err = f"{err.strerror}: {err.filename}"
         print(f"vistune {args.command}: error{where}: {_one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"vistune {args.command}: interrupted{where}{_RESUME.get(args.command, '')}", file=sys.stderr)
+        return 130
     except (MemoryError, RuntimeError) as err:
         text = _one_line(err)
+        if world > 1 and _lost_peer(err, text):
+            print(f"vistune {args.command}: error{where}: lost contact with another process of the job (a rank "
+                  f"died or was killed: {text[:160]}); the job stops{_RESUME.get(args.command, '')}", file=sys.stderr)
+            return 2
         if not isinstance(err, MemoryError) and "out of memory" not in text and "can't allocate memory" not in text:
             raise  # a bug: keep its traceback
         print(f"vistune {args.command}: error{where}: out of memory ({text[:200]}); lower --batch-size, "

@@ -52,7 +52,13 @@ def write_set_atomic(folder: str | os.PathLike, writers: list[tuple[str, Callabl
             fd, tmp = tempfile.mkstemp(prefix=name + ".", suffix=TEMP_SUFFIX, dir=folder)
             os.close(fd)
             temps.append((Path(tmp), folder / name))
-            write(Path(tmp))
+            try:
+                write(Path(tmp))
+            except Exception as err:
+                translated = write_error(err, folder / name)
+                if translated is None:
+                    raise
+                raise translated from None
             os.chmod(tmp, 0o666 & ~_umask())
         for tmp, final in temps:
             os.replace(tmp, final)
@@ -61,6 +67,37 @@ def write_set_atomic(folder: str | os.PathLike, writers: list[tuple[str, Callabl
             tmp.unlink(missing_ok=True)
         raise
     return [final for _, final in temps]
+
+
+def write_error(err: BaseException, path: str | os.PathLike) -> OSError | None:
+    """A failed write as an ``OSError`` naming ``path``, or None when ``err`` is no write failure.
+
+    Why: the libraries behind the writers report a full disk in their own words —
+    ``torch.save``: ``RuntimeError: [enforce fail at inline_container.cc:672] ... file write
+    failed``; safetensors: ``SafetensorError ... os error 28``; a plain ``write()``: an OSError
+    without a file name — and the CLI can only turn an OSError that names its file into one line.
+    """
+    import errno
+
+    text = str(err)
+    if isinstance(err, OSError):
+        if err.filename is not None:
+            return None
+        code = err.errno or errno.EIO
+        return OSError(code, err.strerror or os.strerror(code), str(path))
+    full = "No space left" in text or "os error 28" in text or "StorageFull" in text
+    if not full and not any(s in text for s in ("file write failed", "inline_container", "IoError",
+                                                  "unexpected pos")):
+        return None
+    if not full:  # torch does not say why a write failed: a full disk is the common case, check it
+        try:
+            full = os.statvfs(Path(path).parent).f_bavail == 0
+        except OSError:
+            pass
+    if full:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
+    return OSError(errno.EIO, f"cannot write the file ({first[:160]})", str(path))
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:

@@ -66,24 +66,68 @@ def read_metrics(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_metrics(paths: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
     """metrics.json of run folders; a sweep folder gives one row (its retrained seeds' mean ± std).
-    Folders without metrics are skipped (a run still in progress); a damaged file is refused."""
+    Paths without metrics are skipped (a run still in progress); a damaged file is refused.
+    ``vistune report`` uses :func:`collect_rows`, which also says what it skipped and why."""
     from vistune.workflows.sweep import sweep_row
 
     rows = []
     for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            try:
-                row = sweep_row(p)
-            except (ValueError, KeyError, TypeError, AttributeError) as err:
-                raise ReportError(f"{p / 'sweep.json'} is not a vistune sweep result ({err!r})") from None
-            if row is not None:
-                rows.append(row)
-                continue
-        f = p / "metrics.json" if p.is_dir() else p
-        if f.is_file():
-            rows.append(read_metrics(f))
+        row = _row_of(Path(p), sweep_row)
+        if not isinstance(row, str):
+            rows.append(row)
     return rows
+
+
+def collect_rows(paths: Iterable[str | os.PathLike]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """(rows, skipped): a row per readable run or sweep, and ``(path, reason)`` for every path
+    that gave none — absent, an empty folder, an unfinished run, a damaged file.
+
+    Why not one error for all: a table of twenty runs must not be lost to one broken file, and a
+    path that gives no row must not vanish silently (a typo would go unnoticed); the caller shows
+    both.
+    """
+    from vistune.workflows.sweep import sweep_row
+
+    rows: list[dict[str, Any]] = []
+    skipped: list[tuple[str, str]] = []
+    for p in paths:
+        p = Path(p)
+        try:
+            row = _row_of(p, sweep_row)
+        except ReportError as err:
+            skipped.append((str(p), str(err).removeprefix(f"{p}: ").removeprefix(f"{p / 'metrics.json'}: ")))
+            continue
+        except OSError as err:
+            skipped.append((str(p), f"cannot be read ({err.strerror or err})"))
+            continue
+        if isinstance(row, str):
+            skipped.append((str(p), row))
+        else:
+            rows.append(row)
+    return rows, skipped
+
+
+def _row_of(p: Path, sweep_row: Any) -> dict[str, Any] | str:
+    """One path's row, or the reason it has none."""
+    if not p.exists():
+        return "no such file or folder"
+    if p.is_dir():
+        try:
+            row = sweep_row(p)
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ReportError(f"{p / 'sweep.json'} is not a vistune sweep result ({err!r})") from None
+        if row is not None:
+            return row
+        f = p / "metrics.json"
+        if f.is_file():
+            return read_metrics(f)
+        names = {c.name for c in p.iterdir()} - {".vistune.lock"}
+        if not names:
+            return "empty folder"
+        if names & {"checkpoint.pt", "log.jsonl", "study.journal"}:
+            return "unfinished run (no metrics.json yet)"
+        return "no metrics.json or sweep.json in this folder"
+    return read_metrics(p)
 
 
 def _fmt(key: str, value: Any) -> str:

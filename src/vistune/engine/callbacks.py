@@ -55,11 +55,19 @@ class JsonlLog(Callback):
 
     def on_fit_start(self, state: FitState) -> None:
         lines = "".join(json.dumps(finite_json(r)) + "\n" for r in state.history)
-        self.path.write_text(lines)
+        self._write(lines, "w")
 
     def on_epoch_end(self, state: FitState, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(finite_json(record)) + "\n")
+        self._write(json.dumps(finite_json(record)) + "\n", "a")
+
+    def _write(self, text: str, mode: str) -> None:
+        try:
+            with open(self.path, mode) as f:
+                f.write(text)
+        except OSError as err:  # a full disk's write() error names no file: name it
+            from vistune.io import write_error
+
+            raise (write_error(err, self.path) or err) from None
 
 
 class Progress(Callback):

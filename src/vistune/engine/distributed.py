@@ -208,8 +208,17 @@ def launch(nproc: int, argv: Sequence[str], command: str = "train") -> int:
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
         code = failure.exitcode
-        print(f"vistune {command}: error: worker rank {rank} of {nproc} failed (exit code {code}); "
-              "the job was stopped", file=sys.stderr)
+        how = f"failed (exit code {code})"
+        if code < 0:  # killed by a signal (the OOM killer, kill -9): say which
+            import signal
+
+            try:
+                how = f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        again = "; resume with --resume" if command in ("train", "pretrain") else ""
+        print(f"vistune {command}: error: worker rank {rank} of {nproc} {how}; the job was stopped{again}",
+              file=sys.stderr)
         return 2 if code in (0, 2) else (code if code > 0 else 1)
     return 0
 

@@ -9,8 +9,13 @@ model beside the old metrics; a killed writer leaves ``*.tmp`` orphans. So:
   is refused with one line naming the holder's pid, host and start time.
 * **Completion marker.** ``metrics.json`` is written last, as part of one set with the model
   files (:func:`vistune.io.write_set_atomic`); its presence means the run is complete. A
-  finished folder is not overwritten unless ``--overwrite``, and then the marker is deleted
-  *first*, so an interrupted re-run is visibly incomplete.
+  finished folder is not overwritten unless ``--overwrite``.
+* **Overwrite keeps the old run until the new one is complete.** ``--overwrite`` moves the old
+  run's files into ``OUT/.previous/`` (a rename: nothing is copied or deleted), so the folder is
+  visibly incomplete while the new run trains. When the new run completes, ``.previous`` is
+  deleted; when it fails (a full disk, a bad setting), the partial new files are removed and the
+  old run is moved back. An interrupted (Ctrl-C) or killed re-run keeps ``.previous`` beside its
+  checkpoint: ``--resume`` finishes the new run, another ``--overwrite`` starts it again.
 * **Orphans.** Temp files left by a killed writer are removed when the next run takes the lock.
 
 Only rank 0 of a distributed job touches the folder.
@@ -30,6 +35,8 @@ from vistune.io import remove_orphan_temps
 
 LOCK_NAME = ".vistune.lock"
 MARKER = "metrics.json"
+#: Where ``--overwrite`` keeps the old run's files until the new run is complete.
+PREVIOUS = ".previous"
 #: Files a run may leave in its folder; ``--overwrite`` deletes exactly these (never other files).
 RUN_FILES = ("metrics.json", "tuned.safetensors", "dense_head.safetensors", "splits.json", "log.jsonl",
              "checkpoint.pt", "sensitivity.safetensors", "modules.safetensors", "heads.safetensors")
@@ -71,9 +78,13 @@ class FolderLock:
                 f"--out {self.path} is in use by another {self.what} ({holder}); wait for it to finish or "
                 "choose another --out"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                     "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        except OSError as err:  # a full disk: without this close the lock stayed held by a failed run
+            os.close(fd)
+            raise OSError(err.errno, err.strerror, str(self.path / LOCK_NAME)) from None
         self._fd = fd
 
     @staticmethod
@@ -121,8 +132,36 @@ class RunDir:
             raise
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self._lock.release()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        try:
+            if self.is_main:
+                self._settle_previous(exc_type)
+        finally:
+            self._lock.release()
+
+    def _settle_previous(self, exc_type: type[BaseException] | None) -> None:
+        """The old run kept by ``--overwrite``: dropped once the new run is complete, moved back
+        when the new run failed (not when it was interrupted or stopped: it can be resumed)."""
+        import shutil
+
+        previous = self.path / PREVIOUS
+        if not previous.is_dir():
+            return
+        if exc_type is None:
+            if (self.path / MARKER).is_file():
+                shutil.rmtree(previous, ignore_errors=True)
+            return
+        if issubclass(exc_type, KeyboardInterrupt) or (self.path / MARKER).is_file():
+            return
+        self._remove_run_files()
+        for item in previous.iterdir():
+            os.replace(item, self.path / item.name)
+        previous.rmdir()
+
+    def _remove_run_files(self) -> None:
+        # the completion marker goes first: from here on the folder is visibly incomplete
+        for name in (MARKER, *self.run_files):
+            (self.path / name).unlink(missing_ok=True)
 
     def _check_contents(self) -> None:
         finished = (self.path / MARKER).is_file()
@@ -136,11 +175,88 @@ class RunDir:
                 "or choose another --out"
             )
         if self.overwrite:
-            # the completion marker goes first: from here on the folder is visibly incomplete
-            for name in (MARKER, *self.run_files):
-                (self.path / name).unlink(missing_ok=True)
+            self._set_aside()
         elif (self.path / "checkpoint.pt").is_file():
             raise RunDirError(
                 f"--out {self.path} holds an unfinished run (checkpoint.pt); continue it with --resume "
                 "or replace it with --overwrite"
             )
+
+    def _set_aside(self) -> None:
+        """``--overwrite``: move the old run's files into ``.previous`` (see the module docstring)."""
+        import shutil
+
+        previous = self.path / PREVIOUS
+        present = [n for n in dict.fromkeys((MARKER, *self.run_files)) if (self.path / n).is_file()]
+        if previous.is_dir():
+            if not (self.path / MARKER).is_file():
+                # .previous holds the last complete run; what is here is a partial re-run
+                self._remove_run_files()
+                return
+            shutil.rmtree(previous)  # the folder holds a newer complete run than .previous
+        if not present:
+            return
+        previous.mkdir()
+        for name in present:  # the marker first: from here on the folder is visibly incomplete
+            os.replace(self.path / name, previous / name)
+
+
+def recorded_settings(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The settings the run in ``path`` was trained with, as :func:`settings_of` gives them.
+
+    Read from the finished run's ``tuned.safetensors`` metadata (its config), else from an
+    unfinished run's ``checkpoint.pt``; None when the folder holds neither. Why: a workflow that
+    reads a finished run back instead of retraining it (a sweep's trials) must know the run was
+    trained as it now asks — a study journal that is gone cannot vouch for that any more.
+    An unreadable file is a :class:`RunDirError` naming it.
+    """
+    folder = Path(path)
+    tuned, ckpt = folder / "tuned.safetensors", folder / "checkpoint.pt"
+    if tuned.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(tuned), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("vistune") or "{}")
+            config = (meta.get("extra") or {}).get("config")
+        except Exception as err:  # noqa: BLE001 - safetensors/JSON errors of a damaged file
+            raise RunDirError(f"{tuned} is corrupt or truncated ({err}); delete {folder} to retrain it") from None
+        return settings_of(config) if isinstance(config, dict) else {}
+    if ckpt.is_file():
+        import torch
+
+        from vistune.io import unreadable_reason
+
+        try:
+            saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - arbitrary bytes raise anything when unpickled
+            raise RunDirError(f"{ckpt} is not a readable checkpoint ({unreadable_reason(err)}); "
+                              f"delete {folder} to retrain it") from None
+        config = saved.get("config") if isinstance(saved, dict) else None
+        return _plain(config) if isinstance(config, dict) else {}
+    return None
+
+
+def settings_of(config: dict[str, Any]) -> dict[str, Any]:
+    """A run config reduced to what changes its result (the checkpoint's resume fingerprint)."""
+    from vistune.engine.checkpoint import config_fingerprint
+
+    return _plain(config_fingerprint(config))
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def settings_diff(recorded: dict[str, Any], wanted: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """``key: A there, B now`` for each setting that differs (options key by key);
+    ``ignore`` names settings (``lr``, ``options.rank``) that may differ."""
+    diffs = []
+    for key in sorted(set(recorded) | set(wanted)):
+        a, b = recorded.get(key), wanted.get(key)
+        if key == "options" and isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f"options.{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(set(a) | set(b))
+                      if a.get(k) != b.get(k) and f"options.{k}" not in ignore]
+        elif a != b and key not in ignore:
+            diffs.append(f"{key}: {a!r} there, {b!r} now")
+    return diffs

@@ -25,7 +25,8 @@ dense runs    -      yes   -
 ============  =====  ====  ====
 
 ``*`` SPT with ``structured=lora`` or ``none``; with adapters it is ONNX only. Every output is a
-folder written atomically (built in a temp folder beside it, then renamed), with a
+folder written atomically (built in a temp folder beside it, then moved in; ``overwrite``
+replaces only an earlier export's files, never the run itself or other files), with a
 ``vistune_export.json`` saying what it holds, how to preprocess images and the Python that runs
 it without vistune.
 """
@@ -37,7 +38,7 @@ from typing import Any
 
 from vistune.export.onnx_format import EXPORTERS, export_onnx
 from vistune.export.peft_format import export_peft, import_peft
-from vistune.export.run import SIDECAR, ExportError, Run, load_run
+from vistune.export.run import SIDECAR, ExportError, Run, check_out_vs_source, load_run
 from vistune.export.timm_format import export_timm
 
 FORMATS = ("onnx", "peft", "timm")
@@ -60,6 +61,7 @@ def export(run: str | os.PathLike, fmt: str, out: str | os.PathLike, *, overwrit
     if unknown:
         valid = ", ".join(sorted(OPTIONS[fmt])) or "none"
         raise ExportError(f"format {fmt!r} has no option {unknown[0]!r} (its options: {valid})")
+    check_out_vs_source(out, run)  # before the (slow) rebuild of the run
     return writers[fmt](run, out, overwrite=overwrite, weights=weights, **options)
 
 

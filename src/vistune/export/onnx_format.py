@@ -227,7 +227,7 @@ def export_onnx(run_path: str | os.PathLike, out: str | os.PathLike, *, exporter
     size = int(run.backbone["img_size"])
     x = example_input(size)
     out = Path(out)
-    with staged_dir(out, overwrite) as tmp:
+    with staged_dir(out, overwrite, source=run.path) as tmp:
         write_onnx(module, x, tmp / ONNX_FILE, outputs, exporter, opset)
         result = check_graph(tmp / ONNX_FILE, module, x, outputs) if check else {"checked": False, "why": "check=False"}
         info = sidecar(

@@ -162,7 +162,7 @@ def export_peft(run_path: str | os.PathLike, out: str | os.PathLike, *, include_
     config = peft_config(run, ranks, scale)
     out = Path(out)
     model = run.tuned.model
-    with staged_dir(out, overwrite) as tmp:
+    with staged_dir(out, overwrite, source=run.path) as tmp:
         save_file(state_for_file(tensors), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         write_json(tmp / CONFIG_FILE, config)
         files = [CONFIG_FILE, WEIGHTS_FILE]
@@ -214,8 +214,9 @@ def read_adapter(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
         raise ExportError(f"PEFT adapter {folder}: {WEIGHTS_FILE} is missing{other}")
     try:
         config = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ExportError(f"PEFT adapter {cfg_path}: not valid JSON ({err})") from None
+    check_config_types(cfg_path, config)
     try:
         tensors = load_file(str(weights))
     except Exception as err:  # noqa: BLE001 - safetensors' own error types
@@ -223,7 +224,44 @@ def read_adapter(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
     return config, tensors
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_config_types(cfg_path: Path, config: Any) -> None:
+    """The keys the import reads must have PEFT's types: a config of ``[]`` or ``"r": "x"`` is
+    refused here, naming the file, rather than failing later as an AttributeError or being
+    silently read as another rank."""
+    if not isinstance(config, dict):
+        raise ExportError(f"PEFT adapter {cfg_path}: expected a JSON object (PEFT's LoraConfig), got "
+                          f"{type(config).__name__}")
+    if "r" in config and not _positive_int(config["r"]):
+        raise ExportError(f"PEFT adapter {cfg_path}: r={config['r']!r} is not a positive integer rank")
+    if "lora_alpha" in config and not _finite_number(config["lora_alpha"]):
+        raise ExportError(f"PEFT adapter {cfg_path}: lora_alpha={config['lora_alpha']!r} is not a finite number")
+    if config.get("lora_dropout") is not None and not _finite_number(config["lora_dropout"]):
+        raise ExportError(f"PEFT adapter {cfg_path}: lora_dropout={config['lora_dropout']!r} is not a number")
+    for key, ok, what in (("rank_pattern", _positive_int, "a positive integer rank"),
+                          ("alpha_pattern", _finite_number, "a finite number")):
+        pattern = config.get(key)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            raise ExportError(f"PEFT adapter {cfg_path}: {key} must be an object (pattern -> value), got {pattern!r}")
+        bad = next((k for k, v in pattern.items() if not ok(v)), None)
+        if bad is not None:
+            raise ExportError(f"PEFT adapter {cfg_path}: {key}[{bad!r}]={pattern[bad]!r} is not {what}")
+    saved = config.get("modules_to_save")
+    if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) for m in saved)):
+        raise ExportError(f"PEFT adapter {cfg_path}: modules_to_save={saved!r} is not a list of module names")
+
+
 def _check_config(folder: Path, config: dict[str, Any], arch: str) -> None:
+    folder = folder / CONFIG_FILE  # every message names the file that says so
     if config.get("peft_type") != "LORA":
         raise ExportError(f"PEFT adapter {folder}: peft_type {config.get('peft_type')!r} is not LORA; vistune "
                           "imports LoRA adapters only")
@@ -260,6 +298,7 @@ def import_peft(adapter_dir: str | os.PathLike, out: str | os.PathLike, *, backb
 
     folder = Path(adapter_dir)
     config, tensors = read_adapter(folder)
+    cfg_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     model = build_backbone(backbone, weights, img_size)
     arch = backbone_info(model).arch
     _check_config(folder, config, arch)
@@ -269,7 +308,7 @@ def import_peft(adapter_dir: str | os.PathLike, out: str | os.PathLike, *, backb
     if made_on and made_on != fp and "meta" not in (made_on, fp):
         src = exported["source"]
         raise ExportError(
-            f"PEFT adapter {folder} was exported by vistune from a run on {src.get('backbone')!r} (weights "
+            f"PEFT adapter {folder / SIDECAR}: exported by vistune from a run on {src.get('backbone')!r} (weights "
             f"{src.get('weights')!r}, {exported.get('img_size')} px) whose fingerprint {made_on[:16]}... differs from "
             f"this backbone's {fp[:16]}... (other weights or image size)"
         )
@@ -282,33 +321,33 @@ def import_peft(adapter_dir: str | os.PathLike, out: str | os.PathLike, *, backb
         for target, (lin, sl) in vit_block_linears(block).items():
             hosts.setdefault(names[id(lin)], (bi, []))[1].append((target, sl))
     if not hosts:
-        raise ExportError(f"backbone {backbone!r} has no ViT blocks for vistune's lora; cannot import {folder}")
+        raise ExportError(f"backbone {backbone!r} has no ViT blocks for vistune's lora; cannot import {weights_file}")
 
     head_name = _head_name(model)
     head_keys = {f"{PREFIX}{head_name}.weight", f"{PREFIX}{head_name}.bias"}
     saved = [m for m in (config.get("modules_to_save") or [])]
     if any(m != head_name and not head_name.endswith("." + m) for m in saved):
-        raise ExportError(f"PEFT adapter {folder}: modules_to_save {saved} holds more than the classifier "
+        raise ExportError(f"PEFT adapter {cfg_file}: modules_to_save {saved} holds more than the classifier "
                           f"{head_name!r}; vistune's lora carries LoRA matrices and the head only")
     lora: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         if key in head_keys:
             continue
         if not key.startswith(PREFIX):
-            raise ExportError(f"PEFT adapter {folder}: tensor {key!r} lacks PEFT's {PREFIX!r} prefix")
+            raise ExportError(f"PEFT adapter {weights_file}: tensor {key!r} lacks PEFT's {PREFIX!r} prefix")
         m = re.match(r"^(.+)\.(lora_A|lora_B)\.weight$", key[len(PREFIX):])
         if m is None:
-            raise ExportError(f"PEFT adapter {folder}: tensor {key!r} is not a LoRA A/B matrix or the head; "
+            raise ExportError(f"PEFT adapter {weights_file}: tensor {key!r} is not a LoRA A/B matrix or the head; "
                               "vistune's lora cannot carry it")
         module, part = m.groups()
         if module not in hosts:
-            raise ExportError(f"PEFT adapter {folder}: LoRA on {module!r}, which is not a q/k/v/proj/fc1/fc2 "
+            raise ExportError(f"PEFT adapter {weights_file}: LoRA on {module!r}, which is not a q/k/v/proj/fc1/fc2 "
                               f"Linear of {arch}'s blocks (the adapter targets another architecture or module)")
         lora.setdefault(module, {})[part] = tensor.detach().float()
     if not lora:
-        raise ExportError(f"PEFT adapter {folder}: holds no LoRA matrices")
+        raise ExportError(f"PEFT adapter {weights_file}: holds no LoRA matrices")
     if not head_keys <= set(tensors):
-        raise ExportError(f"PEFT adapter {folder}: no trained classifier (modules_to_save=[{head_name!r}] with "
+        raise ExportError(f"PEFT adapter {weights_file}: no trained classifier (modules_to_save=[{head_name!r}] with "
                           f"{head_name}.weight/bias); a vistune tuned file carries its head")
 
     # Shapes must be this backbone's, and PEFT's scaling resolved per module.
@@ -316,15 +355,20 @@ def import_peft(adapter_dir: str | os.PathLike, out: str | os.PathLike, *, backb
     scalings: dict[str, float] = {}
     for module, ab in sorted(lora.items()):
         if set(ab) != {"lora_A", "lora_B"}:
-            raise ExportError(f"PEFT adapter {folder}: {module} has {sorted(ab)} but needs lora_A and lora_B")
+            raise ExportError(f"PEFT adapter {weights_file}: {module} has {sorted(ab)} but needs lora_A and lora_B")
         lin = model.get_submodule(module)
         a, b = ab["lora_A"], ab["lora_B"]
         r = a.shape[0]
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != lin.in_features or b.shape != (lin.out_features, r):
             raise ExportError(
-                f"PEFT adapter {folder} is for another architecture: {module} has lora_A {tuple(a.shape)} and "
+                f"PEFT adapter {weights_file} is for another architecture: {module} has lora_A {tuple(a.shape)} and "
                 f"lora_B {tuple(b.shape)}, but {arch}'s {module} is {lin.in_features} -> {lin.out_features}"
             )
+        want = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8))  # PEFT's default r
+        if want != r:  # PEFT would build rank-`want` matrices and refuse these tensors: so do we
+            raise ExportError(f"PEFT adapter {cfg_file}: says rank {want} for {module}, but {weights_file} holds "
+                              f"rank-{r} matrices there (lora_A {tuple(a.shape)}); the config disagrees with its "
+                              "tensors")
         alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
         scalings[module] = float(alpha) / (math.sqrt(r) if config.get("use_rslora") else r)
         block, targets = hosts[module]
@@ -332,7 +376,7 @@ def import_peft(adapter_dir: str | os.PathLike, out: str | os.PathLike, *, backb
             pieces[(block, target)] = (a, b[sl])
     head_w = tensors[f"{PREFIX}{head_name}.weight"]
     if head_w.ndim != 2 or head_w.shape[1] != int(model.num_features):
-        raise ExportError(f"PEFT adapter {folder} is for another architecture: its head reads "
+        raise ExportError(f"PEFT adapter {weights_file} is for another architecture: its head reads "
                           f"{head_w.shape[-1]} features, {arch} gives {model.num_features}")
 
     # Drop columns (and whole targets) that contribute exactly zero; one rank, one scale.
@@ -371,7 +415,8 @@ def import_peft(adapter_dir: str | os.PathLike, out: str | os.PathLike, *, backb
 
     names_from = class_names if class_names is not None else exported.get("class_names")
     if names_from is not None and len(names_from) != num_classes:
-        raise ExportError(f"{len(names_from)} class names given, but the adapter's head has {num_classes} classes")
+        raise ExportError(f"{len(names_from)} class names given, but the head in {weights_file} has {num_classes} "
+                          "classes")
     extra = {"imported_from": {"peft_adapter": str(folder.resolve()), "peft_config": config}}
     if names_from:
         extra["class_names"] = list(names_from)

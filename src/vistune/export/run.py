@@ -216,14 +216,50 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-@contextlib.contextmanager
-def staged_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temp folder beside ``out``; on success it becomes ``out`` (renamed into
-    place, replacing an old ``out`` only with ``overwrite``), on any failure it is removed.
+def check_out_vs_source(out: str | os.PathLike, source: str | os.PathLike | None) -> None:
+    """Refuse an output folder that is, or contains, the run being exported: replacing it would
+    delete the run itself (``--tuned runs/r1 --out runs --overwrite`` once left only the export)."""
+    if source is None:
+        return
+    out_r, src = Path(out).resolve(), Path(source).resolve()
+    run_dir = src.parent if src.is_file() else src
+    if out_r == src or out_r == run_dir or out_r in run_dir.parents:
+        raise ExportError(f"output {out} is or contains the run being exported ({source}); choose an --out "
+                          "outside the run's folder")
 
-    So an export either produces the whole folder or leaves the file system as it was.
+
+def exported_names(folder: Path) -> set[str]:
+    """The names a vistune export wrote into ``folder`` (its sidecar's ``files``, plus the
+    sidecar); empty when ``folder`` holds no vistune export. Only plain names count, so a
+    tampered sidecar cannot point ``--overwrite`` at anything outside the folder."""
+    try:
+        data = json.loads((folder / SIDECAR).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return set()
+    if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT or not isinstance(data.get("files"), list):
+        return set()
+    names = {SIDECAR}
+    for entry in data["files"]:
+        name = str(entry).rstrip("/")
+        if name and name not in (".", "..") and "/" not in name and "\\" not in name:
+            names.add(name)
+    return names
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike, overwrite: bool = False,
+               source: str | os.PathLike | None = None) -> Iterator[Path]:
+    """Yield an empty temp folder beside ``out``; on success its files are moved into ``out``,
+    on any failure it is removed, so an export either lands whole or changes nothing.
+
+    ``overwrite`` replaces only what an earlier vistune export wrote into ``out`` (the files its
+    ``vistune_export.json`` lists); anything else there stays, and a new file whose name is taken
+    by such a foreign file is refused. The old export's files are moved aside only once the new
+    set is complete, and moved back if putting the new set in place fails. ``source`` (the run
+    being exported) must not be ``out`` or lie inside it.
     """
     out = Path(out)
+    check_out_vs_source(out, source)
     if out.exists() and not out.is_dir():
         raise ExportError(f"output {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -231,17 +267,52 @@ def staged_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / "x")
+        try:
+            yield tmp
+        except Exception as err:  # a full disk, in the words of torch/safetensors/onnx: one line naming --out
+            from vistune.io import write_error
+
+            translated = write_error(err, out)
+            if translated is None:
+                raise
+            raise translated from None
+        if not out.exists():
             os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
+            return
+        _swap_in(tmp, out)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Replace ``out``'s old export files by the complete set in ``new`` (see :func:`staged_dir`)."""
+    old = exported_names(out)
+    names = sorted(p.name for p in new.iterdir())
+    names.sort(key=lambda n: n == SIDECAR)  # the sidecar last: it says what the folder holds
+    foreign = [n for n in names if (out / n).exists() and n not in old]
+    if foreign:
+        raise ExportError(f"output {out} holds {foreign[0]!r}, which no vistune export wrote; --overwrite replaces "
+                          "only an earlier export's files: move it away or choose another --out")
+    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    moved: list[str] = []
+    placed: list[str] = []
+    try:
+        for name in sorted(old):
+            if (out / name).exists() or (out / name).is_symlink():
+                os.replace(out / name, trash / name)
+                moved.append(name)
+        for name in names:
+            os.replace(new / name, out / name)
+            placed.append(name)
+    except BaseException:
+        for name in placed:  # back to the old set
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink(missing_ok=True)
+        for name in moved:
+            os.replace(trash / name, out / name)
+        shutil.rmtree(trash, ignore_errors=True)
         raise
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def state_for_file(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -137,7 +137,7 @@ def export_timm(run_path: str | os.PathLike, out: str | os.PathLike, *, overwrit
     state = model.state_dict()
     out = Path(out)
     kwargs = timm_kwargs(model, tuned.num_classes, int(run.backbone["img_size"]))
-    with staged_dir(out, overwrite) as tmp:
+    with staged_dir(out, overwrite, source=run.path) as tmp:
         write_timm_folder(tmp, state, model, run, tuned.num_classes, run.class_names)
         info = sidecar(run, "timm", files=[WEIGHTS_FILE, CONFIG_FILE, SIDECAR], timm_kwargs=kwargs,
                        load=loader_lines(out.resolve(), run.backbone["arch"], kwargs))

@@ -12,9 +12,13 @@ The study lives in the output folder (``OUT/study.journal``, Optuna's journal fi
 ``--storage URL`` names any Optuna storage (e.g. PostgreSQL), so:
 
 * a killed sweep resumes with the same command: finished trials are never re-run (their run
-  folders are read back), and a trial that was running when the process died is retried —
-  its run resumes from its own checkpoint, so the result equals an uninterrupted run;
-* ``--jobs N`` runs N worker processes on this machine against one study;
+  folders are read back, but only when each run's own recorded config is the one asked, so a
+  lost journal never passes old trials off as new), and a trial that was running when the
+  process died is retried — its run resumes from its own checkpoint, so the result equals an
+  uninterrupted run; a partial last journal record (a kill or a full disk mid-write) is cut off;
+* ``--jobs N`` runs N worker processes on this machine against one study; they die with the
+  sweep (``PR_SET_PDEATHSIG``), a trial whose worker is alive (its liveness lock held) is never
+  retried, and trials are asked one process at a time, so no grid point is trained twice;
 * several machines started with the same ``--storage URL`` work on one study (stale trials of a
   dead machine are retried after Optuna's heartbeat grace period); run ``--stage search`` on
   each and ``--stage final`` once.
@@ -37,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,7 +49,7 @@ from typing import Any
 from vistune.config import ConfigError, TrainConfig
 from vistune.engine.callbacks import Callback, FitState
 from vistune.engine.loop import DivergedError
-from vistune.engine.rundir import FolderLock, RunDirError
+from vistune.engine.rundir import FolderLock, RunDirError, recorded_settings, settings_diff, settings_of
 from vistune.io import save_figure_atomic, write_json_atomic, write_text_atomic
 from vistune.methods import get_method
 from vistune.methods.base import MODULE_ADAMW_LRS, VPT_SGD_BASE_LRS
@@ -194,6 +199,75 @@ class OptunaPruning(Callback):
 # The study
 
 
+def repair_journal(path: Path) -> str | None:
+    """Check ``OUT/study.journal`` before Optuna reads it; drop a partial last record.
+
+    A kill or a full disk in the middle of Optuna's append leaves a last line without its end.
+    Optuna skips such a line when reading, but appends the next record right after it, which
+    fuses both into one undecodable line and stops every later resume with a bare JSON error. So
+    the partial record is cut off here (its bytes kept in ``study.journal.partial``) and the
+    caller says so; the trial it belonged to is retried like any trial a killed worker left.
+    Anything else that is no journal record (garbage bytes, a damaged line in the middle) is
+    refused naming the file and line: vistune cannot tell what was lost there.
+
+    Call only while holding the sweep folder's lock (no other writer). Returns what was repaired.
+    """
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline
+    good = 0
+    for number, line in enumerate(lines, 1):
+        if not _journal_record(line):
+            if number == len(lines) and not tail and line.lstrip().startswith(b"{"):
+                tail = line + b"\n"  # a cut record that happens to end in a newline: also partial
+                break
+            raise SweepError(
+                f"{path} is damaged at line {number} (not an Optuna journal record: {line[:40]!r}); restore it "
+                "from a backup, or move it away to rebuild the study (finished trial folders are then read back "
+                "when their settings match)")
+        good += len(line) + 1
+    if not tail:
+        return None
+    if not tail.lstrip().startswith(b"{"):
+        raise SweepError(
+            f"{path} ends in bytes that are no journal record (line {len(lines) + 1}: {tail[:40]!r}); restore it "
+            "from a backup, or move it away to rebuild the study (finished trial folders are then read back when "
+            "their settings match)")
+    with open(path.with_name(path.name + ".partial"), "ab") as f:
+        f.write(tail if tail.endswith(b"\n") else tail + b"\n")
+    os.truncate(path, good)
+    return (f"{path}: dropped a partial last record ({len(tail)} bytes, left by an interrupted write; kept in "
+            f"{path.name}.partial); its trial is retried")
+
+
+def _journal_record(line: bytes) -> bool:
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(record, dict) and "op_code" in record
+
+
+def _grid_sampler_class() -> Any:
+    import optuna
+
+    class GridSampler(optuna.samplers.GridSampler):
+        """Optuna's grid sampler, except that it never calls ``study.stop()`` after a trial: the
+        sweep runs its own ask/tell loop (see :func:`search`), which decides when the grid is done,
+        and ``stop()`` outside ``optimize`` raises."""
+
+        def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+            return None
+
+    return GridSampler
+
+
+def _grid_sampler(values: dict[str, list[Any]], seed: int) -> Any:
+    return _grid_sampler_class()(values, seed=seed)
+
+
 def open_study(out: Path, storage_url: str | None, name: str, sampler: str, space: Space, pruner: str,
                epochs: int, seed: int, create: bool = True) -> Any:
     import optuna
@@ -205,20 +279,18 @@ def open_study(out: Path, storage_url: str | None, name: str, sampler: str, spac
 
         storage: Any = JournalStorage(JournalFileBackend(str(out / "study.journal")))
     elif storage_url.startswith(("sqlite:", "postgresql", "mysql")):
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
-        storage = optuna.storages.RDBStorage(storage_url, heartbeat_interval=60, grace_period=180,
-                                             heartbeat_stale_trial_callback=retry)
+            storage = optuna.storages.RDBStorage(storage_url, heartbeat_interval=60, grace_period=180,
+                                                 heartbeat_stale_trial_callback=retry)
     else:
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
         storage = JournalStorage(JournalFileBackend(storage_url))
     if sampler == "grid":
-        samp = optuna.samplers.GridSampler(space.values, seed=seed)
+        samp = _grid_sampler(space.values, seed=seed)
     else:
         samp = optuna.samplers.TPESampler(seed=seed)
     if pruner == "median":
@@ -273,21 +345,136 @@ def check_settings(study: Any, settings: dict[str, Any], out: Path) -> None:
                      "use another --out, or delete that folder to start over")
 
 
-def retry_stale_trials(study: Any) -> int:
-    """Trials left RUNNING by a dead worker (we hold the sweep's lock, so no local worker is alive):
-    mark them failed and queue a retry of the same configuration, keeping its grid point (what
-    Optuna's heartbeat retry does for an RDB storage; the journal file has no heartbeat)."""
+def trial_config(base: TrainConfig, space: Space, params: dict[str, Any], run_dir: Path, progress: bool,
+                 pruning: bool) -> TrainConfig:
+    """The run config of the trial with ``params`` (one place, so the read-back check and the
+    training agree on it)."""
+    # the pruner needs every epoch's val number; without one, the run's own val_every stands
+    val_every = 1 if pruning else base.val_every
+    return apply_params(base, params, space.optimizer, trainval=False, out=str(run_dir), progress=progress,
+                        val_every=val_every, eval_test_every=0)
+
+
+def check_trial_folders(base: TrainConfig, space: Space, out: Path) -> None:
+    """Every trial folder already in ``OUT/trials`` must have been trained with this sweep's
+    settings (apart from the searched ones), or it would be read back as this sweep's result.
+
+    The study journal records the settings too, but the journal can be gone (deleted, emptied,
+    a new ``--storage``) while the folders stay: then only the runs' own configs can tell.
+    """
+    folder = out / "trials"
+    if not folder.is_dir():
+        return
+    wanted = settings_of(trial_config(base, space, {}, folder, False, True).to_dict())
+    searched = tuple(space.values)
+    for run_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        recorded = recorded_settings(run_dir)
+        if recorded is None:
+            continue
+        diffs = settings_diff(recorded, wanted, ignore=searched)
+        if diffs:
+            raise SweepError(f"trial folder {run_dir} was trained with other settings than this sweep asks "
+                             f"({'; '.join(diffs[:3])}), so its result cannot be reused; use another --out, or "
+                             "delete that folder to retrain it")
+
+
+def _check_read_back(run_dir: Path, cfg: TrainConfig) -> None:
+    """A finished run is read back only when its recorded settings equal ``cfg``'s."""
+    recorded = recorded_settings(run_dir)
+    diffs = settings_diff(recorded or {}, settings_of(cfg.to_dict())) if recorded is not None else []
+    if diffs:
+        raise SweepError(f"{run_dir} holds a run trained with other settings ({'; '.join(diffs[:3])}), so its "
+                         "result cannot be reused; use another --out, or delete that folder to retrain it")
+
+
+def retry_stale_trials(study: Any, out: Path | None = None, wait: float = 10.0) -> int:
+    """Trials left RUNNING by a dead worker: mark them failed and queue a retry of the same
+    configuration, keeping its grid point (what Optuna's heartbeat retry does for an RDB storage;
+    the journal file has no heartbeat).
+
+    A worker holds a lock on ``OUT/.alive-<host>-<pid>`` while it runs trials (the kernel drops it
+    when the process dies, even by ``kill -9``), so a trial whose worker still holds its lock is
+    not retried: retrying it would train its configuration twice and make the live worker fail
+    with Optuna's ``UpdateFinishedTrialError``. A worker whose parent was just killed dies with it
+    (see :func:`_start_workers`) a moment later, so a held lock is waited on for ``wait`` seconds.
+    """
     import optuna
     from optuna.trial import TrialState
 
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    retried = 0
     for t in stale:
+        alive = t.user_attrs.get("alive")
+        if out is not None and alive and _held(out / str(alive), wait):
+            print(f"vistune sweep: trial {t.number} ({_params(t.params)}) is still running in "
+                  f"{t.user_attrs.get('worker')}; not retried", file=sys.stderr)
+            continue
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         history = [*t.system_attrs.get("retry_history", []), t.number]
         study.add_trial(optuna.create_trial(
             state=TrialState.WAITING, params=t.params, distributions=t.distributions, user_attrs=t.user_attrs,
             system_attrs={**t.system_attrs, "failed_trial": t.number, "retry_history": history}))
-    return len(stale)
+        retried += 1
+    if out is not None:
+        for lock in out.glob(".alive-*"):  # the locks of dead workers
+            if not _held(lock, 0):
+                lock.unlink(missing_ok=True)
+    return retried
+
+
+def _held(path: Path, wait: float) -> bool:
+    """Whether another process holds the flock on ``path`` (polled for up to ``wait`` seconds)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return False
+            except OSError:
+                if time.monotonic() >= deadline:
+                    return True
+                time.sleep(0.2)
+    finally:
+        os.close(fd)  # also releases the flock if we took it
+
+
+class _Alive:
+    """This process's liveness lock (see :func:`retry_stale_trials`)."""
+
+    def __init__(self, out: Path) -> None:
+        import fcntl
+
+        self.name = f".alive-{os.uname().nodename}-{os.getpid()}"
+        self.path = out / self.name
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+
+
+class _FileLock:
+    """An exclusive flock held for a ``with`` block (serialises ``study.ask`` across workers)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> _FileLock:
+        import fcntl
+
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
 
 
 def suggest(trial: Any, space: Space, sampler: str) -> dict[str, Any]:
@@ -312,12 +499,10 @@ def search(base: TrainConfig, space: Space, out: Path, study: Any, sampler: str,
         run_dir = out / "trials" / trial_name(params)
         trial.set_user_attr("run_dir", str(run_dir.relative_to(out)))
         trial.set_user_attr("worker", f"{os.uname().nodename}:{os.getpid()}")
-        # the pruner needs every epoch's val number; without one, the run's own val_every stands
-        val_every = 1 if pruning else base.val_every
-        cfg = apply_params(base, params, space.optimizer, trainval=False, out=str(run_dir), progress=progress,
-                           val_every=val_every, eval_test_every=0)
+        cfg = trial_config(base, space, params, run_dir, progress, pruning)
         done = run_dir / "metrics.json"
         if done.is_file():  # finished before (a retried or duplicated configuration): read it back
+            _check_read_back(run_dir, cfg)
             metrics = json.loads(done.read_text())
         else:
             resume = (run_dir / "checkpoint.pt").is_file()
@@ -326,6 +511,7 @@ def search(base: TrainConfig, space: Space, out: Path, study: Any, sampler: str,
             except RunDirError:
                 if not done.is_file():  # another worker is running this configuration right now
                     raise
+                _check_read_back(run_dir, cfg)
                 metrics = json.loads(done.read_text())  # ... or just finished it: its number counts
             except DivergedError as err:  # a bad setting, not a broken sweep: the trial fails, the rest go on
                 trial.set_user_attr("error", str(err))
@@ -336,18 +522,98 @@ def search(base: TrainConfig, space: Space, out: Path, study: Any, sampler: str,
             raise SweepError(f"trial {run_dir}: the run has no {key} (does the data have a val split?)")
         return float(metrics[key])
 
-    def finished() -> int:
-        return sum(_settled(t) for t in study.get_trials(deepcopy=False))
+    alive = _Alive(out)
+    busy: set[str] = set()  # grid points whose folder another process holds: not asked again here
+    try:
+        done = 0
+        while max_trials is None or done < max_trials:
+            # One process at a time decides whether work is left and takes it: two workers asking
+            # at once both saw the last grid point free, and one trained it twice (7 trials for 6).
+            with _FileLock(out / ".ask.lock"):
+                _fail_stale_trials(study)
+                left = _work_left(study, space, sampler, trials, busy)
+                if not left:
+                    break
+                if isinstance(left, dict):  # the next grid point, chosen here rather than at random
+                    study.enqueue_trial(left)
+                with warnings.catch_warnings():  # "Heartbeat ... supposed to be used with Study.optimize":
+                    warnings.simplefilter("ignore", UserWarning)  # _run_trial runs the heartbeat itself
+                    trial = study.ask()
+                trial.set_user_attr("alive", alive.name)
+                suggest(trial, space, sampler)  # its params are in the study before the next process looks
+            if not _run_trial(study, trial, objective):
+                busy.add(trial_name(trial.params))
+            done += 1
+    finally:
+        alive.close()
 
-    n_trials = max_trials
+
+def _run_trial(study: Any, trial: Any, objective: Any) -> bool:
+    """Optuna's ``optimize`` step without its logging: a trial's error reaches the CLI as one line.
+    False when another process holds the trial's run folder."""
+    import gc
+
+    import optuna
+    from optuna.storages._heartbeat import get_heartbeat_thread  # what optimize() runs a trial in
+    from optuna.trial import TrialState
+
+    try:
+        with get_heartbeat_thread(trial._trial_id, study._storage):  # an RDB storage's liveness signal
+            value = objective(trial)
+    except optuna.TrialPruned:
+        study.tell(trial, state=TrialState.PRUNED)
+        return True
+    except RunDirError as err:  # another worker holds this configuration's folder: not this trial's fault
+        print(f"vistune sweep: trial {trial.number}: {err}", file=sys.stderr)
+        study.tell(trial, state=TrialState.FAIL)
+        return False
+    except BaseException:
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    finally:
+        gc.collect()
+    if math.isnan(value):
+        study.tell(trial, state=TrialState.FAIL)
+    else:
+        study.tell(trial, value)
+    return True
+
+
+def _fail_stale_trials(study: Any) -> None:
+    """An RDB storage's heartbeat retry (as ``optimize()`` does before each trial): trials of a
+    dead machine become FAIL and :class:`optuna.storages.RetryHeartbeatStaleTrialCallback`
+    queues them again."""
+    import optuna
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    if is_heartbeat_enabled(study._storage):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+
+
+def _work_left(study: Any, space: Space, sampler: str, trials: int | None,
+               busy: set[str] | frozenset[str] = frozenset()) -> bool | dict[str, Any]:
+    """A queued retry (True), the first grid point no trial has settled or is running (its
+    params), or (TPE) fewer than N trials settled or running (True); False when nothing is left.
+    ``busy`` grid points (their folder held by another process) count as taken."""
+    from optuna.trial import TrialState
+
+    all_trials = study.get_trials(deepcopy=False)
+    if any(t.state == TrialState.WAITING for t in all_trials):
+        return True
+    taken = [t for t in all_trials if _settled(t) or t.state == TrialState.RUNNING]
     if sampler == "tpe":
-        left = max(0, (trials or 0) - finished())
-        n_trials = left if max_trials is None else min(left, max_trials)
-        if n_trials == 0:
-            return
-    elif _grid_done(study, space):
-        return
-    study.optimize(objective, n_trials=n_trials, catch=(RunDirError,), gc_after_trial=True)
+        return len(taken) < (trials or 0)
+    import itertools
+
+    names = {trial_name(t.params) for t in taken} | set(busy)
+    keys = list(space.values)
+    for combo in itertools.product(*space.values.values()):
+        params = dict(zip(keys, combo))
+        if trial_name(params) not in names:
+            return params
+    return False
 
 
 def _primary(metrics: dict[str, Any]) -> str:
@@ -432,16 +698,23 @@ def run_sweep(
     if not worker:
         lock.acquire()
     try:
+        if not worker:  # before the study records this sweep's settings: a refusal changes nothing
+            check_trial_folders(base, space, out)
+        if not worker and storage is None:
+            repaired = repair_journal(out / "study.journal")
+            if repaired:
+                print(f"vistune sweep: {repaired}", file=sys.stderr)
         study = open_study(out, storage, study_name, sampler, space, pruner, base.epochs, base.seed)
         check_settings(study, sweep_settings(base, space), out)
         if stage in ("all", "search"):
             if not worker:
                 if storage is None:
-                    n = retry_stale_trials(study)
+                    n = retry_stale_trials(study, out)
                     if n:
                         print(f"vistune sweep: retrying {n} trial(s) a killed worker left running", file=sys.stderr)
                 children = _start_workers(jobs - 1, argv or [], out)
             else:
+                die_with_parent()
                 (out / f".worker-{os.getpid()}.ready").touch()  # tells the first process this worker is in
             search(base, space, out, study, sampler, trials, max_trials, base.progress, pruner != "none")
             if not worker:
@@ -470,7 +743,8 @@ def _start_workers(n: int, argv: Sequence[str], out: Path) -> list[subprocess.Po
     for old in out.glob(".worker-*.ready"):
         old.unlink()
     with open(out / "workers.log", "a") as f:
-        children = [subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT) for _ in range(n)]
+        children = [subprocess.Popen(cmd, env={**env, PARENT_ENV: str(os.getpid())}, stdout=f,
+                                     stderr=subprocess.STDOUT) for _ in range(n)]
     # Start searching only once every worker has joined the study (importing torch takes seconds),
     # so the first trials are shared out rather than all taken by this process.
     deadline = time.monotonic() + 120
@@ -479,6 +753,35 @@ def _start_workers(n: int, argv: Sequence[str], out: Path) -> list[subprocess.Po
             break
         time.sleep(0.2)
     return children
+
+
+#: The environment variable that tells a ``--jobs`` worker which process started it.
+PARENT_ENV = "VISTUNE_SWEEP_PARENT"
+
+
+def die_with_parent() -> None:
+    """Make this ``--jobs`` worker die when the sweep process that started it dies.
+
+    Without it, ``kill -9`` of the sweep left its workers running as orphans (re-parented to
+    PID 1): the rerun retried their trials, and the orphans then failed on trials that were no
+    longer theirs. Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, called by the worker itself (not
+    in a ``preexec_fn``, which is unsafe once torch has started threads); a parent that died
+    before that call is caught by comparing ``getppid()`` with the recorded parent. Elsewhere
+    nothing is set, and the rerun's liveness check still keeps a live worker's trial from
+    being retried.
+    """
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):
+        os._exit(1)
 
 
 def _wait(children: list[subprocess.Popen], out: Path | None = None) -> None:
@@ -530,6 +833,7 @@ def final_stage(base: TrainConfig, space: Space, study: Any, out: Path, seeds: S
                            select="last")
         done = run_dir / "metrics.json"
         if done.is_file():
+            _check_read_back(run_dir, cfg)
             m = json.loads(done.read_text())
         else:
             m = train(cfg, resume=(run_dir / "checkpoint.pt").is_file())
