@@ -41,12 +41,12 @@ def events(log_dir: Path):
     return acc
 
 
-def hparams(acc) -> dict[str, str]:
+def hparams(acc) -> dict[str, object]:
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
-    return {k: v.string_value for k, v in info.hparams.items()}
+    return {k: getattr(v, v.WhichOneof("kind")) for k, v in info.hparams.items()}
 
 
 def client(uri: str):
@@ -89,7 +89,7 @@ def test_tensorboard_has_steps_epochs_final_once_and_hparams(tracked_run):
     assert len(test) == 1 and test[0].value == pytest.approx(metrics["test_top1"], rel=1e-5)
     assert "final/lr" not in acc.Tags()["scalars"]  # config values are hyper-parameters, not results
     hp = hparams(acc)
-    assert hp["method"] == "lora" and hp["options.rank"] == "2" and hp["accum_steps"] == "2"
+    assert hp["method"] == "lora" and float(hp["options.rank"]) == 2 and hp["accum_steps"] == 2
     assert float(hp["lr"]) == metrics["lr"]
     assert not (out / "tb").exists()  # --log-dir was given: nothing in OUT/tb
 
@@ -162,6 +162,26 @@ def test_a_pruned_run_ends_killed_and_writes_no_artefact(folder, tmp_path):
     assert run.info.status == "KILLED"
     assert client(tracking.mlflow_uri).list_artifacts(run.info.run_id) == []
     assert len(events(tmp_path / "p" / "tb").Scalars("epoch/val_top1")) == 1  # epoch 1, then pruned
+
+
+def test_a_resumed_run_keeps_whole_curves(folder, tmp_path):
+    """TensorBoard: one point per step although the run was stopped and resumed; MLflow: the
+    resumed run (a new one) carries the epochs before the checkpoint too."""
+    from vistune.engine.tracking import build_tracking
+    from vistune.workflows.train import train
+
+    cfg = cfg_for(folder, tmp_path / "r", method="linear", epochs=2)
+    tracking = build_tracking(["mlflow", "tensorboard"], cfg.out)
+    train(cfg, callbacks=tracking.callbacks(cfg.to_dict()), stop_after_epoch=1)
+    train(cfg, callbacks=tracking.callbacks(cfg.to_dict()), resume=True)
+    per_epoch = 2  # 12 images, batch 8
+    steps = [e.step for e in events(tmp_path / "r" / "tb").Scalars("train/loss")]
+    assert steps == list(range(1, 2 * per_epoch + 1))
+    runs = runs_of(tracking.mlflow_uri)
+    resumed = [r for r in runs if r.data.tags.get("vistune.resumed_after_epoch") == "1"]
+    assert len(runs) == 2 and len(resumed) == 1
+    val = client(tracking.mlflow_uri).get_metric_history(resumed[0].info.run_id, "epoch/val_top1")
+    assert sorted(m.step for m in val) == [per_epoch, 2 * per_epoch]
 
 
 def _one_line_exit_2(capsys, argv: list[str]) -> str:

@@ -48,16 +48,19 @@ class TrackingError(VistuneError):
     """A ``--log`` backend cannot be used (package missing, tracking URI unreachable)."""
 
 
-def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """A run config as flat ``key -> text`` pairs (``options.rank``): both backends' hyper-parameter
-    tables take scalars only, and text keeps ``None`` and lists readable and comparable."""
-    out: dict[str, str] = {}
+def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A run config as flat ``key -> scalar`` pairs (``options.rank``): both backends'
+    hyper-parameter tables take scalars only. Numbers and booleans stay themselves (TensorBoard
+    sorts and plots them as numbers); ``None`` and lists become text."""
+    out: dict[str, Any] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out.update(flat_params(value, name + "."))
         elif isinstance(value, (list, tuple)):
             out[name] = ",".join(str(v) for v in value)
+        elif isinstance(value, (bool, int, float, str)):
+            out[name] = value
         else:
             out[name] = str(value)
     return out
@@ -192,7 +195,7 @@ class MLflowLog(Callback):
         self.run_id = self.client.create_run(experiment_id, run_name=self.run_name, tags=tags).info.run_id
         from mlflow.entities import Param
 
-        items = [Param(k, v[:6000]) for k, v in self.params.items()]
+        items = [Param(k, str(v)[:6000]) for k, v in self.params.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[i: i + 100])
         for record in state.history:  # a resumed run: the epochs before the checkpoint, so its curves are whole
