@@ -208,3 +208,22 @@ def test_unreachable_mlflow_uri_refuses_before_the_run_starts(folder, tmp_path, 
         assert "127.0.0.1:9" in line and "cannot reach" in line
         assert not out.exists()
     assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ  # the check's short timeout is not left behind
+
+
+def test_a_server_failing_mid_run_warns_once_and_training_goes_on(tmp_path, capsys):
+    from vistune.engine.callbacks import FitState
+    from vistune.engine.tracking import MLflowLog
+
+    log = MLflowLog((tmp_path / "ml").as_uri(), "vistune", "r", {"lr": 0.1})
+    state = FitState(epochs=3, steps_per_epoch=1, primary="top1")
+    log.on_fit_start(state)
+
+    def down(*args, **kwargs):
+        raise ConnectionError("[Errno 111] Connection refused")
+
+    log.client.log_batch = down
+    for epoch in (1, 2):
+        state.epoch, state.step = epoch, 1
+        log.on_epoch_end(state, {"epoch": epoch, "train_loss": 1.0})  # must not raise
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "warning" in err[0] and "Connection refused" in err[0]

@@ -10,7 +10,8 @@ What is logged, with the same names in both backends. Steps are optimizer steps 
 start of the run (``(epoch - 1) * steps_per_epoch + step``), so per-step and per-epoch curves
 share one x axis and TensorBoard can drop a resumed run's re-run steps (``purge_step``):
 
-* ``train/loss`` (the sample-weighted mean over the step's micro-batches) and ``train/lr`` per step;
+* ``train/loss`` (the sample-weighted mean over the step's micro-batches) and ``train/lr`` per step
+  (the rate after the step, i.e. the next step's, as the progress bar shows it);
 * ``epoch/<key>`` per epoch for every number of the epoch's ``log.jsonl`` record (``val_top1``,
   ``train_loss``, ``img_per_s``...), at the epoch's last step;
 * ``final/<key>`` once, for every number of ``metrics.json`` (``test_top1``, ``val_top1``...);
@@ -30,6 +31,7 @@ import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +173,10 @@ class MLflowLog(Callback):
 
     Step metrics are buffered and sent once per epoch in batches: one request per step would
     slow a run against a remote server for nothing a per-epoch flush loses.
+
+    The server is checked before the run starts; should it fail later, logging stops with one
+    warning and training goes on (hours of training are not lost to a dashboard outage; the
+    run's own files hold every number). A run that cannot be created is a :class:`TrackingError`.
     """
 
     def __init__(self, uri: str, experiment: str, run_name: str, config: dict[str, Any], *,
@@ -185,22 +191,38 @@ class MLflowLog(Callback):
         self.pending: list[Any] = []
         self.steps = _StepMeans()
         self.last_step = 0
+        self.broken = False
 
     def on_fit_start(self, state: FitState) -> None:
-        self.client = mlflow_client(self.uri)
-        experiment_id = experiment_id_for(self.client, self.experiment)
+        from mlflow.entities import Param
+
         tags = {**self.tags, **({"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {})}
         if state.epoch:
             tags["vistune.resumed_after_epoch"] = str(state.epoch)
-        self.run_id = self.client.create_run(experiment_id, run_name=self.run_name, tags=tags).info.run_id
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)[:6000]) for k, v in self.params.items()]
-        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(self.run_id, params=items[i: i + 100])
+        try:
+            self.client = mlflow_client(self.uri)
+            experiment_id = experiment_id_for(self.client, self.experiment)
+            self.run_id = self.client.create_run(experiment_id, run_name=self.run_name, tags=tags).info.run_id
+            items = [Param(k, str(v)[:6000]) for k, v in self.params.items()]
+            for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+                self.client.log_batch(self.run_id, params=items[i: i + 100])
+        except Exception as err:  # noqa: BLE001 - store and server errors come in many types
+            raise TrackingError(f"--log mlflow: cannot start a run in {self.uri} (experiment {self.experiment!r}): "
+                                f"{_reason(err)}") from None
         for record in state.history:  # a resumed run: the epochs before the checkpoint, so its curves are whole
             self._epoch_metrics(record, record["epoch"] * state.steps_per_epoch)
         self._flush()
+
+    def _send(self, call: Any) -> None:
+        """Run one client call; after a failure, warn once and send nothing more."""
+        if self.broken:
+            return
+        try:
+            call()
+        except Exception as err:  # noqa: BLE001 - see the class docstring
+            self.broken = True
+            print(f"vistune: warning: MLflow logging to {self.uri} stopped ({_reason(err)}); training goes on, "
+                  "the run's files hold its numbers", file=sys.stderr)
 
     def _metric(self, key: str, value: float, step: int) -> None:
         import time
@@ -210,9 +232,9 @@ class MLflowLog(Callback):
         self.pending.append(Metric(key, value, int(time.time() * 1000), step))
 
     def _flush(self) -> None:
-        for i in range(0, len(self.pending), 1000):  # MLflow takes at most 1000 metrics per batch
-            self.client.log_batch(self.run_id, metrics=self.pending[i: i + 1000])
-        self.pending = []
+        pending, self.pending = self.pending, []
+        for i in range(0, len(pending), 1000):  # MLflow takes at most 1000 metrics per batch
+            self._send(lambda part=pending[i: i + 1000]: self.client.log_batch(self.run_id, metrics=part))
 
     def _epoch_metrics(self, record: dict[str, Any], step: int) -> None:
         for key, value in numbers(record).items():
@@ -246,13 +268,13 @@ class MLflowLog(Callback):
         if error is not None:
             self.pending = []
             pruned = type(error).__name__ in ("TrialPruned", "KeyboardInterrupt", "StopFit")
-            self.client.set_terminated(run_id, "KILLED" if pruned else "FAILED")
+            self._send(lambda: self.client.set_terminated(run_id, "KILLED" if pruned else "FAILED"))
             return
         if out is not None:
             for name in ("metrics.json", *MODEL_FILES):
                 if (out / name).is_file():
-                    self.client.log_artifact(run_id, str(out / name))
-        self.client.set_terminated(run_id, "FINISHED")
+                    self._send(lambda path=str(out / name): self.client.log_artifact(run_id, path))
+        self._send(lambda: self.client.set_terminated(run_id, "FINISHED"))
 
 
 # ------------------------------------------------------------------------------------------------

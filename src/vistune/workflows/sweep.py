@@ -546,7 +546,7 @@ def final_stage(base: TrainConfig, space: Space, study: Any, out: Path, seeds: S
         if done.is_file():
             m = json.loads(done.read_text())
         else:
-            logs = tracking.callbacks(cfg.to_dict(), f"final/seed{seed}", searched=dict(best.params)) if tracking else ()
+            logs = tracking.callbacks(cfg.to_dict(), f"final/seed{seed}", searched=best.params) if tracking else ()
             m = train(cfg, resume=(run_dir / "checkpoint.pt").is_file(), callbacks=logs)
         primary = _primary(m)
         runs.append({"seed": seed, f"test_{primary}": m.get(f"test_{primary}"), "dir": str(run_dir.relative_to(out)),
