@@ -205,6 +205,26 @@ def _add_train_args(p: argparse.ArgumentParser, multi_data: bool = False, shots:
                        help="data-parallel processes on this machine (launches torchrun; see README 'Scale out')")
 
 
+def _add_tracking_args(p: argparse.ArgumentParser) -> None:
+    """``--log``: experiment tracking, kept out of TrainConfig (where a run is watched from is not
+    part of what it computes, so a sweep resumed with another --log is the same experiment)."""
+    p.add_argument("--log", action="append", choices=["tensorboard", "mlflow"], default=None,
+                   help="log steps, epochs, final metrics and the config to TensorBoard and/or MLflow (repeatable; "
+                        "pip install 'vistune[tracking]'; README 'Experiment tracking')")
+    p.add_argument("--log-dir", default=None, help="TensorBoard folder (default OUT/tb)")
+    p.add_argument("--mlflow-uri", default=None,
+                   help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else file:OUT/mlruns)")
+    p.add_argument("--mlflow-experiment", default=None, help="MLflow experiment name (default vistune)")
+
+
+def _tracking(args: argparse.Namespace, out: str | None):
+    """The checked ``--log`` choices (None without --log); refused before anything is written."""
+    from vistune.engine.tracking import build_tracking
+
+    return build_tracking(args.log, out, log_dir=args.log_dir, mlflow_uri=args.mlflow_uri,
+                          experiment=args.mlflow_experiment)
+
+
 _CONFIG_FLAGS = ("backbone", "weights", "img_size", "method", "data", "data_root", "image_column", "label_column",
                  "shots", "subset", "imbalance", "group_thresholds", "head_init", "seed", "epochs", "batch_size",
                  "lr", "head_lr", "wd", "optimizer", "warmup_epochs", "clip_grad", "accum_steps", "precision",
@@ -254,7 +274,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vistune.workflows.train import train
 
     cfg = config_from_args(args)
-    metrics = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    tracking = _tracking(args, cfg.out)
+    metrics = train(cfg, resume=args.resume, overwrite=args.overwrite,
+                    callbacks=tracking.callbacks(cfg.to_dict()) if tracking else ())
     if _is_main():
         _print_metrics(metrics, cfg.out)
     return 0
@@ -330,8 +352,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if not sources:
         raise ValueError("pretrain needs --data SPEC (repeat it for several sources)")
     cfg = config_from_args(args, data=sources[0])
+    tracking = _tracking(args, cfg.out)
     metrics = pretrain(cfg, list(sources), cfg.out, resume=args.resume, overwrite=args.overwrite,
-                       train_on_test=args.source_test)
+                       train_on_test=args.source_test,
+                       callbacks=tracking.callbacks({**cfg.to_dict(), "sources": list(sources)}) if tracking else ())
     if _is_main():
         for src in metrics["sources"]:
             top1 = "-" if src["eval_top1"] is None else f"{src['eval_top1']:.2f}"
@@ -369,7 +393,8 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
         if not sep:
             raise ValueError(f"--lr-for {item!r}: expected VARIANT=LR")
         lr_for[label] = float(value)
-    result = run_fewshot(cfg, shots, seeds, variants, pvp_files, cfg.out, lr_for, overwrite=args.overwrite)
+    result = run_fewshot(cfg, shots, seeds, variants, pvp_files, cfg.out, lr_for, overwrite=args.overwrite,
+                         tracking=_tracking(args, cfg.out))
     if _is_main():
         print(markdown(result["table"], shots))
         print(f"written: {cfg.out}/fewshot.json, fewshot.md, fewshot.png")
@@ -381,6 +406,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args, trainval=False)
     seeds = list(range(args.seeds)) if args.seed_list is None else _int_list(args.seed_list)
+    tracking = _tracking(args, cfg.out)
     if args.stage != "final":  # every worker too: each then starts its trials equally warm
         import dataclasses
 
@@ -392,7 +418,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     result = run_sweep(cfg, grid=args.grid, optimizer_given=args.optimizer, sampler=args.sampler, trials=args.trials,
                        pruner=args.pruner, seeds=seeds, trainval=bool(args.trainval), storage=args.storage,
                        study_name=args.study_name, jobs=args.jobs, stage=args.stage, max_trials=args.max_trials,
-                       worker=args.worker, argv=args._argv)
+                       worker=args.worker, argv=args._argv, tracking=tracking)
     if result:
         print(markdown(result), end="")
         print(f"written: {cfg.out}/sweep.json, sweep.md, sweep_grid.png, sweep_history.png")
@@ -618,6 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.add_argument("--task", choices=["classify", "segment", "detect"], default=None,
                    help="segment/detect: dense head on the tuned backbone (data camvid:|voc:|pennfudan:)")
+    _add_tracking_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sensitivity", help="SPT: gradient sensitivity scores (+ an allocation and its plot)")
@@ -647,6 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p, multi_data=True)
     p.add_argument("--source-test", action="store_true",
                    help="also train on each source's test split (sources are never targets)")
+    _add_tracking_args(p)
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("fewshot", help="few-shot protocol: shots x seeds x variants, mean ± std table + plot")
@@ -659,6 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pre-trained module file for METHOD+pvp variants")
     p.add_argument("--lr-for", action="append", default=[], metavar="VARIANT=LR",
                    help="learning rate for one variant or method (default --lr)")
+    _add_tracking_args(p)
     p.set_defaults(func=cmd_fewshot)
 
     p = sub.add_parser("sweep", help="search lr/wd/options on val (Optuna), retrain the best per seed, test once each")
@@ -680,6 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-trials", type=_positive_int, default=None,
                    help="run at most N trials in this invocation")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    _add_tracking_args(p)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("eval", help="evaluate a tuned file on a split")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,34 @@ class Callback:
     def on_epoch_end(self, state: FitState, record: dict[str, Any]) -> None: ...
 
     def on_fit_end(self, state: FitState, metrics: dict[str, Any]) -> None: ...
+
+    def on_run_end(self, out: Path | None, error: BaseException | None) -> None:
+        """After ``fit`` returned and its files are on disk (``error`` None), or after it raised.
+
+        Not called by the loop (``on_fit_end`` comes before the files are written) but by the
+        workflow around it, through :func:`ending`: the place for uploading the run's files and
+        closing a tracking run with its real status.
+        """
+
+
+@contextmanager
+def ending(callbacks: Sequence[Callback], out: Path | None) -> Iterator[None]:
+    """Call every callback's ``on_run_end`` when the block (one ``fit``) ends, however it ends.
+
+    On an error the callbacks are told and the error goes on unchanged (a callback's own failure
+    then is swallowed: the run's error is the one to report).
+    """
+    try:
+        yield
+    except BaseException as err:
+        for c in callbacks:
+            try:
+                c.on_run_end(out, err)
+            except Exception:  # noqa: BLE001 - see above
+                pass
+        raise
+    for c in callbacks:
+        c.on_run_end(out, None)
 
 
 class JsonlLog(Callback):

@@ -76,6 +76,7 @@ def run_fewshot(
     *,
     dist: Any = None,
     overwrite: bool = False,
+    tracking: Any = None,
 ) -> dict[str, Any]:
     """Run every (variant, K, seed); write ``fewshot.json``, ``fewshot.md`` and ``fewshot.png``.
 
@@ -108,7 +109,9 @@ def run_fewshot(
                 if done.is_file() and not overwrite:
                     m = json.loads(done.read_text())
                 else:
-                    m = train(cfg, overwrite=overwrite, dist=dist)
+                    # tracking (--log): one logged run per (variant, K, seed), TensorBoard below tb/<same path>
+                    cbs = tracking.callbacks(cfg.to_dict(), str(run_dir.relative_to(out))) if tracking else ()
+                    m = train(cfg, overwrite=overwrite, dist=dist, callbacks=cbs)
                 runs.append({"variant": v.label, "shots": k, "seed": s, "test_top1": m["test_top1"],
                              "test_balanced_top1": m.get("test_balanced_top1"), "val_top1": m["val_top1"], "tuned_params": m["tuned_params"],
                              "train_seconds": m["train_seconds"], "dir": str(run_dir)})

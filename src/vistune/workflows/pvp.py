@@ -10,10 +10,12 @@ live with the contract and the classification task.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from vistune.config import TrainConfig
+from vistune.engine.callbacks import Callback, ending
 from vistune.engine.distributed import Dist, init_distributed
 from vistune.engine.loop import fit
 from vistune.engine.rundir import RunDir
@@ -23,7 +25,7 @@ from vistune.workflows.train import check_method
 
 def pretrain(cfg: TrainConfig, sources: list[str], out: str | os.PathLike | None = None, *,
              resume: bool = False, overwrite: bool = False, train_on_test: bool = False,
-             dist: Dist | None = None) -> dict[str, Any]:
+             dist: Dist | None = None, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Train ``cfg.method``'s modules on ``sources`` (backbone frozen), one head per source.
 
     Writes ``modules.safetensors`` (the spine's format: module tensors plus source 0's head, the
@@ -36,6 +38,8 @@ def pretrain(cfg: TrainConfig, sources: list[str], out: str | os.PathLike | None
     task = MultiSourceTask(sources, train_on_test)
     with RunDir(out, overwrite=overwrite, resume=resume, is_main=dist.is_main):
         task.setup(cfg, dist, out)
-        metrics = fit(task, cfg, dist, out=out, resume=resume, extra={"sources": list(sources)})
+        with ending(callbacks if dist.is_main else (), out):
+            metrics = fit(task, cfg, dist, out=out, resume=resume, extra={"sources": list(sources)},
+                          callbacks=callbacks)
     metrics["modules_file"] = str(out / metrics["modules_file"])
     return metrics

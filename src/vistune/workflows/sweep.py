@@ -489,7 +489,7 @@ def suggest(trial: Any, space: Space, sampler: str) -> dict[str, Any]:
 
 
 def search(base: TrainConfig, space: Space, out: Path, study: Any, sampler: str, trials: int | None,
-           max_trials: int | None, progress: bool, pruning: bool = True) -> None:
+           max_trials: int | None, progress: bool, pruning: bool = True, tracking: Any = None) -> None:
     """This worker's share of stage 1: trials until the grid is exhausted (or N trials exist)."""
 
     from vistune.workflows.train import train
@@ -507,7 +507,9 @@ def search(base: TrainConfig, space: Space, out: Path, study: Any, sampler: str,
         else:
             resume = (run_dir / "checkpoint.pt").is_file()
             try:
-                metrics = train(cfg, resume=resume, evaluate_test=False, callbacks=[OptunaPruning(trial)])
+                logs = tracking.callbacks(cfg.to_dict(), f"trials/{run_dir.name}", searched=params,
+                                          tags={"optuna.trial": str(trial.number)}) if tracking else []
+                metrics = train(cfg, resume=resume, evaluate_test=False, callbacks=[OptunaPruning(trial), *logs])
             except RunDirError:
                 if not done.is_file():  # another worker is running this configuration right now
                     raise
@@ -675,8 +677,14 @@ def run_sweep(
     max_trials: int | None = None,
     worker: bool = False,
     argv: Sequence[str] | None = None,
+    tracking: Any = None,
 ) -> dict[str, Any]:
-    """Run (or resume) the sweep into ``base.out``; returns what ``sweep.json`` holds."""
+    """Run (or resume) the sweep into ``base.out``; returns what ``sweep.json`` holds.
+
+    ``tracking`` (:class:`vistune.engine.tracking.Tracking`, from ``--log``) logs every trial and
+    final retrain as a run of its own, nested under one MLflow run of the sweep."""
+    from vistune.engine import tracking as trk
+
     if sampler not in ("grid", "tpe"):
         raise SweepError(f"--sampler must be grid or tpe, got {sampler!r}")
     if sampler == "tpe" and not trials:
@@ -706,6 +714,7 @@ def run_sweep(
                 print(f"vistune sweep: {repaired}", file=sys.stderr)
         study = open_study(out, storage, study_name, sampler, space, pruner, base.epochs, base.seed)
         check_settings(study, sweep_settings(base, space), out)
+        tracking = trk.for_sweep(tracking, study, out.name, worker=worker)
         if stage in ("all", "search"):
             if not worker:
                 if storage is None:
@@ -716,16 +725,21 @@ def run_sweep(
             else:
                 die_with_parent()
                 (out / f".worker-{os.getpid()}.ready").touch()  # tells the first process this worker is in
-            search(base, space, out, study, sampler, trials, max_trials, base.progress, pruner != "none")
+            search(base, space, out, study, sampler, trials, max_trials, base.progress, pruner != "none", tracking)
             if not worker:
                 _wait(children, out)
         if worker:
             return {}
         result = summarise(study, space, out, base)
         if stage == "final" or (stage == "all" and _search_complete(study, space, sampler, trials)):
-            result["final"] = final_stage(base, space, study, out, seeds, trainval)
+            result["final"] = final_stage(base, space, study, out, seeds, trainval, tracking)
         write_outputs(out, result)
+        trk.finish_sweep(tracking, result, [out / "sweep.json", out / "sweep.md"])
         return result
+    except BaseException:
+        if not worker:
+            trk.fail_sweep(tracking)
+        raise
     finally:
         lock.release()
 
@@ -821,7 +835,7 @@ def summarise(study: Any, space: Space, out: Path, base: TrainConfig) -> dict[st
 
 
 def final_stage(base: TrainConfig, space: Space, study: Any, out: Path, seeds: Sequence[int],
-                trainval: bool) -> dict[str, Any]:
+                trainval: bool, tracking: Any = None) -> dict[str, Any]:
     """Retrain the best configuration per seed (on train+val with ``trainval``); test once each."""
     from vistune.workflows.train import train
 
@@ -836,7 +850,8 @@ def final_stage(base: TrainConfig, space: Space, study: Any, out: Path, seeds: S
             _check_read_back(run_dir, cfg)
             m = json.loads(done.read_text())
         else:
-            m = train(cfg, resume=(run_dir / "checkpoint.pt").is_file())
+            logs = tracking.callbacks(cfg.to_dict(), f"final/seed{seed}", searched=best.params) if tracking else ()
+            m = train(cfg, resume=(run_dir / "checkpoint.pt").is_file(), callbacks=logs)
         primary = _primary(m)
         runs.append({"seed": seed, f"test_{primary}": m.get(f"test_{primary}"), "dir": str(run_dir.relative_to(out)),
                      "tuned_params": m.get("tuned_params"), "head_params": m.get("head_params"),

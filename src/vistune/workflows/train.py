@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vistune.config import ConfigError, TrainConfig, config_keys, make_config
-from vistune.engine.callbacks import Callback
+from vistune.engine.callbacks import Callback, ending
 from vistune.engine.distributed import Dist, init_distributed
 from vistune.engine.loop import fit
 from vistune.engine.rundir import RunDir
@@ -51,8 +51,9 @@ def train(
         task.setup(cfg, dist, out, **({"data": data} if data is not None else {}))
         if cfg.select == "best-val" and not task.has_split("val"):
             raise ConfigError("select=best-val needs a validation split, and this data has none (trainval?)")
-        return fit(task, cfg, dist, out=out, callbacks=callbacks, resume=resume,
-                   stop_after_epoch=stop_after_epoch, evaluate_test=evaluate_test)
+        with ending(callbacks if dist.is_main else (), out):  # tracking: artefacts once written, run status
+            return fit(task, cfg, dist, out=out, callbacks=callbacks, resume=resume,
+                       stop_after_epoch=stop_after_epoch, evaluate_test=evaluate_test)
 
 
 def check_method(cfg: TrainConfig) -> None:
