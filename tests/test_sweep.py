@@ -444,3 +444,25 @@ def test_a_lock_that_cannot_record_its_holder_is_released(tmp_path, monkeypatch)
     lock.acquire()  # free again
     lock.release()
     assert os.path.exists(tmp_path / "r" / rundir.LOCK_NAME)
+
+
+def test_each_trial_and_final_run_prints_one_progress_line(folder, tmp_path, capsys):
+    """A sweep is never silent for minutes: one stderr line per trial and per final run, with its
+    number, its own time and the elapsed time, also under --no-progress; a rerun says read back."""
+    out = tmp_path / "sw"
+    argv = sweep_argv(folder, out, "--grid", "lr=0.3,0.003", "--grid", "wd=0", "--seeds", "1")
+    assert main(argv) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("vistune sweep: ")]
+    trials = [ln for ln in lines if ": trial " in ln]
+    finals = [ln for ln in lines if ": final seed 0 " in ln]
+    assert len(trials) == 2 and len(finals) == 1, lines
+    trial_vals = {json.loads((p / "metrics.json").read_text())["val_top1"] for p in (out / "trials").iterdir()}
+    for ln in trials:
+        assert " val_top1 " in ln and ln.endswith(" elapsed") and "fp32" in ln
+        assert float(ln.split(" val_top1 ")[1].split()[0]) in {round(v, 2) for v in trial_vals}
+    test = json.loads((out / "final" / "seed0" / "metrics.json").read_text())["test_top1"]
+    assert f"test_top1 {test:.2f}" in finals[0]
+    assert main(argv) == 0
+    again = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("vistune sweep: ")]
+    assert again and all("(read back)" in ln for ln in again)  # finished trials are not even revisited
+    assert any(": final seed 0 " in ln for ln in again)

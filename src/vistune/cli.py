@@ -775,6 +775,7 @@ _RESUME = {
     "pretrain": "; resume with --resume",
     "sweep": "; resume by running the same command again (finished trials are kept)",
     "fewshot": "; run the same command again to continue (finished runs are kept)",
+    "robustness": "; run the same command again to continue (finished cells are kept)",
 }
 
 

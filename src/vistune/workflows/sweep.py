@@ -489,10 +489,14 @@ def suggest(trial: Any, space: Space, sampler: str) -> dict[str, Any]:
 
 
 def search(base: TrainConfig, space: Space, out: Path, study: Any, sampler: str, trials: int | None,
-           max_trials: int | None, progress: bool, pruning: bool = True, tracking: Any = None) -> None:
+           max_trials: int | None, progress: bool, pruning: bool = True, tracking: Any = None,
+           started: float | None = None) -> None:
     """This worker's share of stage 1: trials until the grid is exhausted (or N trials exist)."""
+    import optuna
 
     from vistune.workflows.train import train
+
+    started = time.perf_counter() if started is None else started
 
     def objective(trial: Any) -> float:
         params = suggest(trial, space, sampler)
@@ -501,15 +505,22 @@ def search(base: TrainConfig, space: Space, out: Path, study: Any, sampler: str,
         trial.set_user_attr("worker", f"{os.uname().nodename}:{os.getpid()}")
         cfg = trial_config(base, space, params, run_dir, progress, pruning)
         done = run_dir / "metrics.json"
+        what = f"trial {trial.number} ({_params(params)})"
         if done.is_file():  # finished before (a retried or duplicated configuration): read it back
             _check_read_back(run_dir, cfg)
             metrics = json.loads(done.read_text())
+            say(what, metrics, "val", started, "read back")
         else:
             resume = (run_dir / "checkpoint.pt").is_file()
             try:
                 logs = tracking.callbacks(cfg.to_dict(), f"trials/{run_dir.name}", searched=params,
                                           tags={"optuna.trial": str(trial.number)}) if tracking else []
                 metrics = train(cfg, resume=resume, evaluate_test=False, callbacks=[OptunaPruning(trial), *logs])
+                say(what, metrics, "val", started)
+            except optuna.TrialPruned:
+                print(f"vistune sweep: {what}: pruned; {_clock(time.perf_counter() - started)} elapsed",
+                      file=sys.stderr, flush=True)
+                raise
             except RunDirError:
                 if not done.is_file():  # another worker is running this configuration right now
                     raise
@@ -685,6 +696,7 @@ def run_sweep(
     final retrain as a run of its own, nested under one MLflow run of the sweep."""
     from vistune.engine import tracking as trk
 
+    started = time.perf_counter()
     if sampler not in ("grid", "tpe"):
         raise SweepError(f"--sampler must be grid or tpe, got {sampler!r}")
     if sampler == "tpe" and not trials:
@@ -725,14 +737,15 @@ def run_sweep(
             else:
                 die_with_parent()
                 (out / f".worker-{os.getpid()}.ready").touch()  # tells the first process this worker is in
-            search(base, space, out, study, sampler, trials, max_trials, base.progress, pruner != "none", tracking)
+            search(base, space, out, study, sampler, trials, max_trials, base.progress, pruner != "none", tracking,
+                   started)
             if not worker:
                 _wait(children, out)
         if worker:
             return {}
         result = summarise(study, space, out, base)
         if stage == "final" or (stage == "all" and _search_complete(study, space, sampler, trials)):
-            result["final"] = final_stage(base, space, study, out, seeds, trainval, tracking)
+            result["final"] = final_stage(base, space, study, out, seeds, trainval, tracking, started)
         write_outputs(out, result)
         trk.finish_sweep(tracking, result, [out / "sweep.json", out / "sweep.md"])
         return result
@@ -835,9 +848,11 @@ def summarise(study: Any, space: Space, out: Path, base: TrainConfig) -> dict[st
 
 
 def final_stage(base: TrainConfig, space: Space, study: Any, out: Path, seeds: Sequence[int],
-                trainval: bool, tracking: Any = None) -> dict[str, Any]:
+                trainval: bool, tracking: Any = None, started: float | None = None) -> dict[str, Any]:
     """Retrain the best configuration per seed (on train+val with ``trainval``); test once each."""
     from vistune.workflows.train import train
+
+    started = time.perf_counter() if started is None else started
 
     best = best_trial(study)
     runs = []
@@ -846,12 +861,15 @@ def final_stage(base: TrainConfig, space: Space, study: Any, out: Path, seeds: S
         cfg = apply_params(base, dict(best.params), space.optimizer, seed=seed, trainval=trainval, out=str(run_dir),
                            select="last")
         done = run_dir / "metrics.json"
+        what = f"final seed {seed} ({_params(dict(best.params))})"
         if done.is_file():
             _check_read_back(run_dir, cfg)
             m = json.loads(done.read_text())
+            say(what, m, "test", started, "read back")
         else:
             logs = tracking.callbacks(cfg.to_dict(), f"final/seed{seed}", searched=best.params) if tracking else ()
             m = train(cfg, resume=(run_dir / "checkpoint.pt").is_file(), callbacks=logs)
+            say(what, m, "test", started)
         primary = _primary(m)
         runs.append({"seed": seed, f"test_{primary}": m.get(f"test_{primary}"), "dir": str(run_dir.relative_to(out)),
                      "tuned_params": m.get("tuned_params"), "head_params": m.get("head_params"),
@@ -861,6 +879,24 @@ def final_stage(base: TrainConfig, space: Space, study: Any, out: Path, seeds: S
     return {"params": dict(best.params), "trainval": trainval, "metric": primary, "runs": runs,
             "mean": statistics.fmean(values) if values else None,
             "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def say(what: str, metrics: dict[str, Any], split: str, started: float, note: str = "") -> None:
+    """One progress line per trial and final run (stderr): its number, its own time, the sweep's.
+
+    Printed also with ``--no-progress`` (which only drops the per-epoch bars): a sweep of a few
+    runs otherwise sits silent for minutes."""
+    key = f"{split}_{_primary(metrics)}"
+    value = metrics.get(key)
+    number = f"{key} {value:.2f}" if isinstance(value, (int, float)) else f"{key} -"
+    own = note if note else f"{metrics.get('train_seconds') or 0:.0f} s, {metrics.get('precision', '?')}"
+    print(f"vistune sweep: {what}: {number} ({own}); {_clock(time.perf_counter() - started)} elapsed",
+          file=sys.stderr, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
 def markdown(result: dict[str, Any]) -> str:
