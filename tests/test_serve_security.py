@@ -266,7 +266,7 @@ def bomb(tmp_path_factory) -> Path:
 
 
 RSS_SCRIPT = r"""
-import io, json, resource, sys
+import io, json, sys
 from pathlib import Path
 import numpy as np
 from PIL import Image
@@ -281,7 +281,10 @@ Image.fromarray(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)).save(small,
 classify_input(small.getvalue(), 32, (0.5,) * 3, (0.5,) * 3, max_bytes=None)
 rss = int(Path("/proc/self/statm").read_text().split()[1]) * 4096
 x = classify_input(data, 32, (0.5,) * 3, (0.5,) * 3, max_bytes=None)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork+exec, so a child of a big pytest process
+# would report the parent's RSS as its own peak; VmHWM belongs to this address space only
+peak = next(int(l.split()[1]) * 1024 for l in Path("/proc/self/status").read_text().splitlines()
+            if l.startswith("VmHWM:"))
 print(json.dumps({"before": rss, "peak": peak, "need": need, "shape": list(x.shape)}))
 """
 
