@@ -114,7 +114,28 @@ class _StepMeans:
         return mean
 
 
-class TensorBoardLog(Callback):
+class _ScalarLog(Callback):
+    """What both backends share: one mean loss and the learning rate per optimizer step, sent
+    through the backend's own ``_metric``."""
+
+    steps: _StepMeans
+    last_step: int = 0
+
+    def _metric(self, key: str, value: float, step: int) -> None:
+        raise NotImplementedError
+
+    def on_epoch_start(self, state: FitState, num_batches: int) -> None:
+        self.steps.start(state)
+
+    def on_batch_end(self, state: FitState, loss: float, samples: int, lr: float) -> None:
+        mean = self.steps.add(state, loss, samples)
+        if mean is not None:
+            step = self.last_step = _global_step(state)
+            self._metric("train/loss", mean, step)
+            self._metric("train/lr", lr, step)
+
+
+class TensorBoardLog(_ScalarLog):
     """Event files in ``log_dir`` (TensorBoard's SummaryWriter); hyper-parameters via the HPARAMS plugin."""
 
     def __init__(self, log_dir: Path, config: dict[str, Any], searched: dict[str, Any] | None = None) -> None:
@@ -137,15 +158,8 @@ class TensorBoardLog(Callback):
             self.writer.file_writer.add_summary(summary)
         self.writer.add_text("config", "```\n" + json.dumps(self.params, indent=1) + "\n```")
 
-    def on_epoch_start(self, state: FitState, num_batches: int) -> None:
-        self.steps.start(state)
-
-    def on_batch_end(self, state: FitState, loss: float, samples: int, lr: float) -> None:
-        mean = self.steps.add(state, loss, samples)
-        if mean is not None:
-            step = self.last_step = _global_step(state)
-            self.writer.add_scalar("train/loss", mean, step)
-            self.writer.add_scalar("train/lr", lr, step)
+    def _metric(self, key: str, value: float, step: int) -> None:
+        self.writer.add_scalar(key, value, step)
 
     def on_epoch_end(self, state: FitState, record: dict[str, Any]) -> None:
         step = self.last_step = _global_step(state)
@@ -167,7 +181,7 @@ class TensorBoardLog(Callback):
         self.writer = None
 
 
-class MLflowLog(Callback):
+class MLflowLog(_ScalarLog):
     """One MLflow run per training run, through ``MlflowClient`` (no global "active run", so a
     sweep's trial runs nest under its parent by tag and worker processes need no shared state).
 
@@ -240,16 +254,6 @@ class MLflowLog(Callback):
         for key, value in numbers(record).items():
             if key != "epoch":
                 self._metric(f"epoch/{key}", value, step)
-
-    def on_epoch_start(self, state: FitState, num_batches: int) -> None:
-        self.steps.start(state)
-
-    def on_batch_end(self, state: FitState, loss: float, samples: int, lr: float) -> None:
-        mean = self.steps.add(state, loss, samples)
-        if mean is not None:
-            step = self.last_step = _global_step(state)
-            self._metric("train/loss", mean, step)
-            self._metric("train/lr", lr, step)
 
     def on_epoch_end(self, state: FitState, record: dict[str, Any]) -> None:
         self.last_step = _global_step(state)
