@@ -687,7 +687,7 @@ def test_shipped_serve_config_is_valid():
 
     root = Path(__file__).resolve().parents[1]
     cfg = make_config(load_config_file(root / "configs" / "serve" / "demo.yaml"))
-    assert cfg.backbone == "dinov2-s14" and cfg.img_size == 56
+    assert cfg.backbone == "dinov2-s14" and cfg.img_size == 42
     assert {n: Path(p).resolve() for n, p in cfg.tasks.items()} == {
         n: (root / "runs" / "demo" / d / "final" / "seed0").resolve() for n, d in (("linear", "linear"), ("vpt-deep", "vpt-deep"),
                                                                ("lora", "lora"))}

@@ -127,6 +127,10 @@ def native_bf16(device: torch.device) -> tuple[bool, str]:
         if forced in ("0", "1"):  # the user's word over the feature flags (also keeps tests machine-independent)
             return forced == "1", f"CPU {cap}, {CPU_BF16_ENV}={forced}"
         feats = cpu_features()
+        if feats and not cap.startswith("AVX512"):
+            # ATen dispatches AVX2 kernels (ATEN_CPU_CAPABILITY=avx2, or an old build): its bf16
+            # ops are emulated whatever the CPU has (measured: 11x slower than with AVX512 dispatch)
+            return False, f"CPU {cap} dispatch (the CPU has {'+'.join(sorted(feats))}, ATen does not use it)"
         if feats:
             return True, f"CPU {cap} with {'+'.join(sorted(feats))}"
         return False, f"CPU {cap} without AVX512_BF16/AMX"
