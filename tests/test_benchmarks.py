@@ -37,3 +37,15 @@ def test_speed_benchmark_table():
     assert lora - linear == len(vit.blocks) * 2 * 8 * (d + d)
     if has_peft:
         assert "peft lora r8 qkv" in rows
+
+
+def test_lora_profile_prints_each_models_gemm_share():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_lora.py"), "--backbone", "test_vit", "--img-size", "32",
+           "--steps", "1", "--top", "3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("machine: ")
+    lines = [ln for ln in proc.stdout.splitlines() if "self CPU per step" in ln]
+    assert lines[0].startswith("vistune lora r8 q,v: ") and "GEMMs" in lines[0]
+    if importlib.util.find_spec("peft") is not None:
+        assert lines[1].startswith("peft lora r8 qkv: ")
