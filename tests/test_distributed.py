@@ -195,8 +195,12 @@ def test_a_killed_rank_leaves_one_vistune_line_per_survivor(tmp_path):
         sys.exit(main({["train", "--method", "lora", *_common(f"folder:{folder}", tmp_path / "out")]!r}))
     """))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    # The agent polls its workers every --monitor-interval s and then SIGTERMs the survivors; at
+    # its fast default it sometimes did so before gloo told rank 0 its peer was gone (seen once in
+    # a busy full-suite run: no line at all). 3 s leaves gloo the time to notice, as on a real job.
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script)], capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+                           "--monitor-interval", "3", str(script)],
+                          capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
     assert proc.returncode != 0
     ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("vistune train:")]
     assert len(ours) == 1, proc.stderr[-3000:]
