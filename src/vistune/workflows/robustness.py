@@ -86,22 +86,13 @@ class LoadedRun:
 def load_run(path: str, data_spec: str | None, device: torch.device, weights: str | None,
              precision: str) -> LoadedRun:
     """Rebuild a classification run from its tuned file and data, as ``evaluate_run`` does."""
-    from vistune.backbones import backbone_for_file, backbone_info
+    from vistune.backbones import backbone_info
     from vistune.tasks.classify import load_classification_data
-    from vistune.tuning import load_tuned, read_tuned_file
-    from vistune.workflows.train import check_class_names, saved_config, trained_precision
+    from vistune.workflows.train import check_class_names, open_classification_run, trained_precision
 
-    p = Path(path)
-    tuned_path = p / "tuned.safetensors" if p.is_dir() else p
-    meta, _ = read_tuned_file(tuned_path)
-    extra = meta.get("extra") or {}
-    recorded = extra.get("config") or {}
-    tuned = load_tuned(tuned_path, backbone_for_file(meta["backbone"], tuned_path, weights))
-    spec = data_spec or recorded.get("data")
-    if not spec:
-        raise ConfigError(f"{tuned_path}: no --data given and the file does not record its data spec")
-    cfg = saved_config(recorded, data=spec, device=str(device), shots=None, augment=None, progress=False,
-                       task="classify")
+    run = open_classification_run(path, data_spec, weights, device=str(device))
+    tuned_path, meta, tuned, cfg = run.tuned_path, run.meta, run.tuned, run.cfg
+    extra, recorded, spec = run.extra, run.recorded, cfg.data
     data = load_classification_data(cfg, tuned.model)
     check_class_names(extra.get("class_names"), list(data.class_names), spec, False)
     if data.num_classes != tuned.num_classes:

@@ -127,32 +127,65 @@ def evaluate_run(
         task.use_precision(resolve_precision(precision, dist.device, prefer=trained_precision(meta, recorded)))
         task.setup(cfg, dist, None, model=model)
     else:
-        from vistune.backbones import backbone_for_file
-        from vistune.tuning import load_tuned, read_tuned_file
-
-        tuned_path = p / "tuned.safetensors" if p.is_dir() else p
-        meta, _ = read_tuned_file(tuned_path)
-        extra = meta.get("extra") or {}
-        recorded = extra.get("config") or {}
+        run = open_classification_run(p, data_spec, weights, batch_size=batch_size, device=str(dist.device))
+        extra, cfg, tuned = run.extra, run.cfg, run.tuned
         names = extra.get("class_names")
-        tuned = load_tuned(tuned_path, backbone_for_file(meta["backbone"], tuned_path, weights))
-        spec = data_spec or recorded.get("data")
-        if not spec:
-            raise ConfigError(f"{tuned_path}: no --data given and the file does not record its data spec")
-        cfg = saved_config(recorded, data=spec, batch_size=batch_size, device=str(dist.device), shots=None,
-                           imbalance=None, augment=None, progress=False, task="classify")
         task = make_task("classify")
-        task.use_precision(resolve_precision(precision, dist.device, prefer=trained_precision(extra, recorded)))
+        task.use_precision(resolve_precision(precision, dist.device, prefer=trained_precision(extra, run.recorded)))
         task.setup(cfg, dist, None, tuned=tuned)
         task.train_counts = extra.get("train_class_counts")  # the run's, for its group metrics
         if task.data.num_classes != tuned.num_classes:
-            raise ConfigError(f"data {spec!r} has {task.data.num_classes} classes, the tuned file {tuned.num_classes}")
+            raise ConfigError(f"data {cfg.data!r} has {task.data.num_classes} classes, the tuned file "
+                              f"{tuned.num_classes}")
     check_class_names(names, list(task.data.class_names), cfg.data, allow_class_mismatch)
     if not task.has_split(split):
         raise ConfigError(f"data {cfg.data!r} has no {split!r} split")
     res = task.evaluate(split)
     fields = task.metric_fields(split, res, final=True)
     return {**fields, f"num_{split}": _split_size(task, split), "task": task.name, **task.precision.fields()}
+
+
+@dataclasses.dataclass
+class SavedRun:
+    """A classification run rebuilt from its tuned file: the model, the file's metadata, and the
+    run config that reloads its data (see :func:`open_classification_run`)."""
+
+    tuned_path: Path
+    meta: dict[str, Any]
+    tuned: Any  # vistune.tuning.TunedModel
+    cfg: TrainConfig
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        return self.meta.get("extra") or {}
+
+    @property
+    def recorded(self) -> dict[str, Any]:
+        return self.extra.get("config") or {}
+
+
+def open_classification_run(path: str | os.PathLike, data_spec: str | None, weights: str | None,
+                            **changes: Any) -> SavedRun:
+    """A classification run folder or tuned file -> its tuned model and the config of its data.
+
+    The one way ``vistune eval`` and ``vistune robustness`` rebuild a run: the data spec defaults
+    to the recorded one, and nothing that only shapes training (shots, imbalance, augmentation)
+    is applied again, so the evaluated splits are the run's own.
+    """
+    from vistune.backbones import backbone_for_file
+    from vistune.tuning import load_tuned, read_tuned_file
+
+    p = Path(path)
+    tuned_path = p / "tuned.safetensors" if p.is_dir() else p
+    meta, _ = read_tuned_file(tuned_path)
+    recorded = (meta.get("extra") or {}).get("config") or {}
+    tuned = load_tuned(tuned_path, backbone_for_file(meta["backbone"], tuned_path, weights))
+    spec = data_spec or recorded.get("data")
+    if not spec:
+        raise ConfigError(f"{tuned_path}: no --data given and the file does not record its data spec")
+    cfg = saved_config(recorded, data=spec, shots=None, imbalance=None, augment=None, progress=False,
+                       task="classify", **changes)
+    return SavedRun(tuned_path, meta, tuned, cfg)
 
 
 def trained_precision(meta: dict[str, Any], recorded: dict[str, Any]) -> str | None:
