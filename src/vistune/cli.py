@@ -13,6 +13,7 @@ import sys
 import typing
 from collections.abc import Sequence
 
+from vistune.config import PRECISIONS
 from vistune.methods import method_names
 
 
@@ -60,14 +61,13 @@ _METHOD_HELP = "tuning method: " + ", ".join(method_names())
 
 
 def _many_few(text: str) -> tuple[int, int]:
-    """``--group-thresholds MANY,FEW``: two non-negative integers, MANY >= FEW."""
+    """``--group-thresholds MANY,FEW``: two integers (their order, MANY >= FEW >= 0, is checked
+    with the rest of the run config, so a YAML file gets the same rule)."""
     parts = [t.strip() for t in text.split(",")]
     try:
         many, few = (int(t) for t in parts)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected MANY,FEW training-image counts (e.g. 100,20), got {text!r}") from None
-    if few < 0 or many < few:
-        raise argparse.ArgumentTypeError(f"expected MANY >= FEW >= 0, got {text!r}")
     return many, few
 
 
@@ -175,7 +175,7 @@ def _add_train_args(p: argparse.ArgumentParser, multi_data: bool = False, shots:
     p.add_argument("--warmup-epochs", type=float, default=None)
     p.add_argument("--clip-grad", type=float, default=None)
     p.add_argument("--accum-steps", type=int, default=None)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="auto (default): bf16 autocast where the hardware runs it natively (CUDA with bf16, a CPU "
                         "with AVX512-BF16/AMX), else fp32; fp16: CUDA only, with a gradient scaler")
     p.add_argument("--augment", choices=["flip"], default=None)
@@ -515,7 +515,7 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--max-batch", type=int, default=None, help="most samples per forward (default 16)")
     p.add_argument("--batch-window-ms", type=float, default=None,
                    help="how long the first request of a batch waits for others (default 5)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="auto (default): bf16 autocast only where this machine runs it natively, else fp32")
     p.add_argument("--bf16", action="store_const", const=True, default=None, help="same as --precision bf16")
     p.add_argument("--device", default=None, help="cpu (default), cuda, auto")
@@ -604,7 +604,7 @@ def _add_robustness_parser(sub) -> None:
                    help="L∞ radii in [0,1] pixel space: fractions or floats")
     p.add_argument("--pgd-steps", type=_positive_int, default=10)
     p.add_argument("--pgd-alpha", type=_positive_float, default=None, help="PGD step (default 2.5*eps/steps)")
-    p.add_argument("--attack-precision", choices=["fp32", "auto", "bf16", "fp16"], default="fp32",
+    p.add_argument("--attack-precision", choices=PRECISIONS, default="fp32",
                    help="attack precision (default fp32: input gradients in bf16 weaken the attack)")
     p.add_argument("--ood", default=None, metavar="SPEC[,SPEC]", help="other data sets with (some of) the run's classes")
     p.add_argument("--class-map", default=None, metavar="FILE", help="YAML 'source class: run class' for --ood")
@@ -615,7 +615,7 @@ def _add_robustness_parser(sub) -> None:
     p.add_argument("--workers", type=_count, default=min(4, os.cpu_count() or 1),
                    help="DataLoader worker processes for the corruptions (CPU-bound)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="evaluation forwards: auto (default) keeps the run's own precision where native, else fp32")
     p.add_argument("--weights", default=None, help="backbone weights file, for runs trained on a local file")
     p.add_argument("--no-progress", action="store_true", help="no line per finished cell")
@@ -722,7 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto (default): the run's own precision where this hardware runs it natively, else fp32")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")

@@ -31,7 +31,7 @@ import torch
 
 from vistune.config import PRECISIONS, ConfigError
 
-#: Measured here on a 2-core AVX2 AMD EPYC (DINOv2-S @56 px, batch 32, forward, one thread):
+#: Measured on a 2-core AVX2-only AMD EPYC (DINOv2-S @56 px, batch 32, forward, one thread):
 #: fp32 459 ms, bf16 3,263 ms. Quoted in the one-line warning an emulated bf16 run prints.
 EMULATED_BF16_SLOWDOWN = 7
 
@@ -88,7 +88,7 @@ def cpu_features() -> set[str]:
                 if helper():
                     found.add(name)
         return found
-    flags = _proc_cpuinfo_flags()
+    flags = set((_cpuinfo("flags") or "").split())
     if "avx512_bf16" in flags:
         found.add("AVX512_BF16")
     if "amx_bf16" in flags or "amx_tile" in flags:
@@ -96,15 +96,16 @@ def cpu_features() -> set[str]:
     return found
 
 
-def _proc_cpuinfo_flags() -> set[str]:
+def _cpuinfo(field: str) -> str | None:
+    """The first ``field`` line of /proc/cpuinfo (Linux), or None where there is none."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.partition(":")[2].split())
+                if line.startswith(field):
+                    return line.partition(":")[2].strip()
     except OSError:
         pass
-    return set()
+    return None
 
 
 def cpu_capability() -> str:
@@ -210,12 +211,5 @@ def format_machine(m: dict[str, Any] | None, precision: str | None = None) -> st
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    return _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown CPU"
 
