@@ -144,12 +144,14 @@ def test_two_processes_train_segmentation_and_pretrain(two_process_runs):
     assert pm["sources"][0]["num_train"] == 27
 
 
-def test_a_failing_rank_stops_the_job_with_one_line(tmp_path):
-    """Rank 1 fails at its second step while rank 0 waits in the gradient all-reduce: no hang."""
+def _rank1_fails_at_step_2(tmp_path: Path, failure: str, *torchrun_args: str) -> subprocess.CompletedProcess:
+    """A 2-process LoRA training job under torchrun whose rank 1 runs ``failure`` (one Python
+    statement, ``os`` and ``signal`` imported) at its second step, while rank 0 waits in the
+    gradient all-reduce."""
     folder = make_folder(tmp_path / "data", classes=2, per_class=8)
-    script = tmp_path / "fail.py"
+    script = tmp_path / "rank1.py"
     script.write_text(textwrap.dedent(f"""
-        import os, sys
+        import os, signal, sys
         from vistune.cli import main
         from vistune.data.errors import DataError
         from vistune.tasks.classify import ClassifyTask
@@ -158,15 +160,21 @@ def test_a_failing_rank_stops_the_job_with_one_line(tmp_path):
         def loss(self, batch):
             calls.append(1)
             if os.environ["RANK"] == "1" and len(calls) == 2:
-                raise DataError("injected failure on rank 1")
+                {failure}
             return real(self, batch)
         ClassifyTask.loss = loss
         sys.exit(main({["train", "--method", "lora", *_common(f"folder:{folder}", tmp_path / "out")]!r}))
     """))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *torchrun_args, str(script)], capture_output=True, text=True, timeout=180, env=env,
+                          cwd=tmp_path)
+
+
+def test_a_failing_rank_stops_the_job_with_one_line(tmp_path):
+    """Rank 1 fails at its second step while rank 0 waits in the gradient all-reduce: no hang."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script)], capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    proc = _rank1_fails_at_step_2(tmp_path, 'raise DataError("injected failure on rank 1")')
     assert proc.returncode != 0
     assert time.perf_counter() - t0 < 150  # taken down, not waiting for the collective's timeout
     lines = [ln for ln in proc.stderr.splitlines() if "injected failure" in ln]
@@ -178,29 +186,11 @@ def test_a_failing_rank_stops_the_job_with_one_line(tmp_path):
 def test_a_killed_rank_leaves_one_vistune_line_per_survivor(tmp_path):
     """Issue item 7: ``kill -9`` of one rank printed ~80 lines of gloo traceback from the others
     and no vistune line. The surviving rank now says, in one line, that it lost its peer."""
-    folder = make_folder(tmp_path / "data", classes=2, per_class=8)
-    script = tmp_path / "kill.py"
-    script.write_text(textwrap.dedent(f"""
-        import os, signal, sys
-        from vistune.cli import main
-        from vistune.tasks.classify import ClassifyTask
-        real = ClassifyTask.loss
-        calls = []
-        def loss(self, batch):
-            calls.append(1)
-            if os.environ["RANK"] == "1" and len(calls) == 2:
-                os.kill(os.getpid(), signal.SIGKILL)  # the OOM killer, or a user's kill -9
-            return real(self, batch)
-        ClassifyTask.loss = loss
-        sys.exit(main({["train", "--method", "lora", *_common(f"folder:{folder}", tmp_path / "out")]!r}))
-    """))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
     # The agent polls its workers every --monitor-interval s and then SIGTERMs the survivors; at
     # its fast default it sometimes did so before gloo told rank 0 its peer was gone (seen once in
     # a busy full-suite run: no line at all). 3 s leaves gloo the time to notice, as on a real job.
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "--monitor-interval", "3", str(script)],
-                          capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    proc = _rank1_fails_at_step_2(tmp_path, "os.kill(os.getpid(), signal.SIGKILL)  # the OOM killer, or kill -9",
+                                  "--monitor-interval", "3")
     assert proc.returncode != 0
     ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("vistune train:")]
     assert len(ours) == 1, proc.stderr[-3000:]

@@ -15,12 +15,14 @@ from vistune.engine.optim import build_optimizer, param_groups, warmup_cosine
 from vistune.workflows.train import train
 
 
-def make_folder(root, classes=3, per_class=8, size=20, seed=0):
-    """Images whose class is visible in the mean colour, so a tiny model can learn it."""
+def make_folder(root, classes=3, per_class=8, size=20, seed=0, test=4):
+    """Images whose class is visible in the mean colour, so a tiny model can learn it.
+    ``classes``: a count (folders class0, class1, ...) or the folder names themselves."""
+    names = [f"class{c}" for c in range(classes)] if isinstance(classes, int) else list(classes)
     rng = np.random.default_rng(seed)
-    for split, n in (("train", per_class), ("val", 3), ("test", 4)):
-        for c in range(classes):
-            d = root / split / f"class{c}"
+    for split, n in (("train", per_class), ("val", 3), ("test", test)):
+        for c, name in enumerate(names):
+            d = root / split / name
             d.mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 arr = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)

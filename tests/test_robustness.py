@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.test_engine import make_folder
 from vistune.cli import main
 
 if importlib.util.find_spec("imagecorruptions") is None or importlib.util.find_spec("art") is None:
@@ -32,16 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def make_images(root: Path, classes=("class0", "class1", "class2"), train=8, test=10, size=32, seed=0) -> Path:
     """Class = dominant colour channel (learnable by a linear probe), noise elsewhere."""
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", train), ("val", 3), ("test", test)):
-        for c, name in enumerate(classes):
-            d = root / split / name
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                arr = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
-                arr[..., c % 3] += 150
-                Image.fromarray(arr).save(d / f"{i}.png")
-    return root
+    return make_folder(root, classes=classes, per_class=train, size=size, seed=seed, test=test)
 
 
 @pytest.fixture(scope="module")
