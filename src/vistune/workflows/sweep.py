@@ -365,23 +365,16 @@ def check_trial_folders(base: TrainConfig, space: Space, out: Path) -> None:
     folder = out / "trials"
     if not folder.is_dir():
         return
-    wanted = settings_of(trial_config(base, space, {}, folder, False, True).to_dict())
-    searched = tuple(space.values)
+    wanted = trial_config(base, space, {}, folder, False, True)
     for run_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-        recorded = recorded_settings(run_dir)
-        if recorded is None:
-            continue
-        diffs = settings_diff(recorded, wanted, ignore=searched)
-        if diffs:
-            raise SweepError(f"trial folder {run_dir} was trained with other settings than this sweep asks "
-                             f"({'; '.join(diffs[:3])}), so its result cannot be reused; use another --out, or "
-                             "delete that folder to retrain it")
+        _check_read_back(run_dir, wanted, ignore=tuple(space.values))
 
 
-def _check_read_back(run_dir: Path, cfg: TrainConfig) -> None:
-    """A finished run is read back only when its recorded settings equal ``cfg``'s."""
+def _check_read_back(run_dir: Path, cfg: TrainConfig, ignore: Sequence[str] = ()) -> None:
+    """A run folder is read back only when its recorded settings equal ``cfg``'s (``ignore``: the
+    searched keys, when a folder is checked against the sweep rather than one grid point)."""
     recorded = recorded_settings(run_dir)
-    diffs = settings_diff(recorded or {}, settings_of(cfg.to_dict())) if recorded is not None else []
+    diffs = settings_diff(recorded, settings_of(cfg.to_dict()), ignore=tuple(ignore)) if recorded is not None else []
     if diffs:
         raise SweepError(f"{run_dir} holds a run trained with other settings ({'; '.join(diffs[:3])}), so its "
                          "result cannot be reused; use another --out, or delete that folder to retrain it")
@@ -445,19 +438,15 @@ def _held(path: Path, wait: float) -> bool:
 
 
 class _Alive:
-    """This process's liveness lock (see :func:`retry_stale_trials`)."""
+    """This process's liveness lock (see :func:`retry_stale_trials`), held until :meth:`close`."""
 
     def __init__(self, out: Path) -> None:
-        import fcntl
-
         self.name = f".alive-{os.uname().nodename}-{os.getpid()}"
-        self.path = out / self.name
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        self.lock = _FileLock(out / self.name).__enter__()
 
     def close(self) -> None:
-        self.path.unlink(missing_ok=True)
-        os.close(self.fd)
+        self.lock.path.unlink(missing_ok=True)
+        self.lock.__exit__()
 
 
 class _FileLock:
