@@ -297,12 +297,10 @@ def group_top1(per_class: Sequence[float | None], train_counts: Sequence[int],
     included). A group with no class (or none present in the split) is None.
     """
     many, few = thresholds
-    members: dict[str, list[float]] = {"many": [], "medium": [], "few": []}
+    members: dict[str, list[float | None]] = {"many": [], "medium": [], "few": []}
     for acc, n in zip(per_class, train_counts):
-        if acc is None:
-            continue
         members["many" if n > many else "few" if n < few else "medium"].append(acc)
-    return {g: (sum(v) / len(v) if v else None) for g, v in members.items()}
+    return {g: balanced_top1(v) for g, v in members.items()}  # each group's mean per-class top-1
 
 
 def image_hashes(dataset: Any, limit: int | None = None) -> list[str]:
