@@ -417,7 +417,7 @@ def is_vit(model: nn.Module) -> bool:
     """A timm ViT-like model: tokens from a patch embed, then a ``blocks`` sequence."""
     return (
         hasattr(model, "patch_embed")
-        and isinstance(getattr(model, "blocks", None), nn.Sequential)
+        and isinstance(getattr(model, "blocks", None), (nn.Sequential, nn.ModuleList))
         and hasattr(model, "num_prefix_tokens")
     )
 

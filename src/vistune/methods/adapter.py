@@ -9,6 +9,12 @@ The up-projection is zero-initialised, so a freshly attached model computes exac
 backbone did. The down-projection gets a non-zero (Kaiming-uniform) init: with both zero (the
 VPT repo's choice) the first gradients of the down-projection are zero as well and training
 starts from a dead bottleneck. Adapters sit behind a non-linearity, so they are not mergeable.
+
+Any block with a transformer-style MLP takes it (ViT, Swin, ConvNeXt: read from
+:mod:`vistune.anatomy`). Residual CNNs without one (ResNet, EfficientNet, MobileNet) get
+Rebuffi et al.'s (2017) *parallel residual adapter* instead: 1×1 conv down (with the block's
+stride) → act → 1×1 conv up to the block's output channels, zero-initialised, its output added to
+the block's — so the block's own computation is untouched.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vistune.backbones import is_vit
+from vistune.anatomy import Block, describe
+from vistune.backbones import BackboneError
 from vistune.errors import MethodError
 from vistune.methods.base import Method, option
 
@@ -49,6 +56,27 @@ class Bottleneck(nn.Module):
         return self.up(self.act(self.down(x)))
 
 
+class ConvBottleneck(nn.Module):
+    """x → up(act(down(x))) with 1×1 convolutions, parallel to a residual CNN block; zero at init."""
+
+    def __init__(self, in_ch: int, bottleneck: int, out_ch: int, stride: int) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(in_ch, bottleneck, 1, stride=stride)
+        self.act = nn.GELU()
+        self.up = nn.Conv2d(bottleneck, out_ch, 1)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.act(self.down(x)))
+
+
+def _beside_block(block: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    return out + (block.adapter(args[0]) * block.adapter.scale).to(out.dtype)
+
+
 def _sequential(mlp: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
     return out + mlp.adapter(out)
 
@@ -63,24 +91,39 @@ class Adapter(Method):
     Options = AdapterOptions
 
     def attach(self, model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> None:
-        if not is_vit(model):
-            raise MethodError(
-                f"adapter attaches to the MLP of timm ViT blocks; {type(model).__name__} has none "
-                "(use protuning for CNNs)"
-            )
+        try:
+            anatomy = describe(model)
+        except BackboneError as err:
+            raise MethodError(f"adapter: {err}") from None
         opts: AdapterOptions = self.options
-        hook = _sequential if opts.position == "sequential" else _parallel
-        self._adapters: list[Bottleneck] = []
-        for bi, block in enumerate(model.blocks):
-            mlp = getattr(block, "mlp", None)
-            if mlp is None:
-                raise MethodError(f"adapter: block {bi} has no mlp")
-            dim = model.embed_dim
-            adapter = Bottleneck(dim, opts.bottleneck).to(next(model.parameters()).device)
-            adapter.scale = opts.scale
-            mlp.add_module("adapter", adapter)
-            self.add_hook(mlp.register_forward_hook(hook))
-            self._adapters.append(adapter)
+        device = next(model.parameters()).device
+        self._adapters: list[nn.Module] = []
+        for block in anatomy.blocks:
+            if block.mlp is not None:
+                self._beside_mlp(block, opts, device)
+            elif block.in_width and block.out_width:
+                self._parallel_conv(block, opts, device)
+            else:
+                raise MethodError(f"adapter: block {block.name} of {anatomy.arch} has neither an MLP nor convolutions")
+
+    def _beside_mlp(self, block: Block, opts: AdapterOptions, device: torch.device) -> None:
+        hook = _sequential if self.options.position == "sequential" else _parallel
+        if isinstance(getattr(block.mlp, "fc1", None), nn.Conv2d):  # ConvNeXt's conv_mlp: NCHW, 1x1 convs
+            adapter: nn.Module = ConvBottleneck(block.in_width, opts.bottleneck, block.in_width, 1).to(device)
+        else:
+            adapter = Bottleneck(block.in_width, opts.bottleneck).to(device)
+        adapter.scale = opts.scale
+        block.mlp.add_module("adapter", adapter)
+        self.add_hook(block.mlp.register_forward_hook(hook))
+        self._adapters.append(adapter)
+
+    def _parallel_conv(self, block: Block, opts: AdapterOptions, device: torch.device) -> None:
+        # A residual adapter always reads the block's input; ``position`` has no second meaning here.
+        adapter = ConvBottleneck(block.in_width, opts.bottleneck, block.out_width, block.stride).to(device)
+        adapter.scale = opts.scale
+        block.module.add_module("adapter", adapter)
+        self.add_hook(block.module.register_forward_hook(_beside_block))
+        self._adapters.append(adapter)
 
     def modules(self) -> list[nn.Module]:
         return list(self._adapters)

@@ -7,26 +7,47 @@ inference and removes every trace of the branch; ``unmerge()`` restores it.
 
 timm fuses q, k, v into one Linear; targeting ``q,v`` adds deltas to the first and last thirds
 of its output rows only.
+
+Sites are found by *role* through :mod:`vistune.anatomy` (``q,v``, ``attn``, ``mlp``, ``pw``,
+``conv`` ... mean the same on ViT, Swin, ConvNeXt, ResNet and EfficientNet), or by PEFT-style
+module-name patterns (``modules=``) for anything else. A Conv2d gets :class:`ConvLoRA`: ΔW from a
+k×k convolution to r channels followed by a 1×1 convolution, as PEFT's Conv2d LoRA, and it
+merges exactly.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from vistune.backbones import VIT_MATRICES, is_vit, vit_block_linears
+from vistune.anatomy import GROUPS, ROLES, Site, describe
+from vistune.backbones import BackboneError
 from vistune.errors import MethodError
 from vistune.methods.base import Method, check_merged_finite, option
+
+#: What ``targets`` means when not given, per family: the paper's q,v on transformers; the
+#: pointwise MLP on ConvNeXt; every full convolution on CNNs (a BasicBlock ResNet has no 1×1).
+DEFAULT_TARGETS = {"vit": ("q", "v"), "swin": ("q", "v"), "convnext": ("mlp",),
+                   "resnet": ("convs",), "efficientnet": ("pw",)}
 
 
 @dataclass
 class LoRAOptions:
     rank: int = option(8, "r, the rank of each update B·A", min=1)
     alpha: float | None = option(None, "scale = alpha / rank; none means alpha = rank (scale 1)", min=0.0)
-    targets: tuple[str, ...] = option(("q", "v"), "which matrices of each block get an update", each=VIT_MATRICES)
+    targets: tuple[str, ...] | None = option(
+        None, "roles of each block to update (q,k,v,proj,fc1,fc2,pw,conv,dw or the groups attn,mlp,convs); "
+        "none = the family's default (q,v on transformers, mlp on ConvNeXt, convs on ResNets, pw on EfficientNets)",
+        each=ROLES + tuple(GROUPS))
+    modules: tuple[str, ...] = option(
+        (), "module-name patterns (fnmatch, e.g. 'layers.*.blocks.*.attn.proj'), each Linear or Conv2d "
+        "they match gets an update as well (PEFT's target_modules)")
     dropout: float = option(0.0, "dropout on the branch's input", min=0.0, below=1.0)
 
 
@@ -108,8 +129,60 @@ class LoRABranch(nn.Module):
         return dw
 
 
+class ConvLoRA(nn.Module):
+    """LoRA for a Conv2d: ΔW = scale·B·A reshaped to the conv weight, A: r × (in/g·kh·kw), B: out × r.
+
+    With groups == 1 (and zero padding) the branch runs factorised, conv(x, A as r filters)
+    then a 1×1 conv with B, which is exactly conv(x, ΔW) at a fraction of its cost; grouped
+    convs materialise ΔW and convolve through the host's own ``_conv_forward``.
+    Parameters are keyed ``all`` to share the key layout of :class:`LoRABranch`.
+    """
+
+    def __init__(self, conv: nn.Conv2d, rank: int, scale: float = 1.0, dropout: float = 0.0) -> None:
+        super().__init__()
+        out, in_g, kh, kw = conv.weight.shape
+        self.weight_shape = (out, in_g, kh, kw)
+        self.scale = scale
+        self.A = nn.ParameterDict({"all": nn.Parameter(torch.empty(rank, in_g * kh * kw))})
+        self.B = nn.ParameterDict({"all": nn.Parameter(torch.zeros(out, rank))})
+        nn.init.kaiming_uniform_(self.A["all"], a=math.sqrt(5))
+        self.factorised = conv.groups == 1 and conv.padding_mode == "zeros"
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, host: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(x)
+        a, b = self.A["all"].to(x.dtype), self.B["all"].to(x.dtype)
+        out, in_g, kh, kw = self.weight_shape
+        if self.factorised:
+            h = F.conv2d(x, a.view(-1, in_g, kh, kw), None, host.stride, host.padding, host.dilation)
+            y = F.conv2d(h, b.view(out, -1, 1, 1))
+        else:
+            y = host._conv_forward(x, (b @ a).view(self.weight_shape), None)
+        return y * self.scale if self.scale != 1.0 else y
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        return (self.B["all"] @ self.A["all"]).view(self.weight_shape) * self.scale
+
+
 def _add_branch_output(host: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
     return host.lora.add_into(out, args[0])
+
+
+def _add_conv_output(host: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    return out + host.lora(host, args[0]).to(out.dtype)
+
+
+def _weight_bypassed(model: nn.Module, site: Site) -> bool:
+    """True when the site's parent reads ``weight`` with F.linear instead of calling the module.
+
+    timm's EVA and Swin-V2 attention compute ``F.linear(x, self.qkv.weight, q/k/v biases)`` when
+    they hold separate q/v biases, so a forward hook on ``qkv`` would never run and the update
+    would silently do nothing.
+    """
+    parent_name = site.name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return getattr(parent, "q_bias", None) is not None and not getattr(parent, "qkv_bias_separate", False)
 
 
 class LoRA(Method):
@@ -119,33 +192,56 @@ class LoRA(Method):
     mergeable = True
 
     def attach(self, model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> None:
-        if not is_vit(model):
-            raise MethodError(
-                f"lora targets the q/k/v/proj/fc1/fc2 matrices of timm ViT blocks; "
-                f"{type(model).__name__} has none (use spt for LoRA on CNN convolutions)"
-            )
         opts: LoRAOptions = self.options
+        sites = self._select(model, opts)
         scale = (opts.alpha if opts.alpha is not None else opts.rank) / opts.rank
-        self._sites: list[tuple[nn.Linear, LoRABranch]] = []
-        for bi, block in enumerate(model.blocks):
-            linears = vit_block_linears(block)
-            missing = [t for t in opts.targets if t not in linears]
-            if missing:
-                raise MethodError(f"lora: block {bi} has no {missing} Linear to target")
-            by_host: dict[int, tuple[nn.Linear, dict[str, slice]]] = {}
-            for t in opts.targets:
-                host, sl = linears[t]
-                by_host.setdefault(id(host), (host, {}))[1][t] = sl
-            for host, slices in by_host.values():
+        device = next(model.parameters()).device
+        by_host: dict[int, tuple[nn.Module, dict[str, slice]]] = {}
+        for site in sites:
+            slices = by_host.setdefault(id(site.module), (site.module, {}))[1]
+            # Keys are the roles (``lora.A.q``: the layout tuned files and the PEFT exporter know).
+            slices["all" if site.role == "module" else site.role] = site.rows
+        self._sites: list[tuple[nn.Module, nn.Module]] = []
+        for host, slices in by_host.values():
+            if isinstance(host, nn.Conv2d):
+                branch: nn.Module = ConvLoRA(host, opts.rank, scale, opts.dropout)
+            else:
                 branch = LoRABranch(host.in_features, host.out_features, slices, opts.rank, scale, opts.dropout)
-                branch.to(device=host.weight.device)
-                self._sites.append((host, branch))
+            branch.to(device=device)
+            self._sites.append((host, branch))
         self._attach_sites()
+
+    def _select(self, model: nn.Module, opts: LoRAOptions) -> list[Site]:
+        """The sites ``targets`` and ``modules`` name; records the resolved targets in the options."""
+        try:
+            anatomy = describe(model)
+        except BackboneError as err:
+            if not opts.modules:
+                raise MethodError(f"lora: {err}; name modules with modules=PATTERN") from None
+            anatomy = None
+        sites: list[Site] = []
+        if anatomy is not None and (opts.targets is not None or not opts.modules):
+            targets = opts.targets if opts.targets is not None else DEFAULT_TARGETS[anatomy.family]
+            try:
+                sites = anatomy.sites(targets)
+            except BackboneError as err:
+                raise MethodError(f"lora: {err}") from None
+            self.options = dataclasses.replace(opts, targets=tuple(targets))
+        sites += _pattern_sites(model, opts.modules, {id(s.module) for s in sites})
+        bypassed = [s.name for s in sites if _weight_bypassed(model, s)]
+        if bypassed:
+            arch = anatomy.arch if anatomy is not None else type(model).__name__
+            raise MethodError(
+                f"lora: {arch} computes {bypassed[0]} with F.linear on its weight (separate q/v biases), so an "
+                "update there would never run; target proj,fc1,fc2 instead, or use spt"
+            )
+        return sites
 
     def _attach_sites(self) -> None:
         for host, branch in self._sites:
             host.add_module("lora", branch)
-            self.add_hook(host.register_forward_hook(_add_branch_output))
+            hook = _add_conv_output if isinstance(branch, ConvLoRA) else _add_branch_output
+            self.add_hook(host.register_forward_hook(hook))
 
     def modules(self) -> list[nn.Module]:
         return [branch for _, branch in self._sites]
@@ -168,3 +264,31 @@ class LoRA(Method):
             host.weight -= branch.delta_weight().to(host.weight.dtype)
         self._attach_sites()
         self.merged = False
+
+
+def _rows(module: nn.Module) -> int:
+    return int(module.out_channels if isinstance(module, nn.Conv2d) else module.out_features)
+
+
+def _pattern_sites(model: nn.Module, patterns: tuple[str, ...], taken: set[int]) -> list[Site]:
+    """Sites for PEFT-style module-name patterns; each must match, and only Linear/Conv2d."""
+    out: list[Site] = []
+    names = [n for n, _ in model.named_modules() if n]
+    for pattern in patterns:
+        matched = [n for n in names if fnmatch.fnmatchcase(n, pattern) or n.endswith("." + pattern) or n == pattern]
+        if not matched:
+            raise MethodError(
+                f"lora: modules pattern {pattern!r} matches no module of {type(model).__name__} "
+                f"(names look like {', '.join(names[1:4])} ...)"
+            )
+        for name in matched:
+            module = model.get_submodule(name)
+            if type(module) not in (nn.Linear, nn.Conv2d):
+                raise MethodError(
+                    f"lora: modules pattern {pattern!r} matches {name!r}, a {type(module).__name__}; "
+                    "only nn.Linear and nn.Conv2d can carry an update"
+                )
+            if id(module) not in taken:
+                taken.add(id(module))
+                out.append(Site("module", module, slice(0, _rows(module)), name))
+    return out

@@ -57,7 +57,7 @@ from torch import nn
 from vistune.errors import MethodError, NotMergeableError
 from vistune.methods.adapter import Bottleneck
 from vistune.methods.base import Method, Routing, check_merged_finite, option
-from vistune.methods.lora import LoRABranch
+from vistune.methods.lora import ConvLoRA, LoRABranch
 from vistune.sensitivity import (
     STRUCTURED_TYPES,
     Allocation,
@@ -195,37 +195,6 @@ def _sparse_linear_out(host: nn.Module, args: tuple, out: torch.Tensor) -> torch
     x = args[0]
     contribution = x.index_select(-1, cols) @ sub.t().to(x.dtype)
     return out.index_add_(-1, rows, contribution.to(out.dtype))
-
-
-class ConvLoRA(nn.Module):
-    """LoRA for a Conv2d: ΔW = B·A reshaped to the conv weight, A: r × (in/g·kh·kw), B: out × r.
-
-    With groups == 1 (and zero padding) the branch runs factorised, conv(x, A as r filters)
-    then a 1×1 conv with B, which is exactly conv(x, ΔW) at a fraction of its cost; grouped
-    convs materialise ΔW and convolve through the host's own ``_conv_forward``.
-    Parameters are keyed ``all`` to share the key layout of :class:`LoRABranch`.
-    """
-
-    def __init__(self, conv: nn.Conv2d, rank: int) -> None:
-        super().__init__()
-        out, in_g, kh, kw = conv.weight.shape
-        self.weight_shape = (out, in_g, kh, kw)
-        self.A = nn.ParameterDict({"all": nn.Parameter(torch.empty(rank, in_g * kh * kw))})
-        self.B = nn.ParameterDict({"all": nn.Parameter(torch.zeros(out, rank))})
-        nn.init.kaiming_uniform_(self.A["all"], a=math.sqrt(5))
-        self.factorised = conv.groups == 1 and conv.padding_mode == "zeros"
-
-    def forward(self, host: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.A["all"].to(x.dtype), self.B["all"].to(x.dtype)
-        out, in_g, kh, kw = self.weight_shape
-        if self.factorised:
-            h = F.conv2d(x, a.view(-1, in_g, kh, kw), None, host.stride, host.padding, host.dilation)
-            return F.conv2d(h, b.view(out, -1, 1, 1))
-        return host._conv_forward(x, (b @ a).view(self.weight_shape), None)
-
-    @torch.no_grad()
-    def delta_weight(self) -> torch.Tensor:
-        return (self.B["all"] @ self.A["all"]).view(self.weight_shape)
 
 
 def _lora_linear(host: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
