@@ -182,8 +182,8 @@ def _convnext_sites(block: nn.Module, names: dict[int, str]) -> tuple[tuple[Site
 
 #: Direct children of CNN blocks that hold the block's own convolutions (squeeze-excite and
 #: shortcut convolutions are not sites: they are not on the block's main path).
-_CNN_CONV_ATTRS = ("conv_dw", "conv1", "conv_pw", "conv2", "conv3", "conv_pwl", "conv",
-                   "conv1_1x1", "conv2_kxk", "conv3_1x1")
+_CNN_CONV_ATTRS = ("conv_dw", "conv1", "conv_pw", "conv2", "conv3", "conv_pwl", "conv", "conv_exp",
+                   "conv1_1x1", "conv2_kxk", "conv3_1x1", "dw_start", "pw_exp", "dw_mid", "pw_proj", "dw_end")
 
 
 def _conv_of(child: nn.Module | None) -> nn.Conv2d | None:

@@ -88,7 +88,7 @@ def _relative(host: str) -> str:
 def peft_tensors(run: Run) -> tuple[dict[str, torch.Tensor], dict[str, int], float]:
     """Adapter tensors in PEFT's key layout, the rank of each target suffix, and vistune's scale."""
     from vistune.backbones import classifier
-    from vistune.methods.lora import LoRABranch
+    from vistune.methods.lora import ConvLoRA, LoRABranch
 
     model = run.tuned.model
     rank = int(run.tuned.method.options.rank)
@@ -96,6 +96,21 @@ def peft_tensors(run: Run) -> tuple[dict[str, torch.Tensor], dict[str, int], flo
     ranks: dict[str, int] = {}
     scale = None
     for name, branch in model.named_modules():
+        if isinstance(branch, ConvLoRA):
+            host = name.rsplit(".", 1)[0]
+            conv = model.get_submodule(host)
+            if conv.groups != 1:
+                raise ExportError(
+                    f"{run.path}: {host} is a grouped convolution (groups={conv.groups}); PEFT's Conv2d LoRA "
+                    "is a dense k×k conv to r channels, so it cannot carry this update (use --format timm or onnx)"
+                )
+            out_ch, in_ch, kh, kw = branch.weight_shape
+            tensors[f"{PREFIX}{host}.lora_A.weight"] = branch.A["all"].detach().reshape(rank, in_ch, kh, kw)
+            tensors[f"{PREFIX}{host}.lora_B.weight"] = branch.B["all"].detach().reshape(out_ch, rank, 1, 1)
+            if ranks.setdefault(_relative(host), rank) != rank:  # pragma: no cover - one rank per run
+                raise ExportError(f"{run.path}: {host} has a different rank")
+            scale = float(branch.scale)
+            continue
         if not isinstance(branch, LoRABranch):
             continue
         host = name.rsplit(".", 1)[0]
@@ -182,9 +197,9 @@ def export_peft(run_path: str | os.PathLike, out: str | os.PathLike, *, include_
 
 
 def _is_lora(module: nn.Module) -> bool:
-    from vistune.methods.lora import LoRABranch
+    from vistune.methods.lora import ConvLoRA, LoRABranch
 
-    return isinstance(module, LoRABranch)
+    return isinstance(module, (LoRABranch, ConvLoRA))
 
 
 # ------------------------------------------------------------------------------------------------

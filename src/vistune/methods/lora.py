@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vistune.anatomy import GROUPS, ROLES, Site, describe
-from vistune.backbones import BackboneError
+from vistune.backbones import BackboneError, classifier
 from vistune.errors import MethodError
 from vistune.methods.base import Method, check_merged_finite, option
 
@@ -182,7 +182,8 @@ def _weight_bypassed(model: nn.Module, site: Site) -> bool:
     """
     parent_name = site.name.rpartition(".")[0]
     parent = model.get_submodule(parent_name) if parent_name else model
-    return getattr(parent, "q_bias", None) is not None and not getattr(parent, "qkv_bias_separate", False)
+    return (getattr(parent, "qkv", None) is site.module and getattr(parent, "q_bias", None) is not None
+            and not getattr(parent, "qkv_bias_separate", False))
 
 
 class LoRA(Method):
@@ -273,13 +274,16 @@ def _rows(module: nn.Module) -> int:
 def _pattern_sites(model: nn.Module, patterns: tuple[str, ...], taken: set[int]) -> list[Site]:
     """Sites for PEFT-style module-name patterns; each must match, and only Linear/Conv2d."""
     out: list[Site] = []
-    names = [n for n, _ in model.named_modules() if n]
+    # The classifier is trained as the head of every method, never carries an update.
+    head = {id(m) for m in classifier(model).modules()} if hasattr(model, "get_classifier") else set()
+    names = [n for n, m in model.named_modules() if n and id(m) not in head]
+    carriers = [n for n in names if type(model.get_submodule(n)) in (nn.Linear, nn.Conv2d)]
     for pattern in patterns:
         matched = [n for n in names if fnmatch.fnmatchcase(n, pattern) or n.endswith("." + pattern) or n == pattern]
         if not matched:
             raise MethodError(
-                f"lora: modules pattern {pattern!r} matches no module of {type(model).__name__} "
-                f"(names look like {', '.join(names[1:4])} ...)"
+                f"lora: modules pattern {pattern!r} matches no backbone module of {type(model).__name__} "
+                f"(its Linear/Conv2d modules are named like {', '.join(carriers[:2])}, ..., {carriers[-1]})"
             )
         for name in matched:
             module = model.get_submodule(name)

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vistune.backbones import backbone_info, head_parameters, is_vit, vit_block_linears
+from vistune.anatomy import ATTN_ROLES, MLP_ROLES, try_describe
+from vistune.backbones import backbone_info, head_parameters
 from vistune.errors import MethodError
 from vistune.io import read_with_json_meta, save_atomic
 
@@ -129,13 +130,14 @@ def pool_units(model: nn.Module) -> list[Unit]:
     """
     owners = _owner_map(model)
     vit_parts: dict[int, list[tuple[str, slice, int]]] = {}  # id(Linear) → [(mtype, rows, block)]
-    block_of: dict[int, int] = {}  # id(module) → index of the ViT block holding it
-    if is_vit(model):
-        for bi, block in enumerate(model.blocks):
-            for m in block.modules():
-                block_of[id(m)] = bi
-            for mtype, (lin, sl) in vit_block_linears(block).items():
-                vit_parts.setdefault(id(lin), []).append((mtype, sl, bi))
+    block_of: dict[int, int] = {}  # id(module) → index of the block holding it
+    anatomy = try_describe(model)
+    if anatomy is not None:
+        block_of = anatomy.block_of()
+        for block in anatomy.blocks:
+            for site in block.sites:
+                if isinstance(site.module, nn.Linear) and site.role in ATTN_ROLES + MLP_ROLES:
+                    vit_parts.setdefault(id(site.module), []).append((site.role, site.rows, block.index))
     units: list[Unit] = []
     for name, p in pool_parameters(model):
         mname, module, attr = owners[id(p)]
