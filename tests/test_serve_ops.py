@@ -289,3 +289,22 @@ def test_sigterm_answers_every_admitted_request_then_exits_0(task_file):
         assert len(payload) == length  # the whole answer, not a cut one
         top = json.loads(payload)["results"]["base"]["top"]
         assert [t["label"] for t in top] and abs(sum(t["prob"] for t in top) - 1) < 1e-4
+
+
+# ------------------------------------------------------------------------------------------------
+# benchmarks/serve.py --load-test
+
+
+@pytest.mark.slow
+def test_load_test_runs_briefly_and_loses_nothing(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "serve.py"), "--load-test", "--backbone", "test_vit",
+         "--img-size", "32", "--tasks", "2", "--ramp-seconds", "1", "--seconds", "2", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "load.json").read_text())
+    assert report["sent"] > 0 and report["ok"] > 0
+    assert report["sent"] == report["ok"] + report["busy_503"] + report["errors"] + report["lost"]
+    assert report["errors"] == 0 and report["lost"] == 0 and report["exit_code"] == 0
+    assert report["server_answered"] == report["sent"]  # the server's own count agrees: nothing vanished
+    assert any(line.startswith("machine: ") for line in proc.stdout.splitlines())
