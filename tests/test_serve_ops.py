@@ -292,6 +292,71 @@ def test_sigterm_answers_every_admitted_request_then_exits_0(task_file):
 
 
 # ------------------------------------------------------------------------------------------------
+# Dockerfile (docker is not available here: parsed, not built)
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) per instruction, comments dropped and continuation lines joined."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        if not pending and (not stripped or stripped.startswith("#")):
+            continue
+        if stripped.startswith("#"):
+            continue  # a comment inside a continued instruction
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        full = (pending + stripped).strip()
+        pending = ""
+        word, _, rest = full.partition(" ")
+        out.append((word.upper(), rest.strip()))
+    assert not pending, f"{path}: the last instruction ends with a line continuation"
+    return out
+
+
+def test_dockerfile_parses_copies_files_that_exist_and_runs_vistune_serve_with_real_flags():
+    from vistune.cli import build_parser
+
+    path = REPO / "Dockerfile"
+    ins = dockerfile_instructions(path)
+    known = {"FROM", "ARG", "ENV", "RUN", "COPY", "ADD", "WORKDIR", "USER", "EXPOSE", "HEALTHCHECK", "CMD",
+             "ENTRYPOINT", "LABEL", "STOPSIGNAL", "VOLUME", "SHELL", "ONBUILD"}
+    assert {w for w, _ in ins} <= known, {w for w, _ in ins} - known
+    first = next(w for w, _ in ins if w != "ARG")
+    assert first == "FROM"
+    ignored = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.lstrip().startswith("#")]
+    assert ".venv" in ignored  # else every build uploads the 5 GB venv as its context
+    for word, args in ins:
+        if word in ("COPY", "ADD"):
+            parts = [p for p in shlex.split(args) if not p.startswith("--")]
+            assert len(parts) >= 2, f"COPY needs a source and a destination: {args}"
+            for src in parts[:-1]:
+                assert (REPO / src).exists(), f"Dockerfile copies {src}, which is not in the repository"
+                assert not any(src.rstrip("/") == i.rstrip("/") for i in ignored), f"{src} is in .dockerignore"
+    defaults = dict(a.split("=", 1) for w, a in ins if w == "ARG" and "=" in a)
+    runs = [re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], a) for w, a in ins if w == "RUN"]
+    torch_at = next(i for i, r in enumerate(runs) if '"torch==' in r)
+    assert "/whl/cpu" in runs[torch_at]  # the CPU wheel's index
+    assert torch_at < next(i for i, r in enumerate(runs) if '".[serve]"' in r)  # before vistune pulls a CUDA torch
+    setup = (REPO / "scripts" / "setup_venv.sh").read_text()
+    for pkg in ("torch", "torchvision"):  # the versions the project's own set-up pins
+        assert f'"{pkg}==' + re.search(rf"\b{pkg}==([\w.]+)", setup).group(1) + '"' in runs[torch_at]
+    entry = json.loads(next(args for w, args in ins if w == "ENTRYPOINT"))
+    cmd = json.loads(next(args for w, args in ins if w == "CMD"))
+    argv = entry + cmd
+    assert argv[:2] == ["vistune", "serve"] and "--config" in argv
+    args = build_parser().parse_args(argv[1:])  # every flag is one `vistune serve` has (argparse exits if not)
+    assert args.command == "serve" and args.config and args.host == "0.0.0.0"
+    exposed = next(args for w, args in ins if w == "EXPOSE")
+    assert str(args.port) == exposed.split("/")[0]
+    health = next(args for w, args in ins if w == "HEALTHCHECK")
+    assert f":{args.port}/health" in health
+
+
+# ------------------------------------------------------------------------------------------------
 # benchmarks/serve.py --load-test
 
 
