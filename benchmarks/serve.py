@@ -12,11 +12,25 @@ costs. A second table measures what adding one task costs in memory, per method,
     .venv/bin/python benchmarks/serve.py --backbone test_vit --img-size 32 --tasks 1,2 --requests 40   # smoke
 
 Take final numbers on a quiet machine: the clients and the server share its cores.
+
+``--load-test`` instead runs the overload test: a real ``vistune serve`` on 127.0.0.1 (never
+another address), its capacity measured with a short closed-loop ramp (1, 2, 4 ... clients up to
+``--max-inflight``, ``--ramp-seconds`` each; capacity = the best requests/s), then ``--seconds``
+of open-loop traffic at ``--factor`` (2) x that capacity: requests start on a fixed schedule
+whatever the answers, so the excess must either queue or be refused. Reported: requests sent,
+200s, 503s with Retry-After (the service saying "busy": counted apart, not errors), other
+errors (any other status, or a 503 without Retry-After), lost (no HTTP answer at all: reset,
+timeout), p50/p99 latency of the 200s, and the server's exit code after SIGTERM (0: it drained).
+The target is errors = lost = 0.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/serve.py --load-test --tasks 2 --seconds 20
+    .venv/bin/python benchmarks/serve.py --load-test --backbone test_vit --img-size 32 --tasks 2 --seconds 3  # smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import json
 import os
@@ -260,6 +274,155 @@ def measure(mode: str, files: dict[str, Path], args: argparse.Namespace, image: 
 
 
 # ------------------------------------------------------------------------------------------------
+# Overload: a sustained multiple of the measured capacity
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    v = sorted(values)
+    return v[min(len(v) - 1, int(q * len(v)))]
+
+
+async def _closed_loop(url: str, image: bytes, names: list[str], clients: int, seconds: float) -> float:
+    """Requests/s answered 200 by ``clients`` clients each sending its next request on the last answer."""
+    import httpx
+
+    done = [0]
+    stop_at = time.perf_counter() + seconds
+
+    async def client(k: int, c: httpx.AsyncClient) -> None:
+        i = k
+        while time.perf_counter() < stop_at:
+            r = await c.post("/predict", files={"file": ("img.jpg", image, "image/jpeg")},
+                             data={"task": names[i % len(names)]})
+            i += clients
+            if r.status_code != 200:
+                raise RuntimeError(f"ramp with {clients} clients: HTTP {r.status_code}: {r.text[:200]}")
+            done[0] += 1
+
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+        await asyncio.gather(*(client(k, c) for k in range(clients)))
+    return done[0] / (time.perf_counter() - t0)
+
+
+async def _open_loop(url: str, image: bytes, names: list[str], rate: float, seconds: float,
+                     timeout: float) -> dict:
+    """Start one request every 1/rate s for ``seconds`` s, whatever the answers; classify each."""
+    import httpx
+
+    counts = {"sent": 0, "ok": 0, "busy_503": 0, "errors": 0, "lost": 0}
+    latencies: list[float] = []
+    examples: list[str] = []
+
+    async def one(c: httpx.AsyncClient, task: str) -> None:
+        t0 = time.perf_counter()
+        try:
+            r = await c.post("/predict", files={"file": ("img.jpg", image, "image/jpeg")}, data={"task": task})
+        except httpx.HTTPError as err:  # no HTTP answer: the request is lost
+            counts["lost"] += 1
+            examples.append(f"lost: {type(err).__name__}: {err}")
+            return
+        if r.status_code == 200:
+            counts["ok"] += 1
+            latencies.append(time.perf_counter() - t0)
+        elif r.status_code == 503 and r.headers.get("retry-after"):
+            counts["busy_503"] += 1
+        else:
+            counts["errors"] += 1
+            examples.append(f"HTTP {r.status_code}: {r.text[:200]}")
+
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as c:
+        tasks = []
+        start = time.perf_counter()
+        i = 0
+        while (due := start + i / rate) < start + seconds:
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(c, names[i % len(names)])))
+            counts["sent"] += 1
+            i += 1
+        sent_s = time.perf_counter() - start
+        await asyncio.gather(*tasks)
+    counts.update(offered_per_s=rate, sent_per_s=counts["sent"] / sent_s, p50_ms=1000 * _percentile(latencies, 0.5),
+                  p99_ms=1000 * _percentile(latencies, 0.99), examples=examples[:5])
+    return counts
+
+
+def _server_answered(url: str) -> int:
+    """/predict requests the server has answered so far, all statuses (its /metrics)."""
+    import httpx
+
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("vistune_predict_requests_total{")))
+
+
+def load_test(args: argparse.Namespace, out: Path) -> dict:
+    """Capacity ramp, then ``args.seconds`` at ``args.factor`` x capacity, against ``vistune serve``."""
+    import httpx
+
+    import resource
+
+    # Open loop: every unanswered request holds a socket in the client and one in the server (which
+    # inherits this limit). Run out of descriptors and the client's own failures would count as lost.
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):  # an unlimited hard limit is above the kernel's nr_open: keep the soft one
+        pass
+    n = max(int(x) for x in args.tasks.split(","))
+    files = make_tasks(out / "tasks", args.backbone, args.weights, args.img_size, n, args.methods)
+    image = _image_bytes(args.img_size)
+    port = _free_port()
+    cmd = [sys.executable, "-m", "vistune", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--threads", str(args.threads), "--max-batch", str(args.max_batch), "--batch-window-ms", str(args.window_ms),
+           "--max-inflight", str(args.max_inflight), "--precision", args.precision]
+    for name, f in files.items():
+        cmd += ["--task", f"{name}={f}"]
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    names = list(files)
+    try:
+        started = time.time()
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vistune serve exited with {proc.returncode} before it was ready")
+            try:
+                if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() - started > 600:
+                raise RuntimeError("vistune serve was not ready within 600 s")
+            time.sleep(0.2)
+        asyncio.run(_closed_loop(url, image, names, 1, min(1.0, args.ramp_seconds)))  # warm-up
+        ramp, clients = [], 1
+        while clients <= args.max_inflight:  # never more than admitted: the ramp must see no 503
+            ramp.append((clients, asyncio.run(_closed_loop(url, image, names, clients, args.ramp_seconds))))
+            print(f"ramp: {clients} clients -> {ramp[-1][1]:.1f} req/s", flush=True)
+            clients *= 2
+        capacity = max(r for _, r in ramp)
+        answered = _server_answered(url)
+        res = asyncio.run(_open_loop(url, image, names, args.factor * capacity, args.seconds, args.request_timeout))
+        res["server_answered"] = _server_answered(url) - answered  # should be sent - lost
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+    res.update(capacity_per_s=capacity, ramp=ramp, factor=args.factor, seconds=args.seconds, tasks=n,
+               exit_code=code, error_rate=(res["errors"] + res["lost"]) / max(1, res["sent"]))
+    return res
+
+
+# ------------------------------------------------------------------------------------------------
 # Memory per added task (in-process)
 
 
@@ -322,6 +485,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-only", action="store_true", help="only the per-task memory table")
     p.add_argument("--memory-methods", default="linear,lora,vpt,adapter,bitfit,protuning,full",
                    help="methods of the per-task memory table")
+    p.add_argument("--load-test", action="store_true",
+                   help="only the overload test: capacity ramp, then --seconds at --factor x capacity")
+    p.add_argument("--seconds", type=float, default=20.0, help="load test: how long the overload lasts")
+    p.add_argument("--ramp-seconds", type=float, default=2.0, help="load test: seconds per ramp step")
+    p.add_argument("--factor", type=float, default=2.0, help="load test: offered load / measured capacity")
+    p.add_argument("--max-inflight", type=int, default=16, help="load test: the server's --max-inflight")
+    p.add_argument("--request-timeout", type=float, default=120.0,
+                   help="load test: seconds a client waits for an answer before counting the request lost")
     # subprocess mode
     p.add_argument("--_server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="multitask", help=argparse.SUPPRESS)
@@ -343,6 +514,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown memory methods {unknown}; choose from {list(METHODS)}")
     counts = [int(n) for n in args.tasks.split(",")]
     out = REPO / args.out if not Path(args.out).is_absolute() else Path(args.out)
+    if args.load_test:
+        if args.seconds <= 0 or args.ramp_seconds <= 0 or args.factor <= 0 or args.max_inflight < 1:
+            p.error("--seconds, --ramp-seconds and --factor must be > 0, --max-inflight >= 1")
+        return print_load_test(load_test(args, out), args, out)
     results = []
     if not args.memory_only:
         files = make_tasks(out / "tasks", args.backbone, args.weights, args.img_size, max(counts), args.methods)
@@ -375,6 +550,30 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {r['method']} | {r['file_kb']:.1f} | {r['tensor_kb']:.1f} | {r['python_kb']:.0f} | "
                   f"{r['add_ms']:.0f} | {'no' if r['shares_pass'] else 'yes'} |")
     return 0
+
+
+def print_load_test(res: dict, args: argparse.Namespace, out: Path) -> int:
+    """The machine line, the load test's table, load.json; exit 1 if anything errored or was lost."""
+    from vistune.io import write_json_atomic
+    from vistune.precision import machine_line, resolve_precision
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "load.json", res)
+    print("\n" + machine_line(resolve_precision(args.precision, "cpu").name, threads=args.threads))
+    print(f"{args.backbone} @{args.img_size}px, {res['tasks']} tasks; server: {args.threads} torch thread(s), "
+          f"max batch {args.max_batch}, window {args.window_ms} ms, max inflight {args.max_inflight}; clients on "
+          f"the same machine\n")
+    print(f"capacity (best of the ramp): {res['capacity_per_s']:.1f} req/s; offered {res['offered_per_s']:.1f} req/s "
+          f"({args.factor:g}x) for {args.seconds:g} s, sent at {res['sent_per_s']:.1f} req/s\n")
+    print("| sent | 200 | 503 + Retry-After | other errors | lost | error rate | p50 ms (200s) | p99 ms (200s) "
+          "| server answered | exit after SIGTERM |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {res['sent']} | {res['ok']} | {res['busy_503']} | {res['errors']} | {res['lost']} | "
+          f"{res['error_rate']:.3f} | {res['p50_ms']:.0f} | {res['p99_ms']:.0f} | {res['server_answered']} | "
+          f"{res['exit_code']} |")
+    for line in res["examples"]:
+        print(f"  e.g. {line}", file=sys.stderr)
+    return 0 if res["errors"] == 0 and res["lost"] == 0 and res["exit_code"] == 0 else 1
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@
 Endpoints (JSON unless said otherwise; every error is ``{"detail": "<one line>"}``)::
 
     GET    /                 the web page (static/index.html)
-    GET    /health           status, backbone, task count, batching statistics
+    GET    /health           liveness: 200 while the process serves; status, backbone, task count,
+                             batching statistics
+    GET    /ready            readiness: 200 once the batch worker runs and a task is loaded, else 503
+    GET    /metrics          Prometheus text format (vistune.serve.metrics)
     GET    /tasks            every task: name, kind, method, options, classes, tuned params, bytes
     GET    /tasks/{name}     one task
     POST   /tasks            {"name": ..., "path": tuned file or run folder under the task root}  (admin)
@@ -18,8 +21,14 @@ task name with a control character, a task path that cannot be loaded), 401 admi
 the right bearer token, 403 admin endpoint while the admin API is off (the default), 404 unknown
 task, 409 duplicate task name, 413 upload or image too large (pixels, or bytes to decode), 415
 unsupported content type, 422 invalid parameter, 503 busy (``max_inflight`` predictions already
-admitted; ``Retry-After`` says when to retry). A failing request never stops the service: each
-error is answered and the worker keeps serving.
+admitted, or the service is shutting down; ``Retry-After`` says when to retry). A failing
+request never stops the service: each error is answered and the worker keeps serving.
+
+Shutdown (SIGTERM under uvicorn): uvicorn stops accepting connections and waits for the open
+requests to be answered; then the lifespan shutdown drains the batcher (every queued job runs)
+before the process exits. Overload: requests beyond ``max_inflight`` get 503 + Retry-After at
+once, without reading their body; the admitted ones queue in the batcher (so its queue holds at
+most ``max_inflight`` jobs).
 
 Memory: at most ``max_inflight`` predictions are admitted at once (each holds its body, at most
 ``max_upload_bytes``, and the image bytes in it), and at most ``max_decodes`` of them decode at
@@ -37,6 +46,7 @@ import logging
 import math
 import os
 import threading
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -44,7 +54,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -61,7 +71,8 @@ from vistune.serve.admin import (
     scrub,
     token_matches,
 )
-from vistune.serve.batching import Batcher
+from vistune.serve.batching import Batcher, BatcherClosedError
+from vistune.serve.metrics import ServiceMetrics
 from vistune.serve.multitask import (
     DuplicateTaskError,
     MultiTaskModel,
@@ -104,7 +115,7 @@ class ForbiddenError(ServeError):
 
 
 class BusyError(ServeError):
-    """``max_inflight`` predictions are already admitted (503, with Retry-After)."""
+    """``max_inflight`` predictions are already admitted, or the service is stopping (503, with Retry-After)."""
 
 
 #: Seconds a client told "busy" should wait before retrying.
@@ -269,6 +280,13 @@ def create_app(model: MultiTaskModel, *, max_batch: int = 16, batch_window_ms: f
         raise ServeError(f"max_inflight and max_decodes must be >= 1, got {max_inflight} and {max_decodes}")
     decode_slots = threading.BoundedSemaphore(max_decodes)
     inflight = 0
+    batcher: Batcher
+
+    def is_ready() -> bool:
+        return batcher.running and bool(model.task_names())
+
+    metrics = ServiceMetrics(model, max_batch=max_batch, max_inflight=max_inflight,
+                             queue_depth=lambda: batcher.pending, inflight=lambda: inflight, ready=is_ready)
 
     def decode(data: bytes, tasks: list[str] | None) -> list[Sample]:
         with decode_slots:  # a queue: at most max_decodes full-size images in memory at once
@@ -285,6 +303,7 @@ def create_app(model: MultiTaskModel, *, max_batch: int = 16, batch_window_ms: f
                 else:
                     results[i] = UnknownTaskError(f"task {s.task!r} was removed while the request waited")
             if live:
+                metrics.batch_size.observe(len(live))
                 outputs = model.forward(torch.stack([items[i][0].x for i in live]), [items[i][0].task for i in live])
                 for i, out in zip(live, outputs):
                     s, top, thr = items[i]
@@ -302,6 +321,7 @@ def create_app(model: MultiTaskModel, *, max_batch: int = 16, batch_window_ms: f
     app = FastAPI(title="vistune serve", summary="one frozen backbone, many tuned tasks", lifespan=lifespan)
     app.state.model = model
     app.state.batcher = batcher
+    app.state.metrics = metrics
 
     @app.exception_handler(VistuneError)
     async def _vistune_error(request: Request, err: VistuneError) -> JSONResponse:
@@ -352,7 +372,25 @@ def create_app(model: MultiTaskModel, *, max_batch: int = 16, batch_window_ms: f
                 "admin": admin, "max_batch": max_batch, "batch_window_ms": batch_window_ms,
                 "max_upload_bytes": max_upload_bytes, "inflight": inflight, "max_inflight": max_inflight,
                 "max_decodes": max_decodes,
-                "max_decode_bytes": max_decode_bytes, "batching": batcher.stats.to_dict()}
+                "max_decode_bytes": max_decode_bytes, "queued": batcher.pending, "ready": is_ready(),
+                "batching": batcher.stats.to_dict()}
+
+    @app.get("/ready", responses={503: {"description": "not ready: starting, stopping, or no task loaded"}})
+    async def ready() -> JSONResponse:
+        """For a load balancer: send traffic here only while this answers 200."""
+        if not batcher.running:
+            why = "the batch worker is not running (starting up or shutting down)"
+        elif not model.task_names():
+            why = "no task is loaded"
+        else:
+            return JSONResponse({"status": "ready", "tasks": len(model.task_names())})
+        return JSONResponse({"detail": f"not ready: {why}"}, status_code=503,
+                            headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    @app.get("/metrics", response_class=Response)
+    def prometheus_metrics() -> Response:  # a plain def: runs in the thread pool, off the event loop
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.get("/tasks")
     async def list_tasks() -> dict[str, Any]:
@@ -399,19 +437,38 @@ def create_app(model: MultiTaskModel, *, max_batch: int = 16, batch_window_ms: f
     @app.post("/predict", openapi_extra=_PREDICT_BODY)
     async def predict(request: Request) -> dict[str, Any]:
         nonlocal inflight
-        if inflight >= max_inflight:  # no await between the check and the count: one event loop
-            raise BusyError(f"the service is busy ({max_inflight} predictions in progress, the most it admits); "
-                            f"retry in {RETRY_AFTER_S} s")
-        inflight += 1
+        started = time.perf_counter()
+        asked: list[str] = []  # loaded tasks this request asks for, as soon as known (metrics labels)
+        status = 499  # unless set below: the client went away before its answer
         try:
-            data, tasks, top_k, threshold = await _parse_predict(request, max_upload_bytes)
-            top = default_top_k if top_k in (None, "") else _int_param(top_k, "top_k", 1, 1000)
-            thr = None if threshold in (None, "") else _float_param(threshold, "score_threshold", 0.0, 1.0)
-            samples = await run_in_threadpool(decode, data, tasks)
-            del data
-            results = await batcher.submit([(s, top, thr) for s in samples])
+            if inflight >= max_inflight:  # no await between the check and the count: one event loop
+                raise BusyError(f"the service is busy ({max_inflight} predictions in progress, the most it admits); "
+                                f"retry in {RETRY_AFTER_S} s")
+            inflight += 1
+            try:
+                data, tasks, top_k, threshold = await _parse_predict(request, max_upload_bytes)
+                asked = [t for t in (tasks if tasks is not None else model.task_names()) if t in model]
+                top = default_top_k if top_k in (None, "") else _int_param(top_k, "top_k", 1, 1000)
+                thr = None if threshold in (None, "") else _float_param(threshold, "score_threshold", 0.0, 1.0)
+                samples = await run_in_threadpool(decode, data, tasks)
+                del data
+                asked = [s.task for s in samples]
+                try:
+                    results = await batcher.submit([(s, top, thr) for s in samples])
+                except BatcherClosedError:
+                    raise BusyError(f"the service is shutting down; retry in {RETRY_AFTER_S} s "
+                                    "(another instance, or this one once restarted)") from None
+            finally:
+                inflight -= 1
+            status = 200
             return {"results": {s.task: r for s, r in zip(samples, results)}}
+        except VistuneError as err:
+            status = _status(err)
+            raise
+        except Exception:
+            status = 500
+            raise
         finally:
-            inflight -= 1
+            metrics.observe_request(asked, status, time.perf_counter() - started)
 
     return app

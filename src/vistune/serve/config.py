@@ -21,10 +21,14 @@ The admin token is never a YAML key: it comes from $VISTUNE_ADMIN_TOKEN or ``--a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
 import sys
+import threading
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,5 +254,31 @@ def serve(cfg: ServeConfig) -> int:
         print(f"vistune serve: warning: the task admin API is on and {cfg.host} is not a loopback address: "
               f"anyone who reaches port {cfg.port} with the token can load and remove tasks (use TLS or a "
               "private network)", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+    with _sigterm_is_a_clean_stop() as stopped:
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+    if stopped:
+        print("vistune serve: stopped on SIGTERM after answering every admitted request", flush=True)
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_is_a_clean_stop() -> Iterator[list[int]]:
+    """SIGTERM ends the service with exit code 0 once uvicorn has shut down gracefully.
+
+    Why: uvicorn handles SIGTERM itself (stop accepting, let open requests finish, lifespan
+    shutdown, which drains the batcher), then re-raises the signal to the handler that was in
+    place before it started. With Python's default that kills the process (exit 143), which an
+    orchestrator stopping a healthy service on purpose (docker stop, a rolling update) reads
+    as a failure. This handler records the signal instead; the yielded list is non-empty if it
+    came. Only the main thread may set handlers: elsewhere (a test calling serve in a thread)
+    nothing changes.
+    """
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+        yield got
+    finally:
+        signal.signal(signal.SIGTERM, previous)

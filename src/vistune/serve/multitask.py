@@ -599,7 +599,7 @@ class MultiTaskModel:
         """Bytes of tensor storage: the backbone once, then what each task adds on top of it."""
         backbone = {_storage_key(t): _storage_bytes(t) for t in (*self.backbone.parameters(), *self.backbone.buffers())}
         tasks = {}
-        for name, task in self._tasks.items():
+        for name, task in list(self._tasks.items()):  # a scrape of /metrics may run beside add/remove
             tasks[name] = {"tensor_bytes": sum(_storage_bytes(t) for t in task.private),
                            "file_bytes": task.file_bytes}
         return {"backbone_bytes": sum(backbone.values()), "tasks": tasks}
