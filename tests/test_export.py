@@ -44,9 +44,11 @@ CASES = {
     "spt-lora-cnn": ("spt", {"budget": "5%", "structured": "lora", "rank": 2}, "test_efficientnet"),
     "protuning-cnn": ("protuning", {}, "test_efficientnet"),
     "spt-adapter-cnn": ("spt", {"budget": "5%", "structured": "adapter", "rank": 2}, "test_efficientnet"),
+    "lora-cnn": ("lora", {"rank": 2, "alpha": 3.0, "targets": "pw,dw"}, "test_efficientnet"),
+    "adapter-cnn": ("adapter", {"bottleneck": 2}, "test_efficientnet"),
 }
-MERGEABLE = ["linear", "full", "bitfit", "lora", "spt-lora", "spt-none", "full-cnn", "spt-lora-cnn"]
-NOT_MERGEABLE = ["vpt", "adapter", "protuning", "spt-adapter", "protuning-cnn", "spt-adapter-cnn"]
+MERGEABLE = ["linear", "full", "bitfit", "lora", "spt-lora", "spt-none", "full-cnn", "spt-lora-cnn", "lora-cnn"]
+NOT_MERGEABLE = ["vpt", "adapter", "protuning", "spt-adapter", "protuning-cnn", "spt-adapter-cnn", "adapter-cnn"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
