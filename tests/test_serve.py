@@ -94,6 +94,8 @@ CNN_TASKS = {
     "protuning": ("protuning", {}),
     "spt": ("spt", {"budget": "2k", "structured": "lora"}),
     "full": ("full", {}),
+    "lora": ("lora", {"rank": 2, "targets": "pw,dw"}),  # Conv-LoRA, factorised and grouped
+    "adapter": ("adapter", {"bottleneck": 2}),  # residual conv adapters beside every block
 }
 
 
