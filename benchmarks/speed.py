@@ -12,6 +12,11 @@ tensors saved during one forward (``saved_tensors_hooks``), parameters excluded.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/speed.py                 # DINOv2-S @112, batch 32
     .venv/bin/python benchmarks/speed.py --backbone test_vit --img-size 32 --rounds 2 --steps 2   # a smoke run
+    .venv/bin/python benchmarks/speed.py --arch swin_tiny_patch4_window7_224 --img-size 112      # other families
+    .venv/bin/python benchmarks/speed.py --arch convnext_tiny --img-size 112
+
+A variant a backbone family cannot carry (``lora q,v`` on a ConvNeXt) is listed below the table
+with the method's own one-line refusal instead of a time.
 
 Time nothing while anything else runs on the machine.
 """
@@ -37,6 +42,7 @@ VARIANTS = {  # label: (method, options)
     "vpt-deep p10": ("vpt", {"length": 10, "deep": True}),
     "lora r8 q,v": ("lora", {"rank": 8, "targets": "q,v"}),
     "lora r8 fc1,fc2": ("lora", {"rank": 8, "targets": "fc1,fc2"}),
+    "lora r8 family default": ("lora", {"rank": 8}),  # q,v / ConvNeXt mlp / CNN convs (anatomy.py)
     "adapter b8": ("adapter", {"bottleneck": 8}),
     "spt-lora 0.15M": ("spt", {"budget": "0.15M", "structured": "lora"}),
     "protuning": ("protuning", {}),
@@ -111,7 +117,7 @@ def activation_mb(model: nn.Module, x: torch.Tensor, bf16: bool) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backbone", default="dinov2-s14")
+    ap.add_argument("--backbone", "--arch", default="dinov2-s14", help="a vistune weights name or any timm architecture")
     ap.add_argument("--img-size", type=int, default=112)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--num-classes", type=int, default=10)
@@ -142,9 +148,21 @@ def main() -> int:
     labels = [v.strip() for v in args.variants.split(";") if v.strip()]
     scores = sensitivity_file(backbone, x, y, args.num_classes, tmp / "s.safetensors") if any(
         VARIANTS[v][0] == "spt" for v in labels) else None
-    models: dict[str, nn.Module] = {v: build(backbone, *VARIANTS[v], args.num_classes, scores) for v in labels}
+    from vistune.errors import MethodError
+
+    models: dict[str, nn.Module] = {}
+    refused: dict[str, str] = {}
+    for v in labels:
+        try:
+            models[v] = build(backbone, *VARIANTS[v], args.num_classes, scores)
+        except MethodError as err:
+            refused[v] = str(err)
+    labels = [v for v in labels if v in models]
+    names = {n.rsplit(".", 1)[-1] for n, m in backbone.named_modules() if isinstance(m, nn.Linear)}
     if not args.no_peft:
         for label, targets in (("peft lora r8 qkv", ["qkv"]), ("peft lora r8 fc1,fc2", ["fc1", "fc2"])):
+            if not set(targets) <= names:
+                continue  # PEFT would match nothing on this family
             m = build_peft(backbone, targets, 8, args.num_classes)
             if m is not None:
                 models[label] = m
@@ -199,6 +217,8 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|")
     for prec, label, ms, ratio, ips, act, n in rows:
         print(f"| {prec} | {label} | {ms:.0f} | {ratio:.2f} | {ips:.1f} | {act:.0f} | {n:,} |")
+    for label, why in refused.items():
+        print(f"\nnot run: {label}: {why}")
     return 0
 
 
