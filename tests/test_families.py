@@ -259,3 +259,27 @@ def test_peft_export_refuses_depthwise_conv_lora(tmp_path):
     with pytest.raises(ExportError, match="grouped convolution"):
         export(tmp_path / "run", "peft", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("backbone,method,options", [
+    ("test_efficientnet", "lora", ["targets=pw,dw", "rank=2"]),
+    ("test_resnet", "adapter", ["bottleneck=4"]),
+    ("test_convnext", "lora", ["targets=mlp"]),
+])
+def test_train_then_eval_and_export_on_other_families(backbone, method, options, tmp_path, capsys):
+    """The whole CLI path — train, eval from the run folder, timm/ONNX export — on non-ViT families."""
+    from test_engine import make_folder
+
+    make_folder(tmp_path / "data", size=32)
+    out = tmp_path / "run"
+    opts = [a for o in options for a in ("-o", o)]
+    assert main(["train", "--backbone", backbone, "--img-size", "32", "--method", method, *opts,
+                 "--data", f"folder:{tmp_path / 'data'}", "--epochs", "1", "--batch-size", "4",
+                 "--out", str(out), "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", "--tuned", str(out), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["test_loss"] == pytest.approx(metrics["test_loss"], rel=1e-4)  # the run rebuilt as trained
+    fmt = "timm" if method == "lora" else "onnx"
+    assert main(["export", "--tuned", str(out), "--format", fmt, "--out", str(tmp_path / "exp")]) == 0
