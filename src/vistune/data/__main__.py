@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--out", required=True, help="folder for the shards (new or empty)")
     s.add_argument("--shard-size", type=int, required=True, help="samples per shard (e.g. 10000)")
     s.add_argument("--seed", type=int, default=0, help="shuffles the train split's order across shards")
+    s.add_argument("--keep-order", action="store_true",
+                   help="write the train split in the source's order (no shuffle; for comparing with the source)")
     s.add_argument("--split-seed", type=int, default=0, help="carves missing val/test splits, as in training")
     s.add_argument("--data-root", default=None, help="tv: data root")
     args = parser.parse_args(argv)
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             from .wds import write_shards
 
             summary = write_shards(args.spec, args.out, args.shard_size, split_seed=args.split_seed,
-                                   seed=args.seed, data_root=args.data_root)
+                                   seed=None if args.keep_order else args.seed, data_root=args.data_root)
             print(f"{args.spec}: {summary.line()}")
             return 0
         src = read_source(args.spec, ReadOptions(data_root=args.data_root))

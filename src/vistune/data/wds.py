@@ -387,7 +387,7 @@ class ShardSummary:
         return f"{parts} ({exts}) -> {self.out}{skipped}"
 
 
-def write_shards(spec: str, out: str | Path, shard_size: int, *, split_seed: int = 0, seed: int = 0,
+def write_shards(spec: str, out: str | Path, shard_size: int, *, split_seed: int = 0, seed: int | None = 0,
                  data_root: str | None = None) -> ShardSummary:
     """Write the data set ``spec`` names as WebDataset shards plus ``classes.json`` in ``out``.
 
@@ -395,7 +395,9 @@ def write_shards(spec: str, out: str | Path, shard_size: int, *, split_seed: int
     (so ``wds:OUT`` then gives the same three splits as ``spec`` with that split seed, and its
     train split can stream). The train split is written in an order shuffled by ``seed`` —
     source order is usually class by class, and a shuffle buffer cannot mix classes that lie
-    shards apart; val and test keep their order. Each image goes in as its source stores it
+    shards apart; val and test keep their order. ``seed=None`` keeps the train split's order
+    too: a run that caches the shards' images then trains on exactly the source's order (the
+    same modules as from the source); a streamed run wants the shuffle. Each image goes in as its source stores it
     (:meth:`~vistune.data.sources.ImageSource.encoded`: a JPEG file or an npz's JPEG bytes are
     copied, not re-encoded; decoded pixels — npz arrays, Fashion-MNIST, some torchvision sets —
     are encoded once as PNG, losslessly), with ``KEY.cls`` (the label) and ``KEY.id`` (the
@@ -457,7 +459,7 @@ def write_shards(spec: str, out: str | Path, shard_size: int, *, split_seed: int
             continue
         n = len(splits[split])
         order = list(range(n))
-        if split == "train":
+        if split == "train" and seed is not None:
             order = np.random.default_rng([int(seed), 7]).permutation(n).tolist()
         for i, lo in enumerate(range(0, n, shard_size)):
             name = f"{split}-{i:06d}.tar"
