@@ -291,3 +291,22 @@ def test_pretrain_from_tinyimagenet_shards_gives_the_modules_of_the_npz(tmp_path
     assert runs["npz"].keys() == runs["wds"].keys()
     for key in runs["npz"]:
         assert torch.equal(runs["npz"][key], runs["wds"][key]), key
+
+
+def test_read_benchmark_runs_on_a_tiny_input(sharded):
+    """benchmarks/wds_read.py end to end on 20 images (its numbers are measured elsewhere, alone)."""
+    import os
+    import subprocess
+    import sys
+
+    folder, _ = sharded
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "wds_read.py"
+    proc = subprocess.run([sys.executable, str(script), "--data", f"folder:{folder}", "--limit", "20", "--img-size", "16",
+                           "--workers", "1", "--shard-size", "5", "--batch-size", "4"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("machine: ")
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines if ln.startswith("| ") and "source" not in ln]
+    assert [r[0] for r in rows] == ["wds (streamed)", "npz (by index)", "folder (by index)"]
+    assert all(r[2] == "20" for r in rows)  # every copy read all 20 images once
