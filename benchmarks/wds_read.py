@@ -57,7 +57,7 @@ def build_copies(spec: str, limit: int, work: Path, shard_size: int) -> dict[str
         arrays[f"{split}_jpeg"] = np.frombuffer(b"".join(blobs), np.uint8)
         arrays[f"{split}_offsets"] = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
         arrays[f"{split}_labels"] = np.asarray(labels, np.int64)
-    present = sorted(set(train.labels[r] for r in rows))
+    present = sorted({train.labels[r] for r in rows})
     for split in splits:  # the folder's classes are the present ones, in order: relabel the npz alike
         arrays[f"{split}_labels"] = np.searchsorted(present, arrays[f"{split}_labels"])
     npz = work / "images.npz"

@@ -32,6 +32,7 @@ import io
 import json
 import logging
 import random
+import re
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -43,13 +44,23 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .errors import DataError
-from .sources import IMAGE_EXTS, SPLITS, ImageSource, RawSplit, SourceData, as_label, classes_from_train
+from .sources import (
+    IMAGE_EXTS,
+    SPLITS,
+    ImageSource,
+    RawSplit,
+    SourceData,
+    as_label,
+    classes_from_train,
+)
 from .transforms import Normalize, load_image_bytes, verify_image
 
 log = logging.getLogger("vistune.data")
 
 LABEL_EXT = "cls"
 CLASSES_FILE = "classes.json"
+#: tar members WebDataset's reader skips as metadata (``skip_meta`` of its tar iterator)
+_META = re.compile(r"__[^/]*__($|/)")
 WDS_FORMAT = "vistune.wds/1"
 #: samples a worker's shuffle buffer holds (WebDataset's usual 1000: a few MB of JPEG bytes)
 SHUFFLE_BUFFER = 1000
@@ -142,8 +153,10 @@ def scan_shard(path: Path, shard: int, where: str) -> tuple[list[str], list[int]
             for info in tar:
                 if not info.isreg():
                     continue
+                if _META.match(info.name):  # WebDataset skips these too (its skip_meta rule)
+                    continue
                 key, ext = _split_key(info.name)
-                if key is None or ext is None or (key.startswith("__") and key.endswith("__")):
+                if key is None or ext is None:
                     continue
                 if key != last:
                     if key in groups:

@@ -323,7 +323,7 @@ class StreamedLoader:
         self.parts = assign_shards(shardset.counts, world)
         self.sizes = [sum(shardset.counts[i] for i in part) for part in self.parts]
         self.shares = [len(local_share(range(batch_size), r, world)) for r in range(world)]
-        self.steps = max(-(-n // b) for n, b in zip(self.sizes, self.shares))
+        self.steps = int(max(-(-n // b) for n, b in zip(self.sizes, self.shares)))
 
     def __len__(self) -> int:
         return self.steps
