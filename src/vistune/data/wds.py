@@ -371,7 +371,8 @@ class ShardStream(IterableDataset):
         if label >= self.set.num_classes:
             raise DataError(f"wds: {where}: label {label} is outside the {self.set.num_classes} classes")
         try:
-            x = torch.from_numpy(load_image_bytes(sample[image], self.set.size))
+            arr = load_image_bytes(sample[image], self.set.size)
+            x = torch.from_numpy(arr if arr.flags.writeable else arr.copy())  # PIL's buffer may be read-only
         except Exception as err:  # noqa: BLE001 - any decoder failure means "unreadable image"
             log.warning("vistune.data: skipping unreadable image %s: %s: %s", where, type(err).__name__, err)
             return

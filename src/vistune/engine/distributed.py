@@ -300,7 +300,8 @@ class StreamedLoader:
     run resumed at an epoch boundary reads the same batches. Every rank takes the same number
     of steps, ``max_r ceil(n_r / b_r)``; a rank whose shards run out first yields ``None`` (the
     loop still joins the gradient reduction), and the global batch size of each step is known
-    to all ranks from the shard counts, so each rank's loss weight is exact.
+    to all ranks from the shard counts, so each rank's loss weight is exact (short by one for
+    each image the stream skips as unreadable: the counts come from the scan, not from decoding).
     """
 
     def __init__(self, shardset: Any, batch_size: int, *, seed: int, dist: Dist, collate: Callable | None = None,
