@@ -144,7 +144,7 @@ def _add_train_args(p: argparse.ArgumentParser, multi_data: bool = False, shots:
     p.add_argument("--method", default=None, help=_METHOD_HELP)
     p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
     data_help = ("fashion-mnist | npz:PATH | folder:PATH | vtab:PATH/TASK | fgvc:PATH | hf:NAME_OR_PATH[:CONFIG] | "
-                 "tv:NAME (dense: camvid:PATH | voc:PATH | pennfudan:PATH)")
+                 "tv:NAME | wds:DIR (dense: camvid:PATH | voc:PATH | pennfudan:PATH)")
     if multi_data:
         p.add_argument("--data", action="append", default=None, help=data_help + " (repeatable: several sources)")
     else:

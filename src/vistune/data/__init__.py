@@ -2,8 +2,8 @@
 
 Specs: ``fashion-mnist[:DIR]``, ``npz:PATH``, ``folder:DIR``,
 ``vtab:DIR/TASK``, ``fgvc:DIR``, ``hf:NAME_OR_PATH[:CONFIG]`` (Hugging Face
-``datasets``, optional extra ``hf``), ``tv:NAME`` (``torchvision.datasets``)
-(see :data:`KNOWN_KINDS`). Every loader
+``datasets``, optional extra ``hf``), ``tv:NAME`` (``torchvision.datasets``),
+``wds:DIR`` (WebDataset shards, optional extra ``wds``) (see :data:`KNOWN_KINDS`). Every loader
 returns a :class:`DataSplits` whose items are ``(FloatTensor[3,H,W], int)``
 and whose :meth:`DataSplits.manifest` records exactly which samples went
 where, so a run can be reproduced and audited. This package imports nothing

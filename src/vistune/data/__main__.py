@@ -1,11 +1,16 @@
-"""``python -m vistune.data fetch SPEC``: make a data set available now.
+"""``python -m vistune.data fetch SPEC`` / ``shard SPEC --out DIR --shard-size N``.
 
-Reads the spec's layout (downloading a ``tv:`` data set, filling the
+``fetch`` reads the spec's layout (downloading a ``tv:`` data set, filling the
 ``datasets`` cache for a ``hf:`` hub name) without decoding images, and prints
-one summary line, or one error line and exit code 2. Used by
-``scripts/demo.sh`` to find out whether a data set can be had on this
-machine, and by users to fetch data on a networked machine before going
-offline.
+one summary line. Used by ``scripts/demo.sh`` to find out whether a data set
+can be had on this machine, and by users to fetch data on a networked machine
+before going offline.
+
+``shard`` writes any spec as WebDataset shards (``train-000000.tar`` ...) plus
+``classes.json``, readable as ``wds:DIR`` (see :func:`vistune.data.wds.write_shards`):
+the form in which a large data set streams to many processes and nodes.
+
+Either prints one error line and exits 2 on bad input.
 """
 
 from __future__ import annotations
@@ -24,12 +29,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--data-root", default=None, help="tv: data root (default $VISTUNE_DATA_ROOT or ~/.cache/vistune/data)"
     )
+    s = sub.add_parser("shard", help="write a data spec as WebDataset shards + classes.json (read with wds:DIR)")
+    s.add_argument("spec", help="any data spec, e.g. folder:DIR, npz:PATH, tv:CIFAR10")
+    s.add_argument("--out", required=True, help="folder for the shards (new or empty)")
+    s.add_argument("--shard-size", type=int, required=True, help="samples per shard (e.g. 10000)")
+    s.add_argument("--seed", type=int, default=0, help="shuffles the train split's order across shards")
+    s.add_argument("--keep-order", action="store_true",
+                   help="write the train split in the source's order (no shuffle; for comparing with the source)")
+    s.add_argument("--split-seed", type=int, default=0, help="carves missing val/test splits, as in training")
+    s.add_argument("--data-root", default=None, help="tv: data root")
     args = parser.parse_args(argv)
     from .loader import ReadOptions, read_source
 
     try:
+        if args.command == "shard":
+            from .wds import write_shards
+
+            summary = write_shards(args.spec, args.out, args.shard_size, split_seed=args.split_seed,
+                                   seed=None if args.keep_order else args.seed, data_root=args.data_root)
+            print(f"{args.spec}: {summary.line()}")
+            return 0
         src = read_source(args.spec, ReadOptions(data_root=args.data_root))
     except DataError as err:
+        print(f"python -m vistune.data {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the out folder cannot be written (full disk, permissions): named by the writer
         print(f"python -m vistune.data {args.command}: error: {err}", file=sys.stderr)
         return 2
     sizes = ", ".join(f"{len(raw)} {split}" for split, raw in src.splits.items())

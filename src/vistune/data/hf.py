@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DataError
-from .sources import ImageSource, RawSplit, SourceData, as_label, classes_from_train
+from .sources import ImageSource, RawSplit, SourceData, as_label, as_stored, classes_from_train
 from .transforms import load_image_bytes, load_image_file, verify_image
 
 INSTALL_HINT = "pip install 'vistune[hf]'  (or: pip install datasets)"
@@ -183,6 +183,10 @@ class HFImages(ImageSource):
         if cell.get("bytes") is not None:
             return load_image_bytes(cell["bytes"], size)
         return load_image_file(Path(cell["path"]), size)
+
+    def encoded(self, sample_id: str) -> tuple[bytes, str]:
+        cell = self._cell(sample_id)
+        return as_stored(cell["bytes"] if cell.get("bytes") is not None else Path(cell["path"]).read_bytes())
 
     def verify(self, sample_id: str, size: int) -> None:
         cell = self._cell(sample_id)

@@ -3,7 +3,7 @@
 Pipeline (the same for every reader):
 
 1. read the layout (:mod:`.folder`, :mod:`.npz`, :mod:`.vtab`, :mod:`.fgvc`,
-   :mod:`.fashion_mnist`, :mod:`.hf`, :mod:`.tv`) into ids + labels per split,
+   :mod:`.fashion_mnist`, :mod:`.hf`, :mod:`.tv`, :mod:`.wds`) into ids + labels per split,
    and check the class set (:func:`check_classes`);
 2. carve missing splits, seeded and stratified by ``split_seed``
    (:func:`complete_splits`);
@@ -19,6 +19,9 @@ Pipeline (the same for every reader):
    them, so K stays exact;
 6. keep the decoded ``uint8`` images in memory when they fit ``cache_mb``,
    otherwise decode lazily per item (files were still all checked in 5).
+   Exception: a ``wds:`` training split taken whole that does not fit is *streamed*
+   (``ImageDataset.stream``; the engine reads it shard by shard) and is not read in 5 —
+   checking it would read every shard on every rank; its images are checked as streamed.
 """
 
 from __future__ import annotations
@@ -86,6 +89,12 @@ def _read_tv(arg: str | None, opts: ReadOptions) -> SourceData:
     return read_tv(arg or "", data_root=opts.data_root)
 
 
+def _read_wds(arg: str | None, opts: ReadOptions) -> SourceData:
+    from .wds import read_wds  # imports `webdataset` (optional extra wds) only for wds: specs
+
+    return read_wds(arg or "")
+
+
 _READERS: dict[str, Callable[[str | None, ReadOptions], SourceData]] = {
     "fashion-mnist": lambda arg, opts: read_fashion_mnist(arg),
     "npz": lambda arg, opts: read_npz(arg),
@@ -94,6 +103,7 @@ _READERS: dict[str, Callable[[str | None, ReadOptions], SourceData]] = {
     "fgvc": lambda arg, opts: read_fgvc(arg),
     "hf": _read_hf,
     "tv": _read_tv,
+    "wds": _read_wds,
 }
 
 
@@ -151,7 +161,13 @@ class ImageDataset(Dataset):
     is decoded from ``source`` on access. Engines that batch by hand can use
     ``images[idx]`` + ``normalize(batch)`` directly; ``ids[i]`` is the
     manifest id of item ``i``.
+
+    ``stream`` (``wds:`` training splits too large to cache, else None): the split's shards,
+    which the engine's training loader reads sequentially instead of indexing items; indexing
+    still works (random access into the shards) for everything else.
     """
+
+    stream: Any = None
 
     def __init__(
         self,
@@ -402,6 +418,7 @@ def _materialise(
     keep: bool,
     workers: int,
     skipped: list[tuple[str, str]],
+    check: bool = True,
 ) -> tuple[list[int], list[np.ndarray] | None, dict[int, int]]:
     """Decode the selected samples of one split, replacing unreadable ones.
 
@@ -421,7 +438,7 @@ def _materialise(
     got = dict.fromkeys(queues, 0)
     cursor = dict.fromkeys(queues, 0)
     kept: dict[int, np.ndarray | None] = {}
-    validate = keep or not source.infallible
+    validate = keep or (check and not source.infallible)
     while True:
         batch: list[tuple[int, int]] = []
         for c, queue in queues.items():
@@ -614,6 +631,9 @@ def load_data(
     estimate_mb = expected * src.source.channels * img_size * img_size / 2**20
     keep = estimate_mb <= cache_mb
 
+    # a whole wds: train split that is not cached is streamed (see the module docstring, step 6)
+    stream_train = (not keep and src.source.streamed and quotas["train"] is None
+                    and splits["train"] is src.splits.get("train"))
     skipped: list[tuple[str, str]] = []
     datasets: dict[str, ImageDataset | None] = dict.fromkeys(SPLITS)
     for name in SPLITS:
@@ -624,6 +644,7 @@ def load_data(
         positions, arrays, shortfall = _materialise(
             name, split, src.source, size=img_size, quota=quotas[name], seed=split_seed_or_seed,
             purpose=purpose, keep=keep, workers=workers, skipped=skipped,
+            check=not (name == "train" and stream_train),
         )  # fmt: skip
         if name == "train" and (shots is not None or imbalance is not None) and shortfall:
             c = min(shortfall)
@@ -643,6 +664,9 @@ def load_data(
             images=_stack(arrays) if arrays is not None else None,
             source=None if keep else src.source,
         )  # fmt: skip
+        if name == "train" and stream_train:
+            datasets[name].stream = src.source.stream(  # type: ignore[attr-defined,union-attr]
+                "train", size=img_size, normalize=normalize, augment=train_augment, num_classes=src.num_classes)
 
     info = {
         "spec": spec, "kind": kind, "root": src.root, "img_size": img_size,
@@ -653,6 +677,7 @@ def load_data(
         "fewshot": None if shots is None else {"shots": shots, "seed": seed},
         "imbalance": longtail,
         "augment": augment, "cached": keep, "notes": notes,
+        **({"streamed": "train"} if stream_train else {}),
     }  # fmt: skip
     train = datasets["train"]
     assert train is not None

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DataError
-from .sources import ArrayImages, ImageSource, RawSplit, SourceData, classes_from_train
+from .sources import ArrayImages, ImageSource, RawSplit, SourceData, as_stored, classes_from_train
 from .transforms import load_image_bytes, verify_image
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -133,6 +133,9 @@ class JpegBytesImages(ImageSource):
 
     def verify(self, sample_id: str, size: int) -> None:
         verify_image(io.BytesIO(self._bytes(sample_id)))
+
+    def encoded(self, sample_id: str) -> tuple[bytes, str]:
+        return as_stored(self._bytes(sample_id))
 
     def describe(self, sample_id: str) -> str:
         split, _, row = sample_id.rpartition(":")

@@ -1,7 +1,7 @@
 """Spec parsing and the reader-neutral description of a data set.
 
 Every reader (``folder``, ``npz``, ``vtab``, ``fgvc``, ``fashion-mnist``,
-``hf``, ``tv``)
+``hf``, ``tv``, ``wds``)
 turns its on-disk layout into a :class:`SourceData`: per split, a list of
 string ids plus integer labels, and an :class:`ImageSource` that can decode
 one id. Everything after that (carving missing splits, few-shot sampling,
@@ -12,6 +12,7 @@ behave alike.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +35,11 @@ KNOWN_KINDS: dict[str, str] = {
     "fgvc": "fgvc:DIR  (VPT FGVC layout: {train,val,test}.json, flat {relative_path: class_id})",
     "hf": "hf:NAME_OR_PATH[:CONFIG]  (Hugging Face datasets: hub name, save_to_disk folder, parquet, imagefolder)",
     "tv": "tv:NAME  (torchvision.datasets, e.g. tv:CIFAR100, tv:Flowers102; files under --data-root)",
+    "wds": "wds:DIR or wds:DIR/train-{000000..000127}.tar  (WebDataset shards {train,val,test}-*.tar + classes.json)",
 }
 _ALIASES = {
     "fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "image-folder": "folder",
-    "huggingface": "hf", "torchvision": "tv",
+    "huggingface": "hf", "torchvision": "tv", "webdataset": "wds",
 }  # fmt: skip
 
 
@@ -104,6 +106,9 @@ class ImageSource:
     channels: int = 3
     #: True when decoding cannot fail (in-memory arrays): no validation pass.
     infallible: bool = False
+    #: True when a whole training split can be streamed (WebDataset shards): the loader then
+    #: leaves the per-image check to the stream instead of reading everything before training.
+    streamed: bool = False
 
     def load(self, sample_id: str, size: int) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
@@ -126,6 +131,14 @@ class ImageSource:
         """Human-readable location of an id, for warnings."""
         return sample_id
 
+    def encoded(self, sample_id: str) -> tuple[bytes, str]:
+        """The image as an encoded file, ``(bytes, extension)``, for writing shards.
+
+        Sources holding encoded files return their bytes as stored (no re-encode: a JPEG stays
+        the same JPEG); sources holding decoded pixels encode them once, losslessly, as PNG.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot give encoded images")
+
 
 class FileImages(ImageSource):
     """Image files addressed by their path relative to ``root``."""
@@ -141,6 +154,9 @@ class FileImages(ImageSource):
 
     def describe(self, sample_id: str) -> str:
         return str(self.root / sample_id)
+
+    def encoded(self, sample_id: str) -> tuple[bytes, str]:
+        return as_stored((self.root / sample_id).read_bytes())
 
 
 class ArrayImages(ImageSource):
@@ -198,6 +214,44 @@ class ArrayImages(ImageSource):
 
     def describe(self, sample_id: str) -> str:
         return f"{self.origin}[{sample_id}]"
+
+    def encoded(self, sample_id: str) -> tuple[bytes, str]:
+        name, _, index = sample_id.rpartition(":")
+        return png_bytes(Image.fromarray(self.arrays[name][int(index)])), "png"
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """``image`` encoded once, losslessly (what a shard stores for a source of decoded pixels)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+#: encoded-image extensions a shard member may carry (lower case: WebDataset's suffix after the key)
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm")
+
+
+def image_ext(data: bytes) -> str | None:
+    """The extension for encoded image bytes, from PIL's reading of the header (no decode);
+    None when PIL cannot tell or the format is not one of :data:`IMAGE_EXTS`."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = (im.format or "").lower()
+    except Exception:  # noqa: BLE001 - not an image PIL knows
+        return None
+    ext = {"jpeg": "jpg", "mpo": "jpg", "tiff": "tif"}.get(fmt, fmt)  # MPO: a camera JPEG + previews
+    return ext if ext in IMAGE_EXTS else None
+
+
+def as_stored(data: bytes) -> tuple[bytes, str]:
+    """Encoded bytes as they are when a shard can hold their format (no re-encode), else decoded
+    and encoded once as PNG; raises when the bytes are no image at all (the caller skips it)."""
+    ext = image_ext(data)
+    if ext is not None:
+        return data, ext
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return png_bytes(im), "png"
 
 
 @dataclass

@@ -43,6 +43,7 @@ from .sources import (
     SourceData,
     as_label,
     classes_from_train,
+    png_bytes,
 )
 from .transforms import pil_to_chw
 
@@ -198,6 +199,10 @@ class TorchvisionItems(ImageSource):
         split, _, row = sample_id.rpartition(":")
         image = self.datasets[split][int(row)][0]
         return pil_to_chw(image, size)
+
+    def encoded(self, sample_id: str) -> tuple[bytes, str]:
+        split, _, row = sample_id.rpartition(":")
+        return png_bytes(self.datasets[split][int(row)][0]), "png"
 
     def describe(self, sample_id: str) -> str:
         return f"{self.origin}[{sample_id}]"

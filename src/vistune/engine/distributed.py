@@ -134,7 +134,12 @@ class Dist:
 
     # -- what tasks use (they never import the engine: these come with the Dist they are given)
     def train_loader(self, dataset: Any, batch_size: int, *, seed: int, collate: Callable | None = None,
-                     num_workers: int = 0) -> ShardedLoader:
+                     num_workers: int = 0) -> ShardedLoader | StreamedLoader:
+        """One epoch's batches (``len()`` is the step count); a split with a ``stream`` (``wds:``
+        shards too large to cache) is read shard by shard instead of by index."""
+        if getattr(dataset, "stream", None) is not None:
+            return StreamedLoader(dataset.stream, batch_size, seed=seed, dist=self, collate=collate,
+                                  num_workers=num_workers)
         return ShardedLoader(dataset, batch_size, seed=seed, shuffle=True, dist=self, collate=collate,
                              num_workers=num_workers)
 
@@ -281,6 +286,64 @@ class ShardedLoader:
         it = iter(loader)
         for share, full in zip(local, batches):
             yield (next(it) if share else None), len(full)
+
+
+class StreamedLoader:
+    """One epoch of a streamed split (``wds:`` shards); yields ``(local batch or None, global batch size)``.
+
+    Why not :class:`ShardedLoader`: a stream has no index to permute, so the rank split is by
+    shard. Each rank owns a fixed, balanced set of shards (:func:`~vistune.data.wds.assign_shards`
+    over their sample counts, the same on every rank and every epoch) and fills its share
+    ``b_r`` of the global batch (:func:`local_share` sizes, as in the indexed path) from them;
+    the order inside comes from the shard stream's seeded shard order and shuffle buffer, so it
+    is a function of ``(seed, world, num_workers)`` — the task's seed folds in the epoch — and a
+    run resumed at an epoch boundary reads the same batches. Every rank takes the same number
+    of steps, ``max_r ceil(n_r / b_r)``; a rank whose shards run out first yields ``None`` (the
+    loop still joins the gradient reduction), and the global batch size of each step is known
+    to all ranks from the shard counts, so each rank's loss weight is exact (short by one for
+    each image the stream skips as unreadable: the counts come from the scan, not from decoding).
+    """
+
+    def __init__(self, shardset: Any, batch_size: int, *, seed: int, dist: Dist, collate: Callable | None = None,
+                 num_workers: int = 0) -> None:
+        from vistune.data import DataError
+        from vistune.data.wds import assign_shards
+
+        self.set = shardset
+        self.seed = seed
+        self.dist = dist
+        self.collate = collate or torch.utils.data.default_collate
+        self.num_workers = num_workers
+        world = dist.world
+        if len(shardset.shards) < world:
+            raise DataError(f"wds: {len(shardset.shards)} training shards cannot feed {world} processes: each rank "
+                            f"reads whole shards; write at least {world} (python -m vistune.data shard --shard-size)")
+        if batch_size < world:
+            raise DataError(f"batch size {batch_size} is smaller than the {world} processes: a streamed split needs "
+                            "every rank to read from its shards at every step")
+        self.parts = assign_shards(shardset.counts, world)
+        self.sizes = [sum(shardset.counts[i] for i in part) for part in self.parts]
+        self.shares = [len(local_share(range(batch_size), r, world)) for r in range(world)]
+        self.steps = int(max(-(-n // b) for n, b in zip(self.sizes, self.shares)))
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def global_size(self, step: int) -> int:
+        """Samples in the global batch of ``step`` (from the shard counts: known to every rank)."""
+        return sum(min(b, max(0, n - step * b)) for n, b in zip(self.sizes, self.shares))
+
+    def __iter__(self) -> Iterator[tuple[Any, int]]:
+        rank = self.dist.rank
+        dataset = self.set.dataset(self.parts[rank], self.seed, rank)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                            generator=torch.Generator().manual_seed(self.seed))
+        items = iter(loader)
+        share = self.shares[rank]
+        for step in range(self.steps):
+            take = min(share, max(0, self.sizes[rank] - step * share))
+            batch = [item for _, item in zip(range(take), items)]
+            yield (self.collate(batch) if batch else None), self.global_size(step)
 
 
 def eval_shard(n: int, dist: Dist) -> range:

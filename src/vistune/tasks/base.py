@@ -48,6 +48,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class Batches(Protocol):
+    """One epoch of ``(local batch | None, global batch size)``; ``len()`` is its step count (the
+    same on every rank: the LR schedule and the gradient collectives depend on it)."""
+
+    def __iter__(self) -> Iterator[tuple[Any, int]]: ...
+
+    def __len__(self) -> int: ...
+
+
 class Runtime(Protocol):
     """The engine's side of a task: device, rank, collectives and rank-aware loaders."""
 
@@ -63,7 +72,7 @@ class Runtime(Protocol):
     def gather(self, obj: Any) -> list[Any]: ...
 
     def train_loader(self, dataset: Any, batch_size: int, *, seed: int, collate: Callable | None = None,
-                     num_workers: int = 0) -> Iterable[tuple[Any, int]]: ...
+                     num_workers: int = 0) -> Batches: ...
 
     def eval_loader(self, dataset: Any, batch_size: int, *, collate: Callable | None = None,
                     num_workers: int = 0) -> Iterable[Any]: ...

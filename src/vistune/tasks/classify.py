@@ -25,7 +25,7 @@ from vistune.data import DataSplits, load_data
 from vistune.data.loader import class_counts
 from vistune.errors import TunedFileError
 from vistune.io import json_text
-from vistune.tasks.base import Runtime, Task, TaskProbe, seed_everything
+from vistune.tasks.base import Batches, Runtime, Task, TaskProbe, seed_everything
 from vistune.tuning import TunedModel, read_tuned_file
 
 SENSITIVITY_BATCH = 32  # SPT's reference: the first 16 unshuffled batches of 32 training images
@@ -163,9 +163,9 @@ class ClassifyTask(Task):
         return self._features("train") if self.use_cache else self.data.train
 
     def num_train_batches(self) -> int:
-        return -(-len(self._train_set()) // self.cfg.batch_size)
+        return len(self.train_batches(0))  # a streamed (wds:) split's step count is its loader's
 
-    def train_batches(self, epoch: int):
+    def train_batches(self, epoch: int) -> Batches:
         return self.rt.train_loader(self._train_set(), self.cfg.batch_size, seed=self.cfg.seed * 100_003 + epoch,
                                     num_workers=0 if self.use_cache else self.cfg.num_workers)
 

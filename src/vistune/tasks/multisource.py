@@ -22,7 +22,7 @@ from vistune.backbones import classifier
 from vistune.config import ConfigError, TrainConfig
 from vistune.data import DataSplits
 from vistune.methods import get_method, method_names
-from vistune.tasks.base import Runtime, Task, TaskProbe, seed_everything
+from vistune.tasks.base import Batches, Runtime, Task, TaskProbe, seed_everything
 from vistune.tasks.classify import SENSITIVITY_BATCH, classification_metrics, image_hashes, load_classification_data
 
 MODULES_FILE = "modules.safetensors"
@@ -83,13 +83,15 @@ class MultiSourceTask(Task):
         own = [(p, id(p) in head) for p in self.tuned.parameters() if p.requires_grad]
         return own + [(p, True) for p in self.extra_heads.parameters()]
 
+    def _loaders(self, epoch: int) -> list[Batches]:
+        return [self.rt.train_loader(d.train, self.cfg.batch_size, seed=self.cfg.seed * 100_003 + epoch * 31 + i,
+                                     num_workers=self.cfg.num_workers) for i, d in enumerate(self.datas)]
+
     def num_train_batches(self) -> int:
-        return sum(-(-len(d.train) // self.cfg.batch_size) for d in self.datas)
+        return sum(len(loader) for loader in self._loaders(0))  # a streamed (wds:) source's count is its loader's
 
     def train_batches(self, epoch: int) -> Iterator[tuple[Any, int]]:
-        iters = [iter(self.rt.train_loader(d.train, self.cfg.batch_size, seed=self.cfg.seed * 100_003 + epoch * 31 + i,
-                                           num_workers=self.cfg.num_workers))
-                 for i, d in enumerate(self.datas)]
+        iters = [iter(loader) for loader in self._loaders(epoch)]
         active = list(range(len(iters)))
         while active:
             for i in list(active):
