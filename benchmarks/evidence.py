@@ -76,7 +76,16 @@ DINO = {  # label: (method, options, optimizer, lrs)
 }
 EPOCHS = {"linear-50ep": 50}  # label -> epochs, where not the common --epochs
 EFFNET = {k: DINO[k] for k in ("linear", "full", "bitfit", "protuning", "linear-50ep")}
-BACKBONES = {"dinov2-s14": (56, DINO), "efficientnet-lite0": (64, EFFNET)}
+# The CNN forms of the transformer methods (issue 21): Conv-LoRA on every pointwise conv (the
+# family default), Rebuffi's parallel residual adapters, VPT's learnable pixel frame ("pad").
+CNN_FORMS = {
+    "lora": ("lora", ["rank=8"], "adamw", ADAMW_MODULES),
+    "adapter": ("adapter", ["bottleneck=8"], "adamw", ADAMW_MODULES),
+    "vpt-pad": ("vpt", ["length=8", "location=pad"], "adamw", ADAMW_PROMPTS),
+}
+EFFNET.update(CNN_FORMS)
+MOBILENET = {k: EFFNET[k] for k in ("linear", "full", "bitfit", "protuning", "lora", "adapter", "vpt-pad")}
+BACKBONES = {"dinov2-s14": (56, DINO), "efficientnet-lite0": (64, EFFNET), "mobilenetv2": (64, MOBILENET)}
 
 FEWSHOT_VARIANTS = {  # label: (method, options, optimizer, lrs, pvp, head_init)
     "linear": ("linear", [], "adamw", ("1e-2", "1e-3"), False, "random"),
@@ -106,6 +115,8 @@ def done(folder: Path) -> bool:
 def matrix(args: argparse.Namespace) -> None:
     """Table 1: one sweep per (backbone, method, task), method-major so the key rows fill first."""
     for backbone, (size, methods) in BACKBONES.items():
+        if args.backbones and backbone not in args.backbones:
+            continue
         for label, (method, opts, optimizer, lrs) in methods.items():
             if args.methods and label not in args.methods:
                 continue
@@ -253,6 +264,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "evidence")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--methods", default="", help="labels of table 1 to run (default: all)")
+    ap.add_argument("--backbones", default="", help=f"backbones of table 1 to run and print (default: all of {list(BACKBONES)})")
     ap.add_argument("--parts", default="matrix,fewshot")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--fewshot-epochs", type=int, default=15)
@@ -267,6 +279,7 @@ def main() -> int:
     args = ap.parse_args()
     args.tasks = [t for t in args.tasks.split(",") if t]
     args.methods = [m for m in args.methods.split(",") if m]
+    args.backbones = [b for b in args.backbones.split(",") if b]
     args.shots = [int(k) for k in args.shots.split(",") if k]
     if args.full:
         args.epochs, args.fewshot_epochs, args.pvp_epochs, args.seeds = 100, 100, 30, 5
