@@ -283,3 +283,16 @@ def test_train_then_eval_and_export_on_other_families(backbone, method, options,
     assert again["test_loss"] == pytest.approx(metrics["test_loss"], rel=1e-4)  # the run rebuilt as trained
     fmt = "timm" if method == "lora" else "onnx"
     assert main(["export", "--tuned", str(out), "--format", fmt, "--out", str(tmp_path / "exp")]) == 0
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("method", ["protuning", "bitfit"])
+def test_protuning_and_bitfit_keep_working_everywhere(kind, method):
+    model, x = build(kind)
+    ref = features(model, x)
+    tuned = attach(model, method, num_classes=3)
+    params = tuned.method.tuned_parameters(tuned.model)
+    assert params and all(p.requires_grad for p in params)
+    assert torch.allclose(features(tuned.model, x), ref, atol=1e-6), "a fresh attachment changes nothing"
+    perturb(params)
+    assert (features(tuned.model, x) - ref).abs().max() > 1e-3 * ref.abs().max()
