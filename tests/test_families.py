@@ -296,3 +296,26 @@ def test_protuning_and_bitfit_keep_working_everywhere(kind, method):
     assert torch.allclose(features(tuned.model, x), ref, atol=1e-6), "a fresh attachment changes nothing"
     perturb(params)
     assert (features(tuned.model, x) - ref).abs().max() > 1e-3 * ref.abs().max()
+
+
+def test_import_native_peft_conv_lora_gives_equal_logits(tmp_path):
+    """A LoRA adapter PEFT itself made on a CNN's convolutions imports into vistune exactly."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+
+    from vistune.backbones import seeded_backbone
+    from vistune.export import import_peft, load_run
+
+    model = seeded_backbone("test_efficientnet", None, 64)
+    model.reset_classifier(3)
+    native = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["conv_pw", "conv_pwl"],
+                                              modules_to_save=["classifier"]))
+    perturb([p for n, p in native.named_parameters() if "lora_" in n or "classifier" in n])
+    native.save_pretrained(tmp_path / "native")
+    info = import_peft(tmp_path / "native", tmp_path / "run" / "tuned.safetensors", backbone="test_efficientnet",
+                       img_size=64)
+    assert info["method"]["options"]["targets"] == ["pw"]
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref, got = native.eval()(x), load_run(tmp_path / "run").model(x)
+    assert (got - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())

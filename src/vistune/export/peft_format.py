@@ -22,7 +22,7 @@ target whose ``B`` is zero in every block is dropped altogether. vistune's LoRA 
 and one scale: slices are zero-padded to the largest rank (exact), and modules with different
 PEFT scalings get theirs folded into ``B`` (exact up to float rounding). Blocks an adapter
 skips (``layers_to_transform``) get zero deltas. Anything else (DoRA, LoRA biases, trained
-biases, embeddings, modules other than q/k/v/proj/fc1/fc2 of the ViT blocks, a head shape or
+biases, embeddings, modules that are not a role's site in the backbone's blocks (anatomy.py), a head shape or
 module shape of another architecture) is refused with one line. An adapter that vistune exported
 carries ``vistune_export.json``; its backbone fingerprint must match the backbone named on import
 (same weights, same image size), and its class names are reused.
@@ -308,7 +308,8 @@ def import_peft(adapter_dir: str | os.PathLike, out: str | os.PathLike, *, backb
     the tuned file's fingerprint matches the runs and serving that use the same backbone. Returns
     a summary (method spec, classes, what was dropped or folded).
     """
-    from vistune.backbones import backbone_info, vit_block_linears
+    from vistune.anatomy import ROLES, describe
+    from vistune.backbones import BackboneError, backbone_info
     from vistune.tuning import MethodSpec, attach, fingerprint, load_tensors
 
     folder = Path(adapter_dir)
@@ -328,15 +329,14 @@ def import_peft(adapter_dir: str | os.PathLike, out: str | os.PathLike, *, backb
             f"this backbone's {fp[:16]}... (other weights or image size)"
         )
 
-    # Which host Linear of which block each vistune target lives on.
-    hosts: dict[str, tuple[int, list[tuple[str, slice]]]] = {}  # module name -> (block, [(target, rows)])
-    names = {id(m): n for n, m in model.named_modules()}
-    blocks = list(getattr(model, "blocks", []))
-    for bi, block in enumerate(blocks):
-        for target, (lin, sl) in vit_block_linears(block).items():
-            hosts.setdefault(names[id(lin)], (bi, []))[1].append((target, sl))
-    if not hosts:
-        raise ExportError(f"backbone {backbone!r} has no ViT blocks for vistune's lora; cannot import {weights_file}")
+    # Which module carries which roles (and their output rows), on any family the anatomy knows.
+    try:
+        anatomy = describe(model)
+    except BackboneError as err:
+        raise ExportError(f"{err}; cannot import {weights_file}") from None
+    hosts: dict[str, list[tuple[str, slice]]] = {}  # module name -> [(role, rows)]
+    for site in (s for b in anatomy.blocks for s in b.sites):
+        hosts.setdefault(site.name, []).append((site.role, site.rows))
 
     head_name = _head_name(model)
     head_keys = {f"{PREFIX}{head_name}.weight", f"{PREFIX}{head_name}.bias"}
@@ -344,64 +344,19 @@ def import_peft(adapter_dir: str | os.PathLike, out: str | os.PathLike, *, backb
     if any(m != head_name and not head_name.endswith("." + m) for m in saved):
         raise ExportError(f"PEFT adapter {cfg_file}: modules_to_save {saved} holds more than the classifier "
                           f"{head_name!r}; vistune's lora carries LoRA matrices and the head only")
-    lora: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        if key in head_keys:
-            continue
-        if not key.startswith(PREFIX):
-            raise ExportError(f"PEFT adapter {weights_file}: tensor {key!r} lacks PEFT's {PREFIX!r} prefix")
-        m = re.match(r"^(.+)\.(lora_A|lora_B)\.weight$", key[len(PREFIX):])
-        if m is None:
-            raise ExportError(f"PEFT adapter {weights_file}: tensor {key!r} is not a LoRA A/B matrix or the head; "
-                              "vistune's lora cannot carry it")
-        module, part = m.groups()
-        if module not in hosts:
-            raise ExportError(f"PEFT adapter {weights_file}: LoRA on {module!r}, which is not a q/k/v/proj/fc1/fc2 "
-                              f"Linear of {arch}'s blocks (the adapter targets another architecture or module)")
-        lora.setdefault(module, {})[part] = tensor.detach().float()
-    if not lora:
-        raise ExportError(f"PEFT adapter {weights_file}: holds no LoRA matrices")
-    if not head_keys <= set(tensors):
-        raise ExportError(f"PEFT adapter {weights_file}: no trained classifier (modules_to_save=[{head_name!r}] with "
-                          f"{head_name}.weight/bias); a vistune tuned file carries its head")
-
-    # Shapes must be this backbone's, and PEFT's scaling resolved per module.
-    pieces: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # (block, target) -> (A, B·s)
-    scalings: dict[str, float] = {}
-    for module, ab in sorted(lora.items()):
-        if set(ab) != {"lora_A", "lora_B"}:
-            raise ExportError(f"PEFT adapter {weights_file}: {module} has {sorted(ab)} but needs lora_A and lora_B")
-        lin = model.get_submodule(module)
-        a, b = ab["lora_A"], ab["lora_B"]
-        r = a.shape[0]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != lin.in_features or b.shape != (lin.out_features, r):
-            raise ExportError(
-                f"PEFT adapter {weights_file} is for another architecture: {module} has lora_A {tuple(a.shape)} and "
-                f"lora_B {tuple(b.shape)}, but {arch}'s {module} is {lin.in_features} -> {lin.out_features}"
-            )
-        want = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8))  # PEFT's default r
-        if want != r:  # PEFT would build rank-`want` matrices and refuse these tensors: so do we
-            raise ExportError(f"PEFT adapter {cfg_file}: says rank {want} for {module}, but {weights_file} holds "
-                              f"rank-{r} matrices there (lora_A {tuple(a.shape)}); the config disagrees with its "
-                              "tensors")
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
-        scalings[module] = float(alpha) / (math.sqrt(r) if config.get("use_rslora") else r)
-        block, targets = hosts[module]
-        for target, sl in targets:
-            pieces[(block, target)] = (a, b[sl])
+    lora = _lora_tensors(tensors, head_keys, hosts, weights_file, anatomy)
+    pieces, scalings = _pieces(model, lora, hosts, config, cfg_file, weights_file, arch)
     head_w = tensors[f"{PREFIX}{head_name}.weight"]
     if head_w.ndim != 2 or head_w.shape[1] != int(model.num_features):
         raise ExportError(f"PEFT adapter {weights_file} is for another architecture: its head reads "
                           f"{head_w.shape[-1]} features, {arch} gives {model.num_features}")
 
     # Drop columns (and whole targets) that contribute exactly zero; one rank, one scale.
-    used: dict[tuple[int, str], torch.Tensor] = {}
-    for key, (a, b) in pieces.items():
-        used[key] = (b != 0).any(dim=0).nonzero().flatten()
-    targets = sorted({t for (_, t), cols in used.items() if cols.numel()}, key=_target_order)
+    used = {key: (b != 0).any(dim=0).nonzero().flatten() for key, (a, b) in pieces.items()}
+    targets = sorted({role for (_, role), cols in used.items() if cols.numel()}, key=ROLES.index)
     if not targets:
-        targets = sorted({t for _, t in pieces}, key=_target_order)
-    rank = max(1, max(int(used[k].numel()) for k in used if k[1] in targets))
+        targets = sorted({role for _, role in pieces}, key=ROLES.index)
+    rank = max(1, max(int(cols.numel()) for (_, role), cols in used.items() if role in targets))
     same_scale = len(set(scalings.values())) == 1
     scale = next(iter(scalings.values())) if same_scale else 1.0
     num_classes = int(head_w.shape[0])
@@ -409,21 +364,19 @@ def import_peft(adapter_dir: str | os.PathLike, out: str | os.PathLike, *, backb
                                "dropout": float(config.get("lora_dropout") or 0.0)})
     tuned = attach(model, spec, num_classes=num_classes, base_fingerprint=fp)
     state: dict[str, torch.Tensor] = {}
-    for bi in range(len(blocks)):
-        for target in targets:
-            lin, sl = vit_block_linears(blocks[bi])[target]
-            host = names[id(lin)]
-            rows = sl.stop - sl.start
-            a_new = torch.zeros(rank, lin.in_features)
-            b_new = torch.zeros(rows, rank)
-            if (bi, target) in pieces:
-                a, b = pieces[(bi, target)]
-                cols = used[(bi, target)]
-                n = int(cols.numel())
-                a_new[:n] = a[cols]
-                b_new[:, :n] = b[:, cols] * (1.0 if same_scale else scalings[host])
-            state[f"{host}.lora.A.{target}"] = a_new
-            state[f"{host}.lora.B.{target}"] = b_new
+    for site in anatomy.sites(targets):
+        conv = isinstance(site.module, nn.Conv2d)
+        key = "all" if conv else site.role
+        a_new = torch.zeros(rank, site.module.weight[0].numel())
+        b_new = torch.zeros(site.rows.stop - site.rows.start, rank)
+        if (site.name, site.role) in pieces:
+            a, b = pieces[(site.name, site.role)]
+            cols = used[(site.name, site.role)]
+            n = int(cols.numel())
+            a_new[:n] = a[cols]
+            b_new[:, :n] = b[:, cols] * (1.0 if same_scale else scalings[site.name])
+        state[f"{site.name}.lora.A.{key}"] = a_new
+        state[f"{site.name}.lora.B.{key}"] = b_new
     state[f"{head_name}.weight"] = head_w
     state[f"{head_name}.bias"] = tensors[f"{PREFIX}{head_name}.bias"]
     load_tensors(tuned, state, folder)
@@ -445,6 +398,70 @@ def import_peft(adapter_dir: str | os.PathLike, out: str | os.PathLike, *, backb
     }
 
 
+def _lora_tensors(tensors: dict[str, torch.Tensor], head_keys: set[str], hosts: dict[str, Any],
+                  weights_file: Path, anatomy: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """The adapter's lora_A/lora_B tensors by module, every key checked against what vistune carries."""
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if key in head_keys:
+            continue
+        if not key.startswith(PREFIX):
+            raise ExportError(f"PEFT adapter {weights_file}: tensor {key!r} lacks PEFT's {PREFIX!r} prefix")
+        m = re.match(r"^(.+)\.(lora_A|lora_B)\.weight$", key[len(PREFIX):])
+        if m is None:
+            raise ExportError(f"PEFT adapter {weights_file}: tensor {key!r} is not a LoRA A/B matrix or the head; "
+                              "vistune's lora cannot carry it")
+        module, part = m.groups()
+        if module not in hosts:
+            raise ExportError(f"PEFT adapter {weights_file}: LoRA on {module!r}, which is not a site of {anatomy.arch}'s "
+                              f"blocks (roles {anatomy.offer()}; the adapter targets another architecture or module)")
+        lora.setdefault(module, {})[part] = tensor.detach().float()
+    if not lora:
+        raise ExportError(f"PEFT adapter {weights_file}: holds no LoRA matrices")
+    return lora
+
+
+def _pieces(model: nn.Module, lora: dict[str, dict[str, torch.Tensor]], hosts: dict[str, list[tuple[str, slice]]],
+            config: dict[str, Any], cfg_file: Path, weights_file: Path, arch: str
+            ) -> tuple[dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
+    """(module, role) → (A as rank × fan-in, B rows of that role), and PEFT's scaling per module.
+
+    Shapes must be this backbone's: a Linear's A is r × in and B out × r; a Conv2d's A is PEFT's
+    r-filter k×k conv (r, in/g, kh, kw) and B its 1×1 conv (out, r, 1, 1).
+    """
+    pieces: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    scalings: dict[str, float] = {}
+    for module, ab in sorted(lora.items()):
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise ExportError(f"PEFT adapter {weights_file}: {module} has {sorted(ab)} but needs lora_A and lora_B")
+        host = model.get_submodule(module)
+        a, b = ab["lora_A"], ab["lora_B"]
+        r = a.shape[0]
+        if isinstance(host, nn.Conv2d):
+            fits = (a.ndim == 4 and tuple(a.shape[1:]) == tuple(host.weight.shape[1:]) and host.groups == 1
+                    and tuple(b.shape) == (host.out_channels, r, 1, 1))
+            want_shape = f"a {tuple(host.weight.shape)} conv"
+        else:
+            fits = a.ndim == 2 and b.ndim == 2 and a.shape[1] == host.in_features and b.shape == (host.out_features, r)
+            want_shape = f"{host.in_features} -> {host.out_features}"
+        if not fits:
+            raise ExportError(
+                f"PEFT adapter {weights_file} is for another architecture: {module} has lora_A {tuple(a.shape)} and "
+                f"lora_B {tuple(b.shape)}, but {arch}'s {module} is {want_shape}"
+            )
+        a, b = a.reshape(r, -1), b.reshape(b.shape[0], r)
+        want = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8))  # PEFT's default r
+        if want != r:  # PEFT would build rank-`want` matrices and refuse these tensors: so do we
+            raise ExportError(f"PEFT adapter {cfg_file}: says rank {want} for {module}, but {weights_file} holds "
+                              f"rank-{r} matrices there (lora_A {tuple(ab['lora_A'].shape)}); the config disagrees "
+                              "with its tensors")
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
+        scalings[module] = float(alpha) / (math.sqrt(r) if config.get("use_rslora") else r)
+        for role, rows in hosts[module]:
+            pieces[(module, role)] = (a, b[rows])
+    return pieces, scalings
+
+
 def _vistune_sidecar(folder: Path) -> dict[str, Any]:
     """The vistune_export.json of an adapter vistune wrote ({} for adapters from elsewhere)."""
     try:
@@ -453,8 +470,3 @@ def _vistune_sidecar(folder: Path) -> dict[str, Any]:
         return {}
     return data if isinstance(data, dict) else {}
 
-
-def _target_order(target: str) -> int:
-    from vistune.backbones import VIT_MATRICES
-
-    return VIT_MATRICES.index(target)
