@@ -363,6 +363,21 @@ def test_swin_vpt_tasks_run_in_their_own_pass_and_equal_their_own_model(tmp_path
         torch.testing.assert_close(torch.cat([out[i] for i in idx]), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["swin", "pad", "below"])
+def test_onnx_graph_matches_torch_at_batch_2_and_1(kind, tmp_path):
+    """The hooks trace: window counts stay symbolic (an ONNX graph traced at batch 2 runs batch 1)."""
+    pytest.importorskip("onnxruntime")
+    from vistune.export.onnx_format import check_graph, write_onnx
+
+    if kind == "swin":
+        tuned, x = attach(tiny_swin(), "vpt", length=2, num_classes=3), images(2)
+    else:
+        tuned, x = attach(cnn("resnet18"), "vpt", location=kind, length=2, num_classes=3), images(2, 32)
+    perturb(tuned.eval())
+    write_onnx(tuned.model, x, tmp_path / "m.onnx", ("logits",))
+    assert check_graph(tmp_path / "m.onnx", tuned.model, x, ("logits",))["max_abs_diff"] < 1e-4
+
+
 @pytest.mark.parametrize("backbone,opts,closed", [
     ("swin_tiny_patch4_window7_224", ["length=2", "deep=true"], 2 * (96 * 2 + 192 * 2 + 384 * 6 + 768 * 2)),
     ("test_resnet", ["location=pad", "length=2"], 3 * (2 * 2 * 36 + 32 * 4)),

@@ -234,7 +234,7 @@ class VPT(Method):
                 raise MethodError(
                     f"vpt: {anat.arch}'s window attention ({type(b.attn).__name__}, Swin V2) computes its "
                     "relative-position bias inline, so prompt rows cannot get a zero bias without copying "
-                    "timm's code; use lora, adapter or protuning"
+                    "timm's code; use lora, adapter or protuning (or vpt -o location=below)"
                 )
         opts: VPTOptions = self.options
         widths = [s.width for s in anat.stages]
@@ -336,8 +336,8 @@ def _swin_hooks(method: VPT, anat: Anatomy, prompts: SwinPrompts) -> None:
     holding the prompt in all four positions. Prompts never enter the maps, so the final norm and
     pooling see patch tokens only.
 
-    Windows are batch-major in timm (window index = b·nW + w), so prompts are expanded with
-    ``repeat_interleave(nW, 0)`` and averaged over ``view(B, nW, ...)``. The official repository
+    Windows are batch-major in timm (window index = b·nW + w), so prompts are expanded as
+    ``repeat_interleave(nW, 0)`` would and averaged over ``view(B, nW, ...)``. The official repository
     expands window-major (``expand(nW, ...)``), which in shallow mode hands image b's prompts to
     other images' windows when B > 1; we keep rows independent (a multi-task server, and any
     batch-size-invariant evaluation, need each row to be a function of itself only).
@@ -377,14 +377,18 @@ def _swin_hooks(method: VPT, anat: Anatomy, prompts: SwinPrompts) -> None:
 
     def attn_pre(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
         windows, normed = args[0], state["normed"]
-        nw, rest = divmod(windows.shape[0], normed.shape[0])
-        if rest:
-            raise MethodError(f"vpt on Swin: {windows.shape[0]} windows do not split over {normed.shape[0]} images")
+        b = normed.shape[0]
+        if not torch.jit.is_tracing() and windows.shape[0] % b:
+            raise MethodError(f"vpt on Swin: {windows.shape[0]} windows do not split over {b} images")
+        nw = windows.shape[0] // b
         mask = kwargs.get("mask", args[1] if len(args) > 1 else None)
         if mask is not None:
             mask = F.pad(mask, (p, 0, p, 0))  # prompts come first: zero rows and columns
         state["pad_bias"] = p
-        windows = torch.cat([normed.to(windows.dtype).repeat_interleave(nw, 0), windows], dim=1)
+        # batch-major: image i's prompts for windows i·nW .. i·nW+nW-1 (= repeat_interleave(nW, 0),
+        # written as expand + reshape so that an ONNX trace keeps nW symbolic)
+        mine = normed.to(windows.dtype).unsqueeze(1).expand(-1, nw, -1, -1).reshape(-1, p, normed.shape[-1])
+        windows = torch.cat([mine, windows], dim=1)
         return (windows,), {**kwargs, "mask": mask}
 
     def attn_post(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
