@@ -334,7 +334,8 @@ def _swin_hooks(method: VPT, anat: Anatomy, prompts: SwinPrompts) -> None:
     through each stage's patch merging, where VPT concatenates four copies of a prompt along the
     channels before norm + reduction: we call timm's own ``downsample`` on a (B·p, 2, 2, C) tensor
     holding the prompt in all four positions. Prompts never enter the maps, so the final norm and
-    pooling see patch tokens only.
+    pooling see patch tokens only. Where a block's prompt outputs are never read (deep mode, where
+    the next block reads new prompts, and after the last block) their residual + MLP is skipped.
 
     Windows are batch-major in timm (window index = b·nW + w), so prompts are expanded as
     ``repeat_interleave(nW, 0)`` would and averaged over ``view(B, nW, ...)``. The official repository
@@ -370,6 +371,8 @@ def _swin_hooks(method: VPT, anat: Anatomy, prompts: SwinPrompts) -> None:
     def make_block_pre(index: int, stage: int, j: int):
         def block_pre(module: nn.Module, args: tuple) -> None:
             x = args[0]
+            if index == 0:
+                state.clear()  # a new forward: nothing of an earlier (perhaps interrupted) one is read
             state["in"] = prompt_input(index, stage, j, x)
             state["normed"] = module.norm1(state["in"])
 
