@@ -16,11 +16,10 @@ import timm
 import torch
 from torch import nn
 
+from tests.test_engine import make_folder
 from vistune import attach, create_backbone
 from vistune.cli import main
 from vistune.errors import MethodError
-
-from test_engine import make_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
