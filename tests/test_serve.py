@@ -93,6 +93,8 @@ CNN_TASKS = {
     "bitfit": ("bitfit", {}),
     "protuning": ("protuning", {}),
     "spt": ("spt", {"budget": "2k", "structured": "lora"}),
+    "vpt_pad": ("vpt", {"location": "pad", "length": 2}),
+    "vpt_below": ("vpt", {"location": "below", "length": 2}),
     "full": ("full", {}),
     "lora": ("lora", {"rank": 2, "targets": "pw,dw"}),  # Conv-LoRA, factorised and grouped
     "adapter": ("adapter", {"bottleneck": 2}),  # residual conv adapters beside every block
@@ -217,6 +219,8 @@ def test_every_cnn_method_in_one_mixed_batch_equals_its_own_model(cnn_files):
     # BitFit on BatchNormAct2d re-runs the norm (an activation follows its bias); plain convs get deltas
     assert any(r.rerun for r in mt.tasks["bitfit"].routes.values())
     assert not mt.tasks["bitfit"].own_pass and mt.tasks["full"].own_pass
+    # VPT-pad feeds the stem a larger image: its own pass; VPT-below is a row-wise stem hook: shared
+    assert mt.tasks["vpt_pad"].own_pass and not mt.tasks["vpt_below"].own_pass
 
 
 def test_one_sample_equals_its_own_model_whatever_the_batch_holds(vit_files):

@@ -104,10 +104,14 @@ class Routing:
     * ``tokens``: how many tokens the method adds to the sequence between its first and last
       hook (VPT's prompts). Rows of tasks with different values cannot share one tensor, so the
       server runs them in separate passes.
+    * ``own_pass``: the hooks cannot run on a subset of rows at all (VPT on Swin hooks window
+      attention, whose batch is B·nW; VPT-pad feeds the stem a larger image). The server runs
+      the task's view as a standalone model, on that task's rows only, in a pass of its own.
     """
 
     swaps: tuple[nn.Module, ...] = ()
     tokens: int = 0
+    own_pass: bool = False
 
 
 #: VPT's grids (tune_vtab.py::get_lrwd_range): base learning rates for SGD, and weight decays.

@@ -39,8 +39,9 @@ Passes: rows whose tasks change the sequence length differently (VPT's prompts,
 ``Method.routing().tokens``) cannot share a tensor, so the batch is split into one pass per
 prompt length: VPT tasks of equal length share a pass, each row getting its own task's prompts.
 A task whose re-run modules hold at least half the backbone's parameters (full fine-tuning,
-which keeps a private copy of every weight) or that changes the root module itself runs its
-view as a standalone model in a pass of its own. Everything else (linear probes, BitFit, LoRA,
+which keeps a private copy of every weight), that changes the root module itself, or whose
+method declares ``Routing.own_pass`` (VPT on Swin, VPT-pad) runs its view as a standalone
+model in a pass of its own. Everything else (linear probes, BitFit, LoRA,
 Adapter, SPT, Pro-tuning, classification and dense heads) shares one backbone pass.
 
 Every pass is exact per sample: out[i] equals what task(i)'s own model (``load_tuned`` /
@@ -519,11 +520,14 @@ class MultiTaskModel:
         task = Task(name=name, kind=kind, path=str(source), method=spec.name, options=dict(tuned.spec.options),
                     classes=classes, report=report, file_bytes=file_bytes, tokens=int(routing.tokens),
                     head=head, levels=levels)
-        routes, rerun_numel = self._routes(view, head, {id(m) for m in routing.swaps})
-        if "" in routes or 2 * rerun_numel >= self._numel:
-            task.view = view  # full fine-tuning & co: a standalone model over private weights
+        if routing.own_pass:
+            task.view = view  # hooks that cannot run on a subset of rows (Routing.own_pass)
         else:
-            task.routes = routes
+            routes, rerun_numel = self._routes(view, head, {id(m) for m in routing.swaps})
+            if "" in routes or 2 * rerun_numel >= self._numel:
+                task.view = view  # full fine-tuning & co: a standalone model over private weights
+            else:
+                task.routes = routes
         task.private = self._private_tensors(view, task)
         return task
 
