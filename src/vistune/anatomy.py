@@ -265,12 +265,16 @@ def _patch_stem(model: nn.Module) -> nn.Module | None:
 
 
 def _first_conv(*paths: str):
+    """The first of ``paths`` that exists; a deep stem (``conv1 = Sequential(conv, bn, ...)``)
+    gives its first Conv2d."""
+
     def stem(model: nn.Module) -> nn.Module | None:
         for path in paths:
             try:
-                return model.get_submodule(path)
+                module = model.get_submodule(path)
             except AttributeError:
                 continue
+            return next((m for m in module.modules() if type(m) is nn.Conv2d), None)
         return None
 
     return stem
@@ -281,7 +285,7 @@ FAMILIES: list[Family] = [
     Family("vit", is_vit, _vit_stages, "tokens", _patch_stem, _transformer_sites),
     Family("swin", _is_swin, _staged("layers", "blocks"), "windows", _patch_stem, _transformer_sites),
     Family("convnext", _is_convnext, _staged("stages", "blocks"), "maps", _first_conv("stem.0"), _convnext_sites),
-    Family("resnet", _is_resnet, _resnet_stages, "maps", _first_conv("conv1", "conv1.0"), _cnn_sites),
+    Family("resnet", _is_resnet, _resnet_stages, "maps", _first_conv("conv1"), _cnn_sites),
     Family("efficientnet", _is_efficientnet, _staged("blocks", None), "maps", _first_conv("conv_stem"),
            _cnn_sites),
 ]

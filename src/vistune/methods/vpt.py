@@ -312,12 +312,9 @@ def _check_size(x: torch.Tensor, size: int, location: str, what: str) -> None:
 
 
 def _stem(model: nn.Module) -> nn.Conv2d | None:
-    """The first convolution on the image: the anatomy's stem, else the first Conv2d the model
-    registers (deep stems such as ``conv1 = Sequential(conv, bn, ...)``)."""
+    """The first convolution on the image (the anatomy's stem; deep stems give their first conv)."""
     anat = try_describe(model)
-    if anat is not None and anat.stem is not None:
-        return anat.stem
-    return next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return anat.stem if anat is not None else None
 
 
 def _swin_hooks(method: VPT, anat: Anatomy, prompts: SwinPrompts) -> None:
