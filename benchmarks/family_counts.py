@@ -31,7 +31,7 @@ ARCHS = ("vit_base_patch16_224", "swin_base_patch4_window7_224", "convnext_base"
          "mobilenetv2_100")
 
 
-def count(arch: str, method: str, options: dict) -> str:
+def count(arch: str, method: str, options: dict, notes: list[str]) -> str:
     from vistune.backbones import create_backbone
     from vistune.errors import MethodError
     from vistune.tuning import attach
@@ -41,7 +41,10 @@ def count(arch: str, method: str, options: dict) -> str:
         try:
             tuned = attach(model, method, num_classes=10, **options)
         except MethodError as err:
-            return "refused: " + str(err)[:60]
+            why = str(err).replace(arch, "the backbone")
+            if why not in notes:
+                notes.append(why)
+            return f"refused ({notes.index(why) + 1})"
     n = sum(p.numel() for p in tuned.method.tuned_parameters(tuned.model))
     return f"{n / 1e6:.3f} M"
 
@@ -53,8 +56,12 @@ def main() -> int:
     archs = [a for a in args.archs.split(",") if a]
     print("| method | " + " | ".join(archs) + " |")
     print("|---|" + "---|" * len(archs))
+    notes: list[str] = []
     for label, (method, options) in METHODS.items():
-        print(f"| {label} | " + " | ".join(count(a, method, options) for a in archs) + " |")
+        print(f"| {label} | " + " | ".join(count(a, method, options, notes) for a in archs) + " |")
+    print()
+    for i, why in enumerate(notes, 1):
+        print(f"({i}) {why}")
     return 0
 
 
