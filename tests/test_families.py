@@ -319,3 +319,25 @@ def test_import_native_peft_conv_lora_gives_equal_logits(tmp_path):
     with torch.no_grad():
         ref, got = native.eval()(x), load_run(tmp_path / "run").model(x)
     assert (got - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("kind,method,options", [
+    ("swin", "lora", {}), ("swin", "vpt", {"length": 2, "deep": True}), ("convnext", "adapter", {}),
+    ("cifar-resnet", "vpt", {"length": 2, "location": "below"}), ("efficientnet", "lora", {}),
+])
+@pytest.mark.parametrize("task", ["segment", "detect"])
+def test_dense_heads_on_other_families(kind, method, options, task):
+    """Multi-scale features from each family's stages feed the segmentation and detection heads."""
+    from vistune.dense.model import build_dense_model
+
+    model, x = build(kind)
+    dense = build_dense_model(attach(model, method, **options), task, num_classes=3).eval()
+    feats = dense.features(x)
+    strides = [x.shape[-1] // f.shape[-1] for f in feats]
+    assert strides == sorted(strides) and len(set(strides)) == len(strides), strides  # finest first, distinct
+    with torch.no_grad():
+        out = dense(x)
+    if task == "segment":
+        assert out.shape == (2, 3, x.shape[-2], x.shape[-1])
+    else:
+        assert out["cls"].shape[0] == 2 and torch.isfinite(out["box"]).all()
