@@ -330,3 +330,29 @@ def test_spatter_without_drops_returns_the_clean_image_not_nan_garbage():
         raw = np.asarray(ic.spatter(Image.fromarray(np.ascontiguousarray(img)), 1), float)
     assert np.isnan(raw).all()  # the reference's behaviour this repair exists for
     assert np.array_equal(C.corrupt(_image(), "spatter", 1, 35), _image())
+
+
+def test_image_cache_makes_corruptions_once_for_every_run(run, tmp_path, monkeypatch):
+    """A second run (another out folder) reads the cached images: same numbers, no corruption made."""
+    args = ["--corruptions", SEVERE, "--severities", "1,5", "--max-images", "9",
+            "--image-cache", str(tmp_path / "cache")]
+
+    def counts(rep: dict) -> dict:
+        return {(n, sev): c["correct"] for n, cells in rep["corruptions"]["accuracy"].items() for sev, c in cells.items()}
+
+    plain = counts(robustness(run, tmp_path / "plain", *args[:-2]))
+    assert min(plain.values()) < 9, "harsh corruptions must cost accuracy, or equal counts prove nothing"
+    assert counts(robustness(run, tmp_path / "a", *args)) == plain
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2 * len(SEVERE.split(","))
+    assert not list((tmp_path / "cache").glob(".*"))
+
+    def no_more(*a, **k):
+        raise AssertionError("the corruption was made again")
+
+    monkeypatch.setattr(W, "corrupt", no_more)
+    assert counts(robustness(run, tmp_path / "b", *args)) == plain
+    # another seed is other noise: not served from the cache
+    with pytest.raises(AssertionError, match="made again"):
+        W.run_robustness(W.RobustnessSettings(tuned=str(run), out=str(tmp_path / "c"), corruptions=["gaussian_noise"],
+                                              severities=[1], max_images=9, seed=1, workers=0, verbose=False,
+                                              image_cache=str(tmp_path / "cache")))

@@ -579,7 +579,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
         ood=[x.strip() for x in args.ood.split(",") if x.strip()] if args.ood else [], class_map=args.class_map,
         baseline=args.baseline, max_images=args.max_images, batch_size=args.batch_size, device=args.device,
         precision=args.precision, attack_precision=args.attack_precision, workers=args.workers, seed=args.seed,
-        weights=args.weights, verbose=not args.no_progress)
+        weights=args.weights, verbose=not args.no_progress, image_cache=args.image_cache)
     report = run_robustness(s)
     for key, value in report["summary"].items():
         print(f"{key:<13} {value:.2f}" if isinstance(value, float) else f"{key:<13} {value}")
@@ -618,6 +618,9 @@ def _add_robustness_parser(sub) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="evaluation forwards: auto (default) keeps the run's own precision where native, else fp32")
     p.add_argument("--weights", default=None, help="backbone weights file, for runs trained on a local file")
+    p.add_argument("--image-cache", default=None, metavar="DIR",
+                   help="keep the corrupted images here and reuse them for every run on the same images "
+                        "(comparing methods pays the corruptions once)")
     p.add_argument("--no-progress", action="store_true", help="no line per finished cell")
     p.set_defaults(func=cmd_robustness)
 

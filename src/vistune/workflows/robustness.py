@@ -26,6 +26,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -65,6 +66,8 @@ class RobustnessSettings:
     seed: int = 0
     weights: str | None = None
     verbose: bool = True
+    #: a folder of corrupted images shared between runs (see :func:`cached_images`)
+    image_cache: str | None = None
 
 
 @dataclass
@@ -157,6 +160,50 @@ class Images(Dataset):
         return x.contiguous(), self.labels[i]
 
 
+class ArrayImages(Dataset):
+    """Images already made (uint8 (N, 3, H, W)) with their labels: a cached corruption."""
+
+    def __init__(self, array: np.ndarray, labels: Sequence[int]) -> None:
+        self.array, self.labels = array, list(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(np.ascontiguousarray(self.array[i])), self.labels[i]
+
+
+def cached_images(cache: str | None, images: Images, stamp: dict[str, Any], workers: int,
+                  batch_size: int) -> Dataset:
+    """``images``, made once per cache folder and read back by every later run on the same images.
+
+    Comparing methods means stressing many runs on the *same* corrupted images; making them is
+    the costly part (tens of seconds per corruption and severity at 64 px, far more than the
+    forward passes), so a shared ``--image-cache DIR`` pays it once. The key holds everything the
+    bytes depend on (data spec, image size, which images, corruption, severity, seed, the
+    implementation's version); the file is written to a temporary name and renamed, so a killed
+    run or two runs at once never leave a partial file behind.
+    """
+    if cache is None:
+        return images
+    key = hashlib.sha256(json.dumps(stamp, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    path = Path(cache) / f"{key}.npy"
+    if path.is_file():
+        try:
+            array = np.load(path, mmap_mode="r")
+            if array.shape[0] == len(images):
+                return ArrayImages(array, images.labels)
+        except (OSError, ValueError):
+            pass  # unreadable: made again below
+    loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=workers)
+    array = np.concatenate([x.numpy() for x, _ in loader]) if len(images) else np.zeros((0, 3, 1, 1), np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+    return ArrayImages(array, images.labels)
+
+
 @torch.no_grad()
 def accuracy(run: LoadedRun, images: Images, batch_size: int, workers: int) -> dict[str, Any]:
     """top-1 of ``run`` on ``images`` (normalised as in training, the eval precision's autocast)."""
@@ -203,7 +250,7 @@ def eps_label(eps: float) -> str:
 
 
 def settings_record(s: RobustnessSettings) -> dict[str, Any]:
-    return {k: v for k, v in asdict(s).items() if k not in ("verbose", "workers", "out")}
+    return {k: v for k, v in asdict(s).items() if k not in ("verbose", "workers", "out", "image_cache")}
 
 
 def check_out(out: Path) -> None:
@@ -328,9 +375,16 @@ def corruption_cells(s: RobustnessSettings, run: LoadedRun, positions: list[int]
     for name in s.corruptions:
         for sev in s.severities:
             images = Images(run.test, positions, corruption=(name, sev), seed=s.seed)
+            made = {"data": run.spec, "img_size": run.img_size, "images_sha256": base["images_sha256"],
+                    "corruption": name, "severity": sev, "seed": s.seed, "implementation": base["implementation"]}
+
+            def compute(images=images, made=made) -> dict[str, Any]:
+                ready = cached_images(s.image_cache, images, made, s.workers, s.batch_size)
+                return accuracy(run, ready, s.batch_size, 0 if ready is not images else s.workers)
+
             table.setdefault(name, {})[str(sev)] = cell(
                 out, f"{prefix}corruption-{name}-{sev}", {**base, "cell": "corruption", "name": name, "severity": sev},
-                lambda images=images: accuracy(run, images, s.batch_size, s.workers), s.verbose)
+                compute, s.verbose)
     return {"clean": clean, "accuracy": table}
 
 
