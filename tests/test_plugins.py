@@ -237,12 +237,11 @@ def test_the_plugin_flag_in_a_fresh_process(tmp_path):
         return subprocess.run([sys.executable, "-m", "vistune", *argv], capture_output=True, text=True,
                               env=env, cwd=tmp_path, timeout=300, check=False)
 
-    res = cli("--plugin", str(EXAMPLE), "info", "--backbone", "test_vit", "--img-size", "32", "--method", "ia3",
-              "--json")
+    res = cli("--plugin", str(EXAMPLE), "info", "--method", "ia3", "--help")  # one torch import in all
+    text = " ".join(res.stdout.split())
     assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["tuned_params"] == 6 * (2 * 64 + 192)
-    res = cli("--plugin", str(EXAMPLE), "train", "--help")
-    assert res.returncode == 0 and "protuning, ia3" in " ".join(res.stdout.split())
+    assert "tuning method: linear, full, bitfit, vpt, lora, adapter, spt, protuning, ia3" in text
+    assert "options of method ia3 (-o KEY=VALUE): targets (tuple[str, ...], default [\"k\", \"v\", \"mlp\"]" in text
     res = cli("info", "--backbone", "test_vit", "--method", "ia3", "--plugin", str(EXAMPLE))
     assert res.returncode == 2 and res.stderr.strip() == (
         "vistune: error: --plugin goes before the command: vistune --plugin MODULE COMMAND ...")
