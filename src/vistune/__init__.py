@@ -7,6 +7,10 @@ Public API (re-exports only, resolved lazily so ``vistune --help`` does not impo
     tuned = attach(model, "lora", rank=8, targets="q,v")
     tuned.print_trainable_parameters()
     tuned.save_tuned("task.safetensors")
+
+Your own method: derive ``vistune.methods.base.Method`` and decorate it with
+``@vistune.register_method`` (or declare it in your package's ``vistune.methods`` entry points);
+``examples/ia3.py`` is a complete one.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ _EXPORTS = {
     "TunedModel": "vistune.tuning",
     "attach": "vistune.tuning",
     "load_tuned": "vistune.tuning",
+    "register_method": "vistune.methods",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -11,6 +11,7 @@ import json
 import math
 import sys
 import typing
+import warnings
 from collections.abc import Sequence
 
 from vistune.config import PRECISIONS
@@ -56,8 +57,10 @@ _count = _number(int, 0)
 _positive_float = _number(float, 0, above=True)
 
 
-#: The registry's names (vistune.methods imports no torch until a method is used).
-_METHOD_HELP = "tuning method: " + ", ".join(method_names())
+def _method_help() -> str:
+    """The registry's names, built-ins and plugins (vistune.methods imports no torch or plugin code
+    to list them); computed when the parser is built, after ``--plugin`` modules registered theirs."""
+    return "tuning method: " + ", ".join(method_names())
 
 
 def _many_few(text: str) -> tuple[int, int]:
@@ -76,7 +79,7 @@ def _add_backbone_args(p: argparse.ArgumentParser, method_required: bool = True)
     p.add_argument("--weights", default=None, help="vistune weights name or a local weights file")
     p.add_argument("--img-size", type=_positive_int, default=None,
                    help="input resolution (ViT position embeddings are resampled)")
-    p.add_argument("--method", required=method_required, help=_METHOD_HELP)
+    p.add_argument("--method", required=method_required, help=_method_help())
     p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
 
 
@@ -141,7 +144,7 @@ def _add_train_args(p: argparse.ArgumentParser, multi_data: bool = False, shots:
     p.add_argument("--backbone", default=None, help="timm model name or vistune weights name (dinov2-s14, ...)")
     p.add_argument("--weights", default=None, help="vistune weights name or a local weights file")
     p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--method", default=None, help=_METHOD_HELP)
+    p.add_argument("--method", default=None, help=_method_help())
     p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
     data_help = ("fashion-mnist | npz:PATH | folder:PATH | vtab:PATH/TASK | fgvc:PATH | hf:NAME_OR_PATH[:CONFIG] | "
                  "tv:NAME | wds:DIR (dense: camvid:PATH | voc:PATH | pennfudan:PATH)")
@@ -630,6 +633,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="vistune", description="Parameter-efficient tuning of frozen vision backbones")
     parser.add_argument("--version", action="version", version=f"vistune {__version__}")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import MODULE (a dotted module name or a .py file) before the command, so the "
+                             "methods it registers with vistune.register_method can be used (repeatable; "
+                             "installed packages' 'vistune.methods' entry points need no flag)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="parameter report of a method attached to a backbone", add_help=False)
@@ -790,11 +797,55 @@ def _lost_peer(err: BaseException, text: str) -> bool:
     return bool(names & {"DistBackendError", "DistNetworkError", "DistError"}) or any(m in text for m in markers)
 
 
+def _plugins_in(argv: Sequence[str]) -> list[str]:
+    """The ``--plugin`` values before the command (they must be imported before the parser is
+    built, so its help lists their methods). Placed after the command, argparse would only say
+    "unrecognized arguments"; this says where it goes."""
+    found: list[str] = []
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        if argv[i] == "--plugin" and i + 1 < len(argv):
+            found.append(argv[i + 1])
+            i += 1
+        elif argv[i].startswith("--plugin="):
+            found.append(argv[i].partition("=")[2])
+        i += 1
+    if any(a == "--plugin" or a.startswith("--plugin=") for a in argv[i + 1:]):
+        raise ValueError("--plugin goes before the command: vistune --plugin MODULE COMMAND ...")
+    return found
+
+
+def _parser_with_plugins(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """Import the ``--plugin`` modules, then build the parser (its help lists their methods).
+
+    A failing plugin (or a misplaced flag) is one line and exit 2. Warnings about installed
+    plugins (an entry point that takes a built-in name) become one ``vistune: warning:`` line
+    each, printed once, instead of Python's two-line format repeated per ``--method`` flag."""
+    from vistune.errors import VistuneError
+    from vistune.plugins import PluginWarning, load_plugin
+
+    try:
+        for spec in _plugins_in(argv):
+            load_plugin(spec)
+    except (VistuneError, ValueError) as err:
+        print(f"vistune: error: {_one_line(err)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PluginWarning)
+        parser = build_parser()
+    for text in dict.fromkeys(_one_line(w.message) for w in caught if issubclass(w.category, PluginWarning)):
+        print(f"vistune: warning: {text}", file=sys.stderr)
+    for w in caught:
+        if not issubclass(w.category, PluginWarning):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import os
 
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser_with_plugins(argv)
     args = parser.parse_args(argv)
     args._argv = argv
     from vistune.errors import VistuneError

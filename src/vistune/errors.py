@@ -22,3 +22,7 @@ class TunedFileError(VistuneError):
 
 class MergeError(VistuneError, ValueError):
     """Merging would write non-finite values into the base weights; the model is left as it was."""
+
+
+class PluginError(VistuneError, ValueError):
+    """User code that extends vistune (a ``--plugin`` module, an installed entry point) failed to load."""
