@@ -392,3 +392,19 @@ def test_cli_trains_vpt_on_swin_and_pad_on_a_resnet(tmp_path, backbone, opts, cl
     assert main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["tuned_params"] == closed
+
+
+def test_pad_on_a_tf_port_whose_stem_is_conv2d_same():
+    """EfficientNet-Lite0 (the zoo's tf_ port) pads 'same' in a Conv2d subclass: pad works, below refuses."""
+    import timm
+
+    from vistune import attach
+    from vistune.errors import MethodError
+
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=0).eval()
+    tuned = attach(model, "vpt", num_classes=3, length=2, location="pad")
+    with torch.no_grad():
+        assert torch.isfinite(tuned.model(torch.randn(1, 3, 224, 224))).all()
+    with pytest.raises(MethodError, match="plain nn.Conv2d stem"):
+        attach(timm.create_model("tf_efficientnet_lite0", num_classes=0), "vpt", num_classes=3, length=2,
+               location="below")

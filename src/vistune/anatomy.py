@@ -274,7 +274,8 @@ def _first_conv(*paths: str):
                 module = model.get_submodule(path)
             except AttributeError:
                 continue
-            return next((m for m in module.modules() if type(m) is nn.Conv2d), None)
+            # any Conv2d, timm's Conv2dSame ("same" padding of TF ports) included
+            return next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
         return None
 
     return stem
