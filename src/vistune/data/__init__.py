@@ -3,7 +3,9 @@
 Specs: ``fashion-mnist[:DIR]``, ``npz:PATH``, ``folder:DIR``,
 ``vtab:DIR/TASK``, ``fgvc:DIR``, ``hf:NAME_OR_PATH[:CONFIG]`` (Hugging Face
 ``datasets``, optional extra ``hf``), ``tv:NAME`` (``torchvision.datasets``),
-``wds:DIR`` (WebDataset shards, optional extra ``wds``) (see :data:`KNOWN_KINDS`). Every loader
+``wds:DIR`` (WebDataset shards, optional extra ``wds``), and the dense kinds ``camvid:DIR``,
+``voc:DIR``, ``pennfudan:DIR`` (see :data:`KNOWN_KINDS`; one registry,
+:mod:`vistune.data.registry`, says which task each kind feeds). Every classification load
 returns a :class:`DataSplits` whose items are ``(FloatTensor[3,H,W], int)``
 and whose :meth:`DataSplits.manifest` records exactly which samples went
 where, so a run can be reproduced and audited. This package imports nothing
@@ -21,8 +23,9 @@ from .loader import (
     complete_splits,
     load_data,
     read_source,
+    select_dense,
 )
-from .sources import KNOWN_KINDS, parse_spec
+from .registry import KNOWN_KINDS, READERS, Reader, parse_spec
 from .vtab import VTAB_NUM_CLASSES
 
 __all__ = [
@@ -31,6 +34,8 @@ __all__ = [
     "FASHION_MNIST_ENV_VAR",
     "ImageDataset",
     "KNOWN_KINDS",
+    "READERS",
+    "Reader",
     "ReadOptions",
     "VTAB_NUM_CLASSES",
     "check_classes",
@@ -42,5 +47,6 @@ __all__ = [
     "parse_spec",
     "proportional_quota",
     "read_source",
+    "select_dense",
     "stratified_split",
 ]

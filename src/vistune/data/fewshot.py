@@ -168,6 +168,22 @@ def longtail_quota(
     return order, dict(sorted(quota.items()))
 
 
+#: per-split salt of :func:`seeded_cap`'s draw
+_CAP_SALT = {"train": 1, "val": 2, "test": 3}
+
+
+def seeded_cap(n: int, cap: int, split_seed: int, split: str) -> list[int]:
+    """Positions of at most ``cap`` of a split's ``n`` items, a seeded draw kept in file order.
+
+    The cap of sources with no class per image (dense data): one permutation per
+    ``(split_seed, split)``, its first ``cap`` positions, sorted.
+    """
+    if n <= cap:
+        return list(range(n))
+    rng = np.random.default_rng([split_seed, _CAP_SALT[split]])
+    return sorted(int(i) for i in rng.permutation(n)[:cap])
+
+
 def proportional_quota(counts: Mapping[int, int], total: int) -> dict[int, int]:
     """Per-class quotas summing to ``min(total, sum(counts))``, proportional
     to ``counts`` (largest-remainder rounding, ties to the lower label), so a

@@ -2,9 +2,9 @@
 
 Pipeline (the same for every reader):
 
-1. read the layout (:mod:`.folder`, :mod:`.npz`, :mod:`.vtab`, :mod:`.fgvc`,
-   :mod:`.fashion_mnist`, :mod:`.hf`, :mod:`.tv`, :mod:`.wds`) into ids + labels per split,
-   and check the class set (:func:`check_classes`);
+1. read the layout (the reader of the spec's kind in :mod:`.registry`: :mod:`.folder`,
+   :mod:`.npz`, :mod:`.vtab`, :mod:`.fgvc`, :mod:`.fashion_mnist`, :mod:`.hf`, :mod:`.tv`,
+   :mod:`.wds`) into ids + labels per split, and check the class set (:func:`check_classes`);
 2. carve missing splits, seeded and stratified by ``split_seed``
    (:func:`complete_splits`);
 3. ``trainval``: merge val into train, val = None;
@@ -22,6 +22,11 @@ Pipeline (the same for every reader):
    Exception: a ``wds:`` training split taken whole that does not fit is *streamed*
    (``ImageDataset.stream``; the engine reads it shard by shard) and is not read in 5 —
    checking it would read every shard on every rank; its images are checked as streamed.
+
+Dense specs (``camvid:``, ``voc:``, ``pennfudan:``; :mod:`.dense`) go through steps 1-4 in
+:func:`select_dense` (same registry, split rules, checks and caps' seed); their decoding, which
+letterboxes image, mask and boxes together, is :func:`vistune.dense.datasets.load_dense_data`'s,
+on the same threads (:func:`parallel_map`, :func:`decode_workers`).
 """
 
 from __future__ import annotations
@@ -40,7 +45,6 @@ import torch
 from torch.utils.data import Dataset
 
 from .errors import DataError
-from .fashion_mnist import read_fashion_mnist
 from .fewshot import (
     PURPOSE_CAP,
     PURPOSE_FEWSHOT,
@@ -49,14 +53,12 @@ from .fewshot import (
     fewshot_indices,
     longtail_quota,
     proportional_quota,
+    seeded_cap,
     stratified_split,
 )
-from .fgvc import read_fgvc
-from .folder import read_folder
-from .npz import read_npz
-from .sources import SPLITS, ImageSource, RawSplit, SourceData, parse_spec
+from .registry import CLASSIFY, READERS, ReadOptions, check_task, parse_spec
+from .sources import SPLITS, ImageSource, RawSplit, SourceData
 from .transforms import Normalize, make_augment
-from .vtab import read_vtab
 
 log = logging.getLogger("vistune.data")
 
@@ -67,55 +69,18 @@ DEFAULT_CACHE_MB = 2048
 MANIFEST_FORMAT = "vistune.data/1"
 
 
-@dataclass(frozen=True)
-class ReadOptions:
-    """Reader options that only some spec kinds use (see :func:`load_data`)."""
-
-    trainval: bool = False
-    data_root: str | None = None
-    image_column: str | None = None
-    label_column: str | None = None
-
-
-def _read_hf(arg: str | None, opts: ReadOptions) -> SourceData:
-    from .hf import read_hf  # imports `datasets` (heavy, optional) only for hf: specs
-
-    return read_hf(arg or "", image_column=opts.image_column, label_column=opts.label_column)
-
-
-def _read_tv(arg: str | None, opts: ReadOptions) -> SourceData:
-    from .tv import read_tv
-
-    return read_tv(arg or "", data_root=opts.data_root)
-
-
-def _read_wds(arg: str | None, opts: ReadOptions) -> SourceData:
-    from .wds import read_wds  # imports `webdataset` (optional extra wds) only for wds: specs
-
-    return read_wds(arg or "")
-
-
-_READERS: dict[str, Callable[[str | None, ReadOptions], SourceData]] = {
-    "fashion-mnist": lambda arg, opts: read_fashion_mnist(arg),
-    "npz": lambda arg, opts: read_npz(arg),
-    "folder": lambda arg, opts: read_folder(arg),
-    "vtab": lambda arg, opts: read_vtab(arg, trainval=opts.trainval),
-    "fgvc": lambda arg, opts: read_fgvc(arg),
-    "hf": _read_hf,
-    "tv": _read_tv,
-    "wds": _read_wds,
-}
-
-
-def read_source(spec: str, opts: ReadOptions = ReadOptions()) -> SourceData:
-    """Parse ``spec`` and read its layout (ids + labels, no pixels decoded),
-    then check its class set (:func:`check_classes`). ``tv:`` downloads here
-    when its files are absent."""
+def read_source(spec: str, opts: ReadOptions = ReadOptions(), task: str | None = None) -> SourceData:
+    """Parse ``spec``, check its reader feeds ``task`` (None: whichever it feeds) and read its
+    layout (ids + labels or dense targets, no pixels decoded); a label source's class set is
+    then checked (:func:`check_classes`). ``tv:`` downloads here when its files are absent."""
     kind, arg = parse_spec(spec)
+    reader = READERS[kind]
+    check_task(kind, task, spec)
     if kind != "hf" and (opts.image_column is not None or opts.label_column is not None):
         raise DataError(f"image_column/label_column apply to hf: data specs only, not {spec!r}")
-    src = _READERS[kind](arg, opts)
-    check_classes(src)
+    src = reader.read(arg, opts)
+    if reader.tasks == CLASSIFY:
+        check_classes(src)
     return src
 
 
@@ -367,6 +332,21 @@ def complete_splits(src: SourceData, split_seed: int) -> tuple[dict[str, RawSpli
     ]
 
 
+def check_splits(src: SourceData, splits: dict[str, RawSplit], notes: list[str]) -> None:
+    """Refuse an empty split; warn (and note in the manifest) when train and test share ids."""
+    for name, split in splits.items():
+        if not len(split):
+            raise DataError(
+                f"{src.kind}: the {name} split of {src.root} is empty "
+                f"({'; '.join(notes)}); classes are too small to carve it — add images or give split folders"
+            )
+    overlap = set(splits["train"].ids) & set(splits.get("test", RawSplit([], [])).ids)
+    if overlap:
+        example = sorted(overlap)[0]
+        log.warning("vistune.data: %d ids are in both train and test (e.g. %s)", len(overlap), example)
+        notes.append(f"WARNING: {len(overlap)} ids in both train and test, e.g. {example}")
+
+
 def _decode(
     source: ImageSource, ids: list[str], size: int, keep: bool, workers: int
 ) -> list[tuple[np.ndarray | None, str | None]]:
@@ -400,10 +380,25 @@ def _decode(
         ]
     chunk_size = 64
     chunks = [ids[i : i + chunk_size] for i in range(0, len(ids), chunk_size)]
-    if workers <= 1 or len(chunks) <= 1:
-        return list(chain.from_iterable(map(work, chunks)))
+    return list(chain.from_iterable(parallel_map(work, chunks, workers)))
+
+
+def decode_workers(workers: int | None) -> int:
+    """Decoding threads for a load: ``workers`` as given (at least 1), default the CPU count,
+    at most 8 (past that, reading the files, not decoding them, is the limit)."""
+    return max(1, min(8, os.cpu_count() or 1)) if workers is None else max(1, int(workers))
+
+
+def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int) -> list[Any]:
+    """``[fn(x) for x in items]`` on ``workers`` threads, in order (one thread: no pool).
+
+    Threads, not processes: PIL releases the GIL while decoding/resampling, and threads share
+    the result arrays without pickling. Every load of every reader decodes through here.
+    """
+    if workers <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(chain.from_iterable(pool.map(work, chunks)))
+        return list(pool.map(fn, items))
 
 
 def _materialise(
@@ -571,13 +566,13 @@ def load_data(
                 or not np.isfinite(imbalance) or imbalance < 1:
             raise DataError(f"imbalance must be a finite number >= 1, got {imbalance!r}")
         imbalance = float(imbalance) if imbalance > 1 else None  # R = 1: the data as it is
-    workers = max(1, min(8, os.cpu_count() or 1)) if workers is None else max(1, int(workers))
+    workers = decode_workers(workers)
 
     opts = ReadOptions(
         trainval=bool(trainval), data_root=None if data_root is None else os.fspath(data_root),
-        image_column=image_column, label_column=label_column,
+        image_column=image_column, label_column=label_column, split_seed=split_seed,
     )  # fmt: skip
-    src = read_source(spec, opts)
+    src = read_source(spec, opts, task="classify")
     kind = src.kind
     splits, notes = complete_splits(src, split_seed)
     notes = src.notes + notes
@@ -593,18 +588,7 @@ def load_data(
     if trainval:
         splits.pop("val", None)
 
-    for name, split in splits.items():
-        if not len(split):
-            raise DataError(
-                f"{kind}: the {name} split of {src.root} is empty "
-                f"({'; '.join(notes)}); classes are too small to carve it — add images or give split folders"
-            )
-
-    overlap = set(splits["train"].ids) & set(splits.get("test", RawSplit([], [])).ids)
-    if overlap:
-        example = sorted(overlap)[0]
-        log.warning("vistune.data: %d ids are in both train and test (e.g. %s)", len(overlap), example)
-        notes.append(f"WARNING: {len(overlap)} ids in both train and test, e.g. {example}")
+    check_splits(src, splits, notes)
 
     quotas: dict[str, dict[int, int] | None] = {}
     purposes: dict[str, tuple[int, int]] = {}
@@ -685,3 +669,60 @@ def load_data(
         train=train, val=datasets["val"], test=datasets["test"], num_classes=src.num_classes,
         class_names=list(src.class_names), skipped=skipped, info=info,
     )  # fmt: skip
+
+
+@dataclass
+class DenseSelection:
+    """The images and raw targets a dense load decodes: the source, its final splits (ids in
+    order, :class:`~vistune.data.dense.RawItem` targets) and the notes for the manifest."""
+
+    src: SourceData
+    splits: dict[str, RawSplit]
+    notes: list[str]
+    max_per_split: int | None
+    split_seed: int
+
+
+def select_dense(
+    spec: str,
+    task: str,
+    *,
+    max_per_split: int | None = None,
+    split_seed: int = 0,
+    trainval: bool = False,
+    shots: int | None = None,
+    subset: tuple[int, int] | None = None,
+    imbalance: float | None = None,
+) -> DenseSelection:
+    """Which images (and raw targets) of a dense spec go into which split, before decoding.
+
+    The same steps as :func:`load_data`: one parser and reader registry (:func:`read_source`,
+    which also refuses a kind that cannot feed ``task``), :func:`complete_splits` (the dense
+    layouts fix their splits, so it records and carves nothing), :func:`check_splits`, then
+    ``max_per_split`` and ``trainval``. Two rules differ, because runs written before dense
+    data joined this loader must select the same images: the cap is a seeded draw of the
+    split's positions (:func:`~vistune.data.fewshot.seeded_cap`; no image-level classes to keep
+    in proportion), and ``trainval`` appends the (capped) val split to train in order instead of
+    re-sorting the merged ids. ``shots``, ``subset`` and ``imbalance`` are refused.
+    """
+    refused = (("shots", shots, "few-shot sampling needs a class per image"),
+               ("subset", subset, "VTAB-1k's train/val draw is a classification protocol"),
+               ("imbalance", imbalance, "a long-tailed split needs a class per image"))
+    for name, value, why in refused:
+        if value is not None:
+            raise DataError(f"{name} is for classification data only, not task {task!r}: {why}")
+    split_seed = _check_seed(split_seed)
+    if max_per_split is not None:
+        max_per_split = _positive_int(max_per_split, "max_per_split")
+    src = read_source(spec, ReadOptions(split_seed=split_seed), task=task)
+    splits, notes = complete_splits(src, split_seed)
+    notes = src.notes + notes
+    check_splits(src, splits, notes)
+    if max_per_split is not None:
+        splits = {name: split.subset(seeded_cap(len(split), max_per_split, split_seed, name))
+                  for name, split in splits.items()}
+    if trainval:
+        if "val" in splits:
+            splits["train"] = splits["train"] + splits.pop("val")
+        notes.append("trainval: val merged into train, no val split")
+    return DenseSelection(src, splits, notes, max_per_split, split_seed)

@@ -1,10 +1,11 @@
-"""Spec parsing and the reader-neutral description of a data set.
+"""The reader-neutral description of a data set.
 
 Every reader (``folder``, ``npz``, ``vtab``, ``fgvc``, ``fashion-mnist``,
-``hf``, ``tv``, ``wds``)
+``hf``, ``tv``, ``wds``; the dense ``camvid``, ``voc``, ``pennfudan``; the table of
+kinds is :mod:`vistune.data.registry`)
 turns its on-disk layout into a :class:`SourceData`: per split, a list of
-string ids plus integer labels, and an :class:`ImageSource` that can decode
-one id. Everything after that (carving missing splits, few-shot sampling,
+string ids plus integer labels (dense readers: plus one annotation record
+per id), and an :class:`ImageSource` that can decode one id. Everything after that (carving missing splits, few-shot sampling,
 decoding, skipping unreadable files, caching, checking the class set) is
 shared code in :mod:`vistune.data.loader`, so the readers stay small and
 behave alike.
@@ -16,6 +17,7 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,50 +27,6 @@ from .errors import DataError
 from .transforms import load_image_file, verify_image
 
 SPLITS = ("train", "val", "test")
-
-#: kind -> one-line usage; also the list printed on an unknown kind.
-KNOWN_KINDS: dict[str, str] = {
-    "fashion-mnist": "fashion-mnist[:DIR]  (gzipped IDX files; default /usr/share/datasets/fashion-mnist)",
-    "npz": "npz:PATH.npz  (MedMNIST-style {split}_{images,labels}, or JPEG bytes {split}_{jpeg,offsets,labels})",
-    "folder": "folder:DIR  (DIR/<class>/*.jpg, or DIR/{train,val,test}/<class>/*.jpg)",
-    "vtab": "vtab:DIR/TASK  (VTAB-1k jpg+txt layout: train800.txt, val200.txt, train800val200.txt, test.txt)",
-    "fgvc": "fgvc:DIR  (VPT FGVC layout: {train,val,test}.json, flat {relative_path: class_id})",
-    "hf": "hf:NAME_OR_PATH[:CONFIG]  (Hugging Face datasets: hub name, save_to_disk folder, parquet, imagefolder)",
-    "tv": "tv:NAME  (torchvision.datasets, e.g. tv:CIFAR100, tv:Flowers102; files under --data-root)",
-    "wds": "wds:DIR or wds:DIR/train-{000000..000127}.tar  (WebDataset shards {train,val,test}-*.tar + classes.json)",
-}
-_ALIASES = {
-    "fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "image-folder": "folder",
-    "huggingface": "hf", "torchvision": "tv", "webdataset": "wds",
-}  # fmt: skip
-
-
-def parse_spec(spec: str) -> tuple[str, str | None]:
-    """Split ``"kind:argument"`` into ``(kind, argument)``.
-
-    Only the first ``:`` separates, so paths may contain colons. The kind is
-    case-insensitive. An unknown kind raises :class:`DataError` listing the
-    known ones with their usage, since a typo'd spec is the most common
-    first-run mistake and the message should say how to write it.
-    """
-    if not isinstance(spec, str) or not spec.strip():
-        raise DataError(f"empty data spec {spec!r}; known kinds:\n" + _kinds_help())
-    kind, sep, arg = spec.strip().partition(":")
-    kind = kind.strip().lower()
-    kind = _ALIASES.get(kind, kind)
-    if kind not in KNOWN_KINDS:
-        raise DataError(f"unknown data spec kind {kind!r} in {spec!r}; known kinds:\n" + _kinds_help())
-    arg = arg.strip() if sep else ""
-    if not arg:
-        if kind != "fashion-mnist":
-            raise DataError(f"data spec {spec!r} needs a path: {KNOWN_KINDS[kind]}")
-        return kind, None
-    return kind, arg
-
-
-def _kinds_help() -> str:
-    return "\n".join(f"  {usage}" for usage in KNOWN_KINDS.values())
-
 
 @dataclass
 class RawSplit:
@@ -80,19 +38,26 @@ class RawSplit:
 
     ids: list[str]
     labels: list[int]
+    #: dense readers: the annotation of each id (mask file, boxes), which the dense decoder reads;
+    #: their ``labels`` are all 0 (an image has no single class), one stratum for carving and caps
+    targets: list[Any] | None = None
 
     def __post_init__(self) -> None:
         if len(self.ids) != len(self.labels):
             raise DataError(f"internal: {len(self.ids)} ids but {len(self.labels)} labels")
+        if self.targets is not None and len(self.targets) != len(self.ids):
+            raise DataError(f"internal: {len(self.ids)} ids but {len(self.targets)} targets")
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def subset(self, positions: Sequence[int]) -> RawSplit:
-        return RawSplit([self.ids[i] for i in positions], [self.labels[i] for i in positions])
+        targets = None if self.targets is None else [self.targets[i] for i in positions]
+        return RawSplit([self.ids[i] for i in positions], [self.labels[i] for i in positions], targets)
 
     def __add__(self, other: RawSplit) -> RawSplit:
-        return RawSplit(self.ids + other.ids, self.labels + other.labels)
+        targets = None if self.targets is None or other.targets is None else self.targets + other.targets
+        return RawSplit(self.ids + other.ids, self.labels + other.labels, targets)
 
 
 class ImageSource:
@@ -276,6 +241,9 @@ class SourceData:
     fixed_splits: bool = False
     #: split -> where its labels come from (file, key, column), for errors.
     origins: dict[str, str] = field(default_factory=dict)
+    #: dense readers: what decoding their targets needs and what reading dropped
+    #: (``mask_kind`` "index"/"instance", ``void_value``, ``dropped_boxes``)
+    target_info: dict[str, Any] = field(default_factory=dict)
 
     def origin(self, split: str) -> str:
         return self.origins.get(split) or f"{self.root} ({split} split)"

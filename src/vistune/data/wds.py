@@ -434,7 +434,7 @@ def write_shards(spec: str, out: str | Path, shard_size: int, *, split_seed: int
         if taken:
             raise DataError(f"shard: --out {out} already holds {', '.join(taken[:3])}{', ...' if len(taken) > 3 else ''}; "
                             "choose an empty folder (shards of two data sets must not mix)")
-    src = read_source(spec, ReadOptions(data_root=data_root))
+    src = read_source(spec, ReadOptions(data_root=data_root), task="classify")  # shards hold class labels
     splits, notes = complete_splits(src, split_seed)
     notes = src.notes + notes
     extensions: dict[str, int] = {}

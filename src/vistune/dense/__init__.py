@@ -1,6 +1,7 @@
 """Dense prediction (semantic segmentation, object detection) on a frozen, tuned backbone.
 
-The components: data readers with letterbox + flip (:mod:`.datasets`), multi-level features read
+The components: decoding with letterbox + flip (:mod:`.datasets`; the layouts are read, split and
+capped by :mod:`vistune.data` like every data spec), multi-level features read
 after the method's hooks (:mod:`.features`), necks and heads (:mod:`.heads`), reference metrics
 (:mod:`.metrics`), the model and its files (:mod:`.model`), and drawing predictions
 (:mod:`.predict`). Training is the engine's one loop with the ``segment``/``detect`` task

@@ -1,7 +1,11 @@
-"""Dense-prediction data: index-PNG masks (CamVid), PASCAL VOC boxes (BCCD), Penn-Fudan.
+"""Dense-prediction data: decoding and letterboxing images with their masks and boxes.
 
 Spec strings: ``camvid:PATH`` (segmentation), ``voc:PATH`` (detection), ``pennfudan:PATH``
-(detection from the instance masks, or person/background segmentation).
+(detection from the instance masks, or person/background segmentation). Their layouts are read,
+split, capped and checked by :mod:`vistune.data` like every other kind (the readers are
+:mod:`vistune.data.dense`, the steps :func:`vistune.data.loader.select_dense`); what is here is
+what only dense data needs: decoding a mask or boxes with its image, the geometry that keeps
+them aligned, the dataset with its joint flip, and the collate.
 
 Geometry is the part that must never be wrong, so it lives in a handful of small functions
 that the tests exercise on constructed examples:
@@ -23,8 +27,7 @@ that the tests exercise on constructed examples:
 
 Every file is decoded and every annotation parsed at load time, so a wrong path, a mask with an
 unknown class value, a malformed XML or an image/mask size mismatch raises :class:`DataError`
-naming the file before any training starts. Boxes of zero area are dropped and counted (BCCD
-has two), not errors: they carry no extent to learn from and COCO evaluation cannot score them.
+naming the file before any training starts.
 
 Evaluation targets are kept at the original resolution (``orig_mask``, ``orig_boxes``), so test
 numbers are computed in the data set's own coordinates, not at the network's input size.
@@ -32,11 +35,8 @@ numbers are computed in the data set's own coordinates, not at the network's inp
 
 from __future__ import annotations
 
-import os
-import xml.etree.ElementTree as ET
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,22 +44,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vistune.data.dense import RawItem
 from vistune.data.errors import DataError
+from vistune.data.loader import decode_workers, parallel_map, select_dense
+from vistune.data.sources import SourceData
 
 #: Mask value meaning "no label here" (void class, letterbox padding).
 IGNORE = 255
 TASKS = ("segment", "detect")
-KINDS = ("camvid", "voc", "pennfudan")
-#: Which tasks each layout can serve.
-KIND_TASKS = {"camvid": ("segment",), "voc": ("detect",), "pennfudan": ("segment", "detect")}
-CAMVID_CLASSES = (
-    "sky", "building", "pole", "road", "pavement", "tree",
-    "sign", "fence", "car", "pedestrian", "bicyclist",
-)  # fmt: skip
-#: Penn-Fudan carving (train/val/test fractions of the sorted, seeded image list).
-PENNFUDAN_FRACTIONS = (0.6, 0.2, 0.2)
 MANIFEST_FORMAT = "vistune.dense-splits/1"
-_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 # ------------------------------------------------------------------------------------------
@@ -168,206 +161,6 @@ def boxes_from_instance_mask(mask: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------
-# Raw records (what a layout reader finds) and decoded samples.
-
-
-@dataclass
-class RawItem:
-    """One annotated image as found on disk, before decoding."""
-
-    id: str  # path relative to the data root
-    image: Path
-    mask: Path | None = None  # index-PNG (semantic) or instance PNG (Penn-Fudan)
-    boxes: np.ndarray | None = None  # (N, 4) xyxy, original pixels, continuous coordinates
-    labels: np.ndarray | None = None  # (N,)
-    difficult: np.ndarray | None = None  # (N,) bool
-
-
-@dataclass
-class Source:
-    """A layout's reading of a root folder: split -> items, plus what was decided and dropped."""
-
-    kind: str
-    root: Path
-    class_names: list[str]
-    splits: dict[str, list[RawItem]]
-    notes: list[str] = field(default_factory=list)
-    dropped_boxes: int = 0
-    #: mask decoding: "index" (class per pixel, void value -> IGNORE) or "instance" (Penn-Fudan)
-    mask_kind: str = "index"
-    void_value: int | None = None
-
-
-def parse_spec(spec: str) -> tuple[str, Path]:
-    """``kind:PATH`` -> (kind, path). The path must exist."""
-    kind, sep, arg = str(spec).partition(":")
-    if not sep or kind not in KINDS or not arg:
-        raise DataError(
-            f"dense data spec {spec!r} is not one of {', '.join(k + ':PATH' for k in KINDS)}"
-        )
-    root = Path(arg).expanduser()
-    if not root.is_dir():
-        raise DataError(f"{kind}: data folder {root} does not exist")
-    return kind, root
-
-
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_EXTS and p.is_file())
-
-
-def read_camvid(root: Path) -> Source:
-    """``{train,val,test}/<name>.jpg`` + ``{split}annot/<name>.png`` (mode-L class indices).
-
-    A ``classes.txt`` (one name per line) in the root makes this any index-PNG data set; without
-    it the 11 CamVid classes apply. The value ``len(classes)`` (CamVid's void, 11) and 255 are
-    ignored; any other value outside the class range is an error naming the file.
-    """
-    names_file = root / "classes.txt"
-    if names_file.is_file():
-        names = [ln.strip() for ln in names_file.read_text().splitlines() if ln.strip()]
-        if not names:
-            raise DataError(f"camvid: {names_file} lists no class names")
-    else:
-        names = list(CAMVID_CLASSES)
-    splits: dict[str, list[RawItem]] = {}
-    for split in ("train", "val", "test"):
-        img_dir, ann_dir = root / split, root / f"{split}annot"
-        if not img_dir.is_dir():
-            if split == "val":
-                continue
-            raise DataError(f"camvid: {img_dir} is missing (expected {{train,val,test}}/ and {{split}}annot/)")
-        if not ann_dir.is_dir():
-            raise DataError(f"camvid: annotation folder {ann_dir} is missing for {img_dir}")
-        items = []
-        for img in _images_in(img_dir):
-            mask = ann_dir / (img.stem + ".png")
-            if not mask.is_file():
-                raise DataError(f"camvid: no mask {mask} for image {img}")
-            items.append(RawItem(id=f"{split}/{img.name}", image=img, mask=mask))
-        if not items:
-            raise DataError(f"camvid: {img_dir} holds no images")
-        splits[split] = items
-    return Source("camvid", root, names, splits, void_value=len(names))
-
-
-def _voc_float(obj: ET.Element, key: str, path: Path) -> float:
-    node = obj.find(f"bndbox/{key}")
-    if node is None or node.text is None:
-        raise DataError(f"voc: {path}: an <object> has no bndbox/{key}")
-    try:
-        return float(node.text)
-    except ValueError:
-        raise DataError(f"voc: {path}: bndbox/{key} = {node.text!r} is not a number") from None
-
-
-def parse_voc_xml(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, int, tuple[int, int] | None]:
-    """Names, boxes (continuous coordinates), difficult flags, zero-area count, (W, H) if given."""
-    try:
-        root = ET.parse(path).getroot()
-    except (ET.ParseError, OSError) as err:
-        raise DataError(f"voc: annotation {path} is not readable XML ({err})") from None
-    size = None
-    w, h = root.find("size/width"), root.find("size/height")
-    if w is not None and h is not None and w.text and h.text:
-        try:
-            size = (int(float(w.text)), int(float(h.text)))
-        except ValueError:
-            raise DataError(f"voc: {path}: size {w.text!r}x{h.text!r} is not numeric") from None
-    names, boxes, difficult, dropped = [], [], [], 0
-    for obj in root.iter("object"):
-        name_node = obj.find("name")
-        if name_node is None or not (name_node.text or "").strip():
-            raise DataError(f"voc: {path}: an <object> has no <name>")
-        x1, y1, x2, y2 = (_voc_float(obj, k, path) for k in ("xmin", "ymin", "xmax", "ymax"))
-        if x2 <= x1 or y2 <= y1:
-            dropped += 1  # zero (or negative) extent in the file's own coordinates
-            continue
-        diff = obj.find("difficult")
-        names.append(name_node.text.strip())
-        boxes.append((x1 - 1.0, y1 - 1.0, x2, y2))  # 1-based inclusive -> continuous
-        difficult.append(diff is not None and (diff.text or "0").strip() == "1")
-    arr = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-    return names, arr, np.asarray(difficult, dtype=bool), dropped, size
-
-
-def read_voc(root: Path) -> Source:
-    """PASCAL VOC: ``JPEGImages/``, ``Annotations/*.xml``, ``ImageSets/Main/{train,val,test}.txt``.
-
-    Class names are the sorted set of object names over every listed annotation (so every split
-    and every capped run agrees on the label numbering).
-    """
-    sets = root / "ImageSets" / "Main"
-    if not (root / "Annotations").is_dir() or not (root / "JPEGImages").is_dir():
-        raise DataError(f"voc: {root} needs JPEGImages/ and Annotations/ folders")
-    parsed: dict[str, list[tuple[str, Path, list[str], np.ndarray, np.ndarray]]] = {}
-    dropped = 0
-    for split in ("train", "val", "test"):
-        listing = sets / f"{split}.txt"
-        if not listing.is_file():
-            if split == "val":
-                continue
-            raise DataError(f"voc: split file {listing} is missing")
-        ids = [ln.split()[0] for ln in listing.read_text().splitlines() if ln.strip()]
-        if not ids:
-            raise DataError(f"voc: split file {listing} lists no images")
-        rows = []
-        for stem in ids:
-            xml = root / "Annotations" / f"{stem}.xml"
-            if not xml.is_file():
-                raise DataError(f"voc: {listing} lists {stem!r} but {xml} does not exist")
-            img = next((root / "JPEGImages" / (stem + e) for e in _IMAGE_EXTS
-                        if (root / "JPEGImages" / (stem + e)).is_file()), None)
-            if img is None:
-                raise DataError(f"voc: {listing} lists {stem!r} but JPEGImages/ has no image for it")
-            names, boxes, diff, n_drop, _ = parse_voc_xml(xml)
-            dropped += n_drop
-            rows.append((stem, img, names, boxes, diff))
-        parsed[split] = rows
-    class_names = sorted({n for rows in parsed.values() for r in rows for n in r[2]})
-    if not class_names:
-        raise DataError(f"voc: no objects in any annotation under {root}")
-    index = {n: i for i, n in enumerate(class_names)}
-    splits = {
-        split: [RawItem(id=f"JPEGImages/{img.name}", image=img, boxes=boxes,
-                        labels=np.asarray([index[n] for n in names], dtype=np.int64), difficult=diff)
-                for stem, img, names, boxes, diff in rows]
-        for split, rows in parsed.items()
-    }  # fmt: skip
-    notes = [f"dropped {dropped} zero-area boxes"] if dropped else []
-    return Source("voc", root, class_names, splits, notes=notes, dropped_boxes=dropped)
-
-
-def read_pennfudan(root: Path, split_seed: int = 0) -> Source:
-    """``images/<name>.jpg`` + ``masks/<name>_mask.png`` (0 background, k = pedestrian k).
-
-    There is no official split: the sorted image list is permuted with ``split_seed`` and cut
-    60/20/20 into train/val/test; the run's ``splits.json`` records the ids.
-    """
-    img_dir, mask_dir = root / "images", root / "masks"
-    if not img_dir.is_dir() or not mask_dir.is_dir():
-        raise DataError(f"pennfudan: {root} needs images/ and masks/ folders")
-    items = []
-    for img in _images_in(img_dir):
-        mask = mask_dir / f"{img.stem}_mask.png"
-        if not mask.is_file():
-            raise DataError(f"pennfudan: no instance mask {mask} for image {img}")
-        items.append(RawItem(id=f"images/{img.name}", image=img, mask=mask))
-    if len(items) < 3:
-        raise DataError(f"pennfudan: {img_dir} holds {len(items)} images, need at least 3 to split")
-    order = np.random.default_rng(split_seed).permutation(len(items))
-    n_val = max(1, int(round(PENNFUDAN_FRACTIONS[1] * len(items))))
-    n_test = max(1, int(round(PENNFUDAN_FRACTIONS[2] * len(items))))
-    parts = {
-        "test": sorted(order[:n_test]),
-        "val": sorted(order[n_test:n_test + n_val]),
-        "train": sorted(order[n_test + n_val:]),
-    }
-    splits = {k: [items[i] for i in v] for k, v in parts.items()}
-    notes = [f"no official split: seeded {PENNFUDAN_FRACTIONS} train/val/test carve, split_seed={split_seed}"]
-    return Source("pennfudan", root, ["person"], splits, notes=notes, mask_kind="instance")
-
-
-# ------------------------------------------------------------------------------------------
 # Decoding
 
 
@@ -413,12 +206,17 @@ def _read_mask(path: Path, width: int, height: int) -> np.ndarray:
     return arr
 
 
-def decode_item(item: RawItem, src: Source, task: str, size: int) -> Sample:
-    """Decode one raw item for ``task`` at canvas ``size``; annotation problems name the file."""
+def decode_item(item: RawItem, src: SourceData, task: str, size: int) -> Sample:
+    """Decode one raw item for ``task`` at canvas ``size``; annotation problems name the file.
+
+    ``src.target_info`` says how its masks read: ``mask_kind`` "instance" (Penn-Fudan: instance
+    ids, boxes per instance or person/background) or class indices with ``void_value`` ignored.
+    """
     im, width, height = _open_image(item.image, size)
     lb = letterbox_geometry(width, height, size)
     sample = Sample(id=item.id, image=letterbox_image(im, lb), lb=lb)
-    if src.mask_kind == "instance":
+    void_value = src.target_info.get("void_value")
+    if src.target_info.get("mask_kind") == "instance":
         inst = _read_mask(item.mask, width, height)
         if task == "detect":
             boxes = boxes_from_instance_mask(inst)
@@ -432,11 +230,11 @@ def decode_item(item: RawItem, src: Source, task: str, size: int) -> Sample:
     if task == "segment":
         arr = _read_mask(item.mask, width, height).astype(np.int64)
         n = len(src.class_names)
-        ok = (arr < n) | (arr == IGNORE) | ((arr == src.void_value) if src.void_value is not None else False)
+        ok = (arr < n) | (arr == IGNORE) | ((arr == void_value) if void_value is not None else False)
         if not ok.all():
             bad = int(arr[~ok][0])
             raise DataError(f"mask {item.mask} has value {bad}, outside classes 0..{n - 1} "
-                            f"(void {src.void_value} and {IGNORE} are ignored)")
+                            f"(void {void_value} and {IGNORE} are ignored)")
         arr = np.where(arr < n, arr, IGNORE).astype(np.uint8)
         sample.orig_mask = arr
         sample.mask = letterbox_mask(arr, lb)
@@ -524,15 +322,6 @@ class DenseSplits:
         return out
 
 
-def _cap(items: list[RawItem], cap: int | None, split_seed: int, name: str) -> list[RawItem]:
-    """A seeded subset of at most ``cap`` items, kept in file order."""
-    if cap is None or len(items) <= cap:
-        return items
-    salt = {"train": 1, "val": 2, "test": 3}[name]
-    keep = sorted(np.random.default_rng([split_seed, salt]).permutation(len(items))[:cap])
-    return [items[i] for i in keep]
-
-
 def load_dense_data(
     spec: str,
     task: str,
@@ -544,12 +333,20 @@ def load_dense_data(
     max_per_split: int | None = None,
     split_seed: int = 0,
     workers: int | None = None,
+    trainval: bool = False,
+    shots: int | None = None,
+    subset: tuple[int, int] | None = None,
+    imbalance: float | None = None,
 ) -> DenseSplits:
     """Read, validate and decode a dense data set; every error is raised before training.
 
-    ``split_seed`` (not the run's seed) carves Penn-Fudan and picks ``max_per_split`` subsets,
-    so runs with different training seeds share one test set. ``augment="flip"`` enables random
-    horizontal flips on the train split only.
+    Which images go where is :func:`vistune.data.loader.select_dense` (the data package's parser,
+    registry, split rules, ``max_per_split`` cap and ``trainval`` merge; ``shots``, ``subset``
+    and ``imbalance`` are refused there). ``split_seed`` (not the run's seed) carves Penn-Fudan
+    and picks ``max_per_split`` subsets, so runs with different training seeds share one test
+    set. ``augment="flip"`` enables random horizontal flips on the train split only. Every
+    chosen image and annotation is decoded here, on :func:`~vistune.data.loader.decode_workers`
+    threads, and kept letterboxed in memory (dense sets are small; there is no lazy mode).
     """
     if task not in TASKS:
         raise DataError(f"task must be one of {TASKS}, got {task!r}")
@@ -557,36 +354,24 @@ def load_dense_data(
         raise DataError(f"augment must be none or flip for dense tasks, got {augment!r}")
     if isinstance(img_size, bool) or int(img_size) < 8:
         raise DataError(f"img_size must be an integer >= 8, got {img_size!r}")
-    if max_per_split is not None and int(max_per_split) < 1:
-        raise DataError(f"max_per_split must be >= 1, got {max_per_split!r}")
-    kind, root = parse_spec(spec)
-    if task not in KIND_TASKS[kind]:
-        raise DataError(f"{kind}: data serves {'/'.join(KIND_TASKS[kind])}, not {task!r} (spec {spec!r})")
-    if kind == "camvid":
-        src = read_camvid(root)
-    elif kind == "voc":
-        src = read_voc(root)
-    else:
-        src = read_pennfudan(root, split_seed)
+    chosen = select_dense(spec, task, max_per_split=max_per_split, split_seed=split_seed, trainval=trainval,
+                          shots=shots, subset=subset, imbalance=imbalance)
+    src = chosen.src
     class_names = list(src.class_names)
-    if kind == "pennfudan" and task == "segment":
+    if src.kind == "pennfudan" and task == "segment":
         class_names = ["background", "person"]
-    workers = max(1, min(8, os.cpu_count() or 1)) if workers is None else max(1, int(workers))
+    threads = decode_workers(workers)
     datasets: dict[str, DenseDataset | None] = {"train": None, "val": None, "test": None}
-    sizes = {}
-    for name, items in src.splits.items():
-        items = _cap(items, max_per_split, split_seed, name)
-        with ThreadPoolExecutor(workers) as pool:
-            samples = list(pool.map(lambda it: decode_item(it, src, task, int(img_size)), items))
+    for name, split in chosen.splits.items():
+        samples = parallel_map(lambda it: decode_item(it, src, task, int(img_size)), split.targets or [], threads)
         datasets[name] = DenseDataset(samples, task, mean, std, flip=(augment == "flip" and name == "train"))
-        sizes[name] = len(samples)
     info = {
-        "spec": spec, "kind": kind, "root": str(root), "img_size": int(img_size),
-        "mean": list(mean), "std": list(std), "augment": augment, "max_per_split": max_per_split,
-        "split_seed": split_seed, "notes": list(src.notes), "dropped_zero_area_boxes": src.dropped_boxes,
+        "spec": spec, "kind": src.kind, "root": src.root, "img_size": int(img_size),
+        "mean": list(mean), "std": list(std), "augment": augment, "max_per_split": chosen.max_per_split,
+        "split_seed": chosen.split_seed, "trainval": bool(trainval), "notes": chosen.notes,
+        "dropped_zero_area_boxes": src.target_info.get("dropped_boxes", 0),
         "letterbox": "top-left, long side = img_size", "ignore_index": IGNORE,
     }  # fmt: skip
     train = datasets["train"]
     assert train is not None
     return DenseSplits(task, train, datasets["val"], datasets["test"], len(class_names), class_names, info)
-

@@ -36,16 +36,18 @@ from vistune.tasks.base import Runtime, Task, TaskProbe, check_no_dense_fewshot,
 from vistune.tuning import TunedModel
 
 
-def load_dense_for(cfg: TrainConfig, task: str, model: nn.Module) -> DenseSplits:
+def load_dense_for(cfg: TrainConfig, task: str, model: nn.Module, *, training: bool = True) -> DenseSplits:
+    """The run's dense data, letterboxed and normalised as ``model``'s weights expect.
+
+    Options go to the data package as for classification (``trainval`` and ``max_per_split``
+    there; ``shots``/``subset``/``imbalance`` refused there with one line). Re-opening a trained
+    run (``training=False``) passes no ``subset``: runs written before dense data refused it
+    recorded it without using it, and must reload the splits they trained on.
+    """
     info = backbone_info(model)
-    data = load_dense_data(cfg.data, task, img_size=info.img_size, mean=info.mean, std=info.std,
-                           augment=cfg.augment, max_per_split=cfg.max_per_split,
-                           workers=max(1, cfg.num_workers) if cfg.num_workers else None)
-    if cfg.trainval and data.val is not None:
-        data.train = DenseDataset(data.train.samples + data.val.samples, task, info.mean, info.std,
-                                  flip=data.train.flip)
-        data.val = None
-    return data
+    return load_dense_data(cfg.data, task, img_size=info.img_size, mean=info.mean, std=info.std,
+                           augment=cfg.augment, max_per_split=cfg.max_per_split, trainval=cfg.trainval,
+                           subset=cfg.subset_sizes() if training else None)
 
 
 class FeatureCache:
@@ -97,7 +99,7 @@ class DenseTask(Task):
             tuned = self.attach_method(cfg, backbone, None, probe, reseed=lambda: seed_everything(cfg.seed))
             model = build_dense_model(tuned, self.name, self.data.num_classes, cfg.head_options)
         else:
-            self.data = data if data is not None else load_dense_for(cfg, self.name, model.tuned.model)
+            self.data = data if data is not None else load_dense_for(cfg, self.name, model.tuned.model, training=False)
         self.model = model.to(rt.device)
         self.tuned: TunedModel = self.place(model.tuned)
         # evaluation of a loaded model reads the test split without a cache, as training's final test does
@@ -145,7 +147,7 @@ class DenseTask(Task):
 
     def train_batches(self, epoch: int):
         return self.rt.train_loader(self.data.train, self.cfg.batch_size, seed=self.cfg.seed * 100_003 + epoch,
-                                    collate=collate)
+                                    collate=collate, num_workers=0 if self.use_cache else self.cfg.num_workers)
 
     def loss(self, batch: Any) -> tuple[torch.Tensor, int, dict[str, float]]:
         x, targets = batch
