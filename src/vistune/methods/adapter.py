@@ -40,34 +40,26 @@ class AdapterOptions:
 
 
 class Bottleneck(nn.Module):
-    """x → up(GELU(down(x))), zero at initialisation."""
+    """x → up(GELU(down(x))), zero at initialisation; Linear layers on the last dimension.
 
-    def __init__(self, dim: int, bottleneck: int, out_dim: int | None = None) -> None:
+    :meth:`conv` builds the same bottleneck from 1×1 convolutions (NCHW maps: ConvNeXt's conv
+    MLP, and Rebuffi's parallel residual adapters, whose down-projection takes the block's stride).
+    """
+
+    def __init__(self, dim: int, bottleneck: int, out_dim: int | None = None, *,
+                 layers: tuple[nn.Module, nn.Module] | None = None) -> None:
         super().__init__()
-        self.down = nn.Linear(dim, bottleneck)
+        self.down, self.up = layers or (nn.Linear(dim, bottleneck), nn.Linear(bottleneck, out_dim or dim))
         self.act = nn.GELU()
-        self.up = nn.Linear(bottleneck, out_dim or dim)
         nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.act(self.down(x)))
-
-
-class ConvBottleneck(nn.Module):
-    """x → up(act(down(x))) with 1×1 convolutions, parallel to a residual CNN block; zero at init."""
-
-    def __init__(self, in_ch: int, bottleneck: int, out_ch: int, stride: int) -> None:
-        super().__init__()
-        self.down = nn.Conv2d(in_ch, bottleneck, 1, stride=stride)
-        self.act = nn.GELU()
-        self.up = nn.Conv2d(bottleneck, out_ch, 1)
-        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.down.bias)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
+    @classmethod
+    def conv(cls, in_ch: int, bottleneck: int, out_ch: int, stride: int = 1) -> Bottleneck:
+        return cls(in_ch, bottleneck, layers=(nn.Conv2d(in_ch, bottleneck, 1, stride=stride),
+                                              nn.Conv2d(bottleneck, out_ch, 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.act(self.down(x)))
@@ -109,7 +101,7 @@ class Adapter(Method):
     def _beside_mlp(self, block: Block, opts: AdapterOptions, device: torch.device) -> None:
         hook = _sequential if self.options.position == "sequential" else _parallel
         if isinstance(getattr(block.mlp, "fc1", None), nn.Conv2d):  # ConvNeXt's conv_mlp: NCHW, 1x1 convs
-            adapter: nn.Module = ConvBottleneck(block.in_width, opts.bottleneck, block.in_width, 1).to(device)
+            adapter = Bottleneck.conv(block.in_width, opts.bottleneck, block.in_width).to(device)
         else:
             adapter = Bottleneck(block.in_width, opts.bottleneck).to(device)
         adapter.scale = opts.scale
@@ -119,7 +111,7 @@ class Adapter(Method):
 
     def _parallel_conv(self, block: Block, opts: AdapterOptions, device: torch.device) -> None:
         # A residual adapter always reads the block's input; ``position`` has no second meaning here.
-        adapter = ConvBottleneck(block.in_width, opts.bottleneck, block.out_width, block.stride).to(device)
+        adapter = Bottleneck.conv(block.in_width, opts.bottleneck, block.out_width, block.stride).to(device)
         adapter.scale = opts.scale
         block.module.add_module("adapter", adapter)
         self.add_hook(block.module.register_forward_hook(_beside_block))
