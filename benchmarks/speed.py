@@ -18,6 +18,9 @@ tensors saved during one forward (``saved_tensors_hooks``), parameters excluded.
 A variant a backbone family cannot carry (``lora q,v`` on a ConvNeXt) is listed below the table
 with the method's own one-line refusal instead of a time.
 
+SPT's sensitivity pass (stage A) is timed apart and printed below the table: it is paid once per
+task, not per step (``--sensitivity-batches 16`` times SPT's own default of 16 batches).
+
 Time nothing while anything else runs on the machine.
 """
 
@@ -45,6 +48,7 @@ VARIANTS = {  # label: (method, options)
     "lora r8 family default": ("lora", {"rank": 8}),  # q,v / ConvNeXt mlp / CNN convs (anatomy.py)
     "adapter b8": ("adapter", {"bottleneck": 8}),
     "spt-lora 0.15M": ("spt", {"budget": "0.15M", "structured": "lora"}),
+    "spt-adapter 0.15M": ("spt", {"budget": "0.15M", "structured": "adapter"}),
     "protuning": ("protuning", {}),
 }
 
@@ -69,14 +73,21 @@ def build_peft(backbone: nn.Module, targets: list[str], rank: int, num_classes: 
     return get_peft_model(model, cfg)
 
 
-def sensitivity_file(backbone: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, path: Path) -> Path:
+def sensitivity_file(backbone: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, path: Path,
+                     batches: int = 1) -> tuple[Path, float]:
+    """SPT's stage A on ``batches`` copies of the benchmark batch, and the seconds it took.
+
+    Timed apart from the train steps: it is paid once per task (SPT's reference pass is 16 batches,
+    ``SPT.SENSITIVITY_BATCHES``), not per step, so it does not belong in the per-step ratio."""
     from vistune.sensitivity import compute_sensitivity, save_scores
 
     probe = copy.deepcopy(backbone)
     probe.reset_classifier(num_classes)
-    scores = compute_sensitivity(probe, [(x, y)], num_batches=1)
-    save_scores(path, scores, probe, {"note": "speed benchmark: one batch"})
-    return path
+    t0 = time.perf_counter()
+    scores = compute_sensitivity(probe, [(x, y)] * batches, num_batches=batches)
+    seconds = time.perf_counter() - t0
+    save_scores(path, scores, probe, {"note": f"speed benchmark: {batches} batch(es)"})
+    return path, seconds
 
 
 def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool):
@@ -130,6 +141,9 @@ def main() -> int:
     ap.add_argument("--variants", default=";".join(VARIANTS), help="labels separated by ;")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd LoRA q,v and full")
     ap.add_argument("--no-peft", action="store_true")
+    ap.add_argument("--sensitivity-batches", type=int, default=1,
+                    help="batches of SPT's sensitivity pass, timed apart and printed below the table "
+                         "(SPT's own default is 16; the scores only choose the allocation here)")
     ap.add_argument("--fused-attention", action="store_true",
                     help="keep timm's fused SDPA attention (vistune switches it off on CPU; see set_fused_attention)")
     ap.add_argument("--frozen-bf16", action="store_true",
@@ -146,8 +160,9 @@ def main() -> int:
     y = torch.randint(0, args.num_classes, (args.batch_size,))
     tmp = Path(tempfile.mkdtemp())
     labels = [v.strip() for v in args.variants.split(";") if v.strip()]
-    scores = sensitivity_file(backbone, x, y, args.num_classes, tmp / "s.safetensors") if any(
-        VARIANTS[v][0] == "spt" for v in labels) else None
+    scores, sens_seconds = sensitivity_file(backbone, x, y, args.num_classes, tmp / "s.safetensors",
+                                            args.sensitivity_batches) if any(
+        VARIANTS[v][0] == "spt" for v in labels) else (None, None)
     from vistune.errors import MethodError
 
     models: dict[str, nn.Module] = {}
@@ -219,6 +234,14 @@ def main() -> int:
         print(f"| {prec} | {label} | {ms:.0f} | {ratio:.2f} | {ips:.1f} | {act:.0f} | {n:,} |")
     for label, why in refused.items():
         print(f"\nnot run: {label}: {why}")
+    if sens_seconds is not None:
+        from vistune.methods.spt import SPT
+
+        per = sens_seconds / args.sensitivity_batches
+        print(f"\nSPT sensitivity pass (stage A, paid once per task, not per step; fp32, "
+              f"{torch.get_num_threads()} threads): {sens_seconds:.1f} s for {args.sensitivity_batches} "
+              f"batch(es) of {args.batch_size} = {per:.2f} s/batch; SPT's default {SPT.SENSITIVITY_BATCHES} "
+              f"batches ≈ {per * SPT.SENSITIVITY_BATCHES:.0f} s")
     return 0
 
 

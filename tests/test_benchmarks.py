@@ -37,6 +37,22 @@ def test_speed_benchmark_table():
     assert lora - linear == len(vit.blocks) * 2 * 8 * (d + d)
     if has_peft:
         assert "peft lora r8 qkv" in rows
+    assert {"spt-lora 0.15M", "spt-adapter 0.15M"} <= set(rows)
+    # the sensitivity pass is timed apart from the per-step table (paid once per task)
+    sens = next(line for line in proc.stdout.splitlines() if line.startswith("SPT sensitivity pass"))
+    assert "1 batch(es) of 32" in sens and "default 16 batches" in sens
+
+
+def test_spt_profile_prints_ops_and_round_robin_ratios():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_spt.py"), "--backbone", "test_vit", "--img-size", "32",
+           "--batch-size", "4", "--rounds", "1", "--top", "3", "--profile", "spt-lora 0.15M",
+           "--variants", "full;lora r8 q,v;spt-lora 0.15M"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout.splitlines()
+    assert any(line.startswith("spt-lora 0.15M: ") and "op calls" in line for line in out)
+    rows = {c[0]: c for c in ([x.strip() for x in line.strip("|").split("|")] for line in out if line.startswith("| "))}
+    assert rows["lora r8 q,v"][3] == "1.00" and rows["full"][5] == "1.00"  # ratios to LoRA and to full
 
 
 def test_lora_profile_prints_each_models_gemm_share():

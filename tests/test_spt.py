@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import timm
@@ -553,9 +554,10 @@ def test_plot_allocation_vit_cnn_and_rebuilt(tmp_path):
     assert math.isclose(tuned.method.allocation.summary()["realised_over_target"], 1.0)
 
 
-def test_sparse_linear_deltas_through_the_output_equal_weight_swaps():
-    """SPT's fast path (x·ΔWᵀ added to a Linear's output, O(tokens·k)) computes the same outputs and
-    the same delta gradients as swapping in W + scatter(Δ), which it replaced for speed."""
+def test_sparse_linear_gradient_tap_equals_differentiable_weight_swaps():
+    """SPT's fast path (a constant W + scatter(Δ) swapped in, ∂L/∂Δ from an |R|×|C| GEMM on the
+    output gradient) computes bit-identical outputs and the same delta gradients as a
+    differentiable swap (autograd's full out×in weight gradient, gathered), which export uses."""
     import copy
 
     from vistune.backbones import seeded_backbone
@@ -588,6 +590,84 @@ def test_sparse_linear_deltas_through_the_output_equal_weight_swaps():
     fast_out, fast_grads = run()
     tuned.method.trace_friendly(True)
     swap_out, swap_grads = run()
-    torch.testing.assert_close(fast_out, swap_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_out, swap_out, rtol=0, atol=0)
     for a, b in zip(fast_grads, swap_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    tuned.method.trace_friendly(False)
+    with torch.no_grad():
+        before = tuned.eval()(x)
+        tuned.merge()  # W.flat[idx] += Δ: the very W' the fast path swaps in
+        torch.testing.assert_close(tuned(x), before, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# sparse Linear entries beside LoRA/adapters on one host, under autocast, and old tuned files
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def _fixture_maker():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_spt_tuned", FIXTURES / "make_spt_tuned.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tapped_hosts(tuned) -> list:
+    return [h for h, kind, c in tuned.method._sites if kind == "spt_sparse" and c.grad_tapped(h, "weight")]
+
+
+@pytest.mark.parametrize("structured", ["lora", "adapter"])
+def test_tuned_files_written_before_the_gradient_tap_load_with_their_keys_and_logits(structured, tmp_path):
+    """Files written by the previous fast path (deltas added to the output through the sub-matrix)
+    load unchanged and give the logits that code computed, up to fp32 rounding (the product is now
+    x·(W + ΔW)ᵀ instead of x·Wᵀ + x[:, C]·Sᵀ); re-saving writes the same keys and tensors."""
+    from safetensors.torch import load_file
+
+    maker = _fixture_maker()
+    file = FIXTURES / f"spt_{structured}.safetensors"
+    ref = load_file(str(FIXTURES / f"spt_{structured}_logits.safetensors"))
+    loaded = load_tuned(file, maker.backbone()).eval()
+    assert len(_tapped_hosts(loaded)) >= 2  # the fixture exercises the new path
+    with torch.no_grad():
+        got = loaded(ref["images"])
+        plain = maker.backbone()(ref["images"])
+    assert (got - ref["logits"]).abs().max() < 1e-5 < (plain - ref["logits"]).abs().max()
+    from vistune.tuning import read_tuned_file
+
+    _, old = read_tuned_file(file)
+    _, new = read_tuned_file(loaded.save_tuned(tmp_path / "again.safetensors"))
+    assert sorted(old) == sorted(new)
+    assert all(torch.equal(old[k], new[k]) for k in old)
+
+
+@pytest.mark.parametrize("structured", ["lora", "adapter"])
+def test_gradient_tap_beside_structured_modules_and_under_autocast(structured):
+    """On one qkv, LoRA/an adapter on q writes into (or reads) the output the k third's gradient tap
+    returns; the fixture's allocation also has sparse fc1 entries, LayerNorm and bias entries.
+    fp32 and bf16 autocast: outputs bit-identical to differentiable swaps, delta gradients equal
+    up to rounding — so the tap sees ∂L/∂y of the Linear itself, whatever hooks follow it."""
+    maker = _fixture_maker()
+    loaded = load_tuned(FIXTURES / f"spt_{structured}.safetensors", maker.backbone())
+    qkv = loaded.model.blocks[0].attn.qkv
+    assert qkv in _tapped_hosts(loaded) and hasattr(qkv, "spt_" + structured)
+    x = maker.images()
+
+    def run(bf16: bool):
+        loaded.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = loaded(x)
+        out.float().square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in loaded.tuned_parameters()]
+
+    for bf16, tol in ((False, 1e-5), (True, 2e-2)):
+        loaded.method.trace_friendly(False)
+        fast_out, fast_grads = run(bf16)
+        loaded.method.trace_friendly(True)
+        swap_out, swap_grads = run(bf16)
+        torch.testing.assert_close(fast_out, swap_out, rtol=0, atol=0)
+        for a, b in zip(fast_grads, swap_grads):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * 1e-1)
+        assert fast_grads[0].abs().sum() > 0

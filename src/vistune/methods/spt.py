@@ -13,8 +13,14 @@ unmodified timm model:
   BatchNorm's affine, a LayerScale, a conv) therefore sees the updated value, so the rule is the
   same for every module type: LayerNorm/BatchNorm entries are tuned, not silently dropped as in
   the reference. The base parameter never requires grad and is never written; only ``delta``
-  receives gradients (scatter's backward is a gather of ∂L/∂W'). Cost: one weight-sized copy per
-  affected module per forward; ``merge()`` removes it.
+  receives gradients (scatter's backward is a gather of ∂L/∂W'). For a Linear's weight whose
+  entries span a small sub-matrix (rows R × columns C; the usual case) autograd's ∂L/∂W' would be
+  the full out×in weight gradient, the cost of full fine-tuning: there ``W'`` goes in as a constant
+  (built directly in autocast's dtype under autocast) and a gradient tap on the output
+  (:class:`_SparseWeightGrad`) computes ∂L/∂Δ from ``(∂L/∂y)[:, R]ᵀ · x[:, C]``, an |R|×|C| GEMM.
+  Same values as the differentiable swap (bit-identical outputs); one weight-sized copy per such
+  Linear per forward (in fp32; under autocast it replaces autocast's own cast). ``merge()``
+  removes all of it.
 * **Structured matrices** get LoRA (a parallel low-rank branch, ``<host>.spt_lora``; for a third
   of a fused qkv only those output rows; on a Conv2d a rank-r delta of the (out × in·kh·kw)
   matrix) or an adapter (``<host>.spt_adapter``): a bottleneck ``up(GELU(down(·)))`` on the
@@ -76,9 +82,9 @@ from vistune.sensitivity import (
 
 SPARSE, LORA, ADAPTER = "spt_sparse", "spt_lora", "spt_adapter"
 #: A Linear's sparse weight entries span a sub-matrix (their distinct rows × distinct columns).
-#: Up to this share of the full matrix, x·ΔWᵀ runs as that small dense sub-matrix product added to
-#: the output (its weight gradient is an |R|×|C| GEMM); above it, swapping in W + scatter(Δ) and
-#: paying the full out×in weight-gradient GEMM costs about the same. Sensitivity concentrates the
+#: Up to this share of the full matrix, their gradient is that small dense sub-matrix's, an |R|×|C|
+#: GEMM on the output gradient (:class:`_SparseWeightGrad`); above it, a differentiable swap of
+#: W + scatter(Δ) and the full out×in weight-gradient GEMM cost about the same. Sensitivity concentrates the
 #: entries in few columns: on DINOv2-S a typical host has 100-1,000 entries in 20-250 rows × 10-100
 #: columns, 1-5% of the matrix.
 SUBMATRIX_MAX_SHARE = 0.25
@@ -129,19 +135,34 @@ class SparseDelta(nn.Module):
         flat = base.detach().reshape(-1)
         return flat.index_add(0, self.index(attr), self.delta(attr).to(flat.dtype)).view_as(base)
 
+    @torch.no_grad()
+    def constant(self, attr: str, base: torch.Tensor) -> torch.Tensor:
+        """``base + scatter(delta)`` as a constant, already in autocast's dtype when autocast would
+        cast it for the host's matmul: the same values elementwise (a cast is elementwise), without
+        the full-precision copy that would only be cast again."""
+        cast = _autocast_dtype(base)
+        if cast is None:
+            return self.updated(attr, base)
+        flat = base.detach().reshape(-1)
+        idx = self.index(attr)
+        out = flat.to(cast)
+        out[idx] = (flat[idx] + self.delta(attr).to(flat.dtype)).to(cast)  # indices are distinct (grad_tapped)
+        return out.view_as(base)
 
-    #: Sparse weight deltas of a Linear go through the output (fast); False swaps the weight as for
-    #: every other parameter (what graph exporters need: ONNX has no accumulating scatter).
+    #: Sparse weight deltas of a Linear get their gradient from a tap on the output (fast); False
+    #: swaps the weight differentiably as for every other parameter (what graph exporters need:
+    #: a traced graph must not hold a custom autograd Function).
     fast_linear: bool = True
 
     def linear_entries(self, host: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(rows, cols, local) when ``host`` is a Linear whose sparse weight deltas go through the
-        output: the distinct rows R and columns C the entries touch, and each entry's flat index in
-        the |R|×|C| sub-matrix.
+        """(rows, cols, local) when ``host`` is a Linear whose sparse weight deltas get their
+        gradient from the output tap: the distinct rows R and columns C the entries touch, and each
+        entry's flat index in the |R|×|C| sub-matrix. None: a differentiable swap (export mode,
+        entries spread over more than ``SUBMATRIX_MAX_SHARE`` of the matrix, or repeated entries).
 
-        Swapping in ``W + scatter(delta)`` makes autograd compute the full ``out × in`` weight
-        gradient only to gather k entries from it — the cost that made SPT nearly as slow as full
-        fine-tuning. The sub-matrix keeps every product dense (GEMMs, no per-entry scatter over
+        A differentiable swap of ``W + scatter(delta)`` makes autograd compute the full ``out × in``
+        weight gradient only to gather k entries from it — the cost that made SPT nearly as slow as
+        full fine-tuning. The sub-matrix keeps every product dense (GEMMs, no per-entry scatter over
         tokens) at the size the entries actually span.
         """
         if not self.fast_linear or not isinstance(host, nn.Linear) or "weight" not in self.attrs:
@@ -149,28 +170,74 @@ class SparseDelta(nn.Module):
         key = "_submatrix"
         cached = self.__dict__.get(key)
         idx = self.index("weight")
-        if cached is None or cached[0] is not idx:
+        if cached is None or cached[0] is not idx or cached[1] != idx._version:  # a load may rewrite it in place
             rows, r_local = (idx // host.in_features).unique(return_inverse=True)
             cols, c_local = (idx % host.in_features).unique(return_inverse=True)
+            local = r_local * cols.numel() + c_local
             small = rows.numel() * cols.numel() <= SUBMATRIX_MAX_SHARE * host.out_features * host.in_features
-            cached = (idx, (rows, cols, r_local * cols.numel() + c_local) if small else None)
+            distinct = local.unique().numel() == local.numel()  # a repeated entry adds twice: keep the swap
+            cached = (idx, idx._version, (rows, cols, local) if small and distinct else None)
             self.__dict__[key] = cached
-        return cached[1]
+        return cached[2]
 
-    def swapped_attrs(self, host: nn.Module) -> tuple[str, ...]:
-        """Host parameters swapped for ``base + scatter(delta)`` during the forward (all but a
-        Linear's weight, which is added to the output instead)."""
-        if self.linear_entries(host) is not None:
-            return tuple(a for a in self.attrs if a != "weight")
-        return self.attrs
+    def grad_tapped(self, host: nn.Module, attr: str) -> bool:
+        """Whether ``attr`` of ``host`` is swapped in as a constant ``W + scatter(Δ)`` whose delta
+        gradient a :class:`_SparseWeightGrad` tap on the host's output supplies (a Linear's weight
+        with entries in a small sub-matrix), instead of a differentiable swap."""
+        return attr == "weight" and self.linear_entries(host) is not None
+
+
+class _SparseWeightGrad(torch.autograd.Function):
+    """Identity on a Linear's output ``y`` whose backward also returns the gradient of the sparse
+    weight deltas: ``∂L/∂Δ[e] = Σ_n ∂L/∂y[n, r_e] · x[n, c_e]``, computed as the |R|×|C| GEMM
+    ``(∂L/∂y)[:, R]ᵀ · x[:, C]`` and gathered at the k entries.
+
+    Why: the host's own matmul already ran with the constant ``W' = W + scatter(Δ)`` swapped in, so
+    its forward value and its input gradient ``∂L/∂y · W'`` are those of a differentiable swap; only
+    ``∂L/∂Δ`` is missing, and autograd would get it from the full out×in weight gradient (the cost
+    of full fine-tuning). The previous fast path (``y[:, R] += x[:, C]·Sᵀ``, in place on a view of
+    the output) cost as much again in the backward: a clone of the whole output gradient for the
+    in-place edit, an input-sized zero fill + index_add for ``x[:, C]``'s gradient, and an
+    input-sized add to merge it with the matmul's. Here nothing output- or input-sized is
+    allocated: the forward keeps ``x[:, C]`` (N×|C|) and the backward reads ``∂L/∂y[:, R]``.
+
+    The output shares ``y``'s storage (``detach``, not a view) so that later hooks may write into
+    it in place (SPT-LoRA on another third of the same qkv), as they may into ``y``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, x_cols: torch.Tensor, delta: torch.Tensor,  # type: ignore[override]
+                rows: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x_cols, rows, local)
+        ctx.delta_dtype = delta.dtype
+        return y.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor, None, None]:  # type: ignore[override]
+        x_cols, rows, local = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        g = g.gather(1, rows.expand(g.shape[0], -1))  # gather: 2-5x faster than index_select on dim 1 (CPU)
+        sub = g.t() @ x_cols.to(g.dtype)
+        return grad, None, sub.reshape(-1).index_select(0, local).to(ctx.delta_dtype), None, None
+
+
+def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast casts ``t`` to for a matmul, or None when it leaves ``t`` as it is."""
+    kind = t.device.type
+    if t.dtype != torch.float32 or not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)
 
 
 def _swap_in(host: nn.Module, args: tuple) -> None:
     sparse: SparseDelta = host._modules[SPARSE]
-    for attr in sparse.swapped_attrs(host):
+    for attr in sparse.attrs:
         base = sparse._stash.get(attr, host._parameters[attr])
         sparse._stash[attr] = base
-        host._parameters[attr] = sparse.updated(attr, base)
+        if sparse.grad_tapped(host, attr):  # a constant W': its delta's gradient comes from the output tap
+            host._parameters[attr] = sparse.constant(attr, base)
+        else:
+            host._parameters[attr] = sparse.updated(attr, base)
 
 
 def _swap_out(host: nn.Module, args: tuple, out: Any) -> None:
@@ -180,21 +247,19 @@ def _swap_out(host: nn.Module, args: tuple, out: Any) -> None:
     sparse._stash.clear()
 
 
-def _sparse_linear_out(host: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-    """``out += x @ ΔWᵀ`` for a sparse ΔW, through the small dense sub-matrix S (|R|×|C|) its
-    entries span: ``out[..., R] += x[..., C] @ Sᵀ``. Autograd then computes S's gradient as an
-    |R|×|C| GEMM and gathers the k entries from it (no out×in weight gradient). In place, as LoRA's
-    branch: a Linear's backward never reads its output."""
+def _sparse_linear_grad(host: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    """Route the sparse weight deltas' gradient through the Linear's output (see
+    :class:`_SparseWeightGrad`); its value already holds them (``W'`` was swapped in)."""
     sparse: SparseDelta = host._modules[SPARSE]
-    entries = sparse.linear_entries(host)
-    if entries is None:  # switched to weight swaps (export), or entries spread over the matrix
+    if not sparse.grad_tapped(host, "weight"):  # switched to differentiable swaps (export), or spread out
         return out
-    rows, cols, local = entries
     delta = sparse.delta("weight")
-    sub = delta.new_zeros(rows.numel() * cols.numel()).index_add(0, local, delta).view(rows.numel(), cols.numel())
-    x = args[0]
-    contribution = x.index_select(-1, cols) @ sub.t().to(x.dtype)
-    return out.index_add_(-1, rows, contribution.to(out.dtype))
+    if not (torch.is_grad_enabled() and delta.requires_grad):
+        return out
+    rows, cols, local = sparse.linear_entries(host)  # type: ignore[misc]
+    x = args[0].detach().reshape(-1, args[0].shape[-1])
+    x_cols = x.gather(1, cols.expand(x.shape[0], -1)).to(out.dtype)  # (N, |C|)
+    return _SparseWeightGrad.apply(out, x_cols, delta, rows, local)
 
 
 def _lora_linear(host: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
@@ -229,11 +294,16 @@ class SPTAdapter(nn.Module):
             x, y = x.movedim(self.channel_dim, x.ndim - 1), y.movedim(self.channel_dim, y.ndim - 1)
         pieces: list[torch.Tensor] = []
         pos = 0
+        # under autocast the bottleneck's Linears cast their input themselves; casting it to the
+        # adapter's dtype first would add two copies (and two in backward) for the same values
+        cast = not torch.is_autocast_enabled(y.device.type)
         for name, (start, stop, parallel) in self.parts.items():
             if start > pos:
                 pieces.append(y.new_zeros(*y.shape[:-1], start - pos))
             source = x if parallel else y[..., start:stop]
-            pieces.append(self.adapters[name](source.to(self.adapters[name].up.weight.dtype)).to(y.dtype))
+            if cast:
+                source = source.to(self.adapters[name].up.weight.dtype)
+            pieces.append(self.adapters[name](source).to(y.dtype))
             pos = stop
         if pos < self.out_features:
             pieces.append(y.new_zeros(*y.shape[:-1], self.out_features - pos))
@@ -354,8 +424,8 @@ class SPT(Method):
             if kind == SPARSE:
                 self.add_hook(host.register_forward_pre_hook(_swap_in))
                 self.add_hook(host.register_forward_hook(_swap_out, always_call=True))
-                if isinstance(host, nn.Linear):  # first, so adapters read y + x·ΔWᵀ
-                    self.add_hook(host.register_forward_hook(_sparse_linear_out, prepend=True))
+                if isinstance(host, nn.Linear):  # first: it taps ∂L/∂y of the Linear itself, not of y + adapter
+                    self.add_hook(host.register_forward_hook(_sparse_linear_grad, prepend=True))
             elif kind == LORA:
                 self.add_hook(host.register_forward_hook(_lora_conv if isinstance(child, ConvLoRA) else _lora_linear))
             else:
@@ -369,9 +439,9 @@ class SPT(Method):
         return [p for m in self.modules() for p in m.parameters()] + list(self._whole)
 
     def trace_friendly(self, on: bool = True) -> None:
-        """Apply sparse Linear deltas by weight swaps (``on``) instead of through the output: the
-        same function, in ops every graph exporter supports (the fast path's index_add does not
-        export to ONNX correctly when rows repeat)."""
+        """Give sparse Linear deltas their gradient by differentiable weight swaps (``on``) instead
+        of the output tap: the same function, in plain ops only (a traced graph must not hold a
+        custom autograd Function, and a tracer with grad enabled would record the tap)."""
         for _, kind, child in self._sites:
             if kind == SPARSE:
                 child.fast_linear = not on
