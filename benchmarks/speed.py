@@ -43,6 +43,7 @@ VARIANTS = {  # label: (method, options)
     "linear (no cache)": ("linear", {}),
     "bitfit": ("bitfit", {}),
     "vpt-deep p10": ("vpt", {"length": 10, "deep": True}),
+    "vpt pad p8": ("vpt", {"length": 8, "location": "pad"}),  # CNNs: a learnable pixel frame
     "lora r8 q,v": ("lora", {"rank": 8, "targets": "q,v"}),
     "lora r8 fc1,fc2": ("lora", {"rank": 8, "targets": "fc1,fc2"}),
     "lora r8 family default": ("lora", {"rank": 8}),  # q,v / ConvNeXt mlp / CNN convs (anatomy.py)
