@@ -1,4 +1,4 @@
-"""Run folders written by an earlier vistune (``tests/fixtures/runs``, made by
+"""Run folders written by an earlier vistune (``tests/fixtures/saved``, made by
 ``tests/fixtures/make_runs.py`` before task kinds owned their life after training) still load, and
 ``vistune eval`` reproduces the test metrics they recorded — classification and dense alike."""
 
@@ -13,7 +13,7 @@ from vistune.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-RUNS = Path(__file__).resolve().parent / "fixtures" / "runs"
+RUNS = Path(__file__).resolve().parent / "fixtures" / "saved"
 CASES = {"classify": f"folder:{RUNS / 'folder'}", "segment": f"camvid:{RUNS / 'camvid'}"}
 
 
