@@ -37,3 +37,38 @@ def test_saved_run_eval_reproduces_recorded_metrics(run, target, capsys):
     for k in keys:
         want = recorded[k]
         assert res[k] == (pytest.approx(want, rel=1e-6) if want is not None else None), k
+
+
+def test_task_registry_lists_names_without_torch_and_drives_validation():
+    """One task list: the registry's names are the CLI's ``--task`` choices and what the config
+    accepts; listing them imports no torch, and a registered kind is accepted by both."""
+    import subprocess
+    import sys
+
+    code = ("import sys, vistune.cli, vistune.config as c; from vistune.tasks import task_names; "
+            "print(task_names(), c.TASKS, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['classify', 'segment', 'detect'] ('classify', 'segment', 'detect') False"
+
+    from vistune.cli import build_parser
+    from vistune.config import ConfigError, make_config
+    from vistune.tasks import _REGISTERED, register_task, task_names
+    from vistune.tasks.classify import ClassifyTask
+
+    class Probe(ClassifyTask):
+        name = "probe-task"
+
+    with pytest.raises(ConfigError, match="task must be one of classify, segment, detect, got 'probe-task'"):
+        make_config(backbone="b", data="d", task="probe-task")
+    register_task(Probe)
+    try:
+        assert task_names()[-1] == "probe-task"
+        assert make_config(backbone="b", data="d", task="probe-task").task == "probe-task"
+        args = build_parser().parse_args(["train", "--backbone", "b", "--data", "d", "--task", "probe-task"])
+        assert args.task == "probe-task"
+        with pytest.raises(ConfigError, match="built into vistune"):
+            register_task(Probe, name="segment")
+    finally:
+        _REGISTERED.pop("probe-task")
+    with pytest.raises(ConfigError, match="imbalance is for classification runs only, not task 'segment'"):
+        make_config(backbone="b", data="d", task="segment", imbalance=2)

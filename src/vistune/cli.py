@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from vistune.config import PRECISIONS
 from vistune.methods import method_names
+from vistune.tasks import task_names
 
 
 class _Parser(argparse.ArgumentParser):
@@ -652,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a method on a dataset; writes tuned.safetensors + metrics.json")
     _add_train_args(p)
-    p.add_argument("--task", choices=["classify", "segment", "detect"], default=None,
+    p.add_argument("--task", choices=task_names(), default=None,
                    help="segment/detect: dense head on the tuned backbone (data camvid:|voc:|pennfudan:)")
     _add_tracking_args(p)
     p.set_defaults(func=cmd_train)

@@ -111,6 +111,11 @@ class Task:
     cache_seconds: float = 0.0
     _precision: Precision | None = None
 
+    @classmethod
+    def check_config(cls, cfg: TrainConfig) -> None:
+        """Refuse, in one ConfigError line, settings this task kind has no meaning for (called by
+        :meth:`TrainConfig.validate`, so a YAML file fails before anything loads)."""
+
     # -- building ----------------------------------------------------------------------------
     def setup(self, cfg: TrainConfig, rt: Runtime, out: Path | None) -> None:
         raise NotImplementedError

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from vistune.backbones import backbone_info
-from vistune.config import TrainConfig
+from vistune.config import ConfigError, TrainConfig
 from vistune.dense.datasets import DenseDataset, DenseSplits, collate, load_dense_data, segmentation_to_original
 from vistune.dense.features import FeatureExtractor
 from vistune.dense.heads import DenseHead
@@ -80,6 +80,13 @@ class DenseTask(Task):
     """``segment`` (primary ``miou``) or ``detect`` (primary ``map50``)."""
 
     files = ("tuned.safetensors", "dense_head.safetensors", "splits.json")
+
+    @classmethod
+    def check_config(cls, cfg: TrainConfig) -> None:
+        if cfg.imbalance is not None:
+            raise ConfigError(f"imbalance is for classification runs only, not task {cls.name!r}")
+        if cfg.compile:
+            raise ConfigError(f"compile is for classification runs only (task {cls.name!r} trains eagerly)")
     data: DenseSplits
     model: DenseModel
     use_cache: bool = False
