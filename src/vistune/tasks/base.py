@@ -142,6 +142,11 @@ class Task:
     def build_backbone(self, cfg: TrainConfig) -> nn.Module:
         return seeded_backbone(cfg.backbone, weights=cfg.weights, img_size=cfg.img_size)
 
+    def load_data(self, cfg: TrainConfig, model: nn.Module) -> Any:
+        """The run's splits, read as ``model`` (the backbone) expects its input: what :meth:`setup`
+        loads, exposed so a multi-run workflow checks the data once before its first run."""
+        raise NotImplementedError
+
     def attach_method(self, cfg: TrainConfig, backbone: nn.Module, num_classes: int | None,
                       probe: TaskProbe | None, reseed: Callable[[], None] | None = None) -> TunedModel:
         """Attach ``cfg.method``: from a pre-trained module file (PVP) or fresh after its prepare hook.

@@ -88,6 +88,9 @@ class ClassifyTask(Task):
         if training:
             self.init_head(cfg.head_init)
 
+    def load_data(self, cfg: TrainConfig, model: nn.Module) -> DataSplits:
+        return load_classification_data(cfg, model)
+
     @torch.no_grad()
     def init_head(self, mode: str) -> None:
         """``random``: timm's init (as attached). ``zeros``. ``prototypes``: each class's weight is the

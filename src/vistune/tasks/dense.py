@@ -120,6 +120,9 @@ class DenseTask(Task):
                 self.val_cache = FeatureCache(self, self.data.val, (False,))
             self.cache_seconds = time.perf_counter() - t0
 
+    def load_data(self, cfg: TrainConfig, model: nn.Module) -> DenseSplits:
+        return load_dense_for(cfg, self.name, model)
+
     def sensitivity_losses(self, backbone: nn.Module, num_batches: int) -> Iterator[torch.Tensor]:
         """The dense loss through a freshly initialised dense head on the backbone's levels
         (the dense analogue of the reference's fresh classification head), on the first

@@ -74,15 +74,8 @@ def check_shared_settings(cfg: TrainConfig) -> None:
 
     check_method(cfg)
     resolve_device(cfg.device)
-    backbone = make_task(cfg.task).build_backbone(cfg)
-    if cfg.task == "classify":
-        from vistune.tasks.classify import load_classification_data
-
-        load_classification_data(cfg, backbone)
-    else:
-        from vistune.tasks.dense import load_dense_for
-
-        load_dense_for(cfg, cfg.task, backbone)
+    task = make_task(cfg.task)
+    task.load_data(cfg, task.build_backbone(cfg))
 
 
 def saved_config(values: dict[str, Any] | None, **overrides: Any) -> TrainConfig:
