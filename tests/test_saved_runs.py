@@ -72,3 +72,31 @@ def test_task_registry_lists_names_without_torch_and_drives_validation():
         _REGISTERED.pop("probe-task")
     with pytest.raises(ConfigError, match="imbalance is for classification runs only, not task 'segment'"):
         make_config(backbone="b", data="d", task="segment", imbalance=2)
+
+
+def test_report_and_train_summary_columns_come_from_the_task_kind(tmp_path, capsys):
+    """`vistune report` of a classification and a dense run shows each kind's own metric columns in
+    its own format (declared on the task class); an old dense sweep.json without a ``task`` key gives
+    its mIoU row, not an empty top-1 one."""
+    import shutil
+
+    from vistune.workflows.sweep import _primary, sweep_row
+
+    capsys.readouterr()
+    assert main(["report", str(RUNS / "classify"), str(RUNS / "segment")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert head[:6] == ["method", "options", "test top-1", "val top-1", "test mIoU", "val mIoU"]
+    seg = json.loads((RUNS / "segment" / "metrics.json").read_text())
+    cells = [c.strip() for c in lines[3].strip("|").split("|")]
+    assert cells[4] == f"{seg['test_miou']:.4f}" and cells[2] == "-"
+    assert _primary(seg) == "miou" and _primary({"method": "lora"}) == "top1"
+
+    sweep = tmp_path / "sweep"
+    shutil.copytree(RUNS / "segment", sweep / "final" / "seed0")
+    (sweep / "sweep.json").write_text(json.dumps({
+        "method": "lora", "options": {}, "trials": [], "best": {"val": 0.25, "params": {"lr": 0.01}},
+        "final": {"metric": "test_miou", "mean": 0.2, "std": 0.0, "runs": [{"seed": 0, "dir": "final/seed0"}]}}))
+    row = sweep_row(sweep)
+    assert row["task"] == "segment" and row["test_miou"] == 0.2 and row["val_miou"] == 0.25
+    assert "test_top1" not in row

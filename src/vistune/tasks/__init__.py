@@ -82,6 +82,15 @@ def get_task(name: str) -> type[Task]:
     return target
 
 
+#: The kind of a run whose files predate the ``task`` field (every such run is a classification run).
+DEFAULT_TASK = "classify"
+
+
+def task_of(metrics: dict[str, Any]) -> type[Task]:
+    """The Task class of a run from its metrics.json / sweep result (``task`` key, else classify)."""
+    return get_task(metrics.get("task") or DEFAULT_TASK)
+
+
 def make_task(name: str) -> Task:
     """A fresh task object for ``name`` (not set up yet)."""
     return get_task(name)()
@@ -95,5 +104,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'vistune.tasks' has no attribute {name!r}")
 
 
-__all__ = ["GROUP", "REGISTRY", "Runtime", "Task", "TaskProbe", "get_task", "make_task", "register_task",
-           "seed_everything", "task_names"]
+__all__ = ["DEFAULT_TASK", "GROUP", "REGISTRY", "Runtime", "Task", "TaskProbe", "get_task", "make_task", "register_task",
+           "seed_everything", "task_names", "task_of"]

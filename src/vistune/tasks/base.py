@@ -102,6 +102,14 @@ class Task:
     name: ClassVar[str] = ""
     #: metric selected on (higher is better); metrics.json then has ``val_<primary>``/``test_<primary>``
     primary: ClassVar[str] = ""
+    #: the direction of ``primary`` (a sweep's study maximises or minimises it)
+    higher_is_better: ClassVar[bool] = True
+    #: the headline metrics of metrics.json, as ``vistune train`` prints them after a run
+    metric_keys: ClassVar[tuple[str, ...]] = ()
+    #: ``vistune report``'s columns for this kind: (metrics.json key, title)
+    report_columns: ClassVar[tuple[tuple[str, str], ...]] = ()
+    #: how its metric values print (percentages to 2 places, fractions to 4)
+    metric_format: ClassVar[str] = ".4f"
     #: files this task writes beside metrics.json (``--overwrite`` removes exactly these)
     files: ClassVar[tuple[str, ...]] = ()
 

@@ -48,6 +48,9 @@ def load_classification_data(cfg: TrainConfig, model: nn.Module, spec: str | Non
 class ClassifyTask(Task):
     name = "classify"
     primary = "top1"
+    metric_keys = ("val_top1", "test_top1", "test_balanced_top1")
+    report_columns = (("test_top1", "test top-1"), ("val_top1", "val top-1"))
+    metric_format = ".2f"
     files = ("tuned.safetensors", "splits.json")
 
     data: DataSplits

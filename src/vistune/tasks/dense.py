@@ -256,8 +256,12 @@ class DenseTask(Task):
 class SegmentTask(DenseTask):
     name = "segment"
     primary = "miou"
+    metric_keys = ("test_miou",)
+    report_columns = (("test_miou", "test mIoU"), ("val_miou", "val mIoU"))
 
 
 class DetectTask(DenseTask):
     name = "detect"
     primary = "map50"
+    metric_keys = ("test_map50", "test_map")
+    report_columns = (("test_map50", "test mAP50"), ("test_map", "test mAP"), ("val_map50", "val mAP50"))
