@@ -65,6 +65,7 @@ from torch import nn
 from vistune.backbones import backbone_info, classifier
 from vistune.errors import MethodError, TunedFileError, VistuneError
 from vistune.precision import resolve_precision
+from vistune.tasks import get_task
 from vistune.tuning import MethodSpec, attach, check_backbone, fingerprint, load_tensors, read_tuned_file
 
 #: Task names travel in URLs and JSON: keep them to a safe alphabet.
@@ -662,10 +663,11 @@ class MultiTaskModel:
         for task in tasks.values():
             for lv in task.levels:
                 levels.setdefault(lv.module, lv)
-        classify = any(t.kind == "classify" for t in tasks.values())
+        kinds = {t: get_task(task.kind) for t, task in tasks.items()}
+        classify = any(k.uses_pre_logits for k in kinds.values())  # the pooled head runs only if read
         extractor = FeatureExtractor(model, list(levels.values())) if levels else None
         captured: dict[int, Any] = {}
-        pre = None
+        pre, maps = None, {}
         if routed:
             self._rows, self._batch_size = rows, x.shape[0]
         try:
@@ -684,13 +686,7 @@ class MultiTaskModel:
                 outputs: list[Any] = [None] * len(names)
                 for t, task in tasks.items():
                     r = rows[t]
-                    if task.kind == "classify":
-                        out = task.head(pre.index_select(0, r)).float()
-                        per = [out[j:j + 1] for j in range(len(r))]
-                    else:
-                        feats_t = [maps[lv.module].index_select(0, r) for lv in task.levels]
-                        out = task.head(feats_t, tuple(x.shape[-2:]))
-                        per = _split_dense(out, len(r))
+                    per = kinds[t].serve_outputs(task, pre, maps, r, tuple(x.shape[-2:]))
                     for j, o in zip(r.tolist(), per):
                         outputs[j] = o
                 return outputs
@@ -717,20 +713,6 @@ class MultiTaskModel:
                     captured[i] = torch.cat([out[:, :prefix], out[:, out.shape[1] - patches:]], dim=1)
         maps = extractor.maps(captured, x)
         return {lv.module: m for lv, m in zip(extractor.levels, maps)}
-
-
-def _split_dense(out: Any, n: int) -> list[Any]:
-    """A dense head's batch output -> one single-image output per row."""
-    if isinstance(out, torch.Tensor):
-        return [out[j:j + 1] for j in range(n)]
-    per = []
-    for j in range(n):
-        d = {}
-        for k, v in out.items():
-            batched = isinstance(v, torch.Tensor) and k in ("cls", "box", "ctr")
-            d[k] = v[j:j + 1] if batched else v
-        per.append(d)
-    return per
 
 
 def _tuned_path(source: str | os.PathLike) -> Path:

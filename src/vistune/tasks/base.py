@@ -124,6 +124,32 @@ class Task:
         """Refuse, in one ConfigError line, settings this task kind has no meaning for (called by
         :meth:`TrainConfig.validate`, so a YAML file fails before anything loads)."""
 
+    # -- serving: one image -> JSON (classmethods: a server holds loaded heads, not set-up tasks) --
+    #: how a server prepares an upload for this kind; kinds of one style share one decode
+    input_style: ClassVar[str] = "resize"
+    #: whether this kind's head reads the backbone's pooled pre-logits (else only its level maps)
+    uses_pre_logits: ClassVar[bool] = True
+
+    @classmethod
+    def serve_input(cls, data: bytes, size: int, mean: tuple, std: tuple, max_pixels: int,
+                    max_bytes: int | None) -> tuple[torch.Tensor, Any]:
+        """An upload -> ``(3, S, S)`` input exactly as evaluation preprocessed it, and the context
+        :meth:`serve_result` needs to map the output back to the upload's pixels (or None)."""
+        raise NotImplementedError
+
+    @classmethod
+    def serve_outputs(cls, loaded: Any, pre: torch.Tensor | None, maps: dict[str, torch.Tensor],
+                      rows: torch.Tensor, image_hw: tuple[int, int]) -> list[Any]:
+        """This kind's head (``loaded.head``) on ``rows`` of a shared backbone pass: one output per row.
+        ``pre``: pooled pre-logits; ``maps``: level maps by module name (``loaded.levels``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def serve_result(cls, output: Any, context: Any, loaded: Any, *, top: int,
+                     score_threshold: float | None) -> dict[str, Any]:
+        """One row's output -> the JSON fields the service returns for it (beside task/kind/method)."""
+        raise NotImplementedError
+
     # -- building ----------------------------------------------------------------------------
     def setup(self, cfg: TrainConfig, rt: Runtime, out: Path | None) -> None:
         raise NotImplementedError

@@ -91,6 +91,26 @@ class ClassifyTask(Task):
         if training:
             self.init_head(cfg.head_init)
 
+    @classmethod
+    def serve_input(cls, data: bytes, size: int, mean: tuple, std: tuple, max_pixels: int,
+                    max_bytes: int | None) -> tuple[torch.Tensor, Any]:
+        from vistune.serve.predict import classify_input
+
+        return classify_input(data, size, mean, std, max_pixels, max_bytes), None
+
+    @classmethod
+    def serve_outputs(cls, loaded: Any, pre: torch.Tensor | None, maps: dict[str, torch.Tensor],
+                      rows: torch.Tensor, image_hw: tuple[int, int]) -> list[Any]:
+        out = loaded.head(pre.index_select(0, rows)).float()
+        return [out[j:j + 1] for j in range(len(rows))]
+
+    @classmethod
+    def serve_result(cls, output: Any, context: Any, loaded: Any, *, top: int,
+                     score_threshold: float | None) -> dict[str, Any]:
+        from vistune.serve.predict import top_k
+
+        return {"top": top_k(output, loaded.classes, top)}
+
     def load_data(self, cfg: TrainConfig, model: nn.Module) -> DataSplits:
         return load_classification_data(cfg, model)
 

@@ -120,6 +120,26 @@ class DenseTask(Task):
                 self.val_cache = FeatureCache(self, self.data.val, (False,))
             self.cache_seconds = time.perf_counter() - t0
 
+    input_style = "letterbox"
+    uses_pre_logits = False
+
+    @classmethod
+    def serve_input(cls, data: bytes, size: int, mean: tuple, std: tuple, max_pixels: int,
+                    max_bytes: int | None) -> tuple[torch.Tensor, Any]:
+        from vistune.serve.predict import decode, dense_input
+
+        return dense_input(decode(data, max_pixels, max_bytes), size, mean, std)
+
+    @classmethod
+    def serve_outputs(cls, loaded: Any, pre: torch.Tensor | None, maps: dict[str, torch.Tensor],
+                      rows: torch.Tensor, image_hw: tuple[int, int]) -> list[Any]:
+        out = loaded.head([maps[lv.module].index_select(0, rows) for lv in loaded.levels], image_hw)
+        if isinstance(out, torch.Tensor):
+            return [out[j:j + 1] for j in range(len(rows))]
+        # detection: per-level tensors are batched, anything else (strides, sizes) is shared
+        return [{k: v[j:j + 1] if isinstance(v, torch.Tensor) and k in ("cls", "box", "ctr") else v
+                 for k, v in out.items()} for j in range(len(rows))]
+
     def load_data(self, cfg: TrainConfig, model: nn.Module) -> DenseSplits:
         return load_dense_for(cfg, self.name, model)
 
@@ -259,9 +279,24 @@ class SegmentTask(DenseTask):
     metric_keys = ("test_miou",)
     report_columns = (("test_miou", "test mIoU"), ("val_miou", "val mIoU"))
 
+    @classmethod
+    def serve_result(cls, output: Any, context: Any, loaded: Any, *, top: int,
+                     score_threshold: float | None) -> dict[str, Any]:
+        from vistune.serve.predict import segment_result
+
+        return segment_result(output, context, loaded.classes)
+
 
 class DetectTask(DenseTask):
     name = "detect"
     primary = "map50"
     metric_keys = ("test_map50", "test_map")
     report_columns = (("test_map50", "test mAP50"), ("test_map", "test mAP"), ("val_map50", "val mAP50"))
+
+    @classmethod
+    def serve_result(cls, output: Any, context: Any, loaded: Any, *, top: int,
+                     score_threshold: float | None) -> dict[str, Any]:
+        from vistune.serve.predict import detect_result
+
+        thr = loaded.score_threshold if score_threshold is None else float(score_threshold)
+        return detect_result(output, loaded, context, thr)
