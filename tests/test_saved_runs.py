@@ -100,3 +100,51 @@ def test_report_and_train_summary_columns_come_from_the_task_kind(tmp_path, caps
     row = sweep_row(sweep)
     assert row["task"] == "segment" and row["test_miou"] == 0.2 and row["val_miou"] == 0.25
     assert "test_top1" not in row
+
+
+def test_saved_runs_serve_through_their_task_kind(tmp_path):
+    """The server asks the run's files which task kind they are and lets that kind build the head and
+    the JSON: both saved runs serve in one mixed batch, and a registered kind's serving hooks are the
+    ones used (no 'classify'/'segment' branch left in serve/)."""
+    from PIL import Image
+
+    from vistune.serve.multitask import MultiTaskModel
+    from vistune.serve.predict import predict
+    from vistune.tasks import _REGISTERED, kind_of_run, register_task
+    from vistune.tasks.classify import ClassifyTask
+
+    assert kind_of_run(RUNS / "segment").name == "segment"
+    assert kind_of_run(RUNS / "segment" / "tuned.safetensors").name == "segment"
+    assert kind_of_run(RUNS / "classify").name == "classify"
+    model = MultiTaskModel.for_file(RUNS / "classify", device="cpu")
+    model.add_task("cls", RUNS / "classify")
+    model.add_task("seg", RUNS / "segment")
+    img = next((RUNS / "camvid" / "test").glob("*.jpg")).read_bytes()
+    res = predict(model, img, top=2)
+    assert res["cls"]["kind"] == "classify" and len(res["cls"]["top"]) == 2
+    assert res["seg"]["kind"] == "segment" and {"overlay_png", "fractions", "mask_png"} <= set(res["seg"])
+    assert (res["seg"]["width"], res["seg"]["height"]) == Image.open(next((RUNS / "camvid" / "test").glob("*.jpg"))).size
+
+    class Tagged(ClassifyTask):
+        name = "tagged"
+
+        @classmethod
+        def run_kind(cls, path):
+            return cls.name if (path / "TAGGED").exists() else None
+
+        @classmethod
+        def serve_result(cls, output, context, loaded, *, top, score_threshold):
+            return {"tagged": True, **super().serve_result(output, context, loaded, top=top,
+                                                           score_threshold=score_threshold)}
+
+    import shutil
+
+    shutil.copytree(RUNS / "classify", tmp_path / "tagged")
+    (tmp_path / "tagged" / "TAGGED").touch()
+    register_task(Tagged)
+    try:
+        model.add_task("tag", tmp_path / "tagged")
+        res = predict(model, img, ["tag", "cls"], top=1)
+        assert res["tag"] == {**res["cls"], "task": "tag", "kind": "tagged", "tagged": True}
+    finally:
+        _REGISTERED.pop("tagged")

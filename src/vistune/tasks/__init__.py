@@ -11,6 +11,8 @@ the registry or the task object, never compares a task name.
 from __future__ import annotations
 
 import importlib
+import os
+from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -91,6 +93,23 @@ def task_of(metrics: dict[str, Any]) -> type[Task]:
     return get_task(metrics.get("task") or DEFAULT_TASK)
 
 
+def kind_of_run(path: str | os.PathLike) -> type[Task]:
+    """The Task class of the saved run at ``path`` (run folder or one of its files), read from its
+    files: every registered kind is asked (:meth:`Task.run_kind`), the default kind last."""
+    p = Path(path)
+    asked: set[Any] = set()
+    for name in [n for n in task_names() if n != DEFAULT_TASK] + [DEFAULT_TASK]:
+        cls = get_task(name)
+        probe = getattr(cls.run_kind, "__func__", cls.run_kind)
+        if probe in asked:  # one family (segment/detect) answers once
+            continue
+        asked.add(probe)
+        found = cls.run_kind(p)
+        if found:
+            return get_task(found)
+    return get_task(DEFAULT_TASK)
+
+
 def make_task(name: str) -> Task:
     """A fresh task object for ``name`` (not set up yet)."""
     return get_task(name)()
@@ -105,4 +124,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["DEFAULT_TASK", "GROUP", "REGISTRY", "Runtime", "Task", "TaskProbe", "get_task", "make_task", "register_task",
-           "seed_everything", "task_names", "task_of"]
+           "kind_of_run", "seed_everything", "task_names", "task_of"]

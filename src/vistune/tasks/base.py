@@ -26,6 +26,7 @@ Tasks: ``classify`` (:mod:`.classify`), ``segment`` / ``detect`` (:mod:`.dense`)
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -37,6 +38,7 @@ from torch import nn
 
 from vistune.backbones import seeded_backbone, set_fused_attention
 from vistune.config import ConfigError, TrainConfig
+from vistune.errors import TunedFileError
 from vistune.precision import Precision, resolve_precision
 from vistune.tuning import TunedModel, attach, attach_from_file
 
@@ -96,6 +98,31 @@ class TaskProbe:
         self.loss_name = loss_name
 
 
+def tuned_file_of(source: str | os.PathLike) -> Path:
+    """A tuned file, or the ``tuned.safetensors`` inside a run folder."""
+    p = Path(source)
+    if p.is_dir():
+        f = p / "tuned.safetensors"
+        if not f.is_file():
+            raise TunedFileError(f"{p}: no tuned.safetensors in this folder (is it a `vistune train` output?)")
+        return f
+    if not p.is_file():
+        raise TunedFileError(f"tuned file {p}: no such file or folder")
+    return p
+
+
+class ServedHead:
+    """What a server needs of a saved run beyond its tuned backbone (see :meth:`Task.serve_head`)."""
+
+    def __init__(self, head: nn.Module, classes: list[str], levels: list[Any] | None = None,
+                 head_params: int | None = None, file_bytes: int = 0) -> None:
+        self.head = head
+        self.classes = classes
+        self.levels = levels or []  # feature levels its head reads (dense: vistune.dense.features.Level)
+        self.head_params = head_params  # None: the tuned model's parameter report counts the head
+        self.file_bytes = file_bytes  # tensor bytes of the head's own file(s)
+
+
 class Task:
     """Base class; see the module docstring for the contract."""
 
@@ -123,6 +150,27 @@ class Task:
     def check_config(cls, cfg: TrainConfig) -> None:
         """Refuse, in one ConfigError line, settings this task kind has no meaning for (called by
         :meth:`TrainConfig.validate`, so a YAML file fails before anything loads)."""
+
+    # -- a saved run: which kind it is, and its head for serving --------------------------------
+    @classmethod
+    def run_kind(cls, path: Path) -> str | None:
+        """The task name of the saved run at ``path`` (a run folder or one of its files) when its
+        files are of this class's family, else None. :func:`vistune.tasks.kind_of_run` asks every
+        registered kind, the default kind (whose files every run has) last."""
+        return None
+
+    @classmethod
+    def tuned_file(cls, path: Path) -> Path:
+        """The tuned file of the saved run at ``path`` (the file itself, or the one in its folder)."""
+        return tuned_file_of(path)
+
+    @classmethod
+    def serve_head(cls, source: Path, tuned_path: Path, meta: dict[str, Any], view: nn.Module,
+                   device: torch.device) -> ServedHead:
+        """The head a server runs for the saved run at ``source`` on ``view`` (the tuned backbone
+        rebuilt from ``tuned_path``, whose metadata is ``meta``), refused in one TunedFileError line
+        when the run's files do not fit together."""
+        raise NotImplementedError
 
     # -- serving: one image -> JSON (classmethods: a server holds loaded heads, not set-up tasks) --
     #: how a server prepares an upload for this kind; kinds of one style share one decode

@@ -25,7 +25,7 @@ from vistune.data import DataSplits, load_data
 from vistune.data.loader import class_counts
 from vistune.errors import TunedFileError
 from vistune.io import json_text
-from vistune.tasks.base import Batches, Runtime, Task, TaskProbe, seed_everything
+from vistune.tasks.base import Batches, Runtime, ServedHead, Task, TaskProbe, seed_everything
 from vistune.tuning import TunedModel, read_tuned_file
 
 SENSITIVITY_BATCH = 32  # SPT's reference: the first 16 unshuffled batches of 32 training images
@@ -90,6 +90,23 @@ class ClassifyTask(Task):
             self.cache_seconds = time.perf_counter() - t0
         if training:
             self.init_head(cfg.head_init)
+
+    @classmethod
+    def run_kind(cls, path: Path) -> str | None:
+        """Every run has a tuned file: a run no other kind claims is a classification run (a kind
+        that subclasses this one claims its own runs by overriding this)."""
+        return ClassifyTask.name
+
+    @classmethod
+    def serve_head(cls, source: Path, tuned_path: Path, meta: dict[str, Any], view: nn.Module,
+                   device: torch.device) -> ServedHead:
+        from vistune.serve.multitask import class_names
+
+        num_classes = int(meta["num_classes"])
+        if num_classes < 1:
+            raise TunedFileError(f"tuned file {tuned_path} has no classification head (num_classes=0) "
+                                 "and is not part of a dense run folder")
+        return ServedHead(classifier(view), class_names((meta.get("extra") or {}).get("class_names"), num_classes))
 
     @classmethod
     def serve_input(cls, data: bytes, size: int, mean: tuple, std: tuple, max_pixels: int,

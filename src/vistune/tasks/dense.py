@@ -28,11 +28,13 @@ from vistune.backbones import backbone_info
 from vistune.config import ConfigError, TrainConfig
 from vistune.dense.datasets import DenseDataset, DenseSplits, collate, load_dense_data, segmentation_to_original
 from vistune.dense.features import FeatureExtractor
-from vistune.dense.heads import DenseHead
+from vistune.dense.heads import DenseHead, HeadConfig
 from vistune.dense.metrics import DetectionMetric, SegmentationMetric, segmentation_scores
-from vistune.dense.model import DenseModel, build_dense_model, dense_files, head_config
+from vistune.dense.model import (DenseModel, build_dense_model, dense_files, head_config, is_dense_run,
+                                 read_head_file, resolve_run)
+from vistune.errors import TunedFileError
 from vistune.io import json_text
-from vistune.tasks.base import Runtime, Task, TaskProbe, check_no_dense_fewshot, seed_everything
+from vistune.tasks.base import Runtime, ServedHead, Task, TaskProbe, check_no_dense_fewshot, seed_everything
 from vistune.tuning import TunedModel
 
 
@@ -122,6 +124,37 @@ class DenseTask(Task):
 
     input_style = "letterbox"
     uses_pre_logits = False
+
+    @classmethod
+    def run_kind(cls, path: Path) -> str | None:
+        if not is_dense_run(path):
+            return None
+        return str(read_head_file(resolve_run(path)[1])[0].get("task") or "")
+
+    @classmethod
+    def tuned_file(cls, path: Path) -> Path:
+        return resolve_run(path)[0]
+
+    @classmethod
+    def serve_head(cls, source: Path, tuned_path: Path, meta: dict[str, Any], view: nn.Module,
+                   device: torch.device) -> ServedHead:
+        from vistune.serve.multitask import class_names, tensor_bytes
+
+        head_path = resolve_run(source)[1]
+        head_meta, head_tensors = read_head_file(head_path)
+        if (meta["backbone"]["fingerprint"] != head_meta.get("backbone_fingerprint")
+                or meta["method"] != head_meta.get("method")):
+            raise TunedFileError(f"{head_path} was trained with another backbone or method than {tuned_path}")
+        cfg = HeadConfig.from_dict(head_meta["head"])
+        head = DenseHead(cfg)
+        try:
+            head.load_state_dict(head_tensors, strict=True)
+        except RuntimeError as err:
+            raise TunedFileError(f"dense head file of {source} does not fit its recorded config: {err}") from None
+        head.to(device).eval()
+        return ServedHead(head, class_names(head_meta.get("class_names"), cfg.num_classes), cfg.level_objs(),
+                          head_params=sum(p.numel() for p in head.parameters()),
+                          file_bytes=tensor_bytes(head_tensors))
 
     @classmethod
     def serve_input(cls, data: bytes, size: int, mean: tuple, std: tuple, max_pixels: int,
