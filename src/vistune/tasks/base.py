@@ -172,6 +172,13 @@ class Task:
         when the run's files do not fit together."""
         raise NotImplementedError
 
+    # -- export ---------------------------------------------------------------------------------
+    @classmethod
+    def export_graph(cls, run: Any, size: int) -> tuple[nn.Module, tuple[str, ...], dict[str, Any]]:
+        """The module an ONNX export traces for ``run`` (:class:`vistune.export.run.Run`, rebuilt on
+        CPU), its output names, and each output's documentation for the export's sidecar."""
+        raise NotImplementedError
+
     # -- serving: one image -> JSON (classmethods: a server holds loaded heads, not set-up tasks) --
     #: how a server prepares an upload for this kind; kinds of one style share one decode
     input_style: ClassVar[str] = "resize"

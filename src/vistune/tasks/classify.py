@@ -109,6 +109,11 @@ class ClassifyTask(Task):
         return ServedHead(classifier(view), class_names((meta.get("extra") or {}).get("class_names"), num_classes))
 
     @classmethod
+    def export_graph(cls, run: Any, size: int) -> tuple[nn.Module, tuple[str, ...], dict[str, Any]]:
+        k = int(run.meta["num_classes"])
+        return run.tuned, ("logits",), {"logits": f"(batch, {k}) class logits"}
+
+    @classmethod
     def serve_input(cls, data: bytes, size: int, mean: tuple, std: tuple, max_pixels: int,
                     max_bytes: int | None) -> tuple[torch.Tensor, Any]:
         from vistune.serve.predict import classify_input

@@ -313,6 +313,15 @@ class SegmentTask(DenseTask):
     report_columns = (("test_miou", "test mIoU"), ("val_miou", "val mIoU"))
 
     @classmethod
+    def export_graph(cls, run: Any, size: int) -> tuple[nn.Module, tuple[str, ...], dict[str, Any]]:
+        from vistune.export.onnx_format import DenseGraph
+
+        return DenseGraph(run.dense).eval(), ("logits",), {
+            "logits": f"(batch, {run.dense.head.cfg.num_classes}, {size}, {size}) per-pixel class logits at the "
+            "input resolution; argmax over dim 1 is the mask on the letterboxed canvas",
+        }
+
+    @classmethod
     def serve_result(cls, output: Any, context: Any, loaded: Any, *, top: int,
                      score_threshold: float | None) -> dict[str, Any]:
         from vistune.serve.predict import segment_result
@@ -325,6 +334,33 @@ class DetectTask(DenseTask):
     primary = "map50"
     metric_keys = ("test_map50", "test_map")
     report_columns = (("test_map50", "test mAP50"), ("test_map", "test mAP"), ("val_map50", "val mAP50"))
+
+    @classmethod
+    def export_graph(cls, run: Any, size: int) -> tuple[nn.Module, tuple[str, ...], dict[str, Any]]:
+        """Decoded FCOS candidates (scores, boxes); the sidecar documents the post-processing."""
+        from vistune.export.onnx_format import DenseGraph
+
+        cfg = run.dense.head.cfg
+        with torch.no_grad():
+            raw = run.dense(torch.zeros(1, 3, size, size))
+        counts = torch.bincount(raw["level"], minlength=len(cfg.levels)).tolist()
+        doc = {
+            "scores": f"(batch, L={sum(counts)}, {cfg.num_classes}) sqrt(sigmoid(class) * sigmoid(centre-ness)) "
+            "per location and class",
+            "boxes": f"(batch, L={sum(counts)}, 4) x1, y1, x2, y2 in canvas pixels, clamped to the canvas",
+            "postprocess": {
+                "rule": "per image and level: keep (location, class) with score > score_threshold, at most "
+                "candidates_per_level by score; then class-wise NMS over all levels at nms_iou; keep the first "
+                "max_detections (this is FCOSHead.detections)",
+                "score_threshold": cfg.score_threshold,
+                "nms_iou": cfg.nms_iou,
+                "max_detections": cfg.max_detections,
+                "candidates_per_level": 1000,
+                "level_sizes": counts,
+                "strides": [float(lv["stride"]) for lv in cfg.levels],
+            },
+        }
+        return DenseGraph(run.dense, detections=True).eval(), ("scores", "boxes"), doc
 
     @classmethod
     def serve_result(cls, output: Any, context: Any, loaded: Any, *, top: int,
