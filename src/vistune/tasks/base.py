@@ -26,6 +26,7 @@ Tasks: ``classify`` (:mod:`.classify`), ``segment`` / ``detect`` (:mod:`.dense`)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 from collections.abc import Callable, Iterable, Iterator
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 
 from vistune.backbones import seeded_backbone, set_fused_attention
-from vistune.config import ConfigError, TrainConfig
+from vistune.config import ConfigError, TrainConfig, config_keys, make_config
 from vistune.errors import TunedFileError
 from vistune.precision import Precision, resolve_precision
 from vistune.tuning import TunedModel, attach, attach_from_file
@@ -111,6 +112,56 @@ def tuned_file_of(source: str | os.PathLike) -> Path:
     return p
 
 
+def saved_config(values: dict[str, Any] | None, **overrides: Any) -> TrainConfig:
+    """A TrainConfig from a run's recorded config (keys this version does not know are dropped)."""
+    known = set(config_keys())
+    base = {k: v for k, v in (values or {}).items() if k in known}
+    base.update(overrides)
+    return make_config(base)
+
+
+def trained_precision(meta: dict[str, Any], recorded: dict[str, Any]) -> str | None:
+    """The precision a run really trained in: recorded beside its config since ``auto`` existed;
+    before, the config's own value was always a resolved one (fp32 or bf16)."""
+    value = meta.get("precision") or recorded.get("precision")
+    return value if value in ("fp32", "bf16", "fp16") else None
+
+
+@dataclasses.dataclass
+class SavedRun:
+    """A saved run rebuilt from its files by its task class (:meth:`Task.open_saved`): the model,
+    the tuned file's metadata, the run config that reloads its data, and ``info`` — the metadata
+    where the run recorded its config, class names and precision (a classification tuned file's
+    ``extra``, a dense run's head file)."""
+
+    tuned_path: Path
+    meta: dict[str, Any]
+    tuned: Any  # vistune.tuning.TunedModel
+    cfg: TrainConfig
+    info: dict[str, Any] | None = None
+    model: Any = None  # what the task evaluates (the DenseModel of a dense run; else the tuned model)
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        return self.meta.get("extra") or {}
+
+    @property
+    def recorded(self) -> dict[str, Any]:
+        return self.run_info.get("config") or {}
+
+    @property
+    def run_info(self) -> dict[str, Any]:
+        return self.info if self.info is not None else self.extra
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.run_info.get("class_names")
+
+    @property
+    def trained_precision(self) -> str | None:
+        return trained_precision(self.run_info, self.recorded)
+
+
 class ServedHead:
     """What a server needs of a saved run beyond its tuned backbone (see :meth:`Task.serve_head`)."""
 
@@ -170,6 +221,20 @@ class Task:
         """The head a server runs for the saved run at ``source`` on ``view`` (the tuned backbone
         rebuilt from ``tuned_path``, whose metadata is ``meta``), refused in one TunedFileError line
         when the run's files do not fit together."""
+        raise NotImplementedError
+
+    @classmethod
+    def open_saved(cls, path: Path, data_spec: str | None, weights: str | None, load_device: torch.device | None,
+                   **changes: Any) -> SavedRun:
+        """The saved run at ``path`` rebuilt (``weights``: the backbone weights file of a run trained
+        on a local one) with the config that reloads its own splits: the data spec defaults to the
+        recorded one and nothing that only shapes training (shots, augmentation) applies again; a dense
+        model is built on ``load_device``;
+        ``changes`` override the recorded config (batch size, device)."""
+        raise NotImplementedError
+
+    def setup_saved(self, run: SavedRun, rt: Runtime) -> None:
+        """:meth:`setup` for evaluation around a run :meth:`open_saved` rebuilt."""
         raise NotImplementedError
 
     # -- export ---------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from vistune.data import DataSplits, load_data
 from vistune.data.loader import class_counts
 from vistune.errors import TunedFileError
 from vistune.io import json_text
-from vistune.tasks.base import Batches, Runtime, ServedHead, Task, TaskProbe, seed_everything
+from vistune.tasks.base import (Batches, Runtime, SavedRun, ServedHead, Task, TaskProbe, saved_config,
+                                seed_everything)
 from vistune.tuning import TunedModel, read_tuned_file
 
 SENSITIVITY_BATCH = 32  # SPT's reference: the first 16 unshuffled batches of 32 training images
@@ -107,6 +108,30 @@ class ClassifyTask(Task):
             raise TunedFileError(f"tuned file {tuned_path} has no classification head (num_classes=0) "
                                  "and is not part of a dense run folder")
         return ServedHead(classifier(view), class_names((meta.get("extra") or {}).get("class_names"), num_classes))
+
+    @classmethod
+    def open_saved(cls, path: Path, data_spec: str | None, weights: str | None, load_device: torch.device | None,
+                   **changes: Any) -> SavedRun:
+        from vistune.backbones import backbone_for_file
+        from vistune.tuning import load_tuned
+
+        tuned_path = path / "tuned.safetensors" if path.is_dir() else path
+        meta, _ = read_tuned_file(tuned_path)
+        recorded = (meta.get("extra") or {}).get("config") or {}
+        tuned = load_tuned(tuned_path, backbone_for_file(meta["backbone"], tuned_path, weights))
+        spec = data_spec or recorded.get("data")
+        if not spec:
+            raise ConfigError(f"{tuned_path}: no --data given and the file does not record its data spec")
+        cfg = saved_config(recorded, data=spec, shots=None, imbalance=None, augment=None, progress=False,
+                           task=cls.name, **changes)
+        return SavedRun(tuned_path, meta, tuned, cfg)
+
+    def setup_saved(self, run: SavedRun, rt: Runtime) -> None:
+        self.setup(run.cfg, rt, None, tuned=run.tuned)
+        self.train_counts = run.extra.get("train_class_counts")  # the run's, for its group metrics
+        if self.data.num_classes != run.tuned.num_classes:
+            raise ConfigError(f"data {run.cfg.data!r} has {self.data.num_classes} classes, the tuned file "
+                              f"{run.tuned.num_classes}")
 
     @classmethod
     def export_graph(cls, run: Any, size: int) -> tuple[nn.Module, tuple[str, ...], dict[str, Any]]:

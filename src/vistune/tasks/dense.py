@@ -31,10 +31,11 @@ from vistune.dense.features import FeatureExtractor
 from vistune.dense.heads import DenseHead, HeadConfig
 from vistune.dense.metrics import DetectionMetric, SegmentationMetric, segmentation_scores
 from vistune.dense.model import (DenseModel, build_dense_model, dense_files, head_config, is_dense_run,
-                                 read_head_file, resolve_run)
+                                 load_dense, read_head_file, resolve_run)
 from vistune.errors import TunedFileError
 from vistune.io import json_text
-from vistune.tasks.base import Runtime, ServedHead, Task, TaskProbe, check_no_dense_fewshot, seed_everything
+from vistune.tasks.base import (Runtime, SavedRun, ServedHead, Task, TaskProbe, check_no_dense_fewshot, saved_config,
+                                seed_everything)
 from vistune.tuning import TunedModel
 
 
@@ -130,6 +131,18 @@ class DenseTask(Task):
         if not is_dense_run(path):
             return None
         return str(read_head_file(resolve_run(path)[1])[0].get("task") or "")
+
+    @classmethod
+    def open_saved(cls, path: Path, data_spec: str | None, weights: str | None, load_device: torch.device | None,
+                   **changes: Any) -> SavedRun:
+        model, meta = load_dense(path, load_device or "cpu", weights)
+        recorded = meta.get("config") or {}
+        cfg = saved_config(recorded, data=data_spec or recorded.get("data"), shots=None, augment=None,
+                           progress=False, **changes)
+        return SavedRun(resolve_run(path)[0], meta, model.tuned, cfg, info=meta, model=model)
+
+    def setup_saved(self, run: SavedRun, rt: Runtime) -> None:
+        self.setup(run.cfg, rt, None, model=run.model)
 
     @classmethod
     def tuned_file(cls, path: Path) -> Path:
