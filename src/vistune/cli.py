@@ -446,10 +446,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                        weights=args.weights, allow_class_mismatch=args.allow_class_mismatch, precision=args.precision)
     if args.json:
         print(json.dumps(res))
-    elif res["task"] == "classify":
-        print(f"{args.split}_top1  {res[f'{args.split}_top1']:.2f}  (n={res[f'num_{args.split}']})")
     else:
-        print("\n".join(f"{k}  {v:.4f}" for k, v in res.items() if isinstance(v, float)))
+        from vistune.tasks import task_of
+
+        print("\n".join(task_of(res).eval_lines(res, args.split)))
     return 0
 
 

@@ -270,6 +270,11 @@ class Task:
         """One row's output -> the JSON fields the service returns for it (beside task/kind/method)."""
         raise NotImplementedError
 
+    @classmethod
+    def eval_lines(cls, res: dict[str, Any], split: str) -> list[str]:
+        """``vistune eval``'s plain-text answer for ``res`` (:func:`evaluate_run`'s dict)."""
+        return [f"{k}  {format(v, cls.metric_format)}" for k, v in res.items() if isinstance(v, float)]
+
     # -- building ----------------------------------------------------------------------------
     def setup(self, cfg: TrainConfig, rt: Runtime, out: Path | None) -> None:
         raise NotImplementedError

@@ -134,6 +134,10 @@ class ClassifyTask(Task):
                               f"{run.tuned.num_classes}")
 
     @classmethod
+    def eval_lines(cls, res: dict[str, Any], split: str) -> list[str]:
+        return [f"{split}_{cls.primary}  {res[f'{split}_{cls.primary}']:.2f}  (n={res[f'num_{split}']})"]
+
+    @classmethod
     def export_graph(cls, run: Any, size: int) -> tuple[nn.Module, tuple[str, ...], dict[str, Any]]:
         k = int(run.meta["num_classes"])
         return run.tuned, ("logits",), {"logits": f"(batch, {k}) class logits"}
