@@ -148,3 +148,24 @@ def test_saved_runs_serve_through_their_task_kind(tmp_path):
         assert res["tag"] == {**res["cls"], "task": "tag", "kind": "tagged", "tagged": True}
     finally:
         _REGISTERED.pop("tagged")
+
+
+def test_saved_runs_load_for_export_through_their_task_kind():
+    """Export rebuilds a saved run through its task class: the dense run's graph is the segment
+    kind's (per-pixel logits), the classification run's is its tuned model, and only ONNX carries
+    a dense head (timm refuses it in one line naming the carriers)."""
+    import torch
+
+    from vistune.export import ExportError, export, load_run
+    from vistune.export.onnx_format import graph_module
+
+    seg, cls = load_run(RUNS / "segment"), load_run(RUNS / "classify" / "tuned.safetensors")
+    assert (seg.task, cls.task) == ("segment", "classify")
+    assert seg.class_names == ["floor", "red", "green"] and cls.dense is None
+    module, outputs, _ = graph_module(seg)
+    assert outputs == ("logits",)
+    with torch.no_grad():
+        assert tuple(module(torch.zeros(1, 3, 32, 32)).shape) == (1, 3, 32, 32)
+    assert graph_module(cls)[0] is cls.tuned
+    with pytest.raises(ExportError, match="dense \\(segment\\) run .* formats that carry it: onnx"):
+        export(RUNS / "segment", "timm", "/nonexistent/out")

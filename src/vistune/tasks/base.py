@@ -137,7 +137,7 @@ class SavedRun:
     tuned_path: Path
     meta: dict[str, Any]
     tuned: Any  # vistune.tuning.TunedModel
-    cfg: TrainConfig
+    cfg: TrainConfig | None  # None when only the model was rebuilt (Task.load_model)
     info: dict[str, Any] | None = None
     model: Any = None  # what the task evaluates (the DenseModel of a dense run; else the tuned model)
 
@@ -224,6 +224,12 @@ class Task:
         raise NotImplementedError
 
     @classmethod
+    def load_model(cls, path: Path, weights: str | None, load_device: torch.device | str = "cpu") -> SavedRun:
+        """The saved run at ``path`` rebuilt as a model only (``cfg`` None): what export needs, and
+        the first half of :meth:`open_saved`."""
+        raise NotImplementedError
+
+    @classmethod
     def open_saved(cls, path: Path, data_spec: str | None, weights: str | None, load_device: torch.device | None,
                    **changes: Any) -> SavedRun:
         """The saved run at ``path`` rebuilt (``weights``: the backbone weights file of a run trained
@@ -238,6 +244,19 @@ class Task:
         raise NotImplementedError
 
     # -- export ---------------------------------------------------------------------------------
+    #: the head is vistune's own module (timm and PEFT cannot rebuild it; only a traced graph carries it)
+    own_head_module: ClassVar[bool] = False
+
+    @classmethod
+    def preprocess_doc(cls, size: int) -> str:
+        """How an export's user must prepare an image (the export's sidecar says it)."""
+        return f"RGB, bicubic resize to {size}x{size} (no crop), /255, (x - mean) / std, NCHW float32"
+
+    @classmethod
+    def num_classes_of(cls, run: Any) -> int:
+        """The class count of a rebuilt run (:class:`vistune.export.run.Run`)."""
+        return int(run.meta["num_classes"])
+
     @classmethod
     def export_graph(cls, run: Any, size: int) -> tuple[nn.Module, tuple[str, ...], dict[str, Any]]:
         """The module an ONNX export traces for ``run`` (:class:`vistune.export.run.Run`, rebuilt on

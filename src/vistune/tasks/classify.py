@@ -110,15 +110,22 @@ class ClassifyTask(Task):
         return ServedHead(classifier(view), class_names((meta.get("extra") or {}).get("class_names"), num_classes))
 
     @classmethod
-    def open_saved(cls, path: Path, data_spec: str | None, weights: str | None, load_device: torch.device | None,
-                   **changes: Any) -> SavedRun:
+    def load_model(cls, path: Path, weights: str | None, load_device: torch.device | str = "cpu") -> SavedRun:
         from vistune.backbones import backbone_for_file
         from vistune.tuning import load_tuned
 
         tuned_path = path / "tuned.safetensors" if path.is_dir() else path
         meta, _ = read_tuned_file(tuned_path)
-        recorded = (meta.get("extra") or {}).get("config") or {}
+        # the recorded weights are a label: a run on a local weights file needs it given again
         tuned = load_tuned(tuned_path, backbone_for_file(meta["backbone"], tuned_path, weights))
+        return SavedRun(tuned_path, meta, tuned, None)
+
+    @classmethod
+    def open_saved(cls, path: Path, data_spec: str | None, weights: str | None, load_device: torch.device | None,
+                   **changes: Any) -> SavedRun:
+        run = cls.load_model(path, weights)
+        tuned_path, meta, tuned = run.tuned_path, run.meta, run.tuned
+        recorded = run.recorded
         spec = data_spec or recorded.get("data")
         if not spec:
             raise ConfigError(f"{tuned_path}: no --data given and the file does not record its data spec")

@@ -36,7 +36,7 @@ from vistune.errors import TunedFileError
 from vistune.io import json_text
 from vistune.tasks.base import (Runtime, SavedRun, ServedHead, Task, TaskProbe, check_no_dense_fewshot, saved_config,
                                 seed_everything)
-from vistune.tuning import TunedModel
+from vistune.tuning import TunedModel, read_tuned_file
 
 
 def load_dense_for(cfg: TrainConfig, task: str, model: nn.Module, *, training: bool = True) -> DenseSplits:
@@ -132,14 +132,31 @@ class DenseTask(Task):
             return None
         return str(read_head_file(resolve_run(path)[1])[0].get("task") or "")
 
+    own_head_module = True
+
+    @classmethod
+    def preprocess_doc(cls, size: int) -> str:
+        return (f"RGB, letterboxed (aspect kept, padded) onto a {size}x{size} canvas, /255, (x - mean) / std, "
+                "NCHW float32")
+
+    @classmethod
+    def num_classes_of(cls, run: Any) -> int:
+        return int(run.dense.head.cfg.num_classes)
+
+    @classmethod
+    def load_model(cls, path: Path, weights: str | None, load_device: torch.device | str = "cpu") -> SavedRun:
+        model, head_meta = load_dense(path, load_device, weights)
+        tuned_path = resolve_run(path)[0]
+        return SavedRun(tuned_path, read_tuned_file(tuned_path)[0], model.tuned, None, info=head_meta, model=model)
+
     @classmethod
     def open_saved(cls, path: Path, data_spec: str | None, weights: str | None, load_device: torch.device | None,
                    **changes: Any) -> SavedRun:
-        model, meta = load_dense(path, load_device or "cpu", weights)
-        recorded = meta.get("config") or {}
-        cfg = saved_config(recorded, data=data_spec or recorded.get("data"), shots=None, augment=None,
-                           progress=False, **changes)
-        return SavedRun(resolve_run(path)[0], meta, model.tuned, cfg, info=meta, model=model)
+        run = cls.load_model(path, weights, load_device or "cpu")
+        recorded = run.recorded
+        run.cfg = saved_config(recorded, data=data_spec or recorded.get("data"), shots=None, augment=None,
+                               progress=False, **changes)
+        return run
 
     def setup_saved(self, run: SavedRun, rt: Runtime) -> None:
         self.setup(run.cfg, rt, None, model=run.model)
