@@ -93,17 +93,34 @@ def task_of(metrics: dict[str, Any]) -> type[Task]:
     return get_task(metrics.get("task") or DEFAULT_TASK)
 
 
+def _families() -> list[type[Task]]:
+    """One registered class per family of run files (segment/detect share theirs), default last."""
+    out: list[type[Task]] = []
+    seen: set[Any] = set()
+    for name in [n for n in task_names() if n != DEFAULT_TASK] + [DEFAULT_TASK]:
+        cls = get_task(name)
+        key = (getattr(cls.run_kind, "__func__", None), getattr(cls.run_files, "__func__", None))
+        if key not in seen:
+            seen.add(key)
+            out.append(cls)
+    return out
+
+
+def files_of_run(path: str | os.PathLike) -> list[Path]:
+    """The files a saved run at ``path`` consists of (tuned file first), from names alone."""
+    p = Path(path)
+    for cls in _families():
+        files = cls.run_files(p)
+        if files:
+            return files
+    return [p]
+
+
 def kind_of_run(path: str | os.PathLike) -> type[Task]:
     """The Task class of the saved run at ``path`` (run folder or one of its files), read from its
     files: every registered kind is asked (:meth:`Task.run_kind`), the default kind last."""
     p = Path(path)
-    asked: set[Any] = set()
-    for name in [n for n in task_names() if n != DEFAULT_TASK] + [DEFAULT_TASK]:
-        cls = get_task(name)
-        probe = getattr(cls.run_kind, "__func__", cls.run_kind)
-        if probe in asked:  # one family (segment/detect) answers once
-            continue
-        asked.add(probe)
+    for cls in _families():  # one family (segment/detect) answers once
         found = cls.run_kind(p)
         if found:
             return get_task(found)
@@ -124,4 +141,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["DEFAULT_TASK", "GROUP", "REGISTRY", "Runtime", "Task", "TaskProbe", "get_task", "make_task", "register_task",
-           "kind_of_run", "seed_everything", "task_names", "task_of"]
+           "files_of_run", "kind_of_run", "seed_everything", "task_names", "task_of"]

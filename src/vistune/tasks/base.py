@@ -211,6 +211,13 @@ class Task:
         return None
 
     @classmethod
+    def run_files(cls, path: Path) -> list[Path] | None:
+        """The files of the saved run at ``path`` if it looks like one of this class's family, found
+        from names alone (nothing is read: a server confines them to its task root first); the
+        tuned file first. :func:`vistune.tasks.files_of_run` asks every kind, the default last."""
+        return None
+
+    @classmethod
     def tuned_file(cls, path: Path) -> Path:
         """The tuned file of the saved run at ``path`` (the file itself, or the one in its folder)."""
         return tuned_file_of(path)

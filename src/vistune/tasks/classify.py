@@ -99,6 +99,10 @@ class ClassifyTask(Task):
         return ClassifyTask.name
 
     @classmethod
+    def run_files(cls, path: Path) -> list[Path] | None:
+        return [path / "tuned.safetensors" if path.is_dir() else path]
+
+    @classmethod
     def serve_head(cls, source: Path, tuned_path: Path, meta: dict[str, Any], view: nn.Module,
                    device: torch.device) -> ServedHead:
         from vistune.serve.multitask import class_names

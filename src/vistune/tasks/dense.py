@@ -162,6 +162,10 @@ class DenseTask(Task):
         self.setup(run.cfg, rt, None, model=run.model)
 
     @classmethod
+    def run_files(cls, path: Path) -> list[Path] | None:
+        return list(resolve_run(path)) if is_dense_run(path) else None
+
+    @classmethod
     def tuned_file(cls, path: Path) -> Path:
         return resolve_run(path)[0]
 
