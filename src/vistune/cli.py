@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from vistune.config import PRECISIONS
 from vistune.methods import method_names
+from vistune.tasks import task_names
 
 
 class _Parser(argparse.ArgumentParser):
@@ -327,15 +328,17 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
 
 def _print_metrics(metrics: dict, out: str) -> None:
-    keys = ["method", "val_top1", "test_top1", "test_balanced_top1", "test_miou", "test_map50", "test_map", "tuned_params",
-            "head_params", "train_seconds", "train_img_per_s", "peak_memory_mb", "num_train", "num_test",
-            "skipped_images", "world_size"]
+    from vistune.tasks import task_of
+
+    task = task_of(metrics)  # its headline metrics and their format are declared on the task class
+    keys = ["method", *task.metric_keys, "tuned_params", "head_params", "train_seconds", "train_img_per_s",
+            "peak_memory_mb", "num_train", "num_test", "skipped_images", "world_size"]
     keys = [k for k in keys if k in metrics]
     width = max(len(k) for k in keys)
     for k in keys:
         v = metrics.get(k)
         if isinstance(v, float):
-            v = f"{v:.4f}" if k in ("test_miou", "test_map50", "test_map") else f"{v:.2f}"
+            v = format(v, task.metric_format if k in task.metric_keys else ".2f")
         print(f"{k:<{width}}  {v}")
     print(f"{'written':<{width}}  {out}/tuned.safetensors, {out}/metrics.json")
 
@@ -443,10 +446,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                        weights=args.weights, allow_class_mismatch=args.allow_class_mismatch, precision=args.precision)
     if args.json:
         print(json.dumps(res))
-    elif res["task"] == "classify":
-        print(f"{args.split}_top1  {res[f'{args.split}_top1']:.2f}  (n={res[f'num_{args.split}']})")
     else:
-        print("\n".join(f"{k}  {v:.4f}" for k, v in res.items() if isinstance(v, float)))
+        from vistune.tasks import task_of
+
+        print("\n".join(task_of(res).eval_lines(res, args.split)))
     return 0
 
 
@@ -472,7 +475,7 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from vistune.report import DEFAULT_COLUMNS, collect_rows, machine_lines, markdown_table
+    from vistune.report import collect_rows, machine_lines, markdown_table, task_columns
     from vistune.robustness.report import report_columns
 
     rows, skipped = collect_rows(args.runs)
@@ -481,7 +484,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"vistune report: error: nothing readable ({_one_line(reasons)})", file=sys.stderr)
         return 2
     print("\n".join(machine_lines(rows)) + "\n")  # what made the numbers, above them
-    print(markdown_table(rows, report_columns(rows, DEFAULT_COLUMNS)))
+    print(markdown_table(rows, report_columns(rows, task_columns(rows))))
     for path, why in skipped:  # after the table, on stderr: the good rows stay usable
         print(f"vistune report: skipped {path}: {_one_line(why)}", file=sys.stderr)
     return 0
@@ -652,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a method on a dataset; writes tuned.safetensors + metrics.json")
     _add_train_args(p)
-    p.add_argument("--task", choices=["classify", "segment", "detect"], default=None,
+    p.add_argument("--task", choices=task_names(), default=None,
                    help="segment/detect: dense head on the tuned backbone (data camvid:|voc:|pennfudan:)")
     _add_tracking_args(p)
     p.set_defaults(func=cmd_train)

@@ -15,14 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vistune.errors import VistuneError
+from vistune.errors import ConfigError
+from vistune.tasks import get_task, task_names
 
 
-class ConfigError(VistuneError, ValueError):
-    """A config file or value is invalid."""
+def __getattr__(name: str) -> Any:
+    if name == "TASKS":  # the old constant, now the task registry's names
+        return tuple(task_names())
+    raise AttributeError(f"module 'vistune.config' has no attribute {name!r}")
 
 
-TASKS = ("classify", "segment", "detect")
 HEAD_INITS = ("random", "zeros", "prototypes")
 #: auto = bf16 autocast where the device runs it natively, else fp32 (:mod:`vistune.precision`)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -68,7 +70,7 @@ class TrainConfig:
     freeze_modules: bool = False  # PVP: keep the initialised modules frozen, train the head only
     head_lr: float | None = None  # the head's learning rate (default: lr)
     head_init: str = "random"  # random (timm's) | zeros | prototypes (normalised class means of the train features)
-    task: str = "classify"  # classify | segment | detect
+    task: str = "classify"  # a name of the task registry (vistune.tasks)
     head_options: dict[str, Any] = field(default_factory=dict)  # dense heads: width, levels, ...
     sensitivity: str | None = None  # SPT: a scores file (computed when absent)
     num_workers: int = 0
@@ -115,8 +117,6 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.imbalance is not None and not (math.isfinite(self.imbalance) and self.imbalance >= 1):
             raise ConfigError(f"imbalance must be a finite number >= 1 (1 = as is), got {self.imbalance}")
-        if self.imbalance is not None and self.task != "classify":
-            raise ConfigError(f"imbalance is for classification runs only, not task {self.task!r}")
         many_few = tuple(self.group_thresholds)
         if len(many_few) != 2 or many_few[0] < many_few[1] or many_few[1] < 0:
             raise ConfigError("group_thresholds must be MANY,FEW training-image counts with MANY >= FEW >= 0 "
@@ -127,10 +127,9 @@ class TrainConfig:
             self.subset_sizes()
         if self.head_init not in HEAD_INITS:
             raise ConfigError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {self.head_init!r}")
-        if self.task not in TASKS:
-            raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        if self.compile and self.task != "classify":
-            raise ConfigError(f"compile is for classification runs only (task {self.task!r} trains eagerly)")
+        if self.task not in task_names():
+            raise ConfigError(f"task must be one of {', '.join(task_names())}, got {self.task!r}")
+        get_task(self.task).check_config(self)  # what the task kind refuses (imbalance, compile, ...)
         if not str(self.out).strip():
             raise ConfigError("out must name an output folder, got an empty string")
         if self.img_size is not None and self.img_size < 8:

@@ -8,6 +8,11 @@ class VistuneError(Exception):
     """Base class for errors vistune raises on purpose."""
 
 
+class ConfigError(VistuneError, ValueError):
+    """A config file or value is invalid (importable from :mod:`vistune.config` too; defined here so
+    the torch-free registries can raise it without importing the config module)."""
+
+
 class MethodError(VistuneError, ValueError):
     """Unknown method, unknown option, an option of the wrong type, or a backbone a method can't use."""
 

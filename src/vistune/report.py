@@ -7,9 +7,13 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vistune.errors import VistuneError
+from vistune.tasks import DEFAULT_TASK, get_task, task_names, task_of
+
+if TYPE_CHECKING:
+    from vistune.tasks.base import Task
 
 DEFAULT_COLUMNS = (
     ("method", "method"),
@@ -24,8 +28,29 @@ DEFAULT_COLUMNS = (
 )
 
 
-_NUMERIC = ("test_top1", "val_top1", "tuned_params", "head_params", "train_img_per_s", "train_seconds",
-            "peak_memory_mb", "test_miou", "test_map50", "test_map")
+_NUMERIC = ("tuned_params", "head_params", "train_img_per_s", "train_seconds", "peak_memory_mb")
+
+
+def _task_classes() -> list[type[Task]]:
+    return [get_task(name) for name in task_names()]
+
+
+def _metric_formats() -> dict[str, str]:
+    """Each task kind's metric keys -> that kind's number format (declared on its class)."""
+    return {key: t.metric_format for t in _task_classes()
+            for key in (*t.metric_keys, *(k for k, _ in t.report_columns))}
+
+
+def task_columns(rows: Sequence[dict[str, Any]], base: Sequence[tuple[str, str]] = DEFAULT_COLUMNS) -> tuple:
+    """``base`` with its task-metric columns replaced by those of the task kinds the rows hold
+    (classification's when all rows are classification runs, so such a table is unchanged)."""
+    kinds = list(dict.fromkeys(task_of(r) for r in rows)) or [get_task(DEFAULT_TASK)]
+    metric_keys = {k for t in _task_classes() for k, _ in t.report_columns}
+    cols = [c for c in base if c[0] not in metric_keys]
+    wanted = list(dict.fromkeys(c for t in kinds for c in t.report_columns))
+    at = next((i for i, c in enumerate(base) if c[0] in metric_keys), len(cols))
+    at = min(at, len(cols))
+    return tuple(cols[:at] + wanted + cols[at:])
 
 
 class ReportError(VistuneError, ValueError):
@@ -53,7 +78,7 @@ def read_metrics(path: str | os.PathLike) -> dict[str, Any]:
         raise ReportError(f"{path} is not JSON ({err})") from None
     if not isinstance(data, dict) or "method" not in data:
         raise ReportError(f"{path} is not a vistune metrics.json (expected a JSON object with a 'method' key)")
-    for key in _NUMERIC:
+    for key in (*_NUMERIC, *_metric_formats()):
         value = data.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ReportError(f"{path}: {key} is {value!r}, not a number")
@@ -130,20 +155,20 @@ def _row_of(p: Path, sweep_row: Any) -> dict[str, Any] | str:
     return read_metrics(p)
 
 
-def _fmt(key: str, value: Any) -> str:
+def _fmt(key: str, value: Any, formats: dict[str, str]) -> str:
     if value is None:
         return "-"
     if key == "options":
         return ",".join(f"{k}={v}" for k, v in value.items() if k != "sensitivity") or "-"
     if isinstance(value, float):
-        return f"{value:.1f}" if key not in ("test_top1", "val_top1") else f"{value:.2f}"
+        return format(value, formats.get(key, ".1f"))
     if isinstance(value, int) and key.endswith("params"):
         return f"{value:,}"
     return str(value)
 
 
-def _cell(key: str, row: dict[str, Any]) -> str:
-    text = _fmt(key, row.get(key))
+def _cell(key: str, row: dict[str, Any], formats: dict[str, str]) -> str:
+    text = _fmt(key, row.get(key), formats)
     std = row.get(f"{key}_std")
     if std is not None and row.get(key) is not None:
         # one seed has no spread to show: say so instead of printing a meaningless "± 0.00"
@@ -155,7 +180,8 @@ def _cell(key: str, row: dict[str, Any]) -> str:
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]] = DEFAULT_COLUMNS) -> str:
     head = "| " + " | ".join(title for _, title in columns) + " |"
     sep = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(_cell(k, r) for k, _ in columns) + " |" for r in rows]
+    formats = _metric_formats()
+    body = ["| " + " | ".join(_cell(k, r, formats) for k, _ in columns) + " |" for r in rows]
     return "\n".join([head, sep, *body])
 
 

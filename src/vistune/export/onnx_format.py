@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from vistune.export.run import SIDECAR, ExportError, Run, load_run, sidecar, staged_dir, write_json
+from vistune.tasks import get_task
 
 ONNX_FILE = "model.onnx"
 EXPORTERS = ("torchscript", "dynamo")
@@ -60,9 +61,10 @@ class DenseGraph(nn.Module):
     thresholding and NMS.
     """
 
-    def __init__(self, dense: nn.Module) -> None:
+    def __init__(self, dense: nn.Module, detections: bool = False) -> None:
         super().__init__()
         self.dense = dense
+        self.detections = detections  # decode FCOS outputs to (scores, boxes); else the logits as they are
 
     def forward(self, x: torch.Tensor) -> Any:
         from vistune.dense.heads import _decode
@@ -71,7 +73,7 @@ class DenseGraph(nn.Module):
         with extractor.capture() as captured:
             self.dense.tuned.model.forward_features(x)
         out = self.dense.head(extractor.maps(captured, x), tuple(x.shape[-2:]))
-        if self.dense.task == "segment":
+        if not self.detections:
             return out
         h, w = out["image_size"]
         b, n, _ = out["box"].shape
@@ -84,37 +86,9 @@ class DenseGraph(nn.Module):
 
 
 def graph_module(run: Run) -> tuple[nn.Module, tuple[str, ...], dict[str, Any]]:
-    """The module to export, its output names and their documentation for the sidecar."""
-    size = int(run.backbone["img_size"])
-    if run.dense is None:
-        k = int(run.meta["num_classes"])
-        return run.tuned, ("logits",), {"logits": f"(batch, {k}) class logits"}
-    cfg = run.dense.head.cfg
-    if run.task == "segment":
-        return DenseGraph(run.dense).eval(), ("logits",), {
-            "logits": f"(batch, {cfg.num_classes}, {size}, {size}) per-pixel class logits at the input "
-            "resolution; argmax over dim 1 is the mask on the letterboxed canvas",
-        }
-    with torch.no_grad():
-        raw = run.dense(torch.zeros(1, 3, size, size))
-    counts = torch.bincount(raw["level"], minlength=len(cfg.levels)).tolist()
-    doc = {
-        "scores": f"(batch, L={sum(counts)}, {cfg.num_classes}) sqrt(sigmoid(class) * sigmoid(centre-ness)) per "
-        "location and class",
-        "boxes": f"(batch, L={sum(counts)}, 4) x1, y1, x2, y2 in canvas pixels, clamped to the canvas",
-        "postprocess": {
-            "rule": "per image and level: keep (location, class) with score > score_threshold, at most "
-            "candidates_per_level by score; then class-wise NMS over all levels at nms_iou; keep the first "
-            "max_detections (this is FCOSHead.detections)",
-            "score_threshold": cfg.score_threshold,
-            "nms_iou": cfg.nms_iou,
-            "max_detections": cfg.max_detections,
-            "candidates_per_level": 1000,
-            "level_sizes": counts,
-            "strides": [float(lv["stride"]) for lv in cfg.levels],
-        },
-    }
-    return DenseGraph(run.dense).eval(), ("scores", "boxes"), doc
+    """The module to export, its output names and their documentation for the sidecar (declared by
+    the run's task class: :meth:`vistune.tasks.base.Task.export_graph`)."""
+    return get_task(run.task).export_graph(run, int(run.backbone["img_size"]))
 
 
 def example_input(size: int, batch: int = 2, seed: int = 0) -> torch.Tensor:

@@ -169,7 +169,7 @@ def export_peft(run_path: str | os.PathLike, out: str | os.PathLike, *, include_
     from vistune.export.timm_format import loader_lines, write_timm_folder
 
     run = load_run(run_path, weights)
-    if run.dense is not None:
+    if run.task_class.own_head_module:  # a dense head: only a traced graph carries it
         raise refuse_dense(run, "peft")
     if run.method != "lora":
         raise refuse(run, "peft", "PEFT's LoRA adapter layout carries vistune's lora method only")

@@ -1,9 +1,9 @@
 """What every export shares: rebuilding a run, refusing what a format cannot carry, and writing
 an output folder atomically with a small JSON that says how to run it without vistune.
 
-:func:`load_run` is the *only* place in this package that knows how a run is turned back into a
-model (it calls the engine's ``seeded_backbone`` and the dense loader); when the engine moves,
-only the two imports in :func:`_rebuilders` change.
+:func:`load_run` is the *only* place in this package that turns a run back into a model: it asks
+the run's task class (:func:`vistune.tasks.kind_of_run`, :meth:`~vistune.tasks.base.Task.load_model`),
+so this package never needs to know which task kinds exist.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 from vistune import __version__
+from vistune.backbones import BackboneError
 from vistune.errors import VistuneError
+from vistune.tasks import DEFAULT_TASK, get_task, kind_of_run
 
 EXPORT_FORMAT = "vistune.export/1"
 SIDECAR = "vistune_export.json"
@@ -33,11 +35,11 @@ class ExportError(VistuneError, ValueError):
 
 
 def _rebuilders():
-    """The engine functions that rebuild a run (one import site, repointed at merge time)."""
+    """The engine function that rebuilds a backbone (one import site; runs are rebuilt by their task
+    class, :meth:`vistune.tasks.base.Task.load_model`)."""
     from vistune.backbones import seeded_backbone
-    from vistune.dense.model import is_dense_run, load_dense, resolve_run
 
-    return seeded_backbone, is_dense_run, load_dense, resolve_run
+    return (seeded_backbone,)
 
 
 def build_backbone(name: str, weights: str | None, img_size: int | None) -> nn.Module:
@@ -62,12 +64,17 @@ class Run:
     path: Path  # the tuned file
     meta: dict[str, Any]  # the tuned file's metadata
     tuned: Any  # vistune.tuning.TunedModel
-    dense: Any = None  # vistune.dense.model.DenseModel for segment/detect runs
-    head_meta: dict[str, Any] | None = None
+    dense: Any = None  # the task's own model around the tuned one (vistune.dense.model.DenseModel)
+    head_meta: dict[str, Any] | None = None  # where such a run records its classes (its head file)
+    kind: Any = None  # the run's task class (vistune.tasks); None: a classification run
+
+    @property
+    def task_class(self) -> Any:
+        return self.kind if self.kind is not None else get_task(DEFAULT_TASK)
 
     @property
     def task(self) -> str:
-        return "classify" if self.dense is None else str(self.dense.task)
+        return self.task_class.name
 
     @property
     def method(self) -> str:
@@ -80,7 +87,7 @@ class Run:
 
     @property
     def class_names(self) -> list[str] | None:
-        extra = self.head_meta if self.dense is not None else (self.meta.get("extra") or {})
+        extra = self.head_meta if self.head_meta is not None else (self.meta.get("extra") or {})
         names = (extra or {}).get("class_names")
         return [str(n) for n in names] if names else None
 
@@ -90,49 +97,35 @@ class Run:
 
 
 def resolve_tuned_path(path: str | os.PathLike) -> tuple[Path, bool]:
-    """A run folder or a tuned file → (tuned file, is_dense)."""
-    _, is_dense_run, _, resolve_run = _rebuilders()
+    """A run folder or a tuned file → (tuned file, whether its head is the task's own module)."""
     p = Path(path)
     if not p.exists():
         raise ExportError(f"run {p}: no such file or folder")
-    if is_dense_run(p):
-        return resolve_run(p)[0], True
-    if p.is_dir():
-        p = p / "tuned.safetensors"
-        if not p.is_file():
-            raise ExportError(f"run {path}: no tuned.safetensors in this folder")
-    return p, False
+    kind = kind_of_run(p)
+    if p.is_dir() and not (p / "tuned.safetensors").is_file():
+        raise ExportError(f"run {path}: no tuned.safetensors in this folder")
+    return kind.tuned_file(p), kind.own_head_module
 
 
 def load_run(path: str | os.PathLike, weights: str | None = None) -> Run:
-    """Rebuild a run (a run folder, its ``tuned.safetensors``, or a dense run folder) on CPU."""
-    from vistune.tuning import load_tuned, read_tuned_file
-
-    _, _, load_dense, _ = _rebuilders()
-    tuned_path, dense = resolve_tuned_path(path)
-    meta, _ = read_tuned_file(tuned_path)
-    if dense:
-        try:
-            model, head_meta = load_dense(tuned_path.parent, "cpu", weights)
-        except (VistuneError, ValueError, OSError, RuntimeError) as err:
-            raise ExportError(f"run {path}: cannot rebuild it: {err}") from None
-        model.eval()
-        return Run(tuned_path, meta, model.tuned, model, head_meta)
-    from vistune.backbones import backbone_for_file
-
-    try:  # the recorded weights are a label: a run on a local weights file needs it given again
-        backbone = backbone_for_file(meta["backbone"], tuned_path, weights)
+    """Rebuild a run (a run folder, its ``tuned.safetensors``, or a dense run folder) on CPU: the
+    run's files say its task kind, and that class rebuilds it (:meth:`Task.load_model`)."""
+    resolve_tuned_path(path)  # the one-line refusals of a path that holds no run
+    kind = kind_of_run(path)
+    try:
+        saved = kind.load_model(Path(path), weights, "cpu")
     except (VistuneError, ValueError, OSError, RuntimeError) as err:
-        raise ExportError(f"run {path}: cannot build its backbone: {err}") from None
-    tuned = load_tuned(tuned_path, backbone)
-    tuned.eval()
-    return Run(tuned_path, meta, tuned)
+        what = "build its backbone" if isinstance(err, BackboneError) else "rebuild it"
+        raise ExportError(f"run {path}: cannot {what}: {err}") from None
+    own = saved.model if saved.model is not None and saved.model is not saved.tuned else None
+    (own if own is not None else saved.tuned).eval()
+    return Run(saved.tuned_path, saved.meta, saved.tuned, own, saved.info, kind)
 
 
 def carriers(run: Run) -> tuple[str, ...]:
     """The formats that can carry this run: the method says (``Method.export_formats``); a dense
     run's head is vistune's own module, which only a traced graph carries."""
-    if run.dense is not None:
+    if run.task_class.own_head_module:
         return ("onnx",)
     return run.tuned.method.export_formats()
 
@@ -175,13 +168,7 @@ def timm_kwargs(model: nn.Module, num_classes: int, img_size: int) -> dict[str, 
 def sidecar(run: Run, artefact: str, **fields: Any) -> dict[str, Any]:
     """The small JSON written next to every artefact: what it is and how to feed it."""
     bb = run.backbone
-    preprocess = (
-        f"RGB, letterboxed (aspect kept, padded) onto a {bb['img_size']}x{bb['img_size']} canvas, /255, "
-        "(x - mean) / std, NCHW float32"
-        if run.dense is not None
-        else f"RGB, bicubic resize to {bb['img_size']}x{bb['img_size']} (no crop), /255, (x - mean) / std, "
-        "NCHW float32"
-    )
+    preprocess = run.task_class.preprocess_doc(int(bb["img_size"]))
     out = {
         "format": EXPORT_FORMAT,
         "artefact": artefact,
@@ -207,9 +194,7 @@ def sidecar(run: Run, artefact: str, **fields: Any) -> dict[str, Any]:
 
 
 def _num_classes(run: Run) -> int:
-    if run.dense is not None:
-        return int(run.dense.head.cfg.num_classes)
-    return int(run.meta["num_classes"])
+    return run.task_class.num_classes_of(run)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

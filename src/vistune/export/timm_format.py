@@ -127,7 +127,7 @@ def export_timm(run_path: str | os.PathLike, out: str | os.PathLike, *, overwrit
     ``vistune_export.json``).
     """
     run = load_run(run_path, weights)
-    if run.dense is not None:
+    if run.task_class.own_head_module:  # a dense head: only a traced graph carries it
         raise refuse_dense(run, "timm")
     if "timm" not in carriers(run):
         raise refuse(run, "timm", run.tuned.method.not_mergeable_reason)

@@ -109,7 +109,7 @@ def confine(root: Path, path: str) -> Path:
     Every failure is the same error, raised before the model touches the file: outside the root,
     ``..`` or a symlink leading out, missing, unreadable, a folder without a run, a corrupt file.
     """
-    from vistune.dense.model import is_dense_run, read_head_file, resolve_run
+    from vistune.tasks import files_of_run, kind_of_run
     from vistune.tuning import read_tuned_file
 
     if not isinstance(path, str) or not path.strip() or has_control_chars(path):
@@ -118,15 +118,10 @@ def confine(root: Path, path: str) -> Path:
     if source == root:
         raise TaskPathError()  # an empty or "." path: the root is where tasks live, not a task
     try:
-        if is_dense_run(source):
-            tuned, head = resolve_run(source)
-            files = [_inside(tuned, root), _inside(head, root)]
-            read_head_file(files[1])
-        else:
-            tuned = source / "tuned.safetensors" if source.is_dir() else source
-            files = [_inside(tuned, root)]
+        files = [_inside(f, root) for f in files_of_run(source)]  # names only: confined before any read
         if not all(f.is_file() for f in files):
             raise TaskPathError()
+        kind_of_run(source)  # reads the kind's own files (a dense run's head file)
         read_tuned_file(files[0])
     except TaskPathError:
         raise

@@ -65,6 +65,8 @@ from torch import nn
 from vistune.backbones import backbone_info, classifier
 from vistune.errors import MethodError, TunedFileError, VistuneError
 from vistune.precision import resolve_precision
+from vistune.tasks import get_task, kind_of_run
+from vistune.tasks.base import tuned_file_of
 from vistune.tuning import MethodSpec, attach, check_backbone, fingerprint, load_tensors, read_tuned_file
 
 #: Task names travel in URLs and JSON: keep them to a safe alphabet.
@@ -341,11 +343,11 @@ class Task:
         }
 
 
-def _file_tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _class_names(names: Any, n: int) -> list[str]:
+def class_names(names: Any, n: int) -> list[str]:
     if isinstance(names, list) and len(names) == n:
         return [str(c) for c in names]
     return [str(i) for i in range(n)]
@@ -457,25 +459,13 @@ class MultiTaskModel:
                     del self._routers[host_name]
 
     def _build_task(self, name: str, source: Path) -> Task:
-        from vistune.dense.model import is_dense_run
-
-        dense = is_dense_run(source)
-        head_meta, head_tensors = ({}, {})
-        if dense:
-            from vistune.dense.model import read_head_file, resolve_run
-
-            tuned_path, head_path = resolve_run(source)
-            head_meta, head_tensors = read_head_file(head_path)
-        else:
-            tuned_path = _tuned_path(source)
+        kind = kind_of_run(source)  # the run's task class: it knows its files and its head
+        tuned_path = kind.tuned_file(source)
         meta, tensors = read_tuned_file(tuned_path)
         try:
             check_backbone(tuned_path, meta, self.backbone, self.fingerprint)
         except KeyError as err:
             raise TunedFileError(f"tuned file {tuned_path}: backbone metadata lacks {err}") from None
-        if dense and (meta["backbone"]["fingerprint"] != head_meta.get("backbone_fingerprint")
-                      or meta["method"] != head_meta.get("method")):
-            raise TunedFileError(f"{head_path} was trained with another backbone or method than {tuned_path}")
         try:
             spec = MethodSpec.from_dict(meta["method"])
             num_classes = int(meta["num_classes"])
@@ -492,32 +482,16 @@ class MultiTaskModel:
         view.to(next(self.backbone.parameters()).device)  # the new head; shared tensors stay put
         tuned.eval()
         report = tuned.parameter_report()
-        file_bytes = _file_tensor_bytes(tensors)
+        file_bytes = tensor_bytes(tensors)
 
-        if dense:
-            from vistune.dense.heads import DenseHead, HeadConfig
-
-            cfg = HeadConfig.from_dict(head_meta["head"])
-            head: nn.Module = DenseHead(cfg)
-            try:
-                head.load_state_dict(head_tensors, strict=True)
-            except RuntimeError as err:
-                raise TunedFileError(f"dense head file of {source} does not fit its recorded config: {err}") from None
-            head.to(next(self.backbone.parameters()).device).eval()
-            kind, levels, k = cfg.task, cfg.level_objs(), cfg.num_classes
-            classes = _class_names(head_meta.get("class_names"), k)
-            report["head_params"] = sum(p.numel() for p in head.parameters())
-            file_bytes += _file_tensor_bytes(head_tensors)
-        else:
-            if num_classes < 1:
-                raise TunedFileError(f"tuned file {tuned_path} has no classification head (num_classes=0) "
-                                     "and is not part of a dense run folder")
-            head = classifier(view)
-            kind, levels = "classify", []
-            classes = _class_names((meta.get("extra") or {}).get("class_names"), num_classes)
+        served = kind.serve_head(source, tuned_path, meta, view, next(self.backbone.parameters()).device)
+        if served.head_params is not None:
+            report["head_params"] = served.head_params
+        file_bytes += served.file_bytes
+        head, levels, classes = served.head, served.levels, served.classes
 
         routing = tuned.method.routing()
-        task = Task(name=name, kind=kind, path=str(source), method=spec.name, options=dict(tuned.spec.options),
+        task = Task(name=name, kind=kind.name, path=str(source), method=spec.name, options=dict(tuned.spec.options),
                     classes=classes, report=report, file_bytes=file_bytes, tokens=int(routing.tokens),
                     head=head, levels=levels)
         if routing.own_pass:
@@ -662,10 +636,11 @@ class MultiTaskModel:
         for task in tasks.values():
             for lv in task.levels:
                 levels.setdefault(lv.module, lv)
-        classify = any(t.kind == "classify" for t in tasks.values())
+        kinds = {t: get_task(task.kind) for t, task in tasks.items()}
+        classify = any(k.uses_pre_logits for k in kinds.values())  # the pooled head runs only if read
         extractor = FeatureExtractor(model, list(levels.values())) if levels else None
         captured: dict[int, Any] = {}
-        pre = None
+        pre, maps = None, {}
         if routed:
             self._rows, self._batch_size = rows, x.shape[0]
         try:
@@ -684,13 +659,7 @@ class MultiTaskModel:
                 outputs: list[Any] = [None] * len(names)
                 for t, task in tasks.items():
                     r = rows[t]
-                    if task.kind == "classify":
-                        out = task.head(pre.index_select(0, r)).float()
-                        per = [out[j:j + 1] for j in range(len(r))]
-                    else:
-                        feats_t = [maps[lv.module].index_select(0, r) for lv in task.levels]
-                        out = task.head(feats_t, tuple(x.shape[-2:]))
-                        per = _split_dense(out, len(r))
+                    per = kinds[t].serve_outputs(task, pre, maps, r, tuple(x.shape[-2:]))
                     for j, o in zip(r.tolist(), per):
                         outputs[j] = o
                 return outputs
@@ -719,28 +688,4 @@ class MultiTaskModel:
         return {lv.module: m for lv, m in zip(extractor.levels, maps)}
 
 
-def _split_dense(out: Any, n: int) -> list[Any]:
-    """A dense head's batch output -> one single-image output per row."""
-    if isinstance(out, torch.Tensor):
-        return [out[j:j + 1] for j in range(n)]
-    per = []
-    for j in range(n):
-        d = {}
-        for k, v in out.items():
-            batched = isinstance(v, torch.Tensor) and k in ("cls", "box", "ctr")
-            d[k] = v[j:j + 1] if batched else v
-        per.append(d)
-    return per
-
-
-def _tuned_path(source: str | os.PathLike) -> Path:
-    """A tuned file, or the ``tuned.safetensors`` inside a run folder."""
-    p = Path(source)
-    if p.is_dir():
-        f = p / "tuned.safetensors"
-        if not f.is_file():
-            raise TunedFileError(f"{p}: no tuned.safetensors in this folder (is it a `vistune train` output?)")
-        return f
-    if not p.is_file():
-        raise TunedFileError(f"tuned file {p}: no such file or folder")
-    return p
+_tuned_path = tuned_file_of  # the one resolution of "a tuned file or its run folder" (vistune.tasks.base)

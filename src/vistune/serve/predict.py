@@ -19,6 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from vistune.serve.multitask import MultiTaskModel, ServeError, Task, UnknownTaskError
+from vistune.tasks import get_task
 
 #: Decoded images larger than this are refused (PIL's own bomb limit is ~179 Mpx).
 MAX_PIXELS = 40_000_000
@@ -42,7 +43,7 @@ class Sample:
 
     task: str
     x: torch.Tensor  # (3, S, S) float32
-    letterbox: Any = None  # dense tasks: vistune.dense.datasets.Letterbox
+    letterbox: Any = None  # the kind's serve_input context (dense: vistune.dense.datasets.Letterbox)
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
@@ -122,7 +123,7 @@ def prepare(model: MultiTaskModel, data: bytes, tasks: list[str] | None = None,
             max_pixels: int = MAX_PIXELS, max_bytes: int | None = MAX_DECODE_BYTES) -> list[Sample]:
     """One image for ``tasks`` (default: every loaded task) -> one :class:`Sample` per task.
 
-    The image is decoded at most twice (once the classification way, once the dense way), one
+    The image is decoded once per input style of the named tasks' kinds (resize, letterbox), one
     after the other: at most one full-size decode is alive at a time, so a call's peak is
     ``decode_bytes`` of the upload (bounded by ``max_bytes``).
     """
@@ -135,12 +136,14 @@ def prepare(model: MultiTaskModel, data: bytes, tasks: list[str] | None = None,
             raise UnknownTaskError(f"no task {t!r} is loaded (loaded: {', '.join(loaded) or 'none'})")
     info = model.info
     size, mean, std = int(info.img_size), tuple(info.mean), tuple(info.std)
-    kinds = {loaded[t].kind for t in names}
-    classify_x = classify_input(data, size, mean, std, max_pixels, max_bytes) if "classify" in kinds else None
-    dense_x = lb = None
-    if kinds - {"classify"}:
-        dense_x, lb = dense_input(decode(data, max_pixels, max_bytes), size, mean, std)
-    return [Sample(t, classify_x) if loaded[t].kind == "classify" else Sample(t, dense_x, lb) for t in names]
+    prepared: dict[str, tuple[torch.Tensor, Any]] = {}  # input style -> (x, context): one decode per style
+    samples = []
+    for t in names:
+        kind = get_task(loaded[t].kind)
+        if kind.input_style not in prepared:
+            prepared[kind.input_style] = kind.serve_input(data, size, mean, std, max_pixels, max_bytes)
+        samples.append(Sample(t, *prepared[kind.input_style]))
+    return samples
 
 
 # ------------------------------------------------------------------------------------------------
@@ -210,13 +213,8 @@ def finish(model: MultiTaskModel, sample: Sample, output: Any, *, top: int = 5,
     """A task's raw output for one sample -> the JSON the service returns."""
     task = model.tasks[sample.task]
     res: dict[str, Any] = {"task": task.name, "kind": task.kind, "method": task.method}
-    if task.kind == "classify":
-        res["top"] = top_k(output, task.classes, top)
-    elif task.kind == "segment":
-        res.update(segment_result(output, sample.letterbox, task.classes))
-    else:
-        thr = task.score_threshold if score_threshold is None else float(score_threshold)
-        res.update(detect_result(output, task, sample.letterbox, thr))
+    res.update(get_task(task.kind).serve_result(output, sample.letterbox, task, top=top,
+                                                 score_threshold=score_threshold))
     return res
 
 

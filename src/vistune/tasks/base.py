@@ -26,6 +26,8 @@ Tasks: ``classify`` (:mod:`.classify`), ``segment`` / ``detect`` (:mod:`.dense`)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
 import random
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -36,7 +38,8 @@ import torch
 from torch import nn
 
 from vistune.backbones import seeded_backbone, set_fused_attention
-from vistune.config import ConfigError, TrainConfig
+from vistune.config import ConfigError, TrainConfig, config_keys, make_config
+from vistune.errors import TunedFileError
 from vistune.precision import Precision, resolve_precision
 from vistune.tuning import TunedModel, attach, attach_from_file
 
@@ -96,12 +99,95 @@ class TaskProbe:
         self.loss_name = loss_name
 
 
+def tuned_file_of(source: str | os.PathLike) -> Path:
+    """A tuned file, or the ``tuned.safetensors`` inside a run folder."""
+    p = Path(source)
+    if p.is_dir():
+        f = p / "tuned.safetensors"
+        if not f.is_file():
+            raise TunedFileError(f"{p}: no tuned.safetensors in this folder (is it a `vistune train` output?)")
+        return f
+    if not p.is_file():
+        raise TunedFileError(f"tuned file {p}: no such file or folder")
+    return p
+
+
+def saved_config(values: dict[str, Any] | None, **overrides: Any) -> TrainConfig:
+    """A TrainConfig from a run's recorded config (keys this version does not know are dropped)."""
+    known = set(config_keys())
+    base = {k: v for k, v in (values or {}).items() if k in known}
+    base.update(overrides)
+    return make_config(base)
+
+
+def trained_precision(meta: dict[str, Any], recorded: dict[str, Any]) -> str | None:
+    """The precision a run really trained in: recorded beside its config since ``auto`` existed;
+    before, the config's own value was always a resolved one (fp32 or bf16)."""
+    value = meta.get("precision") or recorded.get("precision")
+    return value if value in ("fp32", "bf16", "fp16") else None
+
+
+@dataclasses.dataclass
+class SavedRun:
+    """A saved run rebuilt from its files by its task class (:meth:`Task.open_saved`): the model,
+    the tuned file's metadata, the run config that reloads its data, and ``info`` — the metadata
+    where the run recorded its config, class names and precision (a classification tuned file's
+    ``extra``, a dense run's head file)."""
+
+    tuned_path: Path
+    meta: dict[str, Any]
+    tuned: Any  # vistune.tuning.TunedModel
+    cfg: TrainConfig | None  # None when only the model was rebuilt (Task.load_model)
+    info: dict[str, Any] | None = None
+    model: Any = None  # what the task evaluates (the DenseModel of a dense run; else the tuned model)
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        return self.meta.get("extra") or {}
+
+    @property
+    def recorded(self) -> dict[str, Any]:
+        return self.run_info.get("config") or {}
+
+    @property
+    def run_info(self) -> dict[str, Any]:
+        return self.info if self.info is not None else self.extra
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.run_info.get("class_names")
+
+    @property
+    def trained_precision(self) -> str | None:
+        return trained_precision(self.run_info, self.recorded)
+
+
+class ServedHead:
+    """What a server needs of a saved run beyond its tuned backbone (see :meth:`Task.serve_head`)."""
+
+    def __init__(self, head: nn.Module, classes: list[str], levels: list[Any] | None = None,
+                 head_params: int | None = None, file_bytes: int = 0) -> None:
+        self.head = head
+        self.classes = classes
+        self.levels = levels or []  # feature levels its head reads (dense: vistune.dense.features.Level)
+        self.head_params = head_params  # None: the tuned model's parameter report counts the head
+        self.file_bytes = file_bytes  # tensor bytes of the head's own file(s)
+
+
 class Task:
     """Base class; see the module docstring for the contract."""
 
     name: ClassVar[str] = ""
     #: metric selected on (higher is better); metrics.json then has ``val_<primary>``/``test_<primary>``
     primary: ClassVar[str] = ""
+    #: the direction of ``primary`` (a sweep's study maximises or minimises it)
+    higher_is_better: ClassVar[bool] = True
+    #: the headline metrics of metrics.json, as ``vistune train`` prints them after a run
+    metric_keys: ClassVar[tuple[str, ...]] = ()
+    #: ``vistune report``'s columns for this kind: (metrics.json key, title)
+    report_columns: ClassVar[tuple[tuple[str, str], ...]] = ()
+    #: how its metric values print (percentages to 2 places, fractions to 4)
+    metric_format: ClassVar[str] = ".4f"
     #: files this task writes beside metrics.json (``--overwrite`` removes exactly these)
     files: ClassVar[tuple[str, ...]] = ()
 
@@ -110,6 +196,110 @@ class Task:
     tuned: TunedModel
     cache_seconds: float = 0.0
     _precision: Precision | None = None
+
+    @classmethod
+    def check_config(cls, cfg: TrainConfig) -> None:
+        """Refuse, in one ConfigError line, settings this task kind has no meaning for (called by
+        :meth:`TrainConfig.validate`, so a YAML file fails before anything loads)."""
+
+    # -- a saved run: which kind it is, and its head for serving --------------------------------
+    @classmethod
+    def run_kind(cls, path: Path) -> str | None:
+        """The task name of the saved run at ``path`` (a run folder or one of its files) when its
+        files are of this class's family, else None. :func:`vistune.tasks.kind_of_run` asks every
+        registered kind, the default kind (whose files every run has) last."""
+        return None
+
+    @classmethod
+    def run_files(cls, path: Path) -> list[Path] | None:
+        """The files of the saved run at ``path`` if it looks like one of this class's family, found
+        from names alone (nothing is read: a server confines them to its task root first); the
+        tuned file first. :func:`vistune.tasks.files_of_run` asks every kind, the default last."""
+        return None
+
+    @classmethod
+    def tuned_file(cls, path: Path) -> Path:
+        """The tuned file of the saved run at ``path`` (the file itself, or the one in its folder)."""
+        return tuned_file_of(path)
+
+    @classmethod
+    def serve_head(cls, source: Path, tuned_path: Path, meta: dict[str, Any], view: nn.Module,
+                   device: torch.device) -> ServedHead:
+        """The head a server runs for the saved run at ``source`` on ``view`` (the tuned backbone
+        rebuilt from ``tuned_path``, whose metadata is ``meta``), refused in one TunedFileError line
+        when the run's files do not fit together."""
+        raise NotImplementedError
+
+    @classmethod
+    def load_model(cls, path: Path, weights: str | None, load_device: torch.device | str = "cpu") -> SavedRun:
+        """The saved run at ``path`` rebuilt as a model only (``cfg`` None): what export needs, and
+        the first half of :meth:`open_saved`."""
+        raise NotImplementedError
+
+    @classmethod
+    def open_saved(cls, path: Path, data_spec: str | None, weights: str | None, load_device: torch.device | None,
+                   **changes: Any) -> SavedRun:
+        """The saved run at ``path`` rebuilt (``weights``: the backbone weights file of a run trained
+        on a local one) with the config that reloads its own splits: the data spec defaults to the
+        recorded one and nothing that only shapes training (shots, augmentation) applies again; a dense
+        model is built on ``load_device``;
+        ``changes`` override the recorded config (batch size, device)."""
+        raise NotImplementedError
+
+    def setup_saved(self, run: SavedRun, rt: Runtime) -> None:
+        """:meth:`setup` for evaluation around a run :meth:`open_saved` rebuilt."""
+        raise NotImplementedError
+
+    # -- export ---------------------------------------------------------------------------------
+    #: the head is vistune's own module (timm and PEFT cannot rebuild it; only a traced graph carries it)
+    own_head_module: ClassVar[bool] = False
+
+    @classmethod
+    def preprocess_doc(cls, size: int) -> str:
+        """How an export's user must prepare an image (the export's sidecar says it)."""
+        return f"RGB, bicubic resize to {size}x{size} (no crop), /255, (x - mean) / std, NCHW float32"
+
+    @classmethod
+    def num_classes_of(cls, run: Any) -> int:
+        """The class count of a rebuilt run (:class:`vistune.export.run.Run`)."""
+        return int(run.meta["num_classes"])
+
+    @classmethod
+    def export_graph(cls, run: Any, size: int) -> tuple[nn.Module, tuple[str, ...], dict[str, Any]]:
+        """The module an ONNX export traces for ``run`` (:class:`vistune.export.run.Run`, rebuilt on
+        CPU), its output names, and each output's documentation for the export's sidecar."""
+        raise NotImplementedError
+
+    # -- serving: one image -> JSON (classmethods: a server holds loaded heads, not set-up tasks) --
+    #: how a server prepares an upload for this kind; kinds of one style share one decode
+    input_style: ClassVar[str] = "resize"
+    #: whether this kind's head reads the backbone's pooled pre-logits (else only its level maps)
+    uses_pre_logits: ClassVar[bool] = True
+
+    @classmethod
+    def serve_input(cls, data: bytes, size: int, mean: tuple, std: tuple, max_pixels: int,
+                    max_bytes: int | None) -> tuple[torch.Tensor, Any]:
+        """An upload -> ``(3, S, S)`` input exactly as evaluation preprocessed it, and the context
+        :meth:`serve_result` needs to map the output back to the upload's pixels (or None)."""
+        raise NotImplementedError
+
+    @classmethod
+    def serve_outputs(cls, loaded: Any, pre: torch.Tensor | None, maps: dict[str, torch.Tensor],
+                      rows: torch.Tensor, image_hw: tuple[int, int]) -> list[Any]:
+        """This kind's head (``loaded.head``) on ``rows`` of a shared backbone pass: one output per row.
+        ``pre``: pooled pre-logits; ``maps``: level maps by module name (``loaded.levels``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def serve_result(cls, output: Any, context: Any, loaded: Any, *, top: int,
+                     score_threshold: float | None) -> dict[str, Any]:
+        """One row's output -> the JSON fields the service returns for it (beside task/kind/method)."""
+        raise NotImplementedError
+
+    @classmethod
+    def eval_lines(cls, res: dict[str, Any], split: str) -> list[str]:
+        """``vistune eval``'s plain-text answer for ``res`` (:func:`evaluate_run`'s dict)."""
+        return [f"{k}  {format(v, cls.metric_format)}" for k, v in res.items() if isinstance(v, float)]
 
     # -- building ----------------------------------------------------------------------------
     def setup(self, cfg: TrainConfig, rt: Runtime, out: Path | None) -> None:
@@ -136,6 +326,11 @@ class Task:
 
     def build_backbone(self, cfg: TrainConfig) -> nn.Module:
         return seeded_backbone(cfg.backbone, weights=cfg.weights, img_size=cfg.img_size)
+
+    def load_data(self, cfg: TrainConfig, model: nn.Module) -> Any:
+        """The run's splits, read as ``model`` (the backbone) expects its input: what :meth:`setup`
+        loads, exposed so a multi-run workflow checks the data once before its first run."""
+        raise NotImplementedError
 
     def attach_method(self, cfg: TrainConfig, backbone: nn.Module, num_classes: int | None,
                       probe: TaskProbe | None, reseed: Callable[[], None] | None = None) -> TunedModel:

@@ -25,7 +25,8 @@ from vistune.data import DataSplits, load_data
 from vistune.data.loader import class_counts
 from vistune.errors import TunedFileError
 from vistune.io import json_text
-from vistune.tasks.base import Batches, Runtime, Task, TaskProbe, seed_everything
+from vistune.tasks.base import (Batches, Runtime, SavedRun, ServedHead, Task, TaskProbe, saved_config,
+                                seed_everything)
 from vistune.tuning import TunedModel, read_tuned_file
 
 SENSITIVITY_BATCH = 32  # SPT's reference: the first 16 unshuffled batches of 32 training images
@@ -48,6 +49,9 @@ def load_classification_data(cfg: TrainConfig, model: nn.Module, spec: str | Non
 class ClassifyTask(Task):
     name = "classify"
     primary = "top1"
+    metric_keys = ("val_top1", "test_top1", "test_balanced_top1")
+    report_columns = (("test_top1", "test top-1"), ("val_top1", "val top-1"))
+    metric_format = ".2f"
     files = ("tuned.safetensors", "splits.json")
 
     data: DataSplits
@@ -87,6 +91,90 @@ class ClassifyTask(Task):
             self.cache_seconds = time.perf_counter() - t0
         if training:
             self.init_head(cfg.head_init)
+
+    @classmethod
+    def run_kind(cls, path: Path) -> str | None:
+        """Every run has a tuned file: a run no other kind claims is a classification run (a kind
+        that subclasses this one claims its own runs by overriding this)."""
+        return ClassifyTask.name
+
+    @classmethod
+    def run_files(cls, path: Path) -> list[Path] | None:
+        return [path / "tuned.safetensors" if path.is_dir() else path]
+
+    @classmethod
+    def serve_head(cls, source: Path, tuned_path: Path, meta: dict[str, Any], view: nn.Module,
+                   device: torch.device) -> ServedHead:
+        from vistune.serve.multitask import class_names
+
+        num_classes = int(meta["num_classes"])
+        if num_classes < 1:
+            raise TunedFileError(f"tuned file {tuned_path} has no classification head (num_classes=0) "
+                                 "and is not part of a dense run folder")
+        return ServedHead(classifier(view), class_names((meta.get("extra") or {}).get("class_names"), num_classes))
+
+    @classmethod
+    def load_model(cls, path: Path, weights: str | None, load_device: torch.device | str = "cpu") -> SavedRun:
+        from vistune.backbones import backbone_for_file
+        from vistune.tuning import load_tuned
+
+        tuned_path = path / "tuned.safetensors" if path.is_dir() else path
+        meta, _ = read_tuned_file(tuned_path)
+        # the recorded weights are a label: a run on a local weights file needs it given again
+        tuned = load_tuned(tuned_path, backbone_for_file(meta["backbone"], tuned_path, weights))
+        return SavedRun(tuned_path, meta, tuned, None)
+
+    @classmethod
+    def open_saved(cls, path: Path, data_spec: str | None, weights: str | None, load_device: torch.device | None,
+                   **changes: Any) -> SavedRun:
+        run = cls.load_model(path, weights)
+        tuned_path, meta, tuned = run.tuned_path, run.meta, run.tuned
+        recorded = run.recorded
+        spec = data_spec or recorded.get("data")
+        if not spec:
+            raise ConfigError(f"{tuned_path}: no --data given and the file does not record its data spec")
+        cfg = saved_config(recorded, data=spec, shots=None, imbalance=None, augment=None, progress=False,
+                           task=cls.name, **changes)
+        return SavedRun(tuned_path, meta, tuned, cfg)
+
+    def setup_saved(self, run: SavedRun, rt: Runtime) -> None:
+        self.setup(run.cfg, rt, None, tuned=run.tuned)
+        self.train_counts = run.extra.get("train_class_counts")  # the run's, for its group metrics
+        if self.data.num_classes != run.tuned.num_classes:
+            raise ConfigError(f"data {run.cfg.data!r} has {self.data.num_classes} classes, the tuned file "
+                              f"{run.tuned.num_classes}")
+
+    @classmethod
+    def eval_lines(cls, res: dict[str, Any], split: str) -> list[str]:
+        return [f"{split}_{cls.primary}  {res[f'{split}_{cls.primary}']:.2f}  (n={res[f'num_{split}']})"]
+
+    @classmethod
+    def export_graph(cls, run: Any, size: int) -> tuple[nn.Module, tuple[str, ...], dict[str, Any]]:
+        k = int(run.meta["num_classes"])
+        return run.tuned, ("logits",), {"logits": f"(batch, {k}) class logits"}
+
+    @classmethod
+    def serve_input(cls, data: bytes, size: int, mean: tuple, std: tuple, max_pixels: int,
+                    max_bytes: int | None) -> tuple[torch.Tensor, Any]:
+        from vistune.serve.predict import classify_input
+
+        return classify_input(data, size, mean, std, max_pixels, max_bytes), None
+
+    @classmethod
+    def serve_outputs(cls, loaded: Any, pre: torch.Tensor | None, maps: dict[str, torch.Tensor],
+                      rows: torch.Tensor, image_hw: tuple[int, int]) -> list[Any]:
+        out = loaded.head(pre.index_select(0, rows)).float()
+        return [out[j:j + 1] for j in range(len(rows))]
+
+    @classmethod
+    def serve_result(cls, output: Any, context: Any, loaded: Any, *, top: int,
+                     score_threshold: float | None) -> dict[str, Any]:
+        from vistune.serve.predict import top_k
+
+        return {"top": top_k(output, loaded.classes, top)}
+
+    def load_data(self, cfg: TrainConfig, model: nn.Module) -> DataSplits:
+        return load_classification_data(cfg, model)
 
     @torch.no_grad()
     def init_head(self, mode: str) -> None:

@@ -25,15 +25,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from vistune.backbones import backbone_info
-from vistune.config import TrainConfig
+from vistune.config import ConfigError, TrainConfig
 from vistune.dense.datasets import DenseDataset, DenseSplits, collate, load_dense_data, segmentation_to_original
 from vistune.dense.features import FeatureExtractor
-from vistune.dense.heads import DenseHead
+from vistune.dense.heads import DenseHead, HeadConfig
 from vistune.dense.metrics import DetectionMetric, SegmentationMetric, segmentation_scores
-from vistune.dense.model import DenseModel, build_dense_model, dense_files, head_config
+from vistune.dense.model import (DenseModel, build_dense_model, dense_files, head_config, is_dense_run,
+                                 load_dense, read_head_file, resolve_run)
+from vistune.errors import TunedFileError
 from vistune.io import json_text
-from vistune.tasks.base import Runtime, Task, TaskProbe, check_no_dense_fewshot, seed_everything
-from vistune.tuning import TunedModel
+from vistune.tasks.base import (Runtime, SavedRun, ServedHead, Task, TaskProbe, check_no_dense_fewshot, saved_config,
+                                seed_everything)
+from vistune.tuning import TunedModel, read_tuned_file
 
 
 def load_dense_for(cfg: TrainConfig, task: str, model: nn.Module, *, training: bool = True) -> DenseSplits:
@@ -80,6 +83,13 @@ class DenseTask(Task):
     """``segment`` (primary ``miou``) or ``detect`` (primary ``map50``)."""
 
     files = ("tuned.safetensors", "dense_head.safetensors", "splits.json")
+
+    @classmethod
+    def check_config(cls, cfg: TrainConfig) -> None:
+        if cfg.imbalance is not None:
+            raise ConfigError(f"imbalance is for classification runs only, not task {cls.name!r}")
+        if cfg.compile:
+            raise ConfigError(f"compile is for classification runs only (task {cls.name!r} trains eagerly)")
     data: DenseSplits
     model: DenseModel
     use_cache: bool = False
@@ -112,6 +122,93 @@ class DenseTask(Task):
             if self.data.val is not None:
                 self.val_cache = FeatureCache(self, self.data.val, (False,))
             self.cache_seconds = time.perf_counter() - t0
+
+    input_style = "letterbox"
+    uses_pre_logits = False
+
+    @classmethod
+    def run_kind(cls, path: Path) -> str | None:
+        if not is_dense_run(path):
+            return None
+        return str(read_head_file(resolve_run(path)[1])[0].get("task") or "")
+
+    own_head_module = True
+
+    @classmethod
+    def preprocess_doc(cls, size: int) -> str:
+        return (f"RGB, letterboxed (aspect kept, padded) onto a {size}x{size} canvas, /255, (x - mean) / std, "
+                "NCHW float32")
+
+    @classmethod
+    def num_classes_of(cls, run: Any) -> int:
+        return int(run.dense.head.cfg.num_classes)
+
+    @classmethod
+    def load_model(cls, path: Path, weights: str | None, load_device: torch.device | str = "cpu") -> SavedRun:
+        model, head_meta = load_dense(path, load_device, weights)
+        tuned_path = resolve_run(path)[0]
+        return SavedRun(tuned_path, read_tuned_file(tuned_path)[0], model.tuned, None, info=head_meta, model=model)
+
+    @classmethod
+    def open_saved(cls, path: Path, data_spec: str | None, weights: str | None, load_device: torch.device | None,
+                   **changes: Any) -> SavedRun:
+        run = cls.load_model(path, weights, load_device or "cpu")
+        recorded = run.recorded
+        run.cfg = saved_config(recorded, data=data_spec or recorded.get("data"), shots=None, augment=None,
+                               progress=False, **changes)
+        return run
+
+    def setup_saved(self, run: SavedRun, rt: Runtime) -> None:
+        self.setup(run.cfg, rt, None, model=run.model)
+
+    @classmethod
+    def run_files(cls, path: Path) -> list[Path] | None:
+        return list(resolve_run(path)) if is_dense_run(path) else None
+
+    @classmethod
+    def tuned_file(cls, path: Path) -> Path:
+        return resolve_run(path)[0]
+
+    @classmethod
+    def serve_head(cls, source: Path, tuned_path: Path, meta: dict[str, Any], view: nn.Module,
+                   device: torch.device) -> ServedHead:
+        from vistune.serve.multitask import class_names, tensor_bytes
+
+        head_path = resolve_run(source)[1]
+        head_meta, head_tensors = read_head_file(head_path)
+        if (meta["backbone"]["fingerprint"] != head_meta.get("backbone_fingerprint")
+                or meta["method"] != head_meta.get("method")):
+            raise TunedFileError(f"{head_path} was trained with another backbone or method than {tuned_path}")
+        cfg = HeadConfig.from_dict(head_meta["head"])
+        head = DenseHead(cfg)
+        try:
+            head.load_state_dict(head_tensors, strict=True)
+        except RuntimeError as err:
+            raise TunedFileError(f"dense head file of {source} does not fit its recorded config: {err}") from None
+        head.to(device).eval()
+        return ServedHead(head, class_names(head_meta.get("class_names"), cfg.num_classes), cfg.level_objs(),
+                          head_params=sum(p.numel() for p in head.parameters()),
+                          file_bytes=tensor_bytes(head_tensors))
+
+    @classmethod
+    def serve_input(cls, data: bytes, size: int, mean: tuple, std: tuple, max_pixels: int,
+                    max_bytes: int | None) -> tuple[torch.Tensor, Any]:
+        from vistune.serve.predict import decode, dense_input
+
+        return dense_input(decode(data, max_pixels, max_bytes), size, mean, std)
+
+    @classmethod
+    def serve_outputs(cls, loaded: Any, pre: torch.Tensor | None, maps: dict[str, torch.Tensor],
+                      rows: torch.Tensor, image_hw: tuple[int, int]) -> list[Any]:
+        out = loaded.head([maps[lv.module].index_select(0, rows) for lv in loaded.levels], image_hw)
+        if isinstance(out, torch.Tensor):
+            return [out[j:j + 1] for j in range(len(rows))]
+        # detection: per-level tensors are batched, anything else (strides, sizes) is shared
+        return [{k: v[j:j + 1] if isinstance(v, torch.Tensor) and k in ("cls", "box", "ctr") else v
+                 for k, v in out.items()} for j in range(len(rows))]
+
+    def load_data(self, cfg: TrainConfig, model: nn.Module) -> DenseSplits:
+        return load_dense_for(cfg, self.name, model)
 
     def sensitivity_losses(self, backbone: nn.Module, num_batches: int) -> Iterator[torch.Tensor]:
         """The dense loss through a freshly initialised dense head on the backbone's levels
@@ -246,8 +343,63 @@ class DenseTask(Task):
 class SegmentTask(DenseTask):
     name = "segment"
     primary = "miou"
+    metric_keys = ("test_miou",)
+    report_columns = (("test_miou", "test mIoU"), ("val_miou", "val mIoU"))
+
+    @classmethod
+    def export_graph(cls, run: Any, size: int) -> tuple[nn.Module, tuple[str, ...], dict[str, Any]]:
+        from vistune.export.onnx_format import DenseGraph
+
+        return DenseGraph(run.dense).eval(), ("logits",), {
+            "logits": f"(batch, {run.dense.head.cfg.num_classes}, {size}, {size}) per-pixel class logits at the "
+            "input resolution; argmax over dim 1 is the mask on the letterboxed canvas",
+        }
+
+    @classmethod
+    def serve_result(cls, output: Any, context: Any, loaded: Any, *, top: int,
+                     score_threshold: float | None) -> dict[str, Any]:
+        from vistune.serve.predict import segment_result
+
+        return segment_result(output, context, loaded.classes)
 
 
 class DetectTask(DenseTask):
     name = "detect"
     primary = "map50"
+    metric_keys = ("test_map50", "test_map")
+    report_columns = (("test_map50", "test mAP50"), ("test_map", "test mAP"), ("val_map50", "val mAP50"))
+
+    @classmethod
+    def export_graph(cls, run: Any, size: int) -> tuple[nn.Module, tuple[str, ...], dict[str, Any]]:
+        """Decoded FCOS candidates (scores, boxes); the sidecar documents the post-processing."""
+        from vistune.export.onnx_format import DenseGraph
+
+        cfg = run.dense.head.cfg
+        with torch.no_grad():
+            raw = run.dense(torch.zeros(1, 3, size, size))
+        counts = torch.bincount(raw["level"], minlength=len(cfg.levels)).tolist()
+        doc = {
+            "scores": f"(batch, L={sum(counts)}, {cfg.num_classes}) sqrt(sigmoid(class) * sigmoid(centre-ness)) "
+            "per location and class",
+            "boxes": f"(batch, L={sum(counts)}, 4) x1, y1, x2, y2 in canvas pixels, clamped to the canvas",
+            "postprocess": {
+                "rule": "per image and level: keep (location, class) with score > score_threshold, at most "
+                "candidates_per_level by score; then class-wise NMS over all levels at nms_iou; keep the first "
+                "max_detections (this is FCOSHead.detections)",
+                "score_threshold": cfg.score_threshold,
+                "nms_iou": cfg.nms_iou,
+                "max_detections": cfg.max_detections,
+                "candidates_per_level": 1000,
+                "level_sizes": counts,
+                "strides": [float(lv["stride"]) for lv in cfg.levels],
+            },
+        }
+        return DenseGraph(run.dense, detections=True).eval(), ("scores", "boxes"), doc
+
+    @classmethod
+    def serve_result(cls, output: Any, context: Any, loaded: Any, *, top: int,
+                     score_threshold: float | None) -> dict[str, Any]:
+        from vistune.serve.predict import detect_result
+
+        thr = loaded.score_threshold if score_threshold is None else float(score_threshold)
+        return detect_result(output, loaded, context, thr)

@@ -284,8 +284,9 @@ class Plan:
 
 def prepare(s: RobustnessSettings) -> Plan:
     """Validate and load everything (runs, data, optional packages); writes nothing."""
-    from vistune.dense.model import is_dense_run
     from vistune.engine.distributed import resolve_device
+    from vistune.tasks import kind_of_run
+    from vistune.tasks.classify import ClassifyTask
 
     if not (s.corruptions or s.attacks or s.ood):
         raise RobustnessError("nothing to do: give --corruptions, --attack and/or --ood")
@@ -293,9 +294,10 @@ def prepare(s: RobustnessSettings) -> Plan:
         raise RobustnessError("--class-map maps the classes of --ood data sets: give --ood too")
     if s.baseline and not s.corruptions:
         raise RobustnessError("--baseline is the reference of the corruption error: give --corruptions too")
-    if is_dense_run(s.tuned):
+    kind = kind_of_run(s.tuned)
+    if not issubclass(kind, ClassifyTask):
         what = "--attack" if s.attacks else "vistune robustness"
-        raise RobustnessError(f"{what} works on classification runs; {s.tuned} is a dense (segment/detect) run")
+        raise RobustnessError(f"{what} works on classification runs; {s.tuned} is a {kind.name} run")
     check_out(Path(s.out))
     device = resolve_device(s.device)
     if s.corruptions:

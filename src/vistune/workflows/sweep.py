@@ -53,6 +53,7 @@ from vistune.engine.rundir import FolderLock, RunDirError, recorded_settings, se
 from vistune.io import save_figure_atomic, write_json_atomic, write_text_atomic
 from vistune.methods import get_method
 from vistune.methods.base import MODULE_ADAMW_LRS, VPT_SGD_BASE_LRS
+from vistune.tasks import get_task, task_of
 
 
 #: Run settings a search dimension may name besides method options.
@@ -269,7 +270,7 @@ def _grid_sampler(values: dict[str, list[Any]], seed: int) -> Any:
 
 
 def open_study(out: Path, storage_url: str | None, name: str, sampler: str, space: Space, pruner: str,
-               epochs: int, seed: int, create: bool = True) -> Any:
+               epochs: int, seed: int, create: bool = True, direction: str = "maximize") -> Any:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -301,7 +302,7 @@ def open_study(out: Path, storage_url: str | None, name: str, sampler: str, spac
         prn = optuna.pruners.NopPruner()
     try:
         return optuna.create_study(study_name=name, storage=storage, sampler=samp, pruner=prn,
-                                   direction="maximize", load_if_exists=True)
+                                   direction=direction, load_if_exists=True)
     except Exception as err:  # noqa: BLE001 - storage errors come in many types; one line for the user
         raise SweepError(f"cannot open the study {name!r} in {storage_url or out / 'study.journal'}: {err}") from None
 
@@ -619,7 +620,8 @@ def _work_left(study: Any, space: Space, sampler: str, trials: int | None,
 
 
 def _primary(metrics: dict[str, Any]) -> str:
-    return {"classify": "top1", "segment": "miou", "detect": "map50"}.get(metrics.get("task", "classify"), "top1")
+    """The metric a run of this task kind is selected on (its task class declares it)."""
+    return task_of(metrics).primary
 
 
 def _settled(t: Any) -> bool:
@@ -647,13 +649,16 @@ def _search_complete(study: Any, space: Space, sampler: str, trials: int | None)
 
 
 def best_trial(study: Any) -> Any:
-    """The best COMPLETE trial on val; ties go to the smaller lr, then the smaller wd (VPT)."""
+    """The best COMPLETE trial on val (in the study's direction, the task's primary metric's); ties go
+    to the smaller lr, then the smaller wd (VPT)."""
+    from optuna.study import StudyDirection
     from optuna.trial import TrialState
 
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
     if not complete:
         raise SweepError("no trial finished: nothing to select (see the trials' folders for their errors)")
-    return max(complete, key=lambda t: (t.value, -t.params.get("lr", 0.0), -t.params.get("wd", 0.0), -t.number))
+    sign = 1.0 if study.direction == StudyDirection.MAXIMIZE else -1.0
+    return max(complete, key=lambda t: (sign * t.value, -t.params.get("lr", 0.0), -t.params.get("wd", 0.0), -t.number))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -713,7 +718,9 @@ def run_sweep(
             repaired = repair_journal(out / "study.journal")
             if repaired:
                 print(f"vistune sweep: {repaired}", file=sys.stderr)
-        study = open_study(out, storage, study_name, sampler, space, pruner, base.epochs, base.seed)
+        direction = "maximize" if get_task(base.task).higher_is_better else "minimize"
+        study = open_study(out, storage, study_name, sampler, space, pruner, base.epochs, base.seed,
+                           direction=direction)
         check_settings(study, sweep_settings(base, space), out)
         tracking = trk.for_sweep(tracking, study, out.name, worker=worker)
         if stage in ("all", "search"):
@@ -822,7 +829,8 @@ def summarise(study: Any, space: Space, out: Path, base: TrainConfig) -> dict[st
                      "run_dir": t.user_attrs.get("run_dir"), "worker": t.user_attrs.get("worker"),
                      "error": t.user_attrs.get("error")})
     result: dict[str, Any] = {
-        "format": "vistune.sweep/1", "method": base.method, "options": base.options, "data": base.data,
+        "format": "vistune.sweep/1", "task": base.task, "method": base.method, "options": base.options,
+        "data": base.data,
         "backbone": base.backbone, "img_size": base.img_size, "epochs": base.epochs,
         "batch_size": base.batch_size, "seed": base.seed, "optimizer": space.optimizer or None,
         "space": space.values, "grid_size": space.grid_size(), "trials": rows, "best": None,
@@ -1000,10 +1008,12 @@ def sweep_row(path: Path) -> dict[str, Any] | None:
     # speed and memory are per run, not averaged: show the first retrained seed's, as for train s
     first = path / runs[0]["dir"] / "metrics.json" if runs[0].get("dir") else None
     speed = json.loads(first.read_text()) if first is not None and first.is_file() else {}
+    task = task_of({"task": result.get("task") or speed.get("task")})
+    test_key = final.get("metric") or f"test_{task.primary}"  # test_<primary> of the sweep's task
     return {"method": result["method"], "options": {**result.get("options", {}),
                                                        **{k.removeprefix("options."): v for k, v in best.get("params", {}).items()}},
-            "test_top1": final.get("mean"), "test_top1_std": final.get("std"), "seeds": len(final.get("runs") or []),
-            "val_top1": best.get("val"), "tuned_params": runs[0].get("tuned_params"),
+            "task": task.name, test_key: final.get("mean"), f"{test_key}_std": final.get("std"),
+            "seeds": len(final.get("runs") or []), "val_" + test_key.removeprefix("test_"): best.get("val"), "tuned_params": runs[0].get("tuned_params"),
             "head_params": runs[0].get("head_params"), "train_seconds": runs[0].get("train_seconds"),
             "train_img_per_s": speed.get("train_img_per_s"), "peak_memory_mb": speed.get("peak_memory_mb"),
             "trials": len(result.get("trials", [])), "sweep": str(path),

@@ -14,13 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vistune.config import ConfigError, TrainConfig, config_keys, make_config
+from vistune.config import ConfigError, TrainConfig
 from vistune.engine.callbacks import Callback, ending
 from vistune.engine.distributed import Dist, init_distributed
 from vistune.engine.loop import fit
 from vistune.engine.rundir import RunDir
 from vistune.precision import resolve_precision
-from vistune.tasks import make_task
+from vistune.tasks import DEFAULT_TASK, get_task, kind_of_run, make_task
+from vistune.tasks.base import SavedRun, saved_config, trained_precision  # noqa: F401 - their old home
+
 
 
 def train(
@@ -74,23 +76,8 @@ def check_shared_settings(cfg: TrainConfig) -> None:
 
     check_method(cfg)
     resolve_device(cfg.device)
-    backbone = make_task(cfg.task).build_backbone(cfg)
-    if cfg.task == "classify":
-        from vistune.tasks.classify import load_classification_data
-
-        load_classification_data(cfg, backbone)
-    else:
-        from vistune.tasks.dense import load_dense_for
-
-        load_dense_for(cfg, cfg.task, backbone)
-
-
-def saved_config(values: dict[str, Any] | None, **overrides: Any) -> TrainConfig:
-    """A TrainConfig from a run's recorded config (keys this version does not know are dropped)."""
-    known = set(config_keys())
-    base = {k: v for k, v in (values or {}).items() if k in known}
-    base.update(overrides)
-    return make_config(base)
+    task = make_task(cfg.task)
+    task.load_data(cfg, task.build_backbone(cfg))
 
 
 def evaluate_run(
@@ -112,31 +99,16 @@ def evaluate_run(
     the ones the run was trained with (``allow_class_mismatch`` for the rare intended case).
     ``precision="auto"`` keeps the precision the run trained in where this hardware runs it
     natively (so the number reproduces), else fp32; an explicit choice is used as given.
+    The run's files say which task kind it is; that kind rebuilds it (:meth:`Task.open_saved`).
     """
-    from vistune.dense.model import is_dense_run, load_dense
-
     dist = dist or init_distributed(device)
-    p = Path(path)
-    if is_dense_run(p):
-        model, meta = load_dense(p, dist.device, weights)
-        recorded = meta.get("config") or {}
-        names = meta.get("class_names")
-        cfg = saved_config(recorded, data=data_spec or recorded.get("data"), batch_size=batch_size,
-                           device=str(dist.device), shots=None, augment=None, progress=False)
-        task = make_task(model.task)
-        task.use_precision(resolve_precision(precision, dist.device, prefer=trained_precision(meta, recorded)))
-        task.setup(cfg, dist, None, model=model)
-    else:
-        run = open_classification_run(p, data_spec, weights, batch_size=batch_size, device=str(dist.device))
-        extra, cfg, tuned = run.extra, run.cfg, run.tuned
-        names = extra.get("class_names")
-        task = make_task("classify")
-        task.use_precision(resolve_precision(precision, dist.device, prefer=trained_precision(extra, run.recorded)))
-        task.setup(cfg, dist, None, tuned=tuned)
-        task.train_counts = extra.get("train_class_counts")  # the run's, for its group metrics
-        if task.data.num_classes != tuned.num_classes:
-            raise ConfigError(f"data {cfg.data!r} has {task.data.num_classes} classes, the tuned file "
-                              f"{tuned.num_classes}")
+    kind = kind_of_run(path)
+    run = kind.open_saved(Path(path), data_spec, weights, dist.device, batch_size=batch_size,
+                          device=str(dist.device))
+    cfg, names = run.cfg, run.class_names
+    task = kind()
+    task.use_precision(resolve_precision(precision, dist.device, prefer=run.trained_precision))
+    task.setup_saved(run, dist)
     check_class_names(names, list(task.data.class_names), cfg.data, allow_class_mismatch)
     if not task.has_split(split):
         raise ConfigError(f"data {cfg.data!r} has no {split!r} split")
@@ -145,54 +117,11 @@ def evaluate_run(
     return {**fields, f"num_{split}": _split_size(task, split), "task": task.name, **task.precision.fields()}
 
 
-@dataclasses.dataclass
-class SavedRun:
-    """A classification run rebuilt from its tuned file: the model, the file's metadata, and the
-    run config that reloads its data (see :func:`open_classification_run`)."""
-
-    tuned_path: Path
-    meta: dict[str, Any]
-    tuned: Any  # vistune.tuning.TunedModel
-    cfg: TrainConfig
-
-    @property
-    def extra(self) -> dict[str, Any]:
-        return self.meta.get("extra") or {}
-
-    @property
-    def recorded(self) -> dict[str, Any]:
-        return self.extra.get("config") or {}
-
-
 def open_classification_run(path: str | os.PathLike, data_spec: str | None, weights: str | None,
                             **changes: Any) -> SavedRun:
-    """A classification run folder or tuned file -> its tuned model and the config of its data.
-
-    The one way ``vistune eval`` and ``vistune robustness`` rebuild a run: the data spec defaults
-    to the recorded one, and nothing that only shapes training (shots, imbalance, augmentation)
-    is applied again, so the evaluated splits are the run's own.
-    """
-    from vistune.backbones import backbone_for_file
-    from vistune.tuning import load_tuned, read_tuned_file
-
-    p = Path(path)
-    tuned_path = p / "tuned.safetensors" if p.is_dir() else p
-    meta, _ = read_tuned_file(tuned_path)
-    recorded = (meta.get("extra") or {}).get("config") or {}
-    tuned = load_tuned(tuned_path, backbone_for_file(meta["backbone"], tuned_path, weights))
-    spec = data_spec or recorded.get("data")
-    if not spec:
-        raise ConfigError(f"{tuned_path}: no --data given and the file does not record its data spec")
-    cfg = saved_config(recorded, data=spec, shots=None, imbalance=None, augment=None, progress=False,
-                       task="classify", **changes)
-    return SavedRun(tuned_path, meta, tuned, cfg)
-
-
-def trained_precision(meta: dict[str, Any], recorded: dict[str, Any]) -> str | None:
-    """The precision a run really trained in: recorded beside its config since ``auto`` existed;
-    before, the config's own value was always a resolved one (fp32 or bf16)."""
-    value = meta.get("precision") or recorded.get("precision")
-    return value if value in ("fp32", "bf16", "fp16") else None
+    """A classification run folder or tuned file -> its tuned model and the config of its data
+    (``vistune robustness``, which is defined for classification)."""
+    return get_task(DEFAULT_TASK).open_saved(Path(path), data_spec, weights, None, **changes)
 
 
 def _split_size(task: Any, split: str) -> int:
