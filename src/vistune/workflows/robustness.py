@@ -170,7 +170,7 @@ class ArrayImages(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return torch.from_numpy(np.ascontiguousarray(self.array[i])), self.labels[i]
+        return torch.from_numpy(np.array(self.array[i])), self.labels[i]  # a copy: the cache is read-only
 
 
 def cached_images(cache: str | None, images: Images, stamp: dict[str, Any], workers: int,
