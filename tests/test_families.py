@@ -341,3 +341,34 @@ def test_dense_heads_on_other_families(kind, method, options, task):
         assert out.shape == (2, 3, x.shape[-2], x.shape[-1])
     else:
         assert out["cls"].shape[0] == 2 and torch.isfinite(out["box"]).all()
+
+
+def test_tf_ports_with_dynamic_same_padding():
+    """EfficientNet-Lite0 as the zoo builds it (tf_ port): stride-2 depthwise convs are timm's
+    Conv2dSame. They count for a block's stride (a parallel adapter must downsample alike) and
+    carry Conv-LoRA through the same dynamic pad; merging stays exact."""
+    import timm
+    from timm.layers import Conv2dSame
+
+    torch.manual_seed(0)
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=0).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    anatomy = describe(model)
+    same = [s for s in anatomy.sites(["dw"]) if type(s.module) is Conv2dSame]
+    assert same, "the tf port must have Conv2dSame depthwise convs"
+    assert any(b.stride == 2 for b in anatomy.blocks if any(s.module is same[0].module for s in b.sites))
+    ref = features(model, x)
+    adapted = attach(model, "adapter", num_classes=3, bottleneck=2)
+    assert torch.allclose(features(adapted.model, x), ref, atol=1e-6)
+    perturb(adapted.method.tuned_parameters(adapted.model))
+    assert torch.isfinite(features(adapted.model, x)).all()
+
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=0).eval()
+    tuned = attach(model, "lora", num_classes=3, rank=2, targets="dw")
+    perturb(tuned.method.tuned_parameters(tuned.model))
+    with torch.no_grad():
+        before = tuned.model(x)
+    assert (features(tuned.model, x) - ref).abs().max() > 1e-3 * ref.abs().max()
+    tuned.method.merge(tuned.model)
+    with torch.no_grad():
+        assert (tuned.model(x) - before).abs().max() <= 1e-4 * max(1.0, before.abs().max().item())

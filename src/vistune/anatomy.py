@@ -186,11 +186,22 @@ _CNN_CONV_ATTRS = ("conv_dw", "conv1", "conv_pw", "conv2", "conv3", "conv_pwl", 
                    "conv1_1x1", "conv2_kxk", "conv3_1x1", "dw_start", "pw_exp", "dw_mid", "pw_proj", "dw_end")
 
 
+def plain_conv(module: nn.Module | None) -> bool:
+    """A convolution that computes conv(x, W) with W as stored: nn.Conv2d, or timm's Conv2dSame
+    (TF ports: the same product after a dynamic 'same' pad). Weight-standardised or conditional
+    convolutions transform W first, so an update added to W would not act as stated."""
+    if type(module) is nn.Conv2d:
+        return True
+    from timm.layers import Conv2dSame
+
+    return type(module) is Conv2dSame
+
+
 def _conv_of(child: nn.Module | None) -> nn.Conv2d | None:
-    if type(child) is nn.Conv2d:
+    if plain_conv(child):
         return child
     inner = getattr(child, "conv", None)  # timm's ConvNormAct wraps its Conv2d
-    return inner if type(inner) is nn.Conv2d else None
+    return inner if plain_conv(inner) else None
 
 
 def _cnn_sites(block: nn.Module, names: dict[int, str]) -> tuple[tuple[Site, ...], nn.Module | None]:

@@ -99,6 +99,11 @@ def peft_tensors(run: Run) -> tuple[dict[str, torch.Tensor], dict[str, int], flo
         if isinstance(branch, ConvLoRA):
             host = name.rsplit(".", 1)[0]
             conv = model.get_submodule(host)
+            if type(conv) is not nn.Conv2d:
+                raise ExportError(
+                    f"{run.path}: {host} is a {type(conv).__name__} (a dynamic 'same' pad before the conv); PEFT's "
+                    "Conv2d LoRA would convolve its input unpadded, so it cannot carry this update (use --format timm or onnx)"
+                )
             if conv.groups != 1:
                 raise ExportError(
                     f"{run.path}: {host} is a grouped convolution (groups={conv.groups}); PEFT's Conv2d LoRA "

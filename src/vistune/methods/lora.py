@@ -24,9 +24,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from timm.layers.padding import pad_same
 from torch import nn
 
-from vistune.anatomy import GROUPS, ROLES, Site, describe
+from vistune.anatomy import GROUPS, ROLES, Site, describe, plain_conv
 from vistune.backbones import BackboneError, classifier
 from vistune.errors import MethodError
 from vistune.methods.base import Method, check_merged_finite, option
@@ -151,6 +152,8 @@ class ConvLoRA(nn.Module):
 
     def forward(self, host: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(x)
+        if type(host) is not nn.Conv2d:  # timm's Conv2dSame: the host's dynamic 'same' pad, then padding 0
+            x = pad_same(x, host.kernel_size, host.stride, host.dilation)
         a, b = self.A["all"].to(x.dtype), self.B["all"].to(x.dtype)
         out, in_g, kh, kw = self.weight_shape
         if self.factorised:
@@ -287,7 +290,7 @@ def _pattern_sites(model: nn.Module, patterns: tuple[str, ...], taken: set[int])
             )
         for name in matched:
             module = model.get_submodule(name)
-            if type(module) not in (nn.Linear, nn.Conv2d):
+            if type(module) is not nn.Linear and not plain_conv(module):
                 raise MethodError(
                     f"lora: modules pattern {pattern!r} matches {name!r}, a {type(module).__name__}; "
                     "only nn.Linear and nn.Conv2d can carry an update"
