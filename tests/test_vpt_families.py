@@ -242,10 +242,10 @@ def test_pad_frames_the_image_at_its_size(arch):
     assert tuned.parameter_report()["tuned_params"] == 3 * (2 * p * (s + 2 * p) + s * 2 * p)
     assert tuple(vpt.tb.shape) == (1, 3, 2 * p, s + 2 * p) and tuple(vpt.lr.shape) == (1, 3, s, 2 * p)
     assert 0 <= float(vpt.tb.detach().min()) and float(vpt.tb.detach().max()) <= 1  # uniform(0, 1), pixel space
-    from vistune.methods.vpt import _stem
+    from vistune.anatomy import describe
 
     x = images(2, s)
-    seen = stem_inputs(tuned.model, _stem(tuned.model), x)
+    seen = stem_inputs(tuned.model, describe(tuned.model).stem, x)
     assert seen.shape == (2, 3, s + 2 * p, s + 2 * p)
     torch.testing.assert_close(seen[:, :, p:-p, p:-p], x, rtol=0, atol=0)  # the image, untouched, inside
     mean = torch.tensor(tuned.model.vistune_info.mean).view(1, 3, 1, 1)
@@ -261,12 +261,12 @@ def test_pad_frames_the_image_at_its_size(arch):
 
 @pytest.mark.parametrize("arch", CNNS + ["test_resnet"])
 def test_below_is_the_widened_stem_with_the_original_weights_frozen(arch):
-    from vistune.methods.vpt import _stem
+    from vistune.anatomy import describe
 
     s, c = 32, 2
     base = cnn(arch, s)
     tuned = attach(copy.deepcopy(base), "vpt", location="below", length=c, num_classes=3)
-    stem = _stem(tuned.model)
+    stem = describe(tuned.model).stem
     out_ch, in_ch, kh, kw = stem.weight.shape
     vpt = tuned.model.vpt
     assert tuned.parameter_report()["tuned_params"] == c * s * s + out_ch * c * kh * kw

@@ -20,7 +20,7 @@ Groups name several roles at once: ``attn`` = q,k,v,proj; ``mlp`` = fc1,fc2; ``c
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -84,7 +84,6 @@ class Anatomy:
     stages: tuple[Stage, ...]
     stem: nn.Conv2d | None  # the first convolution on the image (patch embedding for transformers)
     arch: str = ""
-    notes: dict[str, str] = field(default_factory=dict)
 
     def roles(self) -> list[str]:
         """The roles this backbone offers, in :data:`ROLES` order."""

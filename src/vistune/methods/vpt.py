@@ -180,12 +180,12 @@ class VPT(Method):
                 )
             self._attach_swin(model, anat)
             return
-        stem = _stem(model)
-        if stem is None:
+        anat = try_describe(model)  # the stem is the anatomy's first convolution on the image
+        if anat is None or anat.stem is None:
             raise MethodError(f"vpt location={opts.location}: {arch} has no stem convolution on the image")
+        stem = anat.stem
         if opts.location == "pad":
-            anat = try_describe(model)
-            if is_vit(model) or (anat is not None and anat.layout != "maps"):
+            if anat.layout != "maps":
                 raise MethodError(
                     f"vpt location=pad feeds (S+2p)-pixel images, but {arch} is built for a fixed S (its position "
                     "embedding or windows): use location=prepend or location=below"
@@ -309,12 +309,6 @@ def _check_size(x: torch.Tensor, size: int, location: str, what: str) -> None:
             f"vpt location={location} was built for {size}x{size} images ({what} has that size); got "
             f"{x.shape[-2]}x{x.shape[-1]}: resize inputs to {size}"
         )
-
-
-def _stem(model: nn.Module) -> nn.Conv2d | None:
-    """The first convolution on the image (the anatomy's stem; deep stems give their first conv)."""
-    anat = try_describe(model)
-    return anat.stem if anat is not None else None
 
 
 def _swin_hooks(method: VPT, anat: Anatomy, prompts: SwinPrompts) -> None:
