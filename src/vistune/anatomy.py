@@ -260,8 +260,9 @@ def _is_convnext(model: nn.Module) -> bool:
 
 
 def _is_resnet(model: nn.Module) -> bool:
-    return isinstance(getattr(model, "layer1", None), nn.Sequential) and bool(
-        _cnn_sites(model.layer1[0], {id(m): n for n, m in model.named_modules()})[0])
+    layer1 = getattr(model, "layer1", None)
+    return isinstance(layer1, nn.Sequential) and bool(
+        _cnn_sites(layer1[0], {id(m): n for n, m in layer1[0].named_modules()})[0])
 
 
 def _is_efficientnet(model: nn.Module) -> bool:

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vistune.config import ConfigError
 from vistune.data.fewshot import class_orders, proportional_quota
-from vistune.io import write_json_atomic
+from vistune.io import write_atomic, write_json_atomic
 from vistune.precision import Precision, resolve_precision
 from vistune.robustness.corruptions import RobustnessError, corrupt, image_seed, implementation
 
@@ -198,9 +198,12 @@ def cached_images(cache: str | None, images: Images, stamp: dict[str, Any], work
     loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=workers)
     array = np.concatenate([x.numpy() for x, _ in loader]) if len(images) else np.zeros((0, 3, 1, 1), np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to the temp name
+            np.save(f, array)
+
+    write_atomic(path, write)
     return ArrayImages(array, images.labels)
 
 
