@@ -84,6 +84,8 @@ class Anatomy:
     stages: tuple[Stage, ...]
     stem: nn.Conv2d | None  # the first convolution on the image (patch embedding for transformers)
     arch: str = ""
+    #: the roles a low-rank update targets when the user names none (the family's :class:`Family`)
+    default_roles: tuple[str, ...] = ()
 
     def roles(self) -> list[str]:
         """The roles this backbone offers, in :data:`ROLES` order."""
@@ -146,6 +148,10 @@ class Family:
     stem: Callable[[nn.Module], nn.Module | None]
     #: (a block, {id(module): name}) → (its sites, the MLP an adapter sits beside or None)
     sites: Callable[[nn.Module, dict[int, str]], tuple[tuple[Site, ...], nn.Module | None]]
+    #: roles (or groups) a low-rank update targets by default: the paper's q,v on transformers,
+    #: the pointwise MLP on ConvNeXt, every full convolution on ResNets (a BasicBlock has no 1×1),
+    #: the pointwise convs on EfficientNets
+    default_roles: tuple[str, ...] = ()
 
 
 def conv_role(conv: nn.Conv2d) -> str:
@@ -294,12 +300,12 @@ def _first_conv(*paths: str):
 
 #: One entry per family, tried in order; the first whose ``detect`` accepts a model describes it.
 FAMILIES: list[Family] = [
-    Family("vit", is_vit, _vit_stages, "tokens", _patch_stem, _transformer_sites),
-    Family("swin", _is_swin, _staged("layers", "blocks"), "windows", _patch_stem, _transformer_sites),
-    Family("convnext", _is_convnext, _staged("stages", "blocks"), "maps", _first_conv("stem.0"), _convnext_sites),
-    Family("resnet", _is_resnet, _resnet_stages, "maps", _first_conv("conv1"), _cnn_sites),
+    Family("vit", is_vit, _vit_stages, "tokens", _patch_stem, _transformer_sites, ("q", "v")),
+    Family("swin", _is_swin, _staged("layers", "blocks"), "windows", _patch_stem, _transformer_sites, ("q", "v")),
+    Family("convnext", _is_convnext, _staged("stages", "blocks"), "maps", _first_conv("stem.0"), _convnext_sites, ("mlp",)),
+    Family("resnet", _is_resnet, _resnet_stages, "maps", _first_conv("conv1"), _cnn_sites, ("convs",)),
     Family("efficientnet", _is_efficientnet, _staged("blocks", None), "maps", _first_conv("conv_stem"),
-           _cnn_sites),
+           _cnn_sites, ("pw",)),
 ]
 
 
@@ -344,7 +350,7 @@ def describe(model: nn.Module) -> Anatomy:
         stages.append(Stage(len(stages), sname, smod, blocks[-1].out_width, range(start, len(blocks)), down))
     stem = family.stem(model)
     return Anatomy(family.name, family.layout, tuple(blocks), tuple(stages),
-                   stem if isinstance(stem, nn.Conv2d) else None, arch)
+                   stem if isinstance(stem, nn.Conv2d) else None, arch, family.default_roles)
 
 
 def try_describe(model: nn.Module) -> Anatomy | None:

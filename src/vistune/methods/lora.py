@@ -32,11 +32,6 @@ from vistune.backbones import BackboneError, classifier
 from vistune.errors import MethodError
 from vistune.methods.base import Method, check_merged_finite, option
 
-#: What ``targets`` means when not given, per family: the paper's q,v on transformers; the
-#: pointwise MLP on ConvNeXt; every full convolution on CNNs (a BasicBlock ResNet has no 1×1).
-DEFAULT_TARGETS = {"vit": ("q", "v"), "swin": ("q", "v"), "convnext": ("mlp",),
-                   "resnet": ("convs",), "efficientnet": ("pw",)}
-
 
 @dataclass
 class LoRAOptions:
@@ -225,7 +220,7 @@ class LoRA(Method):
             anatomy = None
         sites: list[Site] = []
         if anatomy is not None and (opts.targets is not None or not opts.modules):
-            targets = opts.targets if opts.targets is not None else DEFAULT_TARGETS[anatomy.family]
+            targets = opts.targets if opts.targets is not None else anatomy.default_roles
             try:
                 sites = anatomy.sites(targets)
             except BackboneError as err:

@@ -172,7 +172,7 @@ class VPT(Method):
                 self._attach_vit(model)
                 return
             anat = try_describe(model)
-            if anat is None or anat.family != "swin":
+            if anat is None or anat.layout != "windows":
                 family = f" ({anat.family})" if anat is not None else ""
                 raise MethodError(
                     f"vpt location=prepend needs prompt tokens: a timm VisionTransformer or Swin; {arch}{family} "
