@@ -183,9 +183,10 @@ def _add_train_args(p: argparse.ArgumentParser, multi_data: bool = False, shots:
                    help="auto (default): bf16 autocast where the hardware runs it natively (CUDA with bf16, a CPU "
                         "with AVX512-BF16/AMX), else fp32; fp16: CUDA only, with a gradient scaler")
     p.add_argument("--augment", choices=["flip"], default=None)
-    p.add_argument("--compile", action="store_const", const=True, default=None,
-                   help="torch.compile the training forward (classification; 15-20%% off a LoRA step on CPU, "
-                        "after a one-off compile; eval stays eager)")
+    p.add_argument("--compile", nargs="?", const="on", default=None, choices=["on", "off", "auto"],
+                   help="torch.compile the training forward (classification; eval stays eager). --compile = on; "
+                        "auto: measure the first eager steps and compile only if the run's remaining steps repay the "
+                        "compile (15-20%% off a LoRA step on CPU; the compile costs about a minute); default off")
     p.add_argument("--trainval", action="store_const", const=True, default=None,
                    help="train on train+val (VTAB's final protocol); no validation split")
     p.add_argument("--select", choices=["last", "best-val"], default=None,

@@ -28,6 +28,8 @@ def __getattr__(name: str) -> Any:
 HEAD_INITS = ("random", "zeros", "prototypes")
 #: auto = bf16 autocast where the device runs it natively, else fp32 (:mod:`vistune.precision`)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: ``compile``'s spellings: on/off (true/false in YAML) or auto (:mod:`vistune.engine.autocompile`)
+COMPILE_WORDS: dict[str, bool | str] = {"on": True, "true": True, "off": False, "false": False, "auto": "auto"}
 
 
 @dataclass
@@ -57,7 +59,7 @@ class TrainConfig:
     clip_grad: float | None = 1.0
     accum_steps: int = 1
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (CUDA); auto: bf16 only where it is native
-    compile: bool = False  # torch.compile the training forward (classification; benchmarks/RESULTS.md)
+    compile: bool | str = False  # torch.compile the training forward: false | true | auto (pays back or stays off)
     augment: str | None = None  # None | flip
     trainval: bool = False  # VTAB final protocol: train on train800val200, no val split
     select: str = "last"  # last | best-val : which epoch's weights are tested
@@ -87,6 +89,10 @@ class TrainConfig:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.optimizer not in ("sgd", "adamw"):
             raise ConfigError(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
+        if isinstance(self.compile, str) and self.compile.lower() in COMPILE_WORDS:
+            self.compile = COMPILE_WORDS[self.compile.lower()]
+        if self.compile not in (True, False, "auto"):
+            raise ConfigError(f"compile must be on, off or auto, got {self.compile!r}")
         if self.select not in ("last", "best-val"):
             raise ConfigError(f"select must be 'last' or 'best-val', got {self.select!r}")
         for name in ("epochs", "batch_size", "accum_steps"):

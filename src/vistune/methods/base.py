@@ -298,7 +298,12 @@ def coerce_value(value: Any, annotation: Any, none_words: bool = True) -> Any:
         non_none = [a for a in args if a is not type(None)]
         if value is None or (none_words and isinstance(value, str) and value.lower() in {"none", "null"}):
             return None
-        annotation = non_none[0]
+        for alternative in non_none[:-1]:  # ``bool | str``: a true/false word, else the string
+            try:
+                return coerce_value(value, alternative, none_words)
+            except (TypeError, ValueError):
+                pass
+        annotation = non_none[-1]
         origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if annotation is bool:
         if isinstance(value, bool):

@@ -10,6 +10,7 @@ structure (:meth:`TunedModel.features_are_static`), not by the method's name.
 from __future__ import annotations
 
 import functools
+import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -23,8 +24,10 @@ from vistune.backbones import backbone_info, classifier
 from vistune.config import ConfigError, TrainConfig
 from vistune.data import DataSplits, load_data
 from vistune.data.loader import class_counts
+from vistune.engine.autocompile import AutoCompile
 from vistune.errors import TunedFileError
 from vistune.io import json_text
+from vistune.precision import cpu_capability
 from vistune.tasks.base import (Batches, Runtime, SavedRun, ServedHead, Task, TaskProbe, saved_config,
                                 seed_everything)
 from vistune.tuning import TunedModel, read_tuned_file
@@ -251,23 +254,48 @@ class ClassifyTask(Task):
         return self._features("train") if self.use_cache else self.data.train
 
     def num_train_batches(self) -> int:
-        return len(self.train_batches(0))  # a streamed (wds:) split's step count is its loader's
+        return len(self._train_loader(0))  # a streamed (wds:) split's step count is its loader's
 
     def train_batches(self, epoch: int) -> Batches:
+        self.__dict__.setdefault("_first_epoch", epoch)  # a resumed run starts later: fewer steps left
+        return self._train_loader(epoch)
+
+    def _train_loader(self, epoch: int) -> Batches:
         return self.rt.train_loader(self._train_set(), self.cfg.batch_size, seed=self.cfg.seed * 100_003 + epoch,
                                     num_workers=0 if self.use_cache else self.cfg.num_workers)
 
     def _forward(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The training forward. ``--compile`` wraps the tuned model (not the cached-feature head,
+        """The training forward. ``compile`` wraps the tuned model (not the cached-feature head,
         which is one matmul): parameters, hooks and saved files stay the eager model's own, so
-        checkpoints, tuned files and eval are unchanged; only the training step gets faster."""
-        if self.use_cache:
-            return self.head
-        return self._compiled if self.cfg.compile else self.tuned
+        checkpoints, tuned files and eval are unchanged; only the training step gets faster.
+        ``compile: auto`` decides from measured step times (:mod:`vistune.engine.autocompile`)."""
+        if self.use_cache or self.cfg.compile is False:
+            return self.head if self.use_cache else self.tuned
+        if self.cfg.compile == "auto":
+            return self._auto_compile.forward()
+        return self._compiled
 
     @functools.cached_property
     def _compiled(self) -> Callable[[torch.Tensor], torch.Tensor]:
         return torch.compile(self.tuned)
+
+    @functools.cached_property
+    def _auto_compile(self) -> AutoCompile:
+        cfg = self.cfg
+        key = "|".join(str(v) for v in (
+            torch.__version__, self.rt.device.type, cpu_capability(), torch.get_num_threads(), cfg.backbone,
+            backbone_info(self.tuned.model).img_size, cfg.method, json.dumps(cfg.options, sort_keys=True, default=str),
+            cfg.batch_size, self.precision.name))
+        epochs_left = cfg.epochs - self.__dict__.get("_first_epoch", 0)
+        return AutoCompile(self.tuned, self.num_train_batches() * epochs_left, key, gather=self.rt.gather)
+
+    def _compile_report(self) -> dict[str, Any] | str:
+        """How the training forward ran, for metrics.json (``auto``: the decision and its numbers)."""
+        if self.cfg.compile == "auto" and not self.use_cache:
+            if "_auto_compile" in self.__dict__:
+                return self._auto_compile.summary()
+            return {"mode": "auto", "decision": "eager", "why": "no training step ran"}
+        return "on" if self.cfg.compile is True and not self.use_cache else "off"
 
     def loss(self, batch: Any) -> tuple[torch.Tensor, int, dict[str, float]]:
         x, y = batch[0].to(self.rt.device), batch[1].to(self.rt.device)
@@ -341,7 +369,7 @@ class ClassifyTask(Task):
             "num_test": len(d.test) if d.test is not None else 0, "num_classes": d.num_classes,
             "class_names": list(d.class_names), "skipped_images": len(d.skipped),
             "imbalance": self.cfg.imbalance, "train_class_counts": self.train_counts,
-            "group_thresholds": list(self.cfg.group_thresholds),
+            "group_thresholds": list(self.cfg.group_thresholds), "compile": self._compile_report(),
         }  # fmt: skip
 
     def output_files(self, extra: dict[str, Any]) -> list[tuple[str, Callable[[Path], None]]]:

@@ -88,7 +88,7 @@ class DenseTask(Task):
     def check_config(cls, cfg: TrainConfig) -> None:
         if cfg.imbalance is not None:
             raise ConfigError(f"imbalance is for classification runs only, not task {cls.name!r}")
-        if cfg.compile:
+        if cfg.compile is True:  # auto simply stays eager here
             raise ConfigError(f"compile is for classification runs only (task {cls.name!r} trains eagerly)")
     data: DenseSplits
     model: DenseModel
