@@ -23,6 +23,7 @@ from vistune.backbones import backbone_info, classifier
 from vistune.config import ConfigError, TrainConfig
 from vistune.data import DataSplits, load_data
 from vistune.data.loader import class_counts
+from vistune.data.errors import DataError
 from vistune.errors import TunedFileError
 from vistune.io import json_text
 from vistune.tasks.base import (Batches, Runtime, SavedRun, ServedHead, Task, TaskProbe, saved_config,
@@ -172,6 +173,38 @@ class ClassifyTask(Task):
         from vistune.serve.predict import top_k
 
         return {"top": top_k(output, loaded.classes, top)}
+
+    @classmethod
+    def predict(cls, path: Path, image: Path, out: Path | None, *, top: int = 5,
+                score_threshold: float | None = None, device: str = "cpu") -> dict[str, Any]:
+        """The run on one image, preprocessed as the server (and eval) does (:meth:`serve_input`),
+        answered as the server answers (:meth:`serve_result`: top-k here; a subclass's own form,
+        e.g. multi-label's labels over a threshold); ``out`` must be a ``.json`` file."""
+        from vistune.engine.distributed import resolve_device
+        from vistune.io import write_text_atomic
+        from vistune.serve.multitask import class_names
+        from vistune.serve.predict import MAX_PIXELS
+
+        dev = resolve_device(device)  # a bad --device is one line before any file is read
+        if out is not None and out.suffix.lower() != ".json":
+            raise ConfigError(f"vistune predict: a {cls.name} run answers in JSON: --out {out} must end in .json")
+        try:
+            data = image.read_bytes()
+        except OSError as err:
+            raise DataError(f"image {image} cannot be read ({err.strerror or err})") from None
+        run = cls.load_model(path, None)
+        tuned = run.tuned.to(dev).eval()
+        info = backbone_info(tuned.model)
+        x, context = cls.serve_input(data, info.img_size, tuple(info.mean), tuple(info.std), MAX_PIXELS, None)
+        with torch.no_grad():
+            logits = tuned(x[None].to(dev)).float().cpu()
+        served = ServedHead(classifier(tuned.model), class_names(run.class_names, int(run.meta["num_classes"])))
+        res: dict[str, Any] = {"task": cls.name, "image": str(image),
+                               **cls.serve_result(logits, context, served, top=top, score_threshold=score_threshold)}
+        if out is not None:
+            write_text_atomic(out, json_text(res))
+            res["out"] = str(out)
+        return res
 
     def load_data(self, cfg: TrainConfig, model: nn.Module) -> DataSplits:
         return load_classification_data(cfg, model)
