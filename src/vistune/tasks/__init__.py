@@ -98,7 +98,9 @@ def get_task(name: str) -> type[Task]:
     """The Task class called ``name``; an unknown name is one ConfigError line listing the known ones."""
     target: Any = REGISTRY.get(name) or _REGISTERED.get(name) or _plugin_entries().get(name)
     if target is None:
-        raise ConfigError(f"unknown task {name!r}; known: {', '.join(task_names())}")
+        raise ConfigError(f"unknown task {name!r}; known: {', '.join(task_names())}; a task kind from another "
+                          f"package is found once it is installed (entry point group {GROUP!r}); for your own "
+                          "module or script, load it first with `vistune --plugin MODULE_OR_FILE.py ...`")
     if isinstance(target, str):
         if name in REGISTRY:
             module, _, attr = target.partition(":")

@@ -28,7 +28,7 @@ from vistune.errors import TunedFileError
 from vistune.io import json_text
 from vistune.tasks.base import (Batches, Runtime, SavedRun, ServedHead, Task, TaskProbe, saved_config,
                                 seed_everything)
-from vistune.tuning import TunedModel, read_tuned_file
+from vistune.tuning import TunedModel, read_tuned_file, read_tuned_meta
 
 SENSITIVITY_BATCH = 32  # SPT's reference: the first 16 unshuffled batches of 32 training images
 #: Logit scale of the prototype head for a feature of average norm (cosine classifiers use 10-30).
@@ -95,9 +95,19 @@ class ClassifyTask(Task):
 
     @classmethod
     def run_kind(cls, path: Path) -> str | None:
-        """Every run has a tuned file: a run no other kind claims is a classification run (a kind
-        that subclasses this one claims its own runs by overriding this)."""
-        return ClassifyTask.name
+        """Every run has a tuned file: a run no other kind claims is classification-shaped (a tuned
+        file with a linear head). Which kind trained it is the task its recorded config names, when
+        that is a kind from outside vistune (a subclass of this one, e.g. multi-label): the run is
+        then rebuilt by that class, and a process that has not loaded its plugin refuses it in one
+        line instead of treating its head as a softmax classifier. Built-in dense kinds have their
+        own files and are claimed before this; anything else is classification."""
+        from vistune.tasks import REGISTRY
+
+        meta = read_tuned_meta(path / "tuned.safetensors" if path.is_dir() else path) or {}
+        extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
+        config = extra.get("config") if isinstance(extra.get("config"), dict) else {}
+        recorded = config.get("task")
+        return recorded if isinstance(recorded, str) and recorded and recorded not in REGISTRY else ClassifyTask.name
 
     @classmethod
     def run_files(cls, path: Path) -> list[Path] | None:
