@@ -350,3 +350,23 @@ def test_task_help_lists_the_plugin_kind(ml, capsys):
     assert "{classify,segment,detect,multilabel}" in text
     assert "multilabel: several labels per image: sigmoid head, BCE" in text
     assert "segment: a class per pixel" in text
+
+
+def test_an_installed_package_needs_no_flag(run, tmp_path, monkeypatch, capsys):
+    """A package's ``vistune.tasks`` entry point: ``eval`` finds the kind from the run's tuned file,
+    imports the module (which registers its ``mlcamvid:`` reader as it loads) and reproduces the run."""
+    monkeypatch.setattr(task_registry, "_REGISTERED", {})
+    monkeypatch.delitem(sys.modules, "multilabel")
+    monkeypatch.delitem(READERS, "mlcamvid")
+    monkeypatch.delitem(KNOWN_KINDS, "mlcamvid")
+    info = tmp_path / "vistune_multilabel-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: vistune_multilabel\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[vistune.tasks]\nmultilabel = multilabel:MultiLabelTask\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(EXAMPLE.parent))
+    assert "multilabel" in task_registry.task_names() and "multilabel" not in sys.modules  # listing imports nothing
+    capsys.readouterr()
+    assert main(["eval", "--tuned", str(run["out"]), "--json", "--no-progress"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["task"] == "multilabel" and res["test_map"] == pytest.approx(run["metrics"]["test_map"], abs=1e-6)
