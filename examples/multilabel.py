@@ -347,9 +347,10 @@ class MultiLabelTask(ClassifyTask):
 
     @classmethod
     def eval_lines(cls, res: dict[str, Any], split: str) -> list[str]:
-        return [f"{split}_map  {res[f'{split}_map']:.4f}  (n={res[f'num_{split}']}, "
-                f"{res[f'{split}_labels_without_positives']} labels without positives skipped)",
-                f"{split}_macro_f1  {res[f'{split}_macro_f1']:.4f}  (threshold {THRESHOLD})"]
+        skipped = res[f"{split}_labels_without_positives"]
+        n = res[f"num_{split}"]
+        first = f"{split}_map  {res[f'{split}_map']:.4f}  (n={n}, {skipped} labels without positives skipped)"
+        return [first, f"{split}_macro_f1  {res[f'{split}_macro_f1']:.4f}  (threshold {THRESHOLD})"]
 
     # -- outputs ------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:

@@ -16,17 +16,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import shared_path
 from PIL import Image
 
 import vistune.tasks as task_registry
 from vistune import attach
 from vistune.backbones import seeded_backbone
 from vistune.cli import main
-from vistune.data import KNOWN_KINDS, READERS, DataError, Reader, read_source, register_reader
+from vistune.data import (
+    KNOWN_KINDS,
+    READERS,
+    DataError,
+    Reader,
+    read_source,
+    register_reader,
+)
 from vistune.plugins import load_plugin
 from vistune.tuning import read_tuned_file
-
-from conftest import shared_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -317,7 +323,8 @@ def test_predict_answers_with_each_kind(run, tmp_path, capsys):
                  "--out", str(out), "--score-threshold", "0.0"]) == 0
     assert len(json.loads(out.read_text())["labels"]) == 3  # every label clears threshold 0
     assert capsys.readouterr().out.strip() == f"written {out}"
-    clf = attach(seeded_backbone("test_vit", None, SIZE), "linear", num_classes=4).save_tuned(tmp_path / "c.safetensors")
+    clf = attach(seeded_backbone("test_vit", None, SIZE), "linear", num_classes=4)
+    clf = clf.save_tuned(tmp_path / "c.safetensors")
     assert main(["predict", "--tuned", str(clf), "--image", str(image), "--top", "2"]) == 0
     top = json.loads(capsys.readouterr().out)["top"]
     assert len(top) == 2 and top[0]["prob"] >= top[1]["prob"]

@@ -14,8 +14,8 @@ their spec is read.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .dense import read_camvid, read_pennfudan, read_voc

@@ -22,8 +22,8 @@ from torch.utils.data import TensorDataset
 from vistune.backbones import backbone_info, classifier
 from vistune.config import ConfigError, TrainConfig
 from vistune.data import DataSplits, load_data
-from vistune.data.loader import class_counts
 from vistune.data.errors import DataError
+from vistune.data.loader import class_counts
 from vistune.errors import TunedFileError
 from vistune.io import json_text
 from vistune.tasks.base import (Batches, Runtime, SavedRun, ServedHead, Task, TaskProbe, saved_config,
