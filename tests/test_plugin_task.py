@@ -377,3 +377,14 @@ def test_an_installed_package_needs_no_flag(run, tmp_path, monkeypatch, capsys):
     assert main(["eval", "--tuned", str(run["out"]), "--json", "--no-progress"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["task"] == "multilabel" and res["test_map"] == pytest.approx(run["metrics"]["test_map"], abs=1e-6)
+
+
+@pytest.mark.parametrize("flags, key", [(["--shots", "2"], "shots"), (["--imbalance", "10"], "imbalance"),
+                                        (["--head-init", "prototypes"], "head_init=prototypes")])
+def test_class_per_image_settings_are_refused_in_one_line(ml, tmp_path, capsys, flags, key):
+    argv = ["--plugin", str(EXAMPLE), "train", "--task", "multilabel", "--backbone", "test_vit", "--img-size",
+            str(SIZE), "--method", "linear", "--data", f"mlcamvid:{tmp_path}", "--out", str(tmp_path / "o"), *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{key} needs one class per image; task 'multilabel' has several" in err
+    assert not (tmp_path / "o").exists()  # refused before anything was created
