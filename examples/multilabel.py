@@ -101,7 +101,8 @@ def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor, threshold: f
         raise ValueError(f"multilabel_metrics: logits {tuple(logits.shape)} and targets {tuple(targets.shape)} "
                          "must both be (N, K)")
     probs, y = torch.sigmoid(logits).numpy(), targets.numpy()
-    ap = [average_precision(probs[:, k], y[:, k]) for k in range(y.shape[1])]
+    # ranked by logit: the same order as the probability, without float32's saturated ties at 1.0
+    ap = [average_precision(logits[:, k].numpy(), y[:, k]) for k in range(y.shape[1])]
     f1 = f1_scores(probs, y, threshold)
     scored_ap, scored_f1 = [v for v in ap if v is not None], [v for v in f1 if v is not None]
     n = int(y.shape[0])
@@ -188,7 +189,7 @@ class MultiLabelData:
             splits[name] = None if ds is None else {
                 "size": len(ds), "label_counts": ds.targets.sum(0).long().tolist(), "ids": list(ds.ids),
                 "labels": [list(v) for v in ds.labels]}
-        return {**self.info, "format": "vistune.data/1", "task": MultiLabelTask.name,
+        return {**self.info, "format": "multilabel.data/1", "task": MultiLabelTask.name,
                 "num_classes": self.num_classes, "class_names": list(self.class_names), "splits": splits}
 
 

@@ -127,6 +127,14 @@ def test_f1_and_the_split_metrics_by_hand(ml):
         ml.multilabel_metrics(logits, torch.zeros(4, 2))
 
 
+def test_map_ranks_saturated_scores_by_logit(ml):
+    """Logits 40, 30, 20 are all probability 1.0 in float32: ranked by probability they would be one
+    tie (AP 2/3); their order is real, so AP is that of the ranking +, -, +."""
+    logits, targets = torch.tensor([[40.0], [30.0], [20.0]]), torch.tensor([[1.0], [0.0], [1.0]])
+    assert torch.sigmoid(logits).unique().tolist() == [1.0]
+    assert ml.multilabel_metrics(logits, targets)["map"] == pytest.approx((1 + 2 / 3) / 2)
+
+
 # --------------------------------------------------------------------------------------- data
 
 def test_the_reader_derives_labels_from_masks(ml, tmp_path):
