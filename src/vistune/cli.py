@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from vistune.config import PRECISIONS
 from vistune.methods import method_names
-from vistune.tasks import task_names
+from vistune.tasks import task_help, task_names
 
 
 class _Parser(argparse.ArgumentParser):
@@ -433,10 +433,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from vistune.dense import predict
+    from pathlib import Path
 
-    res = predict(args.tuned, args.image, args.out, score_threshold=args.score_threshold, device=args.device)
-    print(json.dumps(res) if args.json else f"written {res.get('out', args.out)}")
+    from vistune.tasks import kind_of_run
+
+    kind = kind_of_run(args.tuned)  # the run's task class answers: top-k, labels, or a drawing
+    res = kind.predict(Path(args.tuned), Path(args.image), None if args.out is None else Path(args.out),
+                       top=args.top, score_threshold=args.score_threshold, device=args.device)
+    print(json.dumps(res) if args.json or "out" not in res else f"written {res['out']}")
     return 0
 
 
@@ -639,7 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vistune {__version__}")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                         help="import MODULE (a dotted module name or a .py file) before the command, so the "
-                             "methods it registers with vistune.register_method can be used (repeatable; "
+                             "methods and task kinds it registers (vistune.register_method, "
+                             "vistune.tasks.register_task) can be used (repeatable; "
                              "installed packages' 'vistune.methods' entry points need no flag)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -656,8 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a method on a dataset; writes tuned.safetensors + metrics.json")
     _add_train_args(p)
-    p.add_argument("--task", choices=task_names(), default=None,
-                   help="segment/detect: dense head on the tuned backbone (data camvid:|voc:|pennfudan:)")
+    p.add_argument("--task", choices=task_names(), default=None, help=task_help())
     _add_tracking_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -675,11 +679,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="PNG heat-map of the allocation")
     p.set_defaults(func=cmd_sensitivity)
 
-    p = sub.add_parser("predict", help="draw a dense run's prediction (mask overlay or boxes) on an image")
-    p.add_argument("--tuned", required=True, help="dense run folder or its tuned.safetensors")
+    p = sub.add_parser("predict", help="a run on one image: top-k classes (JSON), another kind's answer (multi-label: "
+                                       "its labels), or a dense run's drawing (mask overlay or boxes)")
+    p.add_argument("--tuned", required=True, help="run folder or its tuned.safetensors")
     p.add_argument("--image", required=True)
-    p.add_argument("--out", required=True, help="output PNG")
-    p.add_argument("--score-threshold", type=_number(float, 0), default=0.3)
+    p.add_argument("--out", default=None,
+                   help="output file: a dense run's drawing (PNG, required there); else the JSON answer (.json)")
+    p.add_argument("--top", type=_positive_int, default=5, help="classification: how many classes to list")
+    p.add_argument("--score-threshold", type=_number(float, 0), default=None,
+                   help="detect: keep boxes scoring at least this (default 0.3); a kind that thresholds "
+                        "scores (multi-label: 0.5) uses it as its threshold")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)

@@ -314,6 +314,20 @@ def read_tuned_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     return read_with_json_meta(path, _META_KEY, FORMAT, TunedFileError, "tuned file", "save_tuned()")
 
 
+def read_tuned_meta(path: str | os.PathLike) -> dict[str, Any] | None:
+    """A tuned file's metadata from its JSON header alone (no tensor is read); None when the file
+    is missing or is no readable tuned file. Why: telling a run's kind must be cheap and must not
+    fail on a damaged file — the loader that runs next reports the damage in its own line."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get(_META_KEY) or "null")
+    except Exception:  # noqa: BLE001 - safetensors/JSON errors of a missing or damaged file
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def fingerprints_match(recorded: str | None, actual: str) -> bool:
     """The one fingerprint rule: equal, or ``actual`` is a meta-device model (no values to hash,
     used for counting). A *recorded* "meta" never matches real weights."""

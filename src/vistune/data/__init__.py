@@ -25,7 +25,7 @@ from .loader import (
     read_source,
     select_dense,
 )
-from .registry import KNOWN_KINDS, READERS, Reader, parse_spec
+from .registry import KNOWN_KINDS, READERS, Reader, parse_spec, register_reader
 from .vtab import VTAB_NUM_CLASSES
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "parse_spec",
     "proportional_quota",
     "read_source",
+    "register_reader",
     "select_dense",
     "stratified_split",
 ]

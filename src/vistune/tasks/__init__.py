@@ -34,6 +34,15 @@ REGISTRY = MappingProxyType(
     }
 )
 
+#: ``--task``'s help line of each built-in kind (a table, so building the help imports no torch).
+_BUILTIN_HELP = MappingProxyType(
+    {
+        "classify": "one class per image (default)",
+        "segment": "a class per pixel, dense head on the tuned backbone (data camvid:|pennfudan:)",
+        "detect": "FCOS boxes, dense head on the tuned backbone (data voc:|pennfudan:)",
+    }
+)
+
 #: Task kinds registered in this process by :func:`register_task` (its only writer).
 _REGISTERED: dict[str, Any] = {}
 
@@ -68,11 +77,30 @@ def task_names() -> list[str]:
     return list(REGISTRY) + sorted(set(_REGISTERED) | set(_plugin_entries()))
 
 
+def task_help() -> str:
+    """``--task``'s help: every kind the registry knows with one line each. A registered class
+    gives the first line of its docstring; an installed package's kind is named, not imported
+    (a broken plugin must not cost ``--help``)."""
+    parts = []
+    for name in task_names():
+        target = _REGISTERED.get(name)
+        if name in _BUILTIN_HELP:
+            text = _BUILTIN_HELP[name]
+        elif target is not None and not isinstance(target, str):
+            text = ((target.__doc__ or "").strip().splitlines() or ["registered by a plugin"])[0].rstrip(".")
+        else:
+            text = "from a plugin"
+        parts.append(f"{name}: {text}")
+    return "task kind; " + "; ".join(parts)
+
+
 def get_task(name: str) -> type[Task]:
     """The Task class called ``name``; an unknown name is one ConfigError line listing the known ones."""
     target: Any = REGISTRY.get(name) or _REGISTERED.get(name) or _plugin_entries().get(name)
     if target is None:
-        raise ConfigError(f"unknown task {name!r}; known: {', '.join(task_names())}")
+        raise ConfigError(f"unknown task {name!r}; known: {', '.join(task_names())}; a task kind from another "
+                          f"package is found once it is installed (entry point group {GROUP!r}); for your own "
+                          "module or script, load it first with `vistune --plugin MODULE_OR_FILE.py ...`")
     if isinstance(target, str):
         if name in REGISTRY:
             module, _, attr = target.partition(":")
@@ -141,4 +169,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["DEFAULT_TASK", "GROUP", "REGISTRY", "Runtime", "Task", "TaskProbe", "get_task", "make_task", "register_task",
-           "files_of_run", "kind_of_run", "seed_everything", "task_names", "task_of"]
+           "files_of_run", "kind_of_run", "seed_everything", "task_help", "task_names", "task_of"]

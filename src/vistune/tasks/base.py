@@ -297,6 +297,17 @@ class Task:
         raise NotImplementedError
 
     @classmethod
+    def predict(cls, path: Path, image: Path, out: Path | None, *, top: int = 5,
+                score_threshold: float | None = None, device: str = "cpu") -> dict[str, Any]:
+        """``vistune predict``: the saved run at ``path`` on one image file -> a JSON-able answer
+        (written to ``out`` when given; the key ``out`` then names what was written).
+
+        Why on the task class: what a prediction looks like (top-k classes, labels over a
+        threshold, a drawn mask) is the kind's business, so the command never asks which kind
+        it holds. A kind without one-image predictions refuses in one line."""
+        raise ConfigError(f"vistune predict: task kind {cls.name!r} does not define a prediction on one image")
+
+    @classmethod
     def eval_lines(cls, res: dict[str, Any], split: str) -> list[str]:
         """``vistune eval``'s plain-text answer for ``res`` (:func:`evaluate_run`'s dict)."""
         return [f"{k}  {format(v, cls.metric_format)}" for k, v in res.items() if isinstance(v, float)]

@@ -23,6 +23,7 @@ from torch.utils.data import TensorDataset
 from vistune.backbones import backbone_info, classifier
 from vistune.config import ConfigError, TrainConfig
 from vistune.data import DataSplits, load_data
+from vistune.data.errors import DataError
 from vistune.data.loader import class_counts
 from vistune.engine.autocompile import AutoCompile
 from vistune.errors import TunedFileError
@@ -30,7 +31,7 @@ from vistune.io import json_text
 from vistune.precision import cpu_capability
 from vistune.tasks.base import (Batches, Runtime, SavedRun, ServedHead, Task, TaskProbe, saved_config,
                                 seed_everything)
-from vistune.tuning import TunedModel, read_tuned_file
+from vistune.tuning import TunedModel, read_tuned_file, read_tuned_meta
 
 SENSITIVITY_BATCH = 32  # SPT's reference: the first 16 unshuffled batches of 32 training images
 #: Logit scale of the prototype head for a feature of average norm (cosine classifiers use 10-30).
@@ -97,9 +98,19 @@ class ClassifyTask(Task):
 
     @classmethod
     def run_kind(cls, path: Path) -> str | None:
-        """Every run has a tuned file: a run no other kind claims is a classification run (a kind
-        that subclasses this one claims its own runs by overriding this)."""
-        return ClassifyTask.name
+        """Every run has a tuned file: a run no other kind claims is classification-shaped (a tuned
+        file with a linear head). Which kind trained it is the task its recorded config names, when
+        that is a kind from outside vistune (a subclass of this one, e.g. multi-label): the run is
+        then rebuilt by that class, and a process that has not loaded its plugin refuses it in one
+        line instead of treating its head as a softmax classifier. Built-in dense kinds have their
+        own files and are claimed before this; anything else is classification."""
+        from vistune.tasks import REGISTRY
+
+        meta = read_tuned_meta(path / "tuned.safetensors" if path.is_dir() else path) or {}
+        extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
+        config = extra.get("config") if isinstance(extra.get("config"), dict) else {}
+        recorded = config.get("task")
+        return recorded if isinstance(recorded, str) and recorded and recorded not in REGISTRY else ClassifyTask.name
 
     @classmethod
     def run_files(cls, path: Path) -> list[Path] | None:
@@ -175,6 +186,38 @@ class ClassifyTask(Task):
         from vistune.serve.predict import top_k
 
         return {"top": top_k(output, loaded.classes, top)}
+
+    @classmethod
+    def predict(cls, path: Path, image: Path, out: Path | None, *, top: int = 5,
+                score_threshold: float | None = None, device: str = "cpu") -> dict[str, Any]:
+        """The run on one image, preprocessed as the server (and eval) does (:meth:`serve_input`),
+        answered as the server answers (:meth:`serve_result`: top-k here; a subclass's own form,
+        e.g. multi-label's labels over a threshold); ``out`` must be a ``.json`` file."""
+        from vistune.engine.distributed import resolve_device
+        from vistune.io import write_text_atomic
+        from vistune.serve.multitask import class_names
+        from vistune.serve.predict import MAX_PIXELS
+
+        dev = resolve_device(device)  # a bad --device is one line before any file is read
+        if out is not None and out.suffix.lower() != ".json":
+            raise ConfigError(f"vistune predict: a {cls.name} run answers in JSON: --out {out} must end in .json")
+        try:
+            data = image.read_bytes()
+        except OSError as err:
+            raise DataError(f"image {image} cannot be read ({err.strerror or err})") from None
+        run = cls.load_model(path, None)
+        tuned = run.tuned.to(dev).eval()
+        info = backbone_info(tuned.model)
+        x, context = cls.serve_input(data, info.img_size, tuple(info.mean), tuple(info.std), MAX_PIXELS, None)
+        with torch.no_grad():
+            logits = tuned(x[None].to(dev)).float().cpu()
+        served = ServedHead(classifier(tuned.model), class_names(run.class_names, int(run.meta["num_classes"])))
+        res: dict[str, Any] = {"task": cls.name, "image": str(image),
+                               **cls.serve_result(logits, context, served, top=top, score_threshold=score_threshold)}
+        if out is not None:
+            write_text_atomic(out, json_text(res))
+            res["out"] = str(out)
+        return res
 
     def load_data(self, cfg: TrainConfig, model: nn.Module) -> DataSplits:
         return load_classification_data(cfg, model)

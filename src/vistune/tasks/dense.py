@@ -166,6 +166,17 @@ class DenseTask(Task):
         return list(resolve_run(path)) if is_dense_run(path) else None
 
     @classmethod
+    def predict(cls, path: Path, image: Path, out: Path | None, *, top: int = 5,
+                score_threshold: float | None = None, device: str = "cpu") -> dict[str, Any]:
+        """The drawn prediction (mask overlay or boxes) as ``vistune predict`` has always made it."""
+        from vistune.dense.predict import predict
+
+        if out is None:
+            raise ConfigError(f"vistune predict: a {cls.name} run draws its prediction: give --out FILE.png")
+        return predict(path, image, out, score_threshold=0.3 if score_threshold is None else score_threshold,
+                       device=device)
+
+    @classmethod
     def tuned_file(cls, path: Path) -> Path:
         return resolve_run(path)[0]
 
