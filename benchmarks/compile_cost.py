@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from speed import VARIANTS, build, make_step  # noqa: E402
+from speed import VARIANTS, build, make_step
 
 DEFAULT_VARIANTS = "full;lora r8 q,v;adapter b8;vpt-deep p10;bitfit"
 

@@ -9,8 +9,14 @@ import torch
 from torch import nn
 
 from vistune.config import make_config
-from vistune.engine.autocompile import DEFAULT_SAVING, DEFAULT_SECONDS, AutoCompile, Estimate, load_estimate, \
-    should_compile
+from vistune.engine.autocompile import (
+    DEFAULT_SAVING,
+    DEFAULT_SECONDS,
+    AutoCompile,
+    Estimate,
+    load_estimate,
+    should_compile,
+)
 
 
 class Clock:

@@ -29,8 +29,16 @@ from vistune.engine.autocompile import AutoCompile
 from vistune.errors import TunedFileError
 from vistune.io import json_text
 from vistune.precision import cpu_capability
-from vistune.tasks.base import (Batches, Runtime, SavedRun, ServedHead, Task, TaskProbe, saved_config,
-                                seed_everything)
+from vistune.tasks.base import (
+    Batches,
+    Runtime,
+    SavedRun,
+    ServedHead,
+    Task,
+    TaskProbe,
+    saved_config,
+    seed_everything,
+)
 from vistune.tuning import TunedModel, read_tuned_file, read_tuned_meta
 
 SENSITIVITY_BATCH = 32  # SPT's reference: the first 16 unshuffled batches of 32 training images
