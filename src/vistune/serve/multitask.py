@@ -185,14 +185,23 @@ def _take(args: tuple, rows: torch.Tensor, batch: int) -> tuple:
                  else a for a in args)
 
 
-def _assemble(base: torch.Tensor, pieces: list[tuple[torch.Tensor, torch.Tensor]], where: str) -> torch.Tensor:
-    """``base`` with each ``(rows, values)`` written in; a new tensor (``base`` may be aliased)."""
+def _aliased(out: torch.Tensor, args: tuple) -> bool:
+    """Whether ``out`` shares memory with an input (an Identity, an eval-mode Dropout, a view):
+    writing into it would change what the rest of the network reads as that input."""
+    ptr = out.untyped_storage().data_ptr()
+    return any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == ptr for a in args)
+
+
+def _assemble(base: torch.Tensor, pieces: list[tuple[torch.Tensor, torch.Tensor]], where: str,
+              in_place: bool = False) -> torch.Tensor:
+    """``base`` with each ``(rows, values)`` written in: into ``base`` itself when ``in_place``
+    (a module's own fresh output), else into a new tensor (``base`` may be aliased)."""
     same = all(v.shape[1:] == base.shape[1:] for _, v in pieces)
     dtype = base.dtype
     for _, v in pieces:
         dtype = torch.promote_types(dtype, v.dtype)
     if same:
-        out = base.to(dtype=dtype, copy=True)
+        out = base if in_place and dtype == base.dtype else base.to(dtype=dtype, copy=True)
     else:
         covered = sum(len(r) for r, _ in pieces)
         shapes = {tuple(v.shape[1:]) for _, v in pieces}
@@ -246,6 +255,16 @@ class _Router:
             return None
         batch = self._check_batch(args)
         self.saved.append(args)
+        if len(active) == 1 and len(active[0][1]) == batch:  # one task holds every row: no split, no copy
+            route = active[0][0]
+            if route.rerun or not route.pre:
+                return None
+            new = args
+            for fn in route.pre:
+                res = fn(route.host, new)
+                if res is not None:
+                    new = res if isinstance(res, tuple) else (res,)
+            return None if new is args else new
         changed: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for route, rows in active:
             if route.rerun or not route.pre:
@@ -275,6 +294,9 @@ class _Router:
             raise ServeError(f"cannot route rows at module {self.name!r}: it returns {type(out).__name__}, "
                              "not a tensor")
         batch = self.owner._batch_size
+        fresh = not _aliased(out, called)
+        if len(active) == 1 and len(active[0][1]) == batch and fresh:  # one task holds every row
+            return self._whole(active[0][0], called, args, out)
         pieces = []
         for route, rows in active:
             if route.rerun:
@@ -295,7 +317,25 @@ class _Router:
             pieces.append((rows, y))
         if not pieces:
             return None
-        return _assemble(out, pieces, f"module {self.name!r}")
+        return _assemble(out, pieces, f"module {self.name!r}", in_place=fresh)
+
+    @staticmethod
+    def _whole(route: _Route, called: tuple, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        """``post`` for a pass whose rows all belong to one task: the route on the whole output."""
+        if route.rerun:
+            return route.host(*called)
+        if not route.post and route.bias is None:
+            return None
+        y = out
+        if route.bias is not None:
+            shape = [1] * y.dim()
+            shape[route.bias_dim] = -1
+            y = y + route.bias.view(shape).to(y.dtype) if route.bias_dim != -1 else y + route.bias.to(y.dtype)
+        for fn in route.post:
+            res = fn(route.host, args, y)
+            if res is not None:
+                y = res
+        return y
 
 
 # ------------------------------------------------------------------------------------------------
