@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,6 +80,29 @@ def test_cpu_features_are_a_subset_of_the_known_ones():
     assert P.cpu_features() <= {"AVX512_BF16", "AMX"}
     line = P.machine_line("fp32", threads=2)
     assert "capability" in line and "2 threads" in line and torch.__version__ in line
+    assert f"vistune {P.code_version()}" in line
+
+
+def test_code_version_names_the_commit_in_a_checkout(tmp_path, monkeypatch):
+    """In a git checkout the version carries the commit; outside one (an installed wheel, no git)
+    it is the plain package version, never an error."""
+    import subprocess
+
+    import vistune
+
+    version = P.code_version()
+    inside = subprocess.run(["git", "-C", str(Path(P.__file__).parent), "rev-parse", "HEAD"],
+                            capture_output=True, text=True).returncode == 0
+    if inside:
+        assert version.startswith(vistune.__version__ + "+g") and len(version.split("+g")[1].split(".")[0]) == 10
+    else:
+        assert version == vistune.__version__
+    P.code_version.cache_clear()
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git on PATH
+    try:
+        assert P.code_version() == vistune.__version__
+    finally:
+        P.code_version.cache_clear()
 
 
 @pytest.mark.parametrize("hardware,expected", [("emulating_cpu", "fp32"), ("native_cpu", "bf16")])

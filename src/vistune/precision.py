@@ -23,8 +23,10 @@ import contextlib
 import functools
 import os
 import platform
+import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -178,8 +180,28 @@ def _warn_once(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """vistune's version, plus the git commit (and ``.dirty``) when it runs from a checkout, so a
+    result made at one code state is never mistaken for one made at another."""
+    from vistune import __version__
+
+    src = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "-C", str(src), "rev-parse", "--short=10", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        if sha.returncode != 0:
+            return __version__
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no", "--", "."],
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    return f"{__version__}+g{sha.stdout.strip()}" + (".dirty" if dirty.stdout.strip() else "")
+
+
 def machine_info(threads: int | None = None) -> dict[str, Any]:
-    """The facts every timing is printed with: CPU model, ATen capability, bf16 support, threads, torch."""
+    """The facts every timing is printed with: CPU model, ATen capability, bf16 support, threads,
+    torch, and the vistune code that ran."""
     feats = cpu_features()
     return {
         "cpu": _cpu_model(),
@@ -188,6 +210,7 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
         "threads": threads if threads is not None else torch.get_num_threads(),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "vistune": code_version(),
     }
 
 
@@ -205,6 +228,8 @@ def format_machine(m: dict[str, Any] | None, precision: str | None = None) -> st
                 f"{m.get('threads')} threads, torch {m.get('torch')}")
         if m.get("cuda"):
             text += f", GPU {m['cuda']}"
+        if m.get("vistune"):
+            text += f", vistune {m['vistune']}"
     if precision:
         text += f", precision {precision}"
     return text
