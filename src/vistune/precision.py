@@ -188,11 +188,11 @@ def code_version() -> str:
 
     src = Path(__file__).resolve().parent
     try:
-        sha = subprocess.run(["git", "-C", str(src), "rev-parse", "--short=10", "HEAD"], capture_output=True,
+        sha = subprocess.run(["git", "-C", str(src), "rev-parse", "--short=10", "HEAD"], check=False, capture_output=True,
                              text=True, timeout=5)
         if sha.returncode != 0:
             return __version__
-        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no", "--", "."],
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no", "--", "."], check=False,
                                capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return __version__
