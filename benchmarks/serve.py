@@ -481,6 +481,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="auto: bf16 only where this CPU runs it natively, else fp32")
     p.add_argument("--bf16", action="store_true", help="same as --precision bf16")
     p.add_argument("--out", default="runs/bench-serve")
+    p.add_argument("--alone", action="store_true",
+                   help="also serve each method as the only task, for the 'x alone' column: measured req/s over "
+                        "what the same mix would reach if mixing cost nothing (each request at its own method's "
+                        "single-task speed)")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--memory-only", action="store_true", help="only the per-task memory table")
     p.add_argument("--memory-methods", default="linear,lora,vpt,adapter,bitfit,protuning,full",
@@ -527,6 +531,11 @@ def main(argv: list[str] | None = None) -> int:
                 res = measure(mode, dict(list(files.items())[:n]), args, image)
                 results.append(res)
                 print(json.dumps(res), flush=True)
+            if mode == "multitask" and args.alone:
+                for name, path in list(files.items())[1:len(args.methods)]:  # the first is the 1-task row
+                    res = {**measure(mode, {name: path}, args, image), "mode": f"alone {name.split('-', 1)[1]}"}
+                    results.append(res)
+                    print(json.dumps(res), flush=True)
     mem = [] if args.skip_memory else memory_per_task(args, out)
     (out / "serve.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
                                                 "throughput": results, "memory": mem}, indent=2))
@@ -537,11 +546,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.backbone} @{args.img_size}px, methods cycled {','.join(args.methods)}; "
               f"{args.requests} requests, {args.concurrency} clients, server: {args.threads} torch thread(s), "
               f"max batch {args.max_batch}, window {args.window_ms} ms\n")
-        print("| mode | tasks | req/s | p50 ms | p95 ms | mean batch | RSS loaded MB | RSS peak MB |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| mode | tasks | req/s | x 1 task | x alone | p50 ms | p95 ms | p95 x 1 task | mean batch | "
+              "RSS loaded MB | RSS peak MB |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['mode']} | {r['tasks']} | {r['req_per_s']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | "
-              f"{r['mean_batch']:.1f} | {r['rss_loaded_mb']:.0f} | {r['rss_peak_mb']:.0f} |")
+        one, alone = _ratios(r, results, args.methods)
+        base = "multitask" if r["mode"].startswith("alone ") else r["mode"]
+        p95 = next((r["p95_ms"] / o["p95_ms"] for o in results if o["mode"] == base and o["tasks"] == 1), None)
+        print(f"| {r['mode']} | {r['tasks']} | {r['req_per_s']:.1f} | {_fmt(one)} | {_fmt(alone)} | {r['p50_ms']:.0f} | "
+              f"{r['p95_ms']:.0f} | {_fmt(p95)} | {r['mean_batch']:.1f} | {r['rss_loaded_mb']:.0f} | "
+              f"{r['rss_peak_mb']:.0f} |")
     if mem:
         print(f"\nAdding one task to {args.backbone} @{args.img_size}px (in-process):\n")
         print("| method | file KB | tensor KB added | Python objects KB | add ms | own pass |")
@@ -550,6 +564,32 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {r['method']} | {r['file_kb']:.1f} | {r['tensor_kb']:.1f} | {r['python_kb']:.0f} | "
                   f"{r['add_ms']:.0f} | {'no' if r['shares_pass'] else 'yes'} |")
     return 0
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def _ratios(r: dict, results: list[dict], methods: list[str]) -> tuple[float | None, float | None]:
+    """(req/s over the same mode's one-task row, req/s over the 'alone' expectation).
+
+    The expectation for N tasks with methods cycled and each request's task drawn uniformly: the
+    mean time per request is the mean over tasks of 1 / (its method's single-task req/s), so the
+    expected rate is the harmonic mean of those rates — what the server would do if mixing tasks
+    cost nothing beyond each method's own price (a VPT-deep request carries more tokens than a
+    LoRA one, so a mix with it is slower than LoRA alone even with perfect batching)."""
+    base = "multitask" if r["mode"].startswith("alone ") else r["mode"]
+    one = next((o for o in results if o["mode"] == base and o["tasks"] == 1), None)
+    ratio_one = r["req_per_s"] / one["req_per_s"] if one else None
+    if r["mode"] != "multitask" or one is None:
+        return ratio_one, None
+    speed = {methods[0]: one["req_per_s"]}
+    speed.update({o["mode"].split(" ", 1)[1]: o["req_per_s"] for o in results if o["mode"].startswith("alone ")})
+    cycled = [methods[k % len(methods)] for k in range(r["tasks"])]
+    if not all(m in speed for m in cycled):
+        return ratio_one, None
+    expected = 1.0 / (sum(1.0 / speed[m] for m in cycled) / len(cycled))
+    return ratio_one, r["req_per_s"] / expected
 
 
 def print_load_test(res: dict, args: argparse.Namespace, out: Path) -> int:
