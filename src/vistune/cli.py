@@ -632,6 +632,7 @@ def _add_robustness_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: global flags, then one builder per subcommand (in help order)."""
     from vistune import __version__
 
     parser = _Parser(prog="vistune", description="Parameter-efficient tuning of frozen vision backbones")
@@ -642,6 +643,25 @@ def build_parser() -> argparse.ArgumentParser:
                              "installed packages' 'vistune.methods' entry points need no flag)")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    _add_info_parser(sub)
+    _add_train_parser(sub)
+    _add_sensitivity_parser(sub)
+    _add_predict_parser(sub)
+    _add_pretrain_parser(sub)
+    _add_fewshot_parser(sub)
+    _add_sweep_parser(sub)
+    _add_eval_parser(sub)
+    _add_weights_parser(sub)
+    _add_export_parser(sub)
+    _add_import_peft_parser(sub)
+    _add_report_parser(sub)
+    _add_serve_parser(sub)
+    _add_robustness_parser(sub)
+    return parser
+
+
+def _add_info_parser(sub: argparse._SubParsersAction) -> None:
+    """`vistune info`: the parameter report; its own -h also lists a --method's options."""
     p = sub.add_parser("info", help="parameter report of a method attached to a backbone", add_help=False)
     p.add_argument("-h", "--help", action=_HelpWithMethodOptions, nargs=0,
                    help="show this help; with --method X before it, also X's options (defaults, bounds, help)")
@@ -653,6 +673,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
 
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    """`vistune train`: the shared training flags plus --task and tracking."""
     p = sub.add_parser("train", help="train a method on a dataset; writes tuned.safetensors + metrics.json")
     _add_train_args(p)
     p.add_argument("--task", choices=task_names(), default=None,
@@ -660,6 +683,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tracking_args(p)
     p.set_defaults(func=cmd_train)
 
+
+def _add_sensitivity_parser(sub: argparse._SubParsersAction) -> None:
+    """`vistune sensitivity`: SPT scores, and optionally an allocation and its plot."""
     p = sub.add_parser("sensitivity", help="SPT: gradient sensitivity scores (+ an allocation and its plot)")
     _add_train_args(p, runs=False)
     p.add_argument("--scores", required=True, help="output .safetensors for the scores")
@@ -674,6 +700,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="PNG heat-map of the allocation")
     p.set_defaults(func=cmd_sensitivity)
 
+
+def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
+    """`vistune predict`: draw one dense run's prediction on an image."""
     p = sub.add_parser("predict", help="draw a dense run's prediction (mask overlay or boxes) on an image")
     p.add_argument("--tuned", required=True, help="dense run folder or its tuned.safetensors")
     p.add_argument("--image", required=True)
@@ -683,6 +712,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
 
+
+def _add_pretrain_parser(sub: argparse._SubParsersAction) -> None:
+    """`vistune pretrain`: PVP stage 1 over several source datasets."""
     p = sub.add_parser("pretrain", help="PVP stage 1: pre-train a method's modules on source data")
     _add_train_args(p, multi_data=True)
     p.add_argument("--source-test", action="store_true",
@@ -690,6 +722,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tracking_args(p)
     p.set_defaults(func=cmd_pretrain)
 
+
+def _add_fewshot_parser(sub: argparse._SubParsersAction) -> None:
+    """`vistune fewshot`: the shots x seeds x variants protocol."""
     p = sub.add_parser("fewshot", help="few-shot protocol: shots x seeds x variants, mean ± std table + plot")
     _add_train_args(p, shots=False)
     p.add_argument("--shots", default="1,2,4,8,16", help="comma-separated K values")
@@ -703,6 +738,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tracking_args(p)
     p.set_defaults(func=cmd_fewshot)
 
+
+def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
+    """`vistune sweep`: the Optuna search on val, then the per-seed final retrain."""
     p = sub.add_parser("sweep", help="search lr/wd/options on val (Optuna), retrain the best per seed, test once each")
     _add_train_args(p, runs=False)
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
@@ -725,6 +763,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tracking_args(p)
     p.set_defaults(func=cmd_sweep)
 
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    """`vistune eval`: evaluate a tuned file on one split."""
     p = sub.add_parser("eval", help="evaluate a tuned file on a split")
     p.add_argument("--tuned", required=True, help="a run folder or the tuned.safetensors written by train")
     p.add_argument("--data", default=None, help="data spec (default: the one recorded in the file)")
@@ -741,6 +782,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 
+
+def _add_weights_parser(sub: argparse._SubParsersAction) -> None:
+    """`vistune weights get|list`: the local pre-trained weights cache."""
     p = sub.add_parser("weights", help="fetch/convert real pre-trained weights into the local cache")
     wsub = p.add_subparsers(dest="action", required=True)
     g = wsub.add_parser("get", help="fetch and convert NAME (or 'all'); idempotent")
@@ -753,6 +797,9 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_weights)
 
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    """`vistune export`: a run as a timm folder, an ONNX graph or a PEFT adapter."""
     p = sub.add_parser("export", help="export a run as a plain timm folder, an ONNX graph or a PEFT LoRA adapter")
     p.add_argument("--tuned", required=True, help="run folder (classification or dense) or its tuned.safetensors")
     p.add_argument("--format", required=True, help="timm | onnx | peft")
@@ -764,6 +811,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backbone weights file, for runs trained on a local file (the file records only a label)")
     p.set_defaults(func=cmd_export)
 
+
+def _add_import_peft_parser(sub: argparse._SubParsersAction) -> None:
+    """`vistune import-peft`: a HF PEFT LoRA adapter as a vistune tuned file."""
     p = sub.add_parser("import-peft", help="turn a HF PEFT LoRA adapter into a vistune tuned file")
     p.add_argument("adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--backbone", required=True, help="the timm model or vistune weights name it was trained on")
@@ -773,14 +823,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output tuned .safetensors file")
     p.set_defaults(func=cmd_import_peft)
 
+
+def _add_report_parser(sub: argparse._SubParsersAction) -> None:
+    """`vistune report`: a markdown table of run folders."""
     p = sub.add_parser("report", help="print a markdown table of run folders' metrics.json")
     p.add_argument("runs", nargs="+")
     p.set_defaults(func=cmd_report)
-
-    _add_serve_parser(sub)
-    _add_robustness_parser(sub)
-    return parser
-
 
 #: What to do after an interruption, per command (Ctrl-C prints this instead of a traceback).
 _RESUME = {
