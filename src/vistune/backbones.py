@@ -98,61 +98,71 @@ def create_backbone(
     kwargs["num_classes"] = num_classes
     if img_size is not None:
         kwargs["img_size"] = img_size
-
-    weights_label: str | None = None
-    mean, std = None, None
     if weights is not None:
-        wname = str(weights)
-        wentry = _zoo_entry(wname)
-        if wentry is not None:
-            from vistune.weights import get_weights
-
-            if wentry.arch != arch:
-                raise BackboneError(
-                    f"weights {wname!r} are for {wentry.arch!r}, not for backbone {name!r}"
-                )
-            path = get_weights(wname)
-            mean, std = wentry.mean, wentry.std
-            overlay = dict(file=str(path), num_classes=wentry.num_classes, mean=wentry.mean, std=wentry.std)
-        else:
-            path = Path(wname).expanduser()
-            if not path.is_file():
-                raise BackboneError(
-                    f"weights {wname!r}: no such file and not a vistune weights name"
-                )
-            overlay = dict(file=str(path))
-        weights_label = wname
-        file_state = read_weights_file(path)
-        try:
-            with _quiet_timm_loader():
-                model = _create(arch, kwargs, pretrained=True, pretrained_cfg_overlay=overlay)
-        except (RuntimeError, KeyError, ValueError) as err:
-            raise BackboneError(f"weights file {path} does not load into {arch!r}: {_first_line(err)}") from None
-        check_weights_loaded(model, file_state, path, arch)
-        del file_state
-        if wentry is not None and wname in _POST_LOAD:
-            import importlib
-
-            module, func = _POST_LOAD[wname]
-            getattr(importlib.import_module(module), func)(model, path)
+        model, mean, std = _create_with_weights(name, arch, str(weights), kwargs)
     else:
-        model = _create(arch, kwargs, pretrained=False)
-
+        model, mean, std = _create(arch, kwargs, pretrained=False), None, None
     if img_size is not None:
         check_img_size(model, name, img_size)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
     if mean is None and entry is not None:
         mean, std = entry.mean, entry.std
+    model.vistune_info = _info_of(model, name, arch, img_size, mean, std, None if weights is None else str(weights))
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def _create_with_weights(name: str, arch: str, wname: str, kwargs: dict[str, Any],
+                         ) -> tuple[nn.Module, tuple | None, tuple | None]:
+    """The model with ``wname`` (a zoo name or a local file) loaded through timm's own route, the
+    load checked tensor by tensor; returns the zoo entry's normalisation when it has one."""
+    mean, std = None, None
+    wentry = _zoo_entry(wname)
+    if wentry is not None:
+        from vistune.weights import get_weights
+
+        if wentry.arch != arch:
+            raise BackboneError(
+                f"weights {wname!r} are for {wentry.arch!r}, not for backbone {name!r}"
+            )
+        path = get_weights(wname)
+        mean, std = wentry.mean, wentry.std
+        overlay = dict(file=str(path), num_classes=wentry.num_classes, mean=wentry.mean, std=wentry.std)
+    else:
+        path = Path(wname).expanduser()
+        if not path.is_file():
+            raise BackboneError(
+                f"weights {wname!r}: no such file and not a vistune weights name"
+            )
+        overlay = dict(file=str(path))
+    file_state = read_weights_file(path)
+    try:
+        with _quiet_timm_loader():
+            model = _create(arch, kwargs, pretrained=True, pretrained_cfg_overlay=overlay)
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise BackboneError(f"weights file {path} does not load into {arch!r}: {_first_line(err)}") from None
+    check_weights_loaded(model, file_state, path, arch)
+    del file_state
+    if wentry is not None and wname in _POST_LOAD:
+        import importlib
+
+        module, func = _POST_LOAD[wname]
+        getattr(importlib.import_module(module), func)(model, path)
+    return model, mean, std
+
+
+def _info_of(model: nn.Module, name: str, arch: str, img_size: int | None, mean: tuple | None,
+             std: tuple | None, weights_label: str | None) -> BackboneInfo:
+    """The model's :class:`BackboneInfo`; normalisation not set by the weights comes from timm's
+    ``pretrained_cfg``, else ImageNet's."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
     if mean is None:
         mean = tuple(cfg.get("mean", IMAGENET_MEAN))
         std = tuple(cfg.get("std", IMAGENET_STD))
     size = img_size or _native_img_size(model, cfg)
-    model.vistune_info = BackboneInfo(
+    return BackboneInfo(
         name=name, arch=arch, img_size=int(size), mean=tuple(mean), std=tuple(std), weights=weights_label
     )
-    if device is not None:
-        model.to(device)
-    return model
 
 
 def _first_line(err: BaseException) -> str:
