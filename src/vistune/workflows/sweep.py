@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from vistune.config import ConfigError, TrainConfig
+from vistune.engine import tracking as trk
 from vistune.engine.callbacks import Callback, FitState
 from vistune.engine.loop import DivergedError
 from vistune.engine.rundir import FolderLock, RunDirError, recorded_settings, settings_diff, settings_of
@@ -54,6 +55,7 @@ from vistune.io import save_figure_atomic, write_json_atomic, write_text_atomic
 from vistune.methods import get_method
 from vistune.methods.base import MODULE_ADAMW_LRS, VPT_SGD_BASE_LRS
 from vistune.tasks import get_task, task_of
+from vistune.workflows.train import check_method, train
 
 
 #: Run settings a search dimension may name besides method options.
@@ -484,8 +486,6 @@ def search(base: TrainConfig, space: Space, out: Path, study: Any, sampler: str,
     """This worker's share of stage 1: trials until the grid is exhausted (or N trials exist)."""
     import optuna
 
-    from vistune.workflows.train import train
-
     started = time.perf_counter() if started is None else started
 
     def objective(trial: Any) -> float:
@@ -688,21 +688,8 @@ def run_sweep(
 
     ``tracking`` (:class:`vistune.engine.tracking.Tracking`, from ``--log``) logs every trial and
     final retrain as a run of its own, nested under one MLflow run of the sweep."""
-    from vistune.engine import tracking as trk
-
     started = time.perf_counter()
-    if sampler not in ("grid", "tpe"):
-        raise SweepError(f"--sampler must be grid or tpe, got {sampler!r}")
-    if sampler == "tpe" and not trials:
-        raise SweepError("--sampler tpe needs --trials N")
-    if stage not in ("all", "search", "final"):
-        raise SweepError(f"--stage must be all, search or final, got {stage!r}")
-    if jobs < 1:
-        raise SweepError(f"--jobs must be >= 1, got {jobs}")
-    if not seeds:
-        raise SweepError("--seeds must be >= 1")
-    from vistune.workflows.train import check_method
-
+    _check_sweep_args(sampler, trials, stage, jobs, seeds)
     fixed, searched = split_searched_options(base.method, base.options)
     base = dataclasses.replace(base, options=fixed)
     check_method(base)
@@ -712,31 +699,11 @@ def run_sweep(
     if not worker:
         lock.acquire()
     try:
-        if not worker:  # before the study records this sweep's settings: a refusal changes nothing
-            check_trial_folders(base, space, out)
-        if not worker and storage is None:
-            repaired = repair_journal(out / "study.journal")
-            if repaired:
-                print(f"vistune sweep: {repaired}", file=sys.stderr)
-        direction = "maximize" if get_task(base.task).higher_is_better else "minimize"
-        study = open_study(out, storage, study_name, sampler, space, pruner, base.epochs, base.seed,
-                           direction=direction)
-        check_settings(study, sweep_settings(base, space), out)
+        study = _open_sweep_study(base, space, out, storage, study_name, sampler, pruner, worker)
         tracking = trk.for_sweep(tracking, study, out.name, worker=worker)
         if stage in ("all", "search"):
-            if not worker:
-                if storage is None:
-                    n = retry_stale_trials(study, out)
-                    if n:
-                        print(f"vistune sweep: retrying {n} trial(s) a killed worker left running", file=sys.stderr)
-                children = _start_workers(jobs - 1, argv or [], out)
-            else:
-                die_with_parent()
-                (out / f".worker-{os.getpid()}.ready").touch()  # tells the first process this worker is in
-            search(base, space, out, study, sampler, trials, max_trials, base.progress, pruner != "none", tracking,
-                   started)
-            if not worker:
-                _wait(children, out)
+            _search_stage(base, space, out, study, sampler, trials, max_trials, pruner, storage, jobs, worker,
+                          argv, tracking, started)
         if worker:
             return {}
         result = summarise(study, space, out, base)
@@ -751,6 +718,56 @@ def run_sweep(
         raise
     finally:
         lock.release()
+
+
+def _check_sweep_args(sampler: str, trials: int | None, stage: str, jobs: int, seeds: Sequence[int]) -> None:
+    """The sweep's own flags, refused before the folder is locked or anything is read."""
+    if sampler not in ("grid", "tpe"):
+        raise SweepError(f"--sampler must be grid or tpe, got {sampler!r}")
+    if sampler == "tpe" and not trials:
+        raise SweepError("--sampler tpe needs --trials N")
+    if stage not in ("all", "search", "final"):
+        raise SweepError(f"--stage must be all, search or final, got {stage!r}")
+    if jobs < 1:
+        raise SweepError(f"--jobs must be >= 1, got {jobs}")
+    if not seeds:
+        raise SweepError("--seeds must be >= 1")
+
+
+def _open_sweep_study(base: TrainConfig, space: Space, out: Path, storage: str | None, study_name: str,
+                      sampler: str, pruner: str, worker: bool) -> Any:
+    """The Optuna study (a local journal repaired first), refused when its recorded settings differ."""
+    if not worker:  # before the study records this sweep's settings: a refusal changes nothing
+        check_trial_folders(base, space, out)
+    if not worker and storage is None:
+        repaired = repair_journal(out / "study.journal")
+        if repaired:
+            print(f"vistune sweep: {repaired}", file=sys.stderr)
+    direction = "maximize" if get_task(base.task).higher_is_better else "minimize"
+    study = open_study(out, storage, study_name, sampler, space, pruner, base.epochs, base.seed,
+                       direction=direction)
+    check_settings(study, sweep_settings(base, space), out)
+    return study
+
+
+def _search_stage(base: TrainConfig, space: Space, out: Path, study: Any, sampler: str,
+                  trials: int | None, max_trials: int | None, pruner: str, storage: str | None, jobs: int,
+                  worker: bool, argv: Sequence[str] | None, tracking: Any, started: float) -> None:
+    """Run trials in this process, beside ``jobs - 1`` workers the first process starts (a worker
+    itself only searches); stale trials of a killed worker are retried first."""
+    if not worker:
+        if storage is None:
+            n = retry_stale_trials(study, out)
+            if n:
+                print(f"vistune sweep: retrying {n} trial(s) a killed worker left running", file=sys.stderr)
+        children = _start_workers(jobs - 1, argv or [], out)
+    else:
+        die_with_parent()
+        (out / f".worker-{os.getpid()}.ready").touch()  # tells the first process this worker is in
+    search(base, space, out, study, sampler, trials, max_trials, base.progress, pruner != "none", tracking,
+           started)
+    if not worker:
+        _wait(children, out)
 
 
 def _start_workers(n: int, argv: Sequence[str], out: Path) -> list[subprocess.Popen]:
@@ -847,8 +864,6 @@ def summarise(study: Any, space: Space, out: Path, base: TrainConfig) -> dict[st
 def final_stage(base: TrainConfig, space: Space, study: Any, out: Path, seeds: Sequence[int],
                 trainval: bool, tracking: Any = None, started: float | None = None) -> dict[str, Any]:
     """Retrain the best configuration per seed (on train+val with ``trainval``); test once each."""
-    from vistune.workflows.train import train
-
     started = time.perf_counter() if started is None else started
 
     best = best_trial(study)
