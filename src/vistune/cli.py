@@ -14,9 +14,12 @@ import typing
 import warnings
 from collections.abc import Sequence
 
-from vistune.config import PRECISIONS
-from vistune.methods import method_names
-from vistune.tasks import task_names
+from vistune import __version__
+from vistune.config import PRECISIONS, load_config_file, make_config
+from vistune.errors import VistuneError
+from vistune.methods import get_method, method_names
+from vistune.plugins import PluginWarning, load_plugin
+from vistune.tasks import task_names, task_of
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,7 +95,6 @@ class _HelpWithMethodOptions(argparse.Action):
         method = getattr(namespace, "method", None)
         rows: list[dict] = []
         if method:
-            from vistune.methods import get_method
             from vistune.methods.base import option_table
 
             try:
@@ -112,7 +114,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from vistune.backbones import create_backbone
-    from vistune.methods import parse_kv
+    from vistune.methods import parse_kv  # lives in methods.base, which imports torch
     from vistune.tuning import attach
 
     options = parse_kv(args.option)
@@ -237,8 +239,7 @@ _CONFIG_FLAGS = ("backbone", "weights", "img_size", "method", "data", "data_root
 
 
 def config_from_args(args: argparse.Namespace, **forced):
-    from vistune.config import load_config_file, make_config
-    from vistune.methods import parse_kv
+    from vistune.methods import parse_kv  # lives in methods.base, which imports torch
 
     file_values = load_config_file(args.config) if args.config else {}
     overrides = {k: getattr(args, k, None) for k in _CONFIG_FLAGS}
@@ -328,8 +329,6 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
 
 def _print_metrics(metrics: dict, out: str) -> None:
-    from vistune.tasks import task_of
-
     task = task_of(metrics)  # its headline metrics and their format are declared on the task class
     keys = ["method", *task.metric_keys, "tuned_params", "head_params", "train_seconds", "train_img_per_s",
             "peak_memory_mb", "num_train", "num_test", "skipped_images", "world_size"]
@@ -347,7 +346,6 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     launched = _launch_if_asked(args)
     if launched is not None:
         return launched
-    from vistune.config import load_config_file
     from vistune.workflows.pvp import pretrain
 
     sources = args.data
@@ -447,8 +445,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res))
     else:
-        from vistune.tasks import task_of
-
         print("\n".join(task_of(res).eval_lines(res, args.split)))
     return 0
 
@@ -633,8 +629,6 @@ def _add_robustness_parser(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line: global flags, then one builder per subcommand (in help order)."""
-    from vistune import __version__
-
     parser = _Parser(prog="vistune", description="Parameter-efficient tuning of frozen vision backbones")
     parser.add_argument("--version", action="version", version=f"vistune {__version__}")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
@@ -872,9 +866,6 @@ def _parser_with_plugins(argv: Sequence[str]) -> argparse.ArgumentParser:
     A failing plugin (or a misplaced flag) is one line and exit 2. Warnings about installed
     plugins (an entry point that takes a built-in name) become one ``vistune: warning:`` line
     each, printed once, instead of Python's two-line format repeated per ``--method`` flag."""
-    from vistune.errors import VistuneError
-    from vistune.plugins import PluginWarning, load_plugin
-
     try:
         for spec in _plugins_in(argv):
             load_plugin(spec)
@@ -899,7 +890,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser_with_plugins(argv)
     args = parser.parse_args(argv)
     args._argv = argv
-    from vistune.errors import VistuneError
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     where = f" (rank {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""

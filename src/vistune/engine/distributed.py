@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from vistune.data import DataError
+from vistune.data.wds import assign_shards
 from vistune.errors import VistuneError
 
 #: How long a collective may wait for a peer before the job fails (instead of hanging forever).
@@ -306,9 +308,6 @@ class StreamedLoader:
 
     def __init__(self, shardset: Any, batch_size: int, *, seed: int, dist: Dist, collate: Callable | None = None,
                  num_workers: int = 0) -> None:
-        from vistune.data import DataError
-        from vistune.data.wds import assign_shards
-
         self.set = shardset
         self.seed = seed
         self.dist = dist

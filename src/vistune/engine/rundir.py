@@ -30,8 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vistune.engine.checkpoint import config_fingerprint
 from vistune.errors import VistuneError
-from vistune.io import remove_orphan_temps
+from vistune.io import remove_orphan_temps, unreadable_reason
 
 LOCK_NAME = ".vistune.lock"
 MARKER = "metrics.json"
@@ -225,8 +226,6 @@ def recorded_settings(path: str | os.PathLike) -> dict[str, Any] | None:
     if ckpt.is_file():
         import torch
 
-        from vistune.io import unreadable_reason
-
         try:
             saved = torch.load(ckpt, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - arbitrary bytes raise anything when unpickled
@@ -239,8 +238,6 @@ def recorded_settings(path: str | os.PathLike) -> dict[str, Any] | None:
 
 def settings_of(config: dict[str, Any]) -> dict[str, Any]:
     """A run config reduced to what changes its result (the checkpoint's resume fingerprint)."""
-    from vistune.engine.checkpoint import config_fingerprint
-
     return _plain(config_fingerprint(config))
 
 

@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from vistune import __version__
-from vistune.backbones import BackboneError
+from vistune.backbones import BackboneError, seeded_backbone
 from vistune.errors import VistuneError
+from vistune.io import write_error
 from vistune.tasks import DEFAULT_TASK, get_task, kind_of_run
 
 EXPORT_FORMAT = "vistune.export/1"
@@ -34,14 +35,6 @@ class ExportError(VistuneError, ValueError):
     """An export or import cannot be done as asked (the message names the file and the reason)."""
 
 
-def _rebuilders():
-    """The engine function that rebuilds a backbone (one import site; runs are rebuilt by their task
-    class, :meth:`vistune.tasks.base.Task.load_model`)."""
-    from vistune.backbones import seeded_backbone
-
-    return (seeded_backbone,)
-
-
 def build_backbone(name: str, weights: str | None, img_size: int | None) -> nn.Module:
     """The frozen backbone exactly as training built it (same seed for random init, same weights,
     same post-load fix-ups such as DINOv2's antialias-free position embeddings).
@@ -49,7 +42,6 @@ def build_backbone(name: str, weights: str | None, img_size: int | None) -> nn.M
     A backbone that cannot be built (weights file gone, zoo weights not fetchable) is an
     :class:`ExportError` naming the backbone and weights.
     """
-    seeded_backbone = _rebuilders()[0]
     try:
         return seeded_backbone(name, weights, img_size)
     except (VistuneError, ValueError, OSError, RuntimeError) as err:
@@ -255,8 +247,6 @@ def staged_dir(out: str | os.PathLike, overwrite: bool = False,
         try:
             yield tmp
         except Exception as err:  # a full disk, in the words of torch/safetensors/onnx: one line naming --out
-            from vistune.io import write_error
-
             translated = write_error(err, out)
             if translated is None:
                 raise

@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vistune.backbones import backbone_info
 from vistune.errors import MethodError, NotMergeableError
 from vistune.methods.adapter import Bottleneck
 from vistune.methods.base import Method, Routing, check_merged_finite, option
@@ -514,8 +515,6 @@ def allocation_from_state(model: nn.Module, state: dict[str, torch.Tensor], opts
     sparse entries by the ``*_idx`` buffers; other keys (the head) are left to the loader, which
     checks the full key set. Nothing is read from a scores file.
     """
-    from vistune.backbones import backbone_info
-
     units = pool_units(model)
     by_param: dict[str, list[Unit]] = {}
     for u in units:

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from vistune.io import write_set_atomic
 from vistune.weights.errors import WeightsDownloadError, WeightsError
 
 ENV_WEIGHTS_DIR = "VISTUNE_WEIGHTS_DIR"
@@ -135,8 +136,6 @@ def save_safetensors_atomic(tensors: Mapping[str, object], out: Path, metadata: 
     Returns the sha256 of the written file.
     """
     from safetensors.torch import save_file
-
-    from vistune.io import write_set_atomic
 
     digest: dict[str, str] = {}
 
