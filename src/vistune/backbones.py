@@ -19,6 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from vistune.io import unreadable_reason
+from vistune.weights import get_entry, get_weights, zoo_names
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -43,15 +46,6 @@ class BackboneInfo:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     weights: str | None  # zoo name or file path the weights came from, None = random init
-
-
-def _zoo_entry(name: str):
-    """Look a name up in the offline weights catalogue (lazy import: it pulls in converters)."""
-    try:
-        from vistune.weights import get_entry
-    except ImportError:  # pragma: no cover - the weights package is part of vistune
-        return None
-    return get_entry(name)
 
 
 def create_backbone(
@@ -80,11 +74,9 @@ def create_backbone(
     """
     import timm
 
-    entry = _zoo_entry(name)
+    entry = get_entry(name)
     arch = entry.arch if entry is not None else name
     if entry is None and not timm.is_model(arch):
-        from vistune.weights import zoo_names
-
         raise BackboneError(
             f"unknown backbone {name!r}: not a timm model name and not one of vistune's "
             f"weights names {zoo_names()} (see `timm.list_models()`)"
@@ -117,10 +109,8 @@ def _create_with_weights(name: str, arch: str, wname: str, kwargs: dict[str, Any
     """The model with ``wname`` (a zoo name or a local file) loaded through timm's own route, the
     load checked tensor by tensor; returns the zoo entry's normalisation when it has one."""
     mean, std = None, None
-    wentry = _zoo_entry(wname)
+    wentry = get_entry(wname)
     if wentry is not None:
-        from vistune.weights import get_weights
-
         if wentry.arch != arch:
             raise BackboneError(
                 f"weights {wname!r} are for {wentry.arch!r}, not for backbone {name!r}"
@@ -202,7 +192,6 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         state = load_state_dict(str(path))
     except Exception as err:  # safetensors, zip and unpickling errors share no base class
-        from vistune.io import unreadable_reason
 
         raise BackboneError(
             f"weights file {path} is not a weights file (a .safetensors or a torch state dict): "
@@ -372,7 +361,7 @@ def backbone_for_file(recorded: dict[str, Any], source: str | os.PathLike,
     except (KeyError, TypeError):
         raise BackboneError(f"{source}: metadata does not name its backbone") from None
     if weights is None and label is not None:
-        if _zoo_entry(str(label)) is None:
+        if get_entry(str(label)) is None:
             raise BackboneError(
                 f"{source} was trained on backbone weights from a local file ({label!r}); pass that "
                 "file again with --weights PATH (its fingerprint is checked)"

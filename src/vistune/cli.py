@@ -1,6 +1,7 @@
 """Command line: ``vistune info|weights|train|eval|...``.
 
-Heavy imports (torch, timm) happen inside each command so ``vistune --help`` stays instant.
+Every vistune module that pulls in torch or timm is imported inside the command that needs it (the
+only function-local vistune imports here), so ``vistune --help`` stays instant.
 Every user error ends in one line on stderr and exit code 2, never a traceback.
 """
 
