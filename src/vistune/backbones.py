@@ -421,12 +421,6 @@ def is_vit(model: nn.Module) -> bool:
     )
 
 
-def vit_blocks(model: nn.Module) -> list[nn.Module]:
-    if not is_vit(model):
-        raise BackboneError(f"{type(model).__name__} is not a timm VisionTransformer-like model")
-    return list(model.blocks)
-
-
 def vit_geometry(model: nn.Module) -> dict[str, int]:
     """Width, depth, patch size and prefix-token count of a timm ViT."""
     pe = model.patch_embed

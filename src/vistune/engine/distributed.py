@@ -176,11 +176,6 @@ def init_distributed(device: str = "auto") -> Dist:
     return Dist(rank=rank, world=world, local_rank=local_rank, device=dev)
 
 
-def shutdown(dist: Dist) -> None:
-    if dist.enabled and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 def shutdown_current() -> None:
     """Leave the process group at the end of a command (no-op outside torchrun)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -52,12 +52,10 @@ several threads at once; merge it for serving.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vistune.backbones import backbone_info

@@ -35,7 +35,6 @@ from vistune.weights.errors import WeightsDownloadError, WeightsError
 ENV_WEIGHTS_DIR = "VISTUNE_WEIGHTS_DIR"
 DEFAULT_WEIGHTS_DIR = Path("~/.cache/vistune/weights")
 SUFFIX = ".safetensors"
-SIDECAR_SUFFIX = ".safetensors.sha256"
 TMP_PREFIX = ".tmp-"
 _CHUNK = 1 << 20
 

@@ -272,7 +272,7 @@ def _grid_sampler(values: dict[str, list[Any]], seed: int) -> Any:
 
 
 def open_study(out: Path, storage_url: str | None, name: str, sampler: str, space: Space, pruner: str,
-               epochs: int, seed: int, create: bool = True, direction: str = "maximize") -> Any:
+               epochs: int, seed: int, direction: str = "maximize") -> Any:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
