@@ -10,6 +10,7 @@ guesses module names on its own.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 from dataclasses import dataclass
@@ -134,8 +135,6 @@ def _create_with_weights(name: str, arch: str, wname: str, kwargs: dict[str, Any
     check_weights_loaded(model, file_state, path, arch)
     del file_state
     if wentry is not None and wname in _POST_LOAD:
-        import importlib
-
         module, func = _POST_LOAD[wname]
         getattr(importlib.import_module(module), func)(model, path)
     return model, mean, std
@@ -252,7 +251,6 @@ def check_weights_loaded(model: nn.Module, state: dict[str, Any], path: str | os
     missing, unexpected, different = _fit(model, state)
     if not (missing or unexpected or different):
         return
-    import importlib
 
     filter_fn = getattr(importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:

@@ -8,12 +8,15 @@ Every user error ends in one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import os
 import sys
 import typing
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from vistune import __version__
 from vistune.config import PRECISIONS, load_config_file, make_config
@@ -289,14 +292,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _is_main() -> bool:
-    import os
-
     return os.environ.get("RANK", "0") == "0"
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from vistune.sensitivity import allocate, load_scores, plot_allocation
     from vistune.workflows.sensitivity import write_sensitivity
 
@@ -413,7 +412,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     seeds = list(range(args.seeds)) if args.seed_list is None else _int_list(args.seed_list)
     tracking = _tracking(args, cfg.out)
     if args.stage != "final":  # every worker too: each then starts its trials equally warm
-        import dataclasses
 
         from vistune.workflows.sweep import split_searched_options
         from vistune.workflows.train import check_shared_settings
@@ -591,8 +589,6 @@ def cmd_robustness(args: argparse.Namespace) -> int:
 
 
 def _add_robustness_parser(sub) -> None:
-    import os
-
     p = sub.add_parser("robustness", help="a run under ImageNet-C corruptions, FGSM/PGD attacks and other data sets")
     p.add_argument("--tuned", required=True, help="a classification run folder or its tuned.safetensors")
     p.add_argument("--data", default=None, help="data spec (default: the one recorded in the run)")
@@ -885,8 +881,6 @@ def _parser_with_plugins(argv: Sequence[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import os
-
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser_with_plugins(argv)
     args = parser.parse_args(argv)

@@ -23,7 +23,11 @@ The same code runs in one process (``world == 1``: every collective is a no-op) 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import signal
+import sys
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -193,10 +197,6 @@ def launch(nproc: int, argv: Sequence[str], command: str = "train") -> int:
     worker fails, the launcher stops the others (no hang) and this prints one line naming the
     failed rank; the worker's own one-line error is above it.
     """
-    import logging
-    import sys
-    import uuid
-
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -212,7 +212,6 @@ def launch(nproc: int, argv: Sequence[str], command: str = "train") -> int:
         code = failure.exitcode
         how = f"failed (exit code {code})"
         if code < 0:  # killed by a signal (the OOM killer, kill -9): say which
-            import signal
 
             try:
                 how = f"was killed by {signal.Signals(-code).name}"

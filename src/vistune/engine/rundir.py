@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -143,8 +144,6 @@ class RunDir:
     def _settle_previous(self, exc_type: type[BaseException] | None) -> None:
         """The old run kept by ``--overwrite``: dropped once the new run is complete, moved back
         when the new run failed (not when it was interrupted or stopped: it can be resumed)."""
-        import shutil
-
         previous = self.path / PREVIOUS
         if not previous.is_dir():
             return
@@ -185,8 +184,6 @@ class RunDir:
 
     def _set_aside(self) -> None:
         """``--overwrite``: move the old run's files into ``.previous`` (see the module docstring)."""
-        import shutil
-
         previous = self.path / PREVIOUS
         present = [n for n in dict.fromkeys((MARKER, *self.run_files)) if (self.path / n).is_file()]
         if previous.is_dir():

@@ -9,6 +9,7 @@ so this package never needs to know which task kinds exist.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import shutil
@@ -143,8 +144,6 @@ def timm_kwargs(model: nn.Module, num_classes: int, img_size: int) -> dict[str, 
     ``img_size`` only for models that take it (ViTs; CNNs run at any size), ``dynamic_img_size``
     only when the model was built with it.
     """
-    import inspect
-
     kwargs: dict[str, Any] = {"num_classes": int(num_classes)}
     try:
         params = inspect.signature(type(model).__init__).parameters

@@ -52,7 +52,9 @@ several threads at once; merge it for serving.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -339,9 +341,6 @@ class SPT(Method):
         The file is ``options["sensitivity"]`` or the task's ``probe.scores_path``; it is computed
         when absent and reused when present (its fingerprint is checked at attach).
         """
-        import time
-        from pathlib import Path
-
         path = options.get("sensitivity") or probe.scores_path
         if path is None:
             raise MethodError("spt needs a place for its sensitivity scores: give sensitivity=FILE or an output folder")

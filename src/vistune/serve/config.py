@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import os
 import signal
+import socket
 import sys
 import threading
 import typing
@@ -213,8 +214,6 @@ def build_model(cfg: ServeConfig):
 def _check_can_listen(host: str, port: int) -> None:
     """Bind the address once before loading anything: uvicorn reports a bad host or a busy port
     as several log lines and exit code 3, after the models are loaded."""
-    import socket
-
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, kind, proto, _, address = infos[0]

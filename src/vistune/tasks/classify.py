@@ -10,6 +10,7 @@ structure (:meth:`TunedModel.features_are_static`), not by the method's name.
 from __future__ import annotations
 
 import functools
+import hashlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -393,8 +394,6 @@ def group_top1(per_class: Sequence[float | None], train_counts: Sequence[int],
 def image_hashes(dataset: Any, limit: int | None = None) -> list[str]:
     """Short content hashes of a split's decoded images (same backbone => same resolution), used
     to prove that no PVP source image is a target test image."""
-    import hashlib
-
     n = len(dataset) if limit is None else min(limit, len(dataset))
     return [hashlib.sha1(dataset.uint8(i).contiguous().numpy().tobytes()).hexdigest()[:16] for i in range(n)]
 

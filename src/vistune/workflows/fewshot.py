@@ -55,8 +55,6 @@ def split_options(options: dict[str, Any], method: str) -> dict[str, Any]:
 
 def check_variants(variants: list[Variant], pvp_files: dict[str, str], options: dict[str, Any]) -> None:
     """Every variant must be runnable before the first run starts (no half tables)."""
-    from pathlib import Path
-
     for v in variants:
         cls = get_method(v.method)
         parse_options(cls, split_options(options, v.method))

@@ -34,13 +34,17 @@ VPT's base rates scaled by ``batch_size / 256``, as VPT scales them.
 from __future__ import annotations
 
 import dataclasses
+import gc
+import itertools
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import time
+import typing
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,13 +54,18 @@ from vistune.config import ConfigError, TrainConfig
 from vistune.engine import tracking as trk
 from vistune.engine.callbacks import Callback, FitState
 from vistune.engine.loop import DivergedError
-from vistune.engine.rundir import FolderLock, RunDirError, recorded_settings, settings_diff, settings_of
+from vistune.engine.rundir import (
+    FolderLock,
+    RunDirError,
+    recorded_settings,
+    settings_diff,
+    settings_of,
+)
 from vistune.io import save_figure_atomic, write_json_atomic, write_text_atomic
 from vistune.methods import get_method
 from vistune.methods.base import MODULE_ADAMW_LRS, VPT_SGD_BASE_LRS
 from vistune.tasks import get_task, task_of
 from vistune.workflows.train import check_method, train
-
 
 #: Run settings a search dimension may name besides method options.
 CONFIG_DIMENSIONS = ("lr", "wd", "head_lr", "warmup_epochs", "epochs", "momentum", "optimizer")
@@ -132,8 +141,6 @@ def split_searched_options(method: str, options: dict[str, Any]) -> tuple[dict[s
     """``-o length=5,10,50`` (or ``-o vpt:length=...``) on a scalar option is a search dimension;
     commas inside a list-typed option (``targets=q,v``) are its value — write ``q,v|q,k,v`` to
     search those. Returns (fixed options, searched options)."""
-    import typing
-
     hints = typing.get_type_hints(get_method(method).Options)
     fixed: dict[str, Any] = {}
     searched: dict[str, list[Any]] = {}
@@ -554,8 +561,6 @@ def search(base: TrainConfig, space: Space, out: Path, study: Any, sampler: str,
 def _run_trial(study: Any, trial: Any, objective: Any) -> bool:
     """Optuna's ``optimize`` step without its logging: a trial's error reaches the CLI as one line.
     False when another process holds the trial's run folder."""
-    import gc
-
     import optuna
     from optuna.storages._heartbeat import get_heartbeat_thread  # what optimize() runs a trial in
     from optuna.trial import TrialState
@@ -608,7 +613,6 @@ def _work_left(study: Any, space: Space, sampler: str, trials: int | None,
     taken = [t for t in all_trials if _settled(t) or t.state == TrialState.RUNNING]
     if sampler == "tpe":
         return len(taken) < (trials or 0)
-    import itertools
 
     names = {trial_name(t.params) for t in taken} | set(busy)
     keys = list(space.values)
@@ -635,7 +639,6 @@ def _settled(t: Any) -> bool:
 def _grid_done(study: Any, space: Space) -> bool:
 
     done = {trial_name(t.params) for t in study.get_trials(deepcopy=False) if _settled(t)}
-    import itertools
 
     keys = list(space.values)
     return all(trial_name(dict(zip(keys, combo))) in done for combo in itertools.product(*space.values.values()))
@@ -814,7 +817,6 @@ def die_with_parent() -> None:
     if not parent or not sys.platform.startswith("linux"):
         return
     import ctypes
-    import signal
 
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
