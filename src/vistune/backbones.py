@@ -10,6 +10,7 @@ guesses module names on its own.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 from dataclasses import dataclass
@@ -18,6 +19,9 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from vistune.io import unreadable_reason
+from vistune.weights import get_entry, get_weights, zoo_names
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -43,15 +47,6 @@ class BackboneInfo:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     weights: str | None  # zoo name or file path the weights came from, None = random init
-
-
-def _zoo_entry(name: str):
-    """Look a name up in the offline weights catalogue (lazy import: it pulls in converters)."""
-    try:
-        from vistune.weights import get_entry
-    except ImportError:  # pragma: no cover - the weights package is part of vistune
-        return None
-    return get_entry(name)
 
 
 def create_backbone(
@@ -80,11 +75,9 @@ def create_backbone(
     """
     import timm
 
-    entry = _zoo_entry(name)
+    entry = get_entry(name)
     arch = entry.arch if entry is not None else name
     if entry is None and not timm.is_model(arch):
-        from vistune.weights import zoo_names
-
         raise BackboneError(
             f"unknown backbone {name!r}: not a timm model name and not one of vistune's "
             f"weights names {zoo_names()} (see `timm.list_models()`)"
@@ -98,61 +91,67 @@ def create_backbone(
     kwargs["num_classes"] = num_classes
     if img_size is not None:
         kwargs["img_size"] = img_size
-
-    weights_label: str | None = None
-    mean, std = None, None
     if weights is not None:
-        wname = str(weights)
-        wentry = _zoo_entry(wname)
-        if wentry is not None:
-            from vistune.weights import get_weights
-
-            if wentry.arch != arch:
-                raise BackboneError(
-                    f"weights {wname!r} are for {wentry.arch!r}, not for backbone {name!r}"
-                )
-            path = get_weights(wname)
-            mean, std = wentry.mean, wentry.std
-            overlay = dict(file=str(path), num_classes=wentry.num_classes, mean=wentry.mean, std=wentry.std)
-        else:
-            path = Path(wname).expanduser()
-            if not path.is_file():
-                raise BackboneError(
-                    f"weights {wname!r}: no such file and not a vistune weights name"
-                )
-            overlay = dict(file=str(path))
-        weights_label = wname
-        file_state = read_weights_file(path)
-        try:
-            with _quiet_timm_loader():
-                model = _create(arch, kwargs, pretrained=True, pretrained_cfg_overlay=overlay)
-        except (RuntimeError, KeyError, ValueError) as err:
-            raise BackboneError(f"weights file {path} does not load into {arch!r}: {_first_line(err)}") from None
-        check_weights_loaded(model, file_state, path, arch)
-        del file_state
-        if wentry is not None and wname in _POST_LOAD:
-            import importlib
-
-            module, func = _POST_LOAD[wname]
-            getattr(importlib.import_module(module), func)(model, path)
+        model, mean, std = _create_with_weights(name, arch, str(weights), kwargs)
     else:
-        model = _create(arch, kwargs, pretrained=False)
-
+        model, mean, std = _create(arch, kwargs, pretrained=False), None, None
     if img_size is not None:
         check_img_size(model, name, img_size)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
     if mean is None and entry is not None:
         mean, std = entry.mean, entry.std
+    model.vistune_info = _info_of(model, name, arch, img_size, mean, std, None if weights is None else str(weights))
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def _create_with_weights(name: str, arch: str, wname: str, kwargs: dict[str, Any],
+                         ) -> tuple[nn.Module, tuple | None, tuple | None]:
+    """The model with ``wname`` (a zoo name or a local file) loaded through timm's own route, the
+    load checked tensor by tensor; returns the zoo entry's normalisation when it has one."""
+    mean, std = None, None
+    wentry = get_entry(wname)
+    if wentry is not None:
+        if wentry.arch != arch:
+            raise BackboneError(
+                f"weights {wname!r} are for {wentry.arch!r}, not for backbone {name!r}"
+            )
+        path = get_weights(wname)
+        mean, std = wentry.mean, wentry.std
+        overlay = dict(file=str(path), num_classes=wentry.num_classes, mean=wentry.mean, std=wentry.std)
+    else:
+        path = Path(wname).expanduser()
+        if not path.is_file():
+            raise BackboneError(
+                f"weights {wname!r}: no such file and not a vistune weights name"
+            )
+        overlay = dict(file=str(path))
+    file_state = read_weights_file(path)
+    try:
+        with _quiet_timm_loader():
+            model = _create(arch, kwargs, pretrained=True, pretrained_cfg_overlay=overlay)
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise BackboneError(f"weights file {path} does not load into {arch!r}: {_first_line(err)}") from None
+    check_weights_loaded(model, file_state, path, arch)
+    del file_state
+    if wentry is not None and wname in _POST_LOAD:
+        module, func = _POST_LOAD[wname]
+        getattr(importlib.import_module(module), func)(model, path)
+    return model, mean, std
+
+
+def _info_of(model: nn.Module, name: str, arch: str, img_size: int | None, mean: tuple | None,
+             std: tuple | None, weights_label: str | None) -> BackboneInfo:
+    """The model's :class:`BackboneInfo`; normalisation not set by the weights comes from timm's
+    ``pretrained_cfg``, else ImageNet's."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
     if mean is None:
         mean = tuple(cfg.get("mean", IMAGENET_MEAN))
         std = tuple(cfg.get("std", IMAGENET_STD))
     size = img_size or _native_img_size(model, cfg)
-    model.vistune_info = BackboneInfo(
+    return BackboneInfo(
         name=name, arch=arch, img_size=int(size), mean=tuple(mean), std=tuple(std), weights=weights_label
     )
-    if device is not None:
-        model.to(device)
-    return model
 
 
 def _first_line(err: BaseException) -> str:
@@ -192,7 +191,6 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         state = load_state_dict(str(path))
     except Exception as err:  # safetensors, zip and unpickling errors share no base class
-        from vistune.io import unreadable_reason
 
         raise BackboneError(
             f"weights file {path} is not a weights file (a .safetensors or a torch state dict): "
@@ -253,7 +251,6 @@ def check_weights_loaded(model: nn.Module, state: dict[str, Any], path: str | os
     missing, unexpected, different = _fit(model, state)
     if not (missing or unexpected or different):
         return
-    import importlib
 
     filter_fn = getattr(importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:
@@ -362,7 +359,7 @@ def backbone_for_file(recorded: dict[str, Any], source: str | os.PathLike,
     except (KeyError, TypeError):
         raise BackboneError(f"{source}: metadata does not name its backbone") from None
     if weights is None and label is not None:
-        if _zoo_entry(str(label)) is None:
+        if get_entry(str(label)) is None:
             raise BackboneError(
                 f"{source} was trained on backbone weights from a local file ({label!r}); pass that "
                 "file again with --weights PATH (its fingerprint is checked)"
@@ -420,12 +417,6 @@ def is_vit(model: nn.Module) -> bool:
         and isinstance(getattr(model, "blocks", None), (nn.Sequential, nn.ModuleList))
         and hasattr(model, "num_prefix_tokens")
     )
-
-
-def vit_blocks(model: nn.Module) -> list[nn.Module]:
-    if not is_vit(model):
-        raise BackboneError(f"{type(model).__name__} is not a timm VisionTransformer-like model")
-    return list(model.blocks)
 
 
 def vit_geometry(model: nn.Module) -> dict[str, int]:

@@ -1,22 +1,29 @@
 """Command line: ``vistune info|weights|train|eval|...``.
 
-Heavy imports (torch, timm) happen inside each command so ``vistune --help`` stays instant.
+Every vistune module that pulls in torch or timm is imported inside the command that needs it (the
+only function-local vistune imports here), so ``vistune --help`` stays instant.
 Every user error ends in one line on stderr and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import os
 import sys
 import typing
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
-from vistune.config import PRECISIONS
-from vistune.methods import method_names
-from vistune.tasks import task_help, task_names
+from vistune import __version__
+from vistune.config import PRECISIONS, load_config_file, make_config
+from vistune.errors import VistuneError
+from vistune.methods import get_method, method_names
+from vistune.plugins import PluginWarning, load_plugin
+from vistune.tasks import task_help, task_names, task_of
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,7 +99,6 @@ class _HelpWithMethodOptions(argparse.Action):
         method = getattr(namespace, "method", None)
         rows: list[dict] = []
         if method:
-            from vistune.methods import get_method
             from vistune.methods.base import option_table
 
             try:
@@ -112,7 +118,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from vistune.backbones import create_backbone
-    from vistune.methods import parse_kv
+    from vistune.methods import parse_kv  # lives in methods.base, which imports torch
     from vistune.tuning import attach
 
     options = parse_kv(args.option)
@@ -238,8 +244,7 @@ _CONFIG_FLAGS = ("backbone", "weights", "img_size", "method", "data", "data_root
 
 
 def config_from_args(args: argparse.Namespace, **forced):
-    from vistune.config import load_config_file, make_config
-    from vistune.methods import parse_kv
+    from vistune.methods import parse_kv  # lives in methods.base, which imports torch
 
     file_values = load_config_file(args.config) if args.config else {}
     overrides = {k: getattr(args, k, None) for k in _CONFIG_FLAGS}
@@ -288,14 +293,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _is_main() -> bool:
-    import os
-
     return os.environ.get("RANK", "0") == "0"
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from vistune.sensitivity import allocate, load_scores, plot_allocation
     from vistune.workflows.sensitivity import write_sensitivity
 
@@ -329,8 +330,6 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
 
 def _print_metrics(metrics: dict, out: str) -> None:
-    from vistune.tasks import task_of
-
     task = task_of(metrics)  # its headline metrics and their format are declared on the task class
     keys = ["method", *task.metric_keys, "tuned_params", "head_params", "train_seconds", "train_img_per_s",
             "peak_memory_mb", "num_train", "num_test", "skipped_images", "world_size"]
@@ -348,7 +347,6 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     launched = _launch_if_asked(args)
     if launched is not None:
         return launched
-    from vistune.config import load_config_file
     from vistune.workflows.pvp import pretrain
 
     sources = args.data
@@ -415,7 +413,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     seeds = list(range(args.seeds)) if args.seed_list is None else _int_list(args.seed_list)
     tracking = _tracking(args, cfg.out)
     if args.stage != "final":  # every worker too: each then starts its trials equally warm
-        import dataclasses
 
         from vistune.workflows.sweep import split_searched_options
         from vistune.workflows.train import check_shared_settings
@@ -452,8 +449,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res))
     else:
-        from vistune.tasks import task_of
-
         print("\n".join(task_of(res).eval_lines(res, args.split)))
     return 0
 
@@ -599,8 +594,6 @@ def cmd_robustness(args: argparse.Namespace) -> int:
 
 
 def _add_robustness_parser(sub) -> None:
-    import os
-
     p = sub.add_parser("robustness", help="a run under ImageNet-C corruptions, FGSM/PGD attacks and other data sets")
     p.add_argument("--tuned", required=True, help="a classification run folder or its tuned.safetensors")
     p.add_argument("--data", default=None, help="data spec (default: the one recorded in the run)")
@@ -637,8 +630,7 @@ def _add_robustness_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vistune import __version__
-
+    """The whole command line: global flags, then one builder per subcommand (in help order)."""
     parser = _Parser(prog="vistune", description="Parameter-efficient tuning of frozen vision backbones")
     parser.add_argument("--version", action="version", version=f"vistune {__version__}")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
@@ -648,6 +640,25 @@ def build_parser() -> argparse.ArgumentParser:
                              "installed packages' 'vistune.methods' entry points need no flag)")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    _add_info_parser(sub)
+    _add_train_parser(sub)
+    _add_sensitivity_parser(sub)
+    _add_predict_parser(sub)
+    _add_pretrain_parser(sub)
+    _add_fewshot_parser(sub)
+    _add_sweep_parser(sub)
+    _add_eval_parser(sub)
+    _add_weights_parser(sub)
+    _add_export_parser(sub)
+    _add_import_peft_parser(sub)
+    _add_report_parser(sub)
+    _add_serve_parser(sub)
+    _add_robustness_parser(sub)
+    return parser
+
+
+def _add_info_parser(sub: argparse._SubParsersAction) -> None:
+    """`vistune info`: the parameter report; its own -h also lists a --method's options."""
     p = sub.add_parser("info", help="parameter report of a method attached to a backbone", add_help=False)
     p.add_argument("-h", "--help", action=_HelpWithMethodOptions, nargs=0,
                    help="show this help; with --method X before it, also X's options (defaults, bounds, help)")
@@ -659,12 +670,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
 
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    """`vistune train`: the shared training flags plus --task and tracking."""
     p = sub.add_parser("train", help="train a method on a dataset; writes tuned.safetensors + metrics.json")
     _add_train_args(p)
     p.add_argument("--task", choices=task_names(), default=None, help=task_help())
     _add_tracking_args(p)
     p.set_defaults(func=cmd_train)
 
+
+def _add_sensitivity_parser(sub: argparse._SubParsersAction) -> None:
+    """`vistune sensitivity`: SPT scores, and optionally an allocation and its plot."""
     p = sub.add_parser("sensitivity", help="SPT: gradient sensitivity scores (+ an allocation and its plot)")
     _add_train_args(p, runs=False)
     p.add_argument("--scores", required=True, help="output .safetensors for the scores")
@@ -679,6 +696,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="PNG heat-map of the allocation")
     p.set_defaults(func=cmd_sensitivity)
 
+
+def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
+    """`vistune predict`: one run's answer for one image, through its task kind."""
     p = sub.add_parser("predict", help="a run on one image: top-k classes (JSON), another kind's answer (multi-label: "
                                        "its labels), or a dense run's drawing (mask overlay or boxes)")
     p.add_argument("--tuned", required=True, help="run folder or its tuned.safetensors")
@@ -693,6 +713,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
 
+
+def _add_pretrain_parser(sub: argparse._SubParsersAction) -> None:
+    """`vistune pretrain`: PVP stage 1 over several source datasets."""
     p = sub.add_parser("pretrain", help="PVP stage 1: pre-train a method's modules on source data")
     _add_train_args(p, multi_data=True)
     p.add_argument("--source-test", action="store_true",
@@ -700,6 +723,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tracking_args(p)
     p.set_defaults(func=cmd_pretrain)
 
+
+def _add_fewshot_parser(sub: argparse._SubParsersAction) -> None:
+    """`vistune fewshot`: the shots x seeds x variants protocol."""
     p = sub.add_parser("fewshot", help="few-shot protocol: shots x seeds x variants, mean ± std table + plot")
     _add_train_args(p, shots=False)
     p.add_argument("--shots", default="1,2,4,8,16", help="comma-separated K values")
@@ -713,6 +739,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tracking_args(p)
     p.set_defaults(func=cmd_fewshot)
 
+
+def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
+    """`vistune sweep`: the Optuna search on val, then the per-seed final retrain."""
     p = sub.add_parser("sweep", help="search lr/wd/options on val (Optuna), retrain the best per seed, test once each")
     _add_train_args(p, runs=False)
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
@@ -735,6 +764,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tracking_args(p)
     p.set_defaults(func=cmd_sweep)
 
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    """`vistune eval`: evaluate a tuned file on one split."""
     p = sub.add_parser("eval", help="evaluate a tuned file on a split")
     p.add_argument("--tuned", required=True, help="a run folder or the tuned.safetensors written by train")
     p.add_argument("--data", default=None, help="data spec (default: the one recorded in the file)")
@@ -751,6 +783,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 
+
+def _add_weights_parser(sub: argparse._SubParsersAction) -> None:
+    """`vistune weights get|list`: the local pre-trained weights cache."""
     p = sub.add_parser("weights", help="fetch/convert real pre-trained weights into the local cache")
     wsub = p.add_subparsers(dest="action", required=True)
     g = wsub.add_parser("get", help="fetch and convert NAME (or 'all'); idempotent")
@@ -763,6 +798,9 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_weights)
 
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    """`vistune export`: a run as a timm folder, an ONNX graph or a PEFT adapter."""
     p = sub.add_parser("export", help="export a run as a plain timm folder, an ONNX graph or a PEFT LoRA adapter")
     p.add_argument("--tuned", required=True, help="run folder (classification or dense) or its tuned.safetensors")
     p.add_argument("--format", required=True, help="timm | onnx | peft")
@@ -774,6 +812,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backbone weights file, for runs trained on a local file (the file records only a label)")
     p.set_defaults(func=cmd_export)
 
+
+def _add_import_peft_parser(sub: argparse._SubParsersAction) -> None:
+    """`vistune import-peft`: a HF PEFT LoRA adapter as a vistune tuned file."""
     p = sub.add_parser("import-peft", help="turn a HF PEFT LoRA adapter into a vistune tuned file")
     p.add_argument("adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--backbone", required=True, help="the timm model or vistune weights name it was trained on")
@@ -783,14 +824,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output tuned .safetensors file")
     p.set_defaults(func=cmd_import_peft)
 
+
+def _add_report_parser(sub: argparse._SubParsersAction) -> None:
+    """`vistune report`: a markdown table of run folders."""
     p = sub.add_parser("report", help="print a markdown table of run folders' metrics.json")
     p.add_argument("runs", nargs="+")
     p.set_defaults(func=cmd_report)
-
-    _add_serve_parser(sub)
-    _add_robustness_parser(sub)
-    return parser
-
 
 #: What to do after an interruption, per command (Ctrl-C prints this instead of a traceback).
 _RESUME = {
@@ -834,9 +873,6 @@ def _parser_with_plugins(argv: Sequence[str]) -> argparse.ArgumentParser:
     A failing plugin (or a misplaced flag) is one line and exit 2. Warnings about installed
     plugins (an entry point that takes a built-in name) become one ``vistune: warning:`` line
     each, printed once, instead of Python's two-line format repeated per ``--method`` flag."""
-    from vistune.errors import VistuneError
-    from vistune.plugins import PluginWarning, load_plugin
-
     try:
         for spec in _plugins_in(argv):
             load_plugin(spec)
@@ -855,13 +891,10 @@ def _parser_with_plugins(argv: Sequence[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import os
-
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser_with_plugins(argv)
     args = parser.parse_args(argv)
     args._argv = argv
-    from vistune.errors import VistuneError
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     where = f" (rank {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""

@@ -255,6 +255,7 @@ def make_config(file_values: dict[str, Any] | None = None, **overrides: Any) -> 
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    # local: imports torch; `vistune --help` imports this module
     from vistune.methods.base import coerce_value
 
     try:

@@ -14,6 +14,7 @@ into the caller's error type with a message naming the file, never a library tra
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -77,8 +78,6 @@ def write_error(err: BaseException, path: str | os.PathLike) -> OSError | None:
     failed``; safetensors: ``SafetensorError ... os error 28``; a plain ``write()``: an OSError
     without a file name — and the CLI can only turn an OSError that names its file into one line.
     """
-    import errno
-
     text = str(err)
     if isinstance(err, OSError):
         if err.filename is not None:

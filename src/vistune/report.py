@@ -10,7 +10,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vistune.errors import VistuneError
+from vistune.precision import format_machine
+from vistune.robustness.report import robustness_summary
 from vistune.tasks import DEFAULT_TASK, get_task, task_names, task_of
+from vistune.workflows.sweep import sweep_row
 
 if TYPE_CHECKING:
     from vistune.tasks.base import Task
@@ -84,8 +87,6 @@ def read_metrics(path: str | os.PathLike) -> dict[str, Any]:
             raise ReportError(f"{path}: {key} is {value!r}, not a number")
     if data.get("options") is not None and not isinstance(data["options"], dict):
         raise ReportError(f"{path}: options is {data['options']!r}, not an object")
-    from vistune.robustness.report import robustness_summary
-
     return {**data, **robustness_summary(path.parent)}  # mCA / robust / OOD columns when the run has them
 
 
@@ -93,8 +94,6 @@ def load_metrics(paths: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
     """metrics.json of run folders; a sweep folder gives one row (its retrained seeds' mean ± std).
     Paths without metrics are skipped (a run still in progress); a damaged file is refused.
     ``vistune report`` uses :func:`collect_rows`, which also says what it skipped and why."""
-    from vistune.workflows.sweep import sweep_row
-
     rows = []
     for p in paths:
         row = _row_of(Path(p), sweep_row)
@@ -111,8 +110,6 @@ def collect_rows(paths: Iterable[str | os.PathLike]) -> tuple[list[dict[str, Any
     path that gives no row must not vanish silently (a typo would go unnoticed); the caller shows
     both.
     """
-    from vistune.workflows.sweep import sweep_row
-
     rows: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
     for p in paths:
@@ -188,8 +185,6 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
 def machine_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     """Which machine and precision made the rows' numbers: one line per distinct pair, naming the
     rows when there are several (a table mixing an AVX2 fp32 run with a native-bf16 one says so)."""
-    from vistune.precision import format_machine
-
     groups: dict[str, list[str]] = {}
     for r in rows:
         line = format_machine(r.get("machine"), r.get("precision"))

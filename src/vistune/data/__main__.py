@@ -19,6 +19,8 @@ import argparse
 import sys
 
 from .errors import DataError
+from .loader import ReadOptions, read_source
+from .wds import write_shards
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,12 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--split-seed", type=int, default=0, help="carves missing val/test splits, as in training")
     s.add_argument("--data-root", default=None, help="tv: data root")
     args = parser.parse_args(argv)
-    from .loader import ReadOptions, read_source
 
     try:
         if args.command == "shard":
-            from .wds import write_shards
-
             summary = write_shards(args.spec, args.out, args.shard_size, split_seed=args.split_seed,
                                    seed=None if args.keep_order else args.seed, data_root=args.data_root)
             print(f"{args.spec}: {summary.line()}")

@@ -252,6 +252,17 @@ def read_hf(arg: str, *, image_column: str | None = None, label_column: str | No
         origins[ours] = where
         tables[ours] = ds.select_columns([image_column]).cast_column(image_column, ds_lib.Image(decode=False))
 
+    splits, class_names = _label_splits(raw_labels, origins, string_labels, label_feature, label_column, notes)
+    notes.append("splits used: " + ", ".join(f"{ours}={theirs}" for ours, theirs in chosen.items()))
+    source = HFImages(tables, image_column, chosen, origin)
+    return SourceData("hf", root, source, splits, class_names, notes, origins=origins)
+
+
+def _label_splits(raw_labels: dict[str, list[Any]], origins: dict[str, str], string_labels: bool,
+                  label_feature: Any, label_column: str, notes: list[str]) -> tuple[dict[str, RawSplit], list[str]]:
+    """Labels as class indices per split and the class names: sorted training values for string
+    labels, a ClassLabel's names, else the classes the integer training labels use."""
+    is_classlabel = _feature_kind(label_feature) == "ClassLabel"
     splits: dict[str, RawSplit] = {}
     if string_labels:
         class_names = sorted({str(v) for v in raw_labels["train"] if v is not None})
@@ -275,6 +286,4 @@ def read_hf(arg: str, *, image_column: str | None = None, label_column: str | No
         else:
             class_names = classes_from_train("hf", splits, origins)
             notes.append(f"integer labels without ClassLabel: {len(class_names)} classes from the training labels")
-    notes.append("splits used: " + ", ".join(f"{ours}={theirs}" for ours, theirs in chosen.items()))
-    source = HFImages(tables, image_column, chosen, origin)
-    return SourceData("hf", root, source, splits, class_names, notes, origins=origins)
+    return splits, class_names

@@ -551,6 +551,49 @@ def load_data(
         DataError: on any problem with the spec, layout, labels or options,
             before any training could start.
     """
+    o = _check_load(spec, img_size, mean, std, shots, seed, augment, trainval, max_per_split, subset, split_seed,
+                    cache_mb, workers, imbalance)
+    opts = ReadOptions(
+        trainval=o.trainval, data_root=None if data_root is None else os.fspath(data_root),
+        image_column=image_column, label_column=label_column, split_seed=o.split_seed,
+    )  # fmt: skip
+    src = read_source(spec, opts, task="classify")
+    splits, notes = _arrange_splits(src, o)
+    quotas, purposes, longtail = _plan_quotas(src, splits, o, notes)
+    datasets, skipped, keep, stream_train = _decode_splits(src, splits, o, quotas, purposes)
+    train = datasets["train"]
+    assert train is not None
+    return DataSplits(
+        train=train, val=datasets["val"], test=datasets["test"], num_classes=src.num_classes,
+        class_names=list(src.class_names), skipped=skipped,
+        info=_manifest(src, o, notes, longtail, keep, stream_train),
+    )  # fmt: skip
+
+
+@dataclass
+class _Load:
+    """``load_data``'s options once checked, handed from phase to phase as one value."""
+
+    spec: str
+    img_size: int
+    normalize: Normalize
+    augment: str | None
+    train_augment: Any
+    shots: int | None
+    seed: int
+    split_seed: int
+    max_per_split: int | None
+    imbalance: float | None
+    trainval: bool
+    subset: tuple[int, int] | None
+    cache_mb: float
+    workers: int
+
+
+def _check_load(spec: str, img_size: Any, mean: Sequence[float], std: Sequence[float], shots: Any, seed: Any,
+                augment: str | None, trainval: bool, max_per_split: Any, subset: tuple[int, int] | None,
+                split_seed: Any, cache_mb: float, workers: int | None, imbalance: Any) -> _Load:
+    """Every scalar option checked (in the order errors are reported) before any file is read."""
     if isinstance(img_size, bool) or not isinstance(img_size, (int, np.integer)) or img_size < 1:
         raise DataError(f"img_size must be a positive integer, got {img_size!r}")
     img_size = int(img_size)
@@ -566,55 +609,66 @@ def load_data(
                 or not np.isfinite(imbalance) or imbalance < 1:
             raise DataError(f"imbalance must be a finite number >= 1, got {imbalance!r}")
         imbalance = float(imbalance) if imbalance > 1 else None  # R = 1: the data as it is
-    workers = decode_workers(workers)
+    return _Load(spec=spec, img_size=img_size, normalize=normalize, augment=augment, train_augment=train_augment,
+                 shots=shots, seed=seed, split_seed=split_seed, max_per_split=max_per_split, imbalance=imbalance,
+                 trainval=bool(trainval), subset=subset, cache_mb=cache_mb, workers=decode_workers(workers))
 
-    opts = ReadOptions(
-        trainval=bool(trainval), data_root=None if data_root is None else os.fspath(data_root),
-        image_column=image_column, label_column=label_column, split_seed=split_seed,
-    )  # fmt: skip
-    src = read_source(spec, opts, task="classify")
-    kind = src.kind
-    splits, notes = complete_splits(src, split_seed)
+
+def _arrange_splits(src: SourceData, o: _Load) -> tuple[dict[str, RawSplit], list[str]]:
+    """The final train/val/test files: missing splits carved, the VTAB subset drawn, val merged
+    into train for ``trainval``; checked, with the notes for the manifest."""
+    splits, notes = complete_splits(src, o.split_seed)
     notes = src.notes + notes
-    if subset is not None:
-        splits, note = _vtab_subset(splits, subset, split_seed, shots, kind)
+    if o.subset is not None:
+        splits, note = _vtab_subset(splits, o.subset, o.split_seed, o.shots, src.kind)
         notes.append(note)
-    if trainval and not src.handled_trainval:
+    if o.trainval and not src.handled_trainval:
         if "val" in splits:
             splits["train"] = splits["train"] + splits.pop("val")
             order = sorted(range(len(splits["train"])), key=splits["train"].ids.__getitem__)
             splits["train"] = splits["train"].subset(order)
         notes.append("trainval: val merged into train, no val split")
-    if trainval:
+    if o.trainval:
         splits.pop("val", None)
-
     check_splits(src, splits, notes)
+    return splits, notes
 
+
+def _plan_quotas(src: SourceData, splits: dict[str, RawSplit], o: _Load, notes: list[str],
+                 ) -> tuple[dict[str, dict[int, int] | None], dict[str, tuple[int, int]], dict[str, Any] | None]:
+    """Per split, how many images of each class to take (few-shot, cap, long tail; None = all)
+    and the (seed, purpose) of the seeded order they are taken in."""
     quotas: dict[str, dict[int, int] | None] = {}
     purposes: dict[str, tuple[int, int]] = {}
     longtail: dict[str, Any] | None = None
     for name, split in splits.items():
-        quotas[name], purposes[name] = None, (split_seed, PURPOSE_CAP)
-        if name == "train" and shots is not None:
+        quotas[name], purposes[name] = None, (o.split_seed, PURPOSE_CAP)
+        if name == "train" and o.shots is not None:
             # validates the class sizes; _materialise walks the same seeded orders
-            fewshot_indices(split.labels, shots, seed, num_classes=src.num_classes, class_names=src.class_names)
-            quotas[name] = dict.fromkeys(range(src.num_classes), shots)
-            purposes[name] = (seed, PURPOSE_FEWSHOT)
-        elif max_per_split is not None and len(split) > max_per_split:
-            quotas[name] = proportional_quota(Counter(split.labels), max_per_split)
-        if name == "train" and imbalance is not None:
+            fewshot_indices(split.labels, o.shots, o.seed, num_classes=src.num_classes, class_names=src.class_names)
+            quotas[name] = dict.fromkeys(range(src.num_classes), o.shots)
+            purposes[name] = (o.seed, PURPOSE_FEWSHOT)
+        elif o.max_per_split is not None and len(split) > o.max_per_split:
+            quotas[name] = proportional_quota(Counter(split.labels), o.max_per_split)
+        if name == "train" and o.imbalance is not None:
             quotas[name], longtail = longtail_plan(
-                split.labels, imbalance, seed, num_classes=src.num_classes, class_names=src.class_names,
-                shots=shots, cap=max_per_split,
+                split.labels, o.imbalance, o.seed, num_classes=src.num_classes, class_names=src.class_names,
+                shots=o.shots, cap=o.max_per_split,
             )  # fmt: skip
-            purposes[name] = (seed, PURPOSE_FEWSHOT)
-            notes.append(f"imbalance {imbalance:g}: long-tailed train split, {longtail['n_max']} (head) to "
-                         f"{min(longtail['counts'])} (tail) images per class, order by seed={seed}")
+            purposes[name] = (o.seed, PURPOSE_FEWSHOT)
+            notes.append(f"imbalance {o.imbalance:g}: long-tailed train split, {longtail['n_max']} (head) to "
+                         f"{min(longtail['counts'])} (tail) images per class, order by seed={o.seed}")
+    return quotas, purposes, longtail
 
+
+def _decode_splits(src: SourceData, splits: dict[str, RawSplit], o: _Load,
+                   quotas: dict[str, dict[int, int] | None], purposes: dict[str, tuple[int, int]],
+                   ) -> tuple[dict[str, ImageDataset | None], list[tuple[str, str]], bool, bool]:
+    """Decode (or check) the chosen images of every split into datasets: cached in memory when
+    they fit ``cache_mb``; a whole uncached ``wds:`` train split is streamed instead."""
     expected = sum(len(s) if quotas[n] is None else sum(quotas[n].values()) for n, s in splits.items())
-    estimate_mb = expected * src.source.channels * img_size * img_size / 2**20
-    keep = estimate_mb <= cache_mb
-
+    estimate_mb = expected * src.source.channels * o.img_size * o.img_size / 2**20
+    keep = estimate_mb <= o.cache_mb
     # a whole wds: train split that is not cached is streamed (see the module docstring, step 6)
     stream_train = (not keep and src.source.streamed and quotas["train"] is None
                     and splits["train"] is src.splits.get("train"))
@@ -626,49 +680,54 @@ def load_data(
         split = splits[name]
         split_seed_or_seed, purpose = purposes[name]
         positions, arrays, shortfall = _materialise(
-            name, split, src.source, size=img_size, quota=quotas[name], seed=split_seed_or_seed,
-            purpose=purpose, keep=keep, workers=workers, skipped=skipped,
+            name, split, src.source, size=o.img_size, quota=quotas[name], seed=split_seed_or_seed,
+            purpose=purpose, keep=keep, workers=o.workers, skipped=skipped,
             check=not (name == "train" and stream_train),
         )  # fmt: skip
-        if name == "train" and (shots is not None or imbalance is not None) and shortfall:
-            c = min(shortfall)
-            quota = quotas[name]
-            assert quota is not None
-            what = "few-shot" if imbalance is None else f"imbalance {imbalance:g}"
-            raise DataError(
-                f"{what}: class {src.class_names[c]!r} (label {c}) has only {quota[c] - shortfall[c]} readable "
-                f"training images, need {quota[c]} (see the skipped-file warnings)"
-            )
+        if name == "train" and (o.shots is not None or o.imbalance is not None) and shortfall:
+            _raise_shortfall(src, quotas[name], shortfall, o.imbalance)
         if not positions:
-            raise DataError(f"{kind}: the {name} split of {src.root} has no readable images")
+            raise DataError(f"{src.kind}: the {name} split of {src.root} has no readable images")
         sub = split.subset(positions)
         datasets[name] = ImageDataset(
-            sub.ids, sub.labels, size=img_size, normalize=normalize,
-            augment=train_augment if name == "train" else None,
+            sub.ids, sub.labels, size=o.img_size, normalize=o.normalize,
+            augment=o.train_augment if name == "train" else None,
             images=_stack(arrays) if arrays is not None else None,
             source=None if keep else src.source,
         )  # fmt: skip
         if name == "train" and stream_train:
             datasets[name].stream = src.source.stream(  # type: ignore[attr-defined,union-attr]
-                "train", size=img_size, normalize=normalize, augment=train_augment, num_classes=src.num_classes)
+                "train", size=o.img_size, normalize=o.normalize, augment=o.train_augment,
+                num_classes=src.num_classes)
+    return datasets, skipped, keep, stream_train
 
-    info = {
-        "spec": spec, "kind": kind, "root": src.root, "img_size": img_size,
-        "mean": list(normalize.shift.flatten().div(255).tolist()),
-        "std": list(normalize.scale.flatten().div(255).tolist()),
-        "split_seed": split_seed, "trainval": bool(trainval), "max_per_split": max_per_split,
-        "subset": None if subset is None else list(subset),
-        "fewshot": None if shots is None else {"shots": shots, "seed": seed},
+
+def _raise_shortfall(src: SourceData, quota: dict[int, int] | None, shortfall: dict[int, int],
+                     imbalance: float | None) -> None:
+    """A few-shot or long-tailed train split lost images to unreadable files: say which class."""
+    c = min(shortfall)
+    assert quota is not None
+    what = "few-shot" if imbalance is None else f"imbalance {imbalance:g}"
+    raise DataError(
+        f"{what}: class {src.class_names[c]!r} (label {c}) has only {quota[c] - shortfall[c]} readable "
+        f"training images, need {quota[c]} (see the skipped-file warnings)"
+    )
+
+
+def _manifest(src: SourceData, o: _Load, notes: list[str], longtail: dict[str, Any] | None, keep: bool,
+              stream_train: bool) -> dict[str, Any]:
+    """``DataSplits.info``: everything that decided which images a run saw (saved with the run)."""
+    return {
+        "spec": o.spec, "kind": src.kind, "root": src.root, "img_size": o.img_size,
+        "mean": list(o.normalize.shift.flatten().div(255).tolist()),
+        "std": list(o.normalize.scale.flatten().div(255).tolist()),
+        "split_seed": o.split_seed, "trainval": o.trainval, "max_per_split": o.max_per_split,
+        "subset": None if o.subset is None else list(o.subset),
+        "fewshot": None if o.shots is None else {"shots": o.shots, "seed": o.seed},
         "imbalance": longtail,
-        "augment": augment, "cached": keep, "notes": notes,
+        "augment": o.augment, "cached": keep, "notes": notes,
         **({"streamed": "train"} if stream_train else {}),
     }  # fmt: skip
-    train = datasets["train"]
-    assert train is not None
-    return DataSplits(
-        train=train, val=datasets["val"], test=datasets["test"], num_classes=src.num_classes,
-        class_names=list(src.class_names), skipped=skipped, info=info,
-    )  # fmt: skip
 
 
 @dataclass

@@ -23,8 +23,10 @@ from .errors import DataError
 from .fashion_mnist import read_fashion_mnist
 from .fgvc import read_fgvc
 from .folder import read_folder
+from .hf import read_hf
 from .npz import read_npz
 from .sources import SourceData
+from .tv import read_tv
 from .vtab import read_vtab
 
 #: The tasks a reader can feed; a reader declares a subset.
@@ -57,19 +59,16 @@ class Reader:
 
 
 def _read_hf(arg: str | None, opts: ReadOptions) -> SourceData:
-    from .hf import read_hf  # imports `datasets` (heavy, optional) only for hf: specs
-
     return read_hf(arg or "", image_column=opts.image_column, label_column=opts.label_column)
 
 
 def _read_tv(arg: str | None, opts: ReadOptions) -> SourceData:
-    from .tv import read_tv
-
     return read_tv(arg or "", data_root=opts.data_root)
 
 
 def _read_wds(arg: str | None, opts: ReadOptions) -> SourceData:
-    from .wds import read_wds  # imports `webdataset` (optional extra wds) only for wds: specs
+    # local: a cycle (wds imports loader for write_shards, and loader imports this registry)
+    from .wds import read_wds
 
     return read_wds(arg or "")
 

@@ -26,8 +26,6 @@ from .errors import DataError
 # memory (3x cheaper) and are expanded to 3 channels only when an item is read.
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "La"}
 
-AUGMENTS = (None, "none", "flip")
-
 
 def pil_to_chw(im: Image.Image, size: int) -> np.ndarray:
     """Convert any PIL image to ``uint8`` ``(C, size, size)`` with C in {1, 3}.

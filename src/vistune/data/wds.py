@@ -43,7 +43,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from vistune.io import write_set_atomic
+
 from .errors import DataError
+from .loader import ReadOptions, complete_splits, read_source
 from .sources import (
     IMAGE_EXTS,
     SPLITS,
@@ -419,55 +422,16 @@ def write_shards(spec: str, out: str | Path, shard_size: int, *, split_seed: int
     as the loader skips it. The whole set is written as temp files renamed at the end
     (``classes.json`` last), so an interrupted run leaves no shard under a final name.
     """
-    from vistune.io import write_set_atomic  # stdlib-only helper: the one atomic writer
-
-    from .loader import ReadOptions, complete_splits, read_source
-
     wds = _webdataset()
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise DataError(f"--shard-size must be a positive integer, got {shard_size!r}")
     out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise DataError(f"shard: --out {out} exists and is not a folder")
-    if out.is_dir():
-        taken = sorted(p.name for p in out.iterdir() if p.suffix == ".tar" or p.name == CLASSES_FILE)
-        if taken:
-            raise DataError(f"shard: --out {out} already holds {', '.join(taken[:3])}{', ...' if len(taken) > 3 else ''}; "
-                            "choose an empty folder (shards of two data sets must not mix)")
+    _check_shard_out(out)
     src = read_source(spec, ReadOptions(data_root=data_root), task="classify")  # shards hold class labels
     splits, notes = complete_splits(src, split_seed)
     notes = src.notes + notes
-    extensions: dict[str, int] = {}
-    skipped: list[tuple[str, str]] = []
-    written: dict[str, tuple[int, int]] = {}
+    job = _ShardJob(wds, spec, src, splits)
     writers: list[tuple[str, Callable[[Path], None]]] = []
-
-    def shard_writer(split: str, rows: list[int], name: str) -> Callable[[Path], None]:
-        raw = splits[split]
-
-        def write(tmp: Path) -> None:
-            n = 0
-            with open(tmp, "wb") as fh, wds.TarWriter(fh, encoder=False, mtime=0) as tar:
-                for row in rows:
-                    sid = raw.ids[row]
-                    try:
-                        data, ext = src.source.encoded(sid)
-                    except Exception as err:  # noqa: BLE001 - any read/decode failure: skip, as the loader does
-                        where = src.source.describe(sid)
-                        log.warning("vistune.data: skipping unreadable image %s (%s split): %s", where, split, err)
-                        skipped.append((where, f"{type(err).__name__}: {err}"))
-                        continue
-                    tar.write({"__key__": f"{row:09d}", ext: data, LABEL_EXT: str(raw.labels[row]).encode(),
-                               "id": sid.encode("utf-8")})
-                    extensions[ext] = extensions.get(ext, 0) + 1
-                    n += 1
-            if n == 0:
-                raise DataError(f"shard: every image of {name} ({split} split of {spec}) is unreadable")
-            k, total = written.get(split, (0, 0))
-            written[split] = (k + 1, total + n)
-
-        return write
-
     for split in SPLITS:
         if split not in splits:
             continue
@@ -477,15 +441,64 @@ def write_shards(spec: str, out: str | Path, shard_size: int, *, split_seed: int
             order = np.random.default_rng([int(seed), 7]).permutation(n).tolist()
         for i, lo in enumerate(range(0, n, shard_size)):
             name = f"{split}-{i:06d}.tar"
-            writers.append((name, shard_writer(split, order[lo: lo + shard_size], name)))
+            writers.append((name, job.shard_writer(split, order[lo: lo + shard_size], name)))
 
     def write_classes(tmp: Path) -> None:
         tmp.write_text(json.dumps({
             "format": WDS_FORMAT, "classes": list(src.class_names), "source": spec,
-            "splits": {s: {"shards": k, "samples": n} for s, (k, n) in written.items()},
+            "splits": {s: {"shards": k, "samples": n} for s, (k, n) in job.written.items()},
             "shard_size": shard_size, "seed": seed, "split_seed": split_seed, "notes": notes,
-            "members": extensions,
+            "members": job.extensions,
         }, indent=1) + "\n")
 
     write_set_atomic(out, [*writers, (CLASSES_FILE, write_classes)])
-    return ShardSummary(out, written, extensions, skipped, notes)
+    return ShardSummary(out, job.written, job.extensions, job.skipped, notes)
+
+
+def _check_shard_out(out: Path) -> None:
+    """``--out`` must be a folder without shards or ``classes.json``: two data sets must not mix."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"shard: --out {out} exists and is not a folder")
+    if out.is_dir():
+        taken = sorted(p.name for p in out.iterdir() if p.suffix == ".tar" or p.name == CLASSES_FILE)
+        if taken:
+            raise DataError(f"shard: --out {out} already holds {', '.join(taken[:3])}{', ...' if len(taken) > 3 else ''}; "
+                            "choose an empty folder (shards of two data sets must not mix)")
+
+
+class _ShardJob:
+    """One ``write_shards`` call: the source being written and what its shard writers tally as
+    they run (samples per split, member extensions, skipped images) for ``classes.json``."""
+
+    def __init__(self, wds: Any, spec: str, src: SourceData, splits: dict[str, RawSplit]) -> None:
+        self.wds, self.spec, self.src, self.splits = wds, spec, src, splits
+        self.extensions: dict[str, int] = {}
+        self.skipped: list[tuple[str, str]] = []
+        self.written: dict[str, tuple[int, int]] = {}
+
+    def shard_writer(self, split: str, rows: list[int], name: str) -> Callable[[Path], None]:
+        """The writer of one shard (``rows`` of ``split``), run later by the atomic set writer."""
+        raw, src = self.splits[split], self.src
+
+        def write(tmp: Path) -> None:
+            n = 0
+            with open(tmp, "wb") as fh, self.wds.TarWriter(fh, encoder=False, mtime=0) as tar:
+                for row in rows:
+                    sid = raw.ids[row]
+                    try:
+                        data, ext = src.source.encoded(sid)
+                    except Exception as err:  # noqa: BLE001 - any read/decode failure: skip, as the loader does
+                        where = src.source.describe(sid)
+                        log.warning("vistune.data: skipping unreadable image %s (%s split): %s", where, split, err)
+                        self.skipped.append((where, f"{type(err).__name__}: {err}"))
+                        continue
+                    tar.write({"__key__": f"{row:09d}", ext: data, LABEL_EXT: str(raw.labels[row]).encode(),
+                               "id": sid.encode("utf-8")})
+                    self.extensions[ext] = self.extensions.get(ext, 0) + 1
+                    n += 1
+            if n == 0:
+                raise DataError(f"shard: every image of {name} ({split} split of {self.spec}) is unreadable")
+            k, total = self.written.get(split, (0, 0))
+            self.written[split] = (k + 1, total + n)
+
+        return write

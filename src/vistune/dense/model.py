@@ -19,11 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from vistune.io import read_with_json_meta, write_set_atomic
+from vistune.backbones import backbone_for_file
 from vistune.dense.features import FeatureExtractor, default_levels
 from vistune.dense.heads import DenseHead, HeadConfig
+from vistune.engine.distributed import resolve_device
 from vistune.errors import TunedFileError
-from vistune.tuning import TunedModel
+from vistune.io import read_with_json_meta, write_set_atomic
+from vistune.tuning import TunedModel, load_tuned, read_tuned_file
 
 HEAD_FORMAT = "vistune.dense_head/1"
 HEAD_FILE = "dense_head.safetensors"
@@ -153,10 +155,6 @@ def load_dense(path: str | os.PathLike, device: str | torch.device = "cpu",
     ``weights``: the backbone weights file, for runs trained on a local file (the tuned file
     records only a label; see :func:`vistune.backbones.backbone_for_file`).
     """
-    from vistune.backbones import backbone_for_file
-    from vistune.engine.distributed import resolve_device
-    from vistune.tuning import load_tuned, read_tuned_file
-
     device = resolve_device(device)  # a bad --device fails before any file is read
     tuned_path, head_path = resolve_run(path)
     head_meta, head_tensors = read_head_file(head_path)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vistune.io import finite_json
+from vistune.io import finite_json, write_error
 
 
 @dataclass
@@ -95,8 +95,6 @@ class JsonlLog(Callback):
             with open(self.path, mode) as f:
                 f.write(text)
         except OSError as err:  # a full disk's write() error names no file: name it
-            from vistune.io import write_error
-
             raise (write_error(err, self.path) or err) from None
 
 

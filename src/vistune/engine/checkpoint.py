@@ -9,6 +9,7 @@ not change across a resume. It is written atomically by rank 0 and read with
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -20,6 +21,7 @@ import torch
 
 from vistune.config import ConfigError
 from vistune.io import torch_save_atomic, unreadable_reason
+from vistune.methods import get_method, parse_options
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = "vistune.checkpoint/2"
@@ -59,10 +61,6 @@ def config_fingerprint(config: dict[str, Any]) -> dict[str, Any]:
     """
     out = {k: v for k, v in config.items() if k not in RESUMABLE_KEYS}
     try:
-        import dataclasses
-
-        from vistune.methods import get_method, parse_options
-
         opts = parse_options(get_method(out.get("method", "")), out.get("options") or {})
         out["options"] = json.loads(json.dumps(dataclasses.asdict(opts), default=str))
     except (ValueError, TypeError):

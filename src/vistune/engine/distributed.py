@@ -23,7 +23,11 @@ The same code runs in one process (``world == 1``: every collective is a no-op) 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import signal
+import sys
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +36,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from vistune.data import DataError
+from vistune.data.wds import assign_shards
 from vistune.errors import VistuneError
 
 #: How long a collective may wait for a peer before the job fails (instead of hanging forever).
@@ -174,11 +180,6 @@ def init_distributed(device: str = "auto") -> Dist:
     return Dist(rank=rank, world=world, local_rank=local_rank, device=dev)
 
 
-def shutdown(dist: Dist) -> None:
-    if dist.enabled and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 def shutdown_current() -> None:
     """Leave the process group at the end of a command (no-op outside torchrun)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -196,10 +197,6 @@ def launch(nproc: int, argv: Sequence[str], command: str = "train") -> int:
     worker fails, the launcher stops the others (no hang) and this prints one line naming the
     failed rank; the worker's own one-line error is above it.
     """
-    import logging
-    import sys
-    import uuid
-
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -215,7 +212,6 @@ def launch(nproc: int, argv: Sequence[str], command: str = "train") -> int:
         code = failure.exitcode
         how = f"failed (exit code {code})"
         if code < 0:  # killed by a signal (the OOM killer, kill -9): say which
-            import signal
 
             try:
                 how = f"was killed by {signal.Signals(-code).name}"
@@ -306,9 +302,6 @@ class StreamedLoader:
 
     def __init__(self, shardset: Any, batch_size: int, *, seed: int, dist: Dist, collate: Callable | None = None,
                  num_workers: int = 0) -> None:
-        from vistune.data import DataError
-        from vistune.data.wds import assign_shards
-
         self.set = shardset
         self.seed = seed
         self.dist = dist

@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
+from vistune.engine.checkpoint import config_fingerprint
 from vistune.errors import VistuneError
-from vistune.io import remove_orphan_temps
+from vistune.io import remove_orphan_temps, unreadable_reason
 
 LOCK_NAME = ".vistune.lock"
 MARKER = "metrics.json"
@@ -142,8 +144,6 @@ class RunDir:
     def _settle_previous(self, exc_type: type[BaseException] | None) -> None:
         """The old run kept by ``--overwrite``: dropped once the new run is complete, moved back
         when the new run failed (not when it was interrupted or stopped: it can be resumed)."""
-        import shutil
-
         previous = self.path / PREVIOUS
         if not previous.is_dir():
             return
@@ -184,8 +184,6 @@ class RunDir:
 
     def _set_aside(self) -> None:
         """``--overwrite``: move the old run's files into ``.previous`` (see the module docstring)."""
-        import shutil
-
         previous = self.path / PREVIOUS
         present = [n for n in dict.fromkeys((MARKER, *self.run_files)) if (self.path / n).is_file()]
         if previous.is_dir():
@@ -225,8 +223,6 @@ def recorded_settings(path: str | os.PathLike) -> dict[str, Any] | None:
     if ckpt.is_file():
         import torch
 
-        from vistune.io import unreadable_reason
-
         try:
             saved = torch.load(ckpt, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - arbitrary bytes raise anything when unpickled
@@ -239,8 +235,6 @@ def recorded_settings(path: str | os.PathLike) -> dict[str, Any] | None:
 
 def settings_of(config: dict[str, Any]) -> dict[str, Any]:
     """A run config reduced to what changes its result (the checkpoint's resume fingerprint)."""
-    from vistune.engine.checkpoint import config_fingerprint
-
     return _plain(config_fingerprint(config))
 
 

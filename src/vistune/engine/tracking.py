@@ -32,6 +32,7 @@ import math
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -239,8 +240,6 @@ class MLflowLog(_ScalarLog):
                   "the run's files hold its numbers", file=sys.stderr)
 
     def _metric(self, key: str, value: float, step: int) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         self.pending.append(Metric(key, value, int(time.time() * 1000), step))

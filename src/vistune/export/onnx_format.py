@@ -41,7 +41,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from vistune.export.run import SIDECAR, ExportError, Run, load_run, sidecar, staged_dir, write_json
+from vistune.dense.heads import _decode
+from vistune.export.run import (
+    SIDECAR,
+    ExportError,
+    Run,
+    load_run,
+    sidecar,
+    staged_dir,
+    write_json,
+)
 from vistune.tasks import get_task
 
 ONNX_FILE = "model.onnx"
@@ -67,8 +76,6 @@ class DenseGraph(nn.Module):
         self.detections = detections  # decode FCOS outputs to (scores, boxes); else the logits as they are
 
     def forward(self, x: torch.Tensor) -> Any:
-        from vistune.dense.heads import _decode
-
         extractor = self.dense.extractor
         with extractor.capture() as captured:
             self.dense.tuned.model.forward_features(x)

@@ -40,6 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vistune.anatomy import ROLES, Anatomy, describe
+from vistune.backbones import BackboneError, backbone_info, classifier
 from vistune.export.run import (
     SIDECAR,
     ExportError,
@@ -53,6 +55,9 @@ from vistune.export.run import (
     state_for_file,
     write_json,
 )
+from vistune.export.timm_format import loader_lines, write_timm_folder
+from vistune.methods.lora import ConvLoRA, LoRABranch
+from vistune.tuning import MethodSpec, attach, fingerprint, load_tensors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -66,8 +71,6 @@ _UNSUPPORTED_FLAGS = ("use_dora", "lora_bias", "fan_in_fan_out", "use_qalora", "
 
 
 def _head_name(model: nn.Module) -> str:
-    from vistune.backbones import classifier
-
     head = classifier(model)
     for name, module in model.named_modules():
         if module is head:
@@ -87,9 +90,6 @@ def _relative(host: str) -> str:
 
 def peft_tensors(run: Run) -> tuple[dict[str, torch.Tensor], dict[str, int], float]:
     """Adapter tensors in PEFT's key layout, the rank of each target suffix, and vistune's scale."""
-    from vistune.backbones import classifier
-    from vistune.methods.lora import ConvLoRA, LoRABranch
-
     model = run.tuned.model
     rank = int(run.tuned.method.options.rank)
     tensors: dict[str, torch.Tensor] = {}
@@ -171,8 +171,6 @@ def export_peft(run_path: str | os.PathLike, out: str | os.PathLike, *, include_
     with the trained head as a plain timm folder, unless ``include_base=False``)."""
     from safetensors.torch import save_file
 
-    from vistune.export.timm_format import loader_lines, write_timm_folder
-
     run = load_run(run_path, weights)
     if run.task_class.own_head_module:  # a dense head: only a traced graph carries it
         raise refuse_dense(run, "peft")
@@ -202,8 +200,6 @@ def export_peft(run_path: str | os.PathLike, out: str | os.PathLike, *, include_
 
 
 def _is_lora(module: nn.Module) -> bool:
-    from vistune.methods.lora import ConvLoRA, LoRABranch
-
     return isinstance(module, (LoRABranch, ConvLoRA))
 
 
@@ -313,10 +309,6 @@ def import_peft(adapter_dir: str | os.PathLike, out: str | os.PathLike, *, backb
     the tuned file's fingerprint matches the runs and serving that use the same backbone. Returns
     a summary (method spec, classes, what was dropped or folded).
     """
-    from vistune.anatomy import ROLES, describe
-    from vistune.backbones import BackboneError, backbone_info
-    from vistune.tuning import MethodSpec, attach, fingerprint, load_tensors
-
     folder = Path(adapter_dir)
     config, tensors = read_adapter(folder)
     cfg_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
@@ -325,24 +317,8 @@ def import_peft(adapter_dir: str | os.PathLike, out: str | os.PathLike, *, backb
     _check_config(folder, config, arch)
     fp = fingerprint(model)
     exported = _vistune_sidecar(folder)
-    made_on = (exported.get("source") or {}).get("fingerprint")
-    if made_on and made_on != fp and "meta" not in (made_on, fp):
-        src = exported["source"]
-        raise ExportError(
-            f"PEFT adapter {folder / SIDECAR}: exported by vistune from a run on {src.get('backbone')!r} (weights "
-            f"{src.get('weights')!r}, {exported.get('img_size')} px) whose fingerprint {made_on[:16]}... differs from "
-            f"this backbone's {fp[:16]}... (other weights or image size)"
-        )
-
-    # Which module carries which roles (and their output rows), on any family the anatomy knows.
-    try:
-        anatomy = describe(model)
-    except BackboneError as err:
-        raise ExportError(f"{err}; cannot import {weights_file}") from None
-    hosts: dict[str, list[tuple[str, slice]]] = {}  # module name -> [(role, rows)]
-    for site in (s for b in anatomy.blocks for s in b.sites):
-        hosts.setdefault(site.name, []).append((site.role, site.rows))
-
+    _check_exported_on(folder, exported, fp)
+    anatomy, hosts = _lora_hosts(model, weights_file)
     head_name = _head_name(model)
     head_keys = {f"{PREFIX}{head_name}.weight", f"{PREFIX}{head_name}.bias"}
     saved = [m for m in (config.get("modules_to_save") or [])]
@@ -355,33 +331,13 @@ def import_peft(adapter_dir: str | os.PathLike, out: str | os.PathLike, *, backb
     if head_w.ndim != 2 or head_w.shape[1] != int(model.num_features):
         raise ExportError(f"PEFT adapter {weights_file} is for another architecture: its head reads "
                           f"{head_w.shape[-1]} features, {arch} gives {model.num_features}")
-
-    # Drop columns (and whole targets) that contribute exactly zero; one rank, one scale.
-    used = {key: (b != 0).any(dim=0).nonzero().flatten() for key, (a, b) in pieces.items()}
-    targets = sorted({role for (_, role), cols in used.items() if cols.numel()}, key=ROLES.index)
-    if not targets:
-        targets = sorted({role for _, role in pieces}, key=ROLES.index)
-    rank = max(1, max(int(cols.numel()) for (_, role), cols in used.items() if role in targets))
+    targets, rank, scale, used = _one_rank(pieces, scalings)
     same_scale = len(set(scalings.values())) == 1
-    scale = next(iter(scalings.values())) if same_scale else 1.0
     num_classes = int(head_w.shape[0])
     spec = MethodSpec("lora", {"rank": rank, "alpha": scale * rank, "targets": targets,
                                "dropout": float(config.get("lora_dropout") or 0.0)})
     tuned = attach(model, spec, num_classes=num_classes, base_fingerprint=fp)
-    state: dict[str, torch.Tensor] = {}
-    for site in anatomy.sites(targets):
-        conv = isinstance(site.module, nn.Conv2d)
-        key = "all" if conv else site.role
-        a_new = torch.zeros(rank, site.module.weight[0].numel())
-        b_new = torch.zeros(site.rows.stop - site.rows.start, rank)
-        if (site.name, site.role) in pieces:
-            a, b = pieces[(site.name, site.role)]
-            cols = used[(site.name, site.role)]
-            n = int(cols.numel())
-            a_new[:n] = a[cols]
-            b_new[:, :n] = b[:, cols] * (1.0 if same_scale else scalings[site.name])
-        state[f"{site.name}.lora.A.{key}"] = a_new
-        state[f"{site.name}.lora.B.{key}"] = b_new
+    state = _lora_state(anatomy, targets, rank, pieces, used, scalings)
     state[f"{head_name}.weight"] = head_w
     state[f"{head_name}.bias"] = tensors[f"{PREFIX}{head_name}.bias"]
     load_tensors(tuned, state, folder)
@@ -401,6 +357,67 @@ def import_peft(adapter_dir: str | os.PathLike, out: str | os.PathLike, *, backb
         "dropped_targets": sorted({t for _, t in pieces} - set(targets)),
         "scales_folded_into_B": not same_scale,
     }
+
+
+def _check_exported_on(folder: Path, exported: dict[str, Any], fp: str) -> None:
+    """An adapter vistune exported names its run's backbone fingerprint: refuse another backbone
+    (other weights or image size) rather than import LoRA onto weights it was not trained with."""
+    made_on = (exported.get("source") or {}).get("fingerprint")
+    if made_on and made_on != fp and "meta" not in (made_on, fp):
+        src = exported["source"]
+        raise ExportError(
+            f"PEFT adapter {folder / SIDECAR}: exported by vistune from a run on {src.get('backbone')!r} (weights "
+            f"{src.get('weights')!r}, {exported.get('img_size')} px) whose fingerprint {made_on[:16]}... differs from "
+            f"this backbone's {fp[:16]}... (other weights or image size)"
+        )
+
+
+def _lora_hosts(model: nn.Module, weights_file: Path) -> tuple[Anatomy, dict[str, list[tuple[str, slice]]]]:
+    """Which module carries which roles (and their output rows), on any family the anatomy knows."""
+    try:
+        anatomy = describe(model)
+    except BackboneError as err:
+        raise ExportError(f"{err}; cannot import {weights_file}") from None
+    hosts: dict[str, list[tuple[str, slice]]] = {}  # module name -> [(role, rows)]
+    for site in (s for b in anatomy.blocks for s in b.sites):
+        hosts.setdefault(site.name, []).append((site.role, site.rows))
+    return anatomy, hosts
+
+
+def _one_rank(pieces: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]], scalings: dict[str, float],
+              ) -> tuple[list[str], int, float, dict[tuple[str, str], torch.Tensor]]:
+    """Drop columns (and whole targets) that contribute exactly zero; one rank, one scale (kept
+    when every module shares it, else 1 with the scales folded into B)."""
+    used = {key: (b != 0).any(dim=0).nonzero().flatten() for key, (a, b) in pieces.items()}
+    targets = sorted({role for (_, role), cols in used.items() if cols.numel()}, key=ROLES.index)
+    if not targets:
+        targets = sorted({role for _, role in pieces}, key=ROLES.index)
+    rank = max(1, max(int(cols.numel()) for (_, role), cols in used.items() if role in targets))
+    same_scale = len(set(scalings.values())) == 1
+    scale = next(iter(scalings.values())) if same_scale else 1.0
+    return targets, rank, scale, used
+
+
+def _lora_state(anatomy: Anatomy, targets: list[str], rank: int,
+                pieces: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]],
+                used: dict[tuple[str, str], torch.Tensor], scalings: dict[str, float]) -> dict[str, torch.Tensor]:
+    """vistune's lora A/B for every target site, zero where the adapter had no matrices."""
+    same_scale = len(set(scalings.values())) == 1
+    state: dict[str, torch.Tensor] = {}
+    for site in anatomy.sites(targets):
+        conv = isinstance(site.module, nn.Conv2d)
+        key = "all" if conv else site.role
+        a_new = torch.zeros(rank, site.module.weight[0].numel())
+        b_new = torch.zeros(site.rows.stop - site.rows.start, rank)
+        if (site.name, site.role) in pieces:
+            a, b = pieces[(site.name, site.role)]
+            cols = used[(site.name, site.role)]
+            n = int(cols.numel())
+            a_new[:n] = a[cols]
+            b_new[:, :n] = b[:, cols] * (1.0 if same_scale else scalings[site.name])
+        state[f"{site.name}.lora.A.{key}"] = a_new
+        state[f"{site.name}.lora.B.{key}"] = b_new
+    return state
 
 
 def _lora_tensors(tensors: dict[str, torch.Tensor], head_keys: set[str], hosts: dict[str, Any],

@@ -9,6 +9,7 @@ so this package never needs to know which task kinds exist.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import shutil
@@ -22,8 +23,9 @@ import torch
 from torch import nn
 
 from vistune import __version__
-from vistune.backbones import BackboneError
+from vistune.backbones import BackboneError, seeded_backbone
 from vistune.errors import VistuneError
+from vistune.io import write_error
 from vistune.tasks import DEFAULT_TASK, get_task, kind_of_run
 
 EXPORT_FORMAT = "vistune.export/1"
@@ -34,14 +36,6 @@ class ExportError(VistuneError, ValueError):
     """An export or import cannot be done as asked (the message names the file and the reason)."""
 
 
-def _rebuilders():
-    """The engine function that rebuilds a backbone (one import site; runs are rebuilt by their task
-    class, :meth:`vistune.tasks.base.Task.load_model`)."""
-    from vistune.backbones import seeded_backbone
-
-    return (seeded_backbone,)
-
-
 def build_backbone(name: str, weights: str | None, img_size: int | None) -> nn.Module:
     """The frozen backbone exactly as training built it (same seed for random init, same weights,
     same post-load fix-ups such as DINOv2's antialias-free position embeddings).
@@ -49,7 +43,6 @@ def build_backbone(name: str, weights: str | None, img_size: int | None) -> nn.M
     A backbone that cannot be built (weights file gone, zoo weights not fetchable) is an
     :class:`ExportError` naming the backbone and weights.
     """
-    seeded_backbone = _rebuilders()[0]
     try:
         return seeded_backbone(name, weights, img_size)
     except (VistuneError, ValueError, OSError, RuntimeError) as err:
@@ -151,8 +144,6 @@ def timm_kwargs(model: nn.Module, num_classes: int, img_size: int) -> dict[str, 
     ``img_size`` only for models that take it (ViTs; CNNs run at any size), ``dynamic_img_size``
     only when the model was built with it.
     """
-    import inspect
-
     kwargs: dict[str, Any] = {"num_classes": int(num_classes)}
     try:
         params = inspect.signature(type(model).__init__).parameters
@@ -255,8 +246,6 @@ def staged_dir(out: str | os.PathLike, overwrite: bool = False,
         try:
             yield tmp
         except Exception as err:  # a full disk, in the words of torch/safetensors/onnx: one line naming --out
-            from vistune.io import write_error
-
             translated = write_error(err, out)
             if translated is None:
                 raise

@@ -81,6 +81,7 @@ def register_method(target: Any = None, name: str | None = None) -> Any:
             raise MethodError(f"register_method: {target!r} is not of the form 'package.module:Class'")
         key = name
     else:
+        # local: imports torch; this registry must not (vistune --help)
         from vistune.methods.base import Method
 
         if not (isinstance(target, type) and issubclass(target, Method)):
@@ -155,6 +156,7 @@ def get_method(name: str) -> type[Method]:
 
 def _checked(name: str, cls: Any) -> type[Method]:
     """A plugin's class must be a Method whose own ``name`` is the one it is found under."""
+    # local: imports torch; this registry must not (vistune --help)
     from vistune.methods.base import Method
 
     if not (isinstance(cls, type) and issubclass(cls, Method)):

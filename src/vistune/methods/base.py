@@ -11,7 +11,7 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -381,8 +381,3 @@ def parse_kv(pairs: Iterable[str]) -> dict[str, str]:
             raise MethodError(f"option {pair!r} is not of the form key=value")
         out[key.strip()] = value.strip()
     return out
-
-
-def hook_output(module: nn.Module, fn: Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor]):
-    """Register a forward hook that replaces the module's output (a tiny readability wrapper)."""
-    return module.register_forward_hook(fn)

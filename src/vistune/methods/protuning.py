@@ -135,12 +135,6 @@ def hidden_width(channels: int, reduction: int) -> int:
     return max(1, channels // reduction)
 
 
-def block_params(channels: int, reduction: int = 8, kernel: int = 3) -> int:
-    """Closed-form parameter count of one :class:`PromptBlock` (what reports should agree with)."""
-    c, h = channels, hidden_width(channels, reduction)
-    return (c * h + h) + (h * kernel * kernel + h) + (h * c + c)
-
-
 # ------------------------------------------------------------------------------------------
 # Where the stages are.
 

@@ -52,14 +52,15 @@ several threads at once; merge it for serving.
 
 from __future__ import annotations
 
-import math
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from vistune.backbones import backbone_info
 from vistune.errors import MethodError, NotMergeableError
 from vistune.methods.adapter import Bottleneck
 from vistune.methods.base import Method, Routing, check_merged_finite, option
@@ -340,9 +341,6 @@ class SPT(Method):
         The file is ``options["sensitivity"]`` or the task's ``probe.scores_path``; it is computed
         when absent and reused when present (its fingerprint is checked at attach).
         """
-        import time
-        from pathlib import Path
-
         path = options.get("sensitivity") or probe.scores_path
         if path is None:
             raise MethodError("spt needs a place for its sensitivity scores: give sensitivity=FILE or an output folder")
@@ -514,8 +512,6 @@ def allocation_from_state(model: nn.Module, state: dict[str, torch.Tensor], opts
     sparse entries by the ``*_idx`` buffers; other keys (the head) are left to the loader, which
     checks the full key set. Nothing is read from a scores file.
     """
-    from vistune.backbones import backbone_info
-
     units = pool_units(model)
     by_param: dict[str, list[Unit]] = {}
     for u in units:

@@ -19,7 +19,7 @@ backbone's module tree and state-dict keys stay exactly timm's.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -334,40 +334,73 @@ def _swin_hooks(method: VPT, anat: Anatomy, prompts: SwinPrompts) -> None:
     other images' windows when B > 1; we keep rows independent (a multi-task server, and any
     batch-size-invariant evaluation, need each row to be a function of itself only).
 
-    All hooks share one per-forward ``state`` in this closure (no global state, so two tuned
+    All hooks share one per-forward ``state`` in a :class:`_SwinContext` (no global state, so two tuned
     models in one process are independent); the padded bias is an instance attribute wrapping
     the attention's own ``_get_rel_pos_bias``, removed again by :meth:`VPT.remove_hooks`.
     """
-    p = prompts.length
-    state: dict[str, torch.Tensor | int] = {}
-    last = anat.blocks[-1].index
+    ctx = _SwinContext(prompts=prompts, anat=anat, p=prompts.length, last=anat.blocks[-1].index)
+    attn_pre, attn_post = _swin_attn_hooks(ctx)
+    for b in anat.blocks:
+        j = b.index - anat.stages[b.stage].blocks.start
+        method.add_hook(b.module.register_forward_pre_hook(_swin_block_pre(ctx, b.index, b.stage, j)))
+        method.add_hook(b.attn.register_forward_pre_hook(attn_pre, with_kwargs=True))
+        method.add_hook(b.attn.register_forward_hook(attn_post))
+        method.add_hook(b.module.register_forward_hook(_swin_block_post(ctx, b.index)))
+        b.attn._get_rel_pos_bias = _swin_padded_bias(ctx, b.attn)
+        method._overrides.append(b.attn)
 
-    def prompt_input(index: int, stage: int, j: int, x: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
+
+@dataclass
+class _SwinContext:
+    """What every Swin prompt hook of one model shares: the prompts, the layout and the
+    per-forward ``state`` (one per model, so two tuned models in a process stay independent)."""
+
+    prompts: SwinPrompts
+    anat: Anatomy
+    p: int  # prompt tokens per image
+    last: int  # index of the last block: its prompt outputs are never read
+    state: dict[str, torch.Tensor | int] = field(default_factory=dict)
+
+
+def _swin_prompt_input(ctx: _SwinContext, index: int, stage: int, j: int, x: torch.Tensor) -> torch.Tensor:
+    """The prompts block ``index`` reads: shallow at block 0, a deep parameter, or the previous
+    block's carried prompts (merged like a patch at a stage's first block)."""
+    prompts, p = ctx.prompts, ctx.p
+    b = x.shape[0]
+    if index == 0:
+        return prompts.dropout(prompts.shallow.expand(b, -1, -1)).to(x.dtype)
+    if prompts.deep is not None:
+        return prompts.dropout(prompts.deep[str(stage)][j - 1 if stage == 0 else j].expand(b, -1, -1)).to(x.dtype)
+    carry = ctx.state.get("carry")
+    if not isinstance(carry, torch.Tensor) or carry.shape[0] != b:
+        raise MethodError("vpt on Swin: a block ran without the previous block's prompts (run the whole "
+                          "model, not a block on its own)")
+    down = ctx.anat.stages[stage].downsample
+    if j == 0 and down is not None:
+        n, _, c = carry.shape
+        merged = down(carry.reshape(n * p, 1, 1, c).expand(n * p, 2, 2, c))
+        carry = merged.reshape(n, p, -1)
+    return carry
+
+
+def _swin_block_pre(ctx: _SwinContext, index: int, stage: int, j: int):
+    """Block pre-hook: the block's prompt input and its ``norm1`` (what its windows get)."""
+    state = ctx.state
+
+    def block_pre(module: nn.Module, args: tuple) -> None:
+        x = args[0]
         if index == 0:
-            return prompts.dropout(prompts.shallow.expand(b, -1, -1)).to(x.dtype)
-        if prompts.deep is not None:
-            return prompts.dropout(prompts.deep[str(stage)][j - 1 if stage == 0 else j].expand(b, -1, -1)).to(x.dtype)
-        carry = state.get("carry")
-        if not isinstance(carry, torch.Tensor) or carry.shape[0] != b:
-            raise MethodError("vpt on Swin: a block ran without the previous block's prompts (run the whole "
-                              "model, not a block on its own)")
-        down = anat.stages[stage].downsample
-        if j == 0 and down is not None:
-            n, _, c = carry.shape
-            merged = down(carry.reshape(n * p, 1, 1, c).expand(n * p, 2, 2, c))
-            carry = merged.reshape(n, p, -1)
-        return carry
+            state.clear()  # a new forward: nothing of an earlier (perhaps interrupted) one is read
+        state["in"] = _swin_prompt_input(ctx, index, stage, j, x)
+        state["normed"] = module.norm1(state["in"])
 
-    def make_block_pre(index: int, stage: int, j: int):
-        def block_pre(module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            if index == 0:
-                state.clear()  # a new forward: nothing of an earlier (perhaps interrupted) one is read
-            state["in"] = prompt_input(index, stage, j, x)
-            state["normed"] = module.norm1(state["in"])
+    return block_pre
 
-        return block_pre
+
+def _swin_attn_hooks(ctx: _SwinContext):
+    """Window-attention pre/post hooks: prepend each image's prompts to its windows (with a
+    padded mask), then average the prompts' outputs over the windows and strip them."""
+    state, p = ctx.state, ctx.p
 
     def attn_pre(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
         windows, normed = args[0], state["normed"]
@@ -391,33 +424,34 @@ def _swin_hooks(method: VPT, anat: Anatomy, prompts: SwinPrompts) -> None:
         state["attn"] = out[:, :p].reshape(b, -1, p, out.shape[-1]).mean(1)
         return out[:, p:]
 
-    def make_block_post(index: int):
-        def block_post(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            h, a = state.pop("in"), state.pop("attn")
-            state.pop("normed")
-            if prompts.deep is not None or index == last:
-                state.clear()  # the next block reads new prompts, or none: free the graph
-                return
-            h = h + module.drop_path1(a)
-            state["carry"] = h + module.drop_path2(module.mlp(module.norm2(h)))
+    return attn_pre, attn_post
 
-        return block_post
 
-    def make_bias(attn: nn.Module):
-        original = attn._get_rel_pos_bias  # the class's method, bound to this module
+def _swin_block_post(ctx: _SwinContext, index: int):
+    """Block post-hook: residual + MLP update of the prompts, carried to the next block (shallow
+    mode only; skipped where nothing reads them)."""
+    state = ctx.state
 
-        def padded_rel_pos_bias() -> torch.Tensor:
-            bias = original()
-            pad = state.get("pad_bias", 0)
-            return F.pad(bias, (pad, 0, pad, 0)) if pad else bias
+    def block_post(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        h, a = state.pop("in"), state.pop("attn")
+        state.pop("normed")
+        if ctx.prompts.deep is not None or index == ctx.last:
+            state.clear()  # the next block reads new prompts, or none: free the graph
+            return
+        h = h + module.drop_path1(a)
+        state["carry"] = h + module.drop_path2(module.mlp(module.norm2(h)))
 
-        return padded_rel_pos_bias
+    return block_post
 
-    for b in anat.blocks:
-        j = b.index - anat.stages[b.stage].blocks.start
-        method.add_hook(b.module.register_forward_pre_hook(make_block_pre(b.index, b.stage, j)))
-        method.add_hook(b.attn.register_forward_pre_hook(attn_pre, with_kwargs=True))
-        method.add_hook(b.attn.register_forward_hook(attn_post))
-        method.add_hook(b.module.register_forward_hook(make_block_post(b.index)))
-        b.attn._get_rel_pos_bias = make_bias(b.attn)
-        method._overrides.append(b.attn)
+
+def _swin_padded_bias(ctx: _SwinContext, attn: nn.Module):
+    """The attention's relative-position bias, zero-padded for the prompt rows and columns while
+    its prompts are in the windows."""
+    original = attn._get_rel_pos_bias  # the class's method, bound to this module
+
+    def padded_rel_pos_bias() -> torch.Tensor:
+        bias = original()
+        pad = ctx.state.get("pad_bias", 0)
+        return F.pad(bias, (pad, 0, pad, 0)) if pad else bias
+
+    return padded_rel_pos_bias

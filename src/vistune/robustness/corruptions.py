@@ -34,6 +34,7 @@ import types
 import warnings
 import zlib
 from functools import lru_cache
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -159,8 +160,6 @@ def load_imagecorruptions() -> Any:
 
 def implementation() -> dict[str, Any]:
     """What a corrupted image depends on besides its inputs: the package's and the layer's versions."""
-    from importlib.metadata import version
-
     return {"imagecorruptions": version("imagecorruptions"), "layer": LAYER_REVISION}
 
 

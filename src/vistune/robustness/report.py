@@ -20,6 +20,7 @@ from typing import Any
 
 from vistune import __version__
 from vistune.io import json_text, write_set_atomic
+from vistune.precision import machine_info
 
 FORMAT = "vistune.robustness/1"
 FILES = ("robustness.md", "corruptions.png", "attacks.png", "robustness.json")
@@ -65,7 +66,7 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
 
 def build_report(s: Any, plan: Any, parts: dict[str, Any], seconds: float) -> dict[str, Any]:
     """Everything into one JSON-able record: settings, the run's identity, each part, the headline."""
-    from vistune.precision import machine_info
+    # local: a cycle (vistune.workflows.robustness imports this module at its top)
     from vistune.workflows.robustness import settings_record
 
     run = plan.run

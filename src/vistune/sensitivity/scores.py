@@ -19,6 +19,7 @@ from vistune.anatomy import ATTN_ROLES, MLP_ROLES, try_describe
 from vistune.backbones import backbone_info, head_parameters
 from vistune.errors import MethodError
 from vistune.io import read_with_json_meta, save_atomic
+from vistune.tuning import fingerprint, fingerprints_match
 
 SCORES_FORMAT = "vistune.sensitivity/1"
 _SCORES_META_KEY = "vistune.sensitivity"
@@ -297,8 +298,6 @@ def save_scores(
     weights is refused at load), plus ``meta`` (e.g. ``num_batches``, ``batch_size``, ``seconds``).
     The write is atomic. Keys must be exactly the model's pool parameter names.
     """
-    from vistune.tuning import fingerprint
-
     _check_keys(scores, model, f"scores for {Path(path)}")
     info = backbone_info(model)
     record = {
@@ -327,8 +326,6 @@ def load_scores(path: str | os.PathLike, model: nn.Module) -> dict[str, torch.Te
     A model on the ``meta`` device (no values) skips the fingerprint check; a file recorded from
     one never matches real weights.
     """
-    from vistune.tuning import fingerprint, fingerprints_match
-
     meta, scores = read_scores(path)
     want = meta.get("backbone", {})
     info = backbone_info(model)

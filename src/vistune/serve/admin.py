@@ -28,6 +28,8 @@ import unicodedata
 from pathlib import Path
 
 from vistune.serve.multitask import ServeError
+from vistune.tasks import files_of_run, kind_of_run
+from vistune.tuning import read_tuned_file
 
 #: Where ``vistune serve`` reads the admin token when ``--admin-token`` is not given (preferred:
 #: a flag's value shows in ``ps`` to every user of the machine).
@@ -109,9 +111,6 @@ def confine(root: Path, path: str) -> Path:
     Every failure is the same error, raised before the model touches the file: outside the root,
     ``..`` or a symlink leading out, missing, unreadable, a folder without a run, a corrupt file.
     """
-    from vistune.tasks import files_of_run, kind_of_run
-    from vistune.tuning import read_tuned_file
-
     if not isinstance(path, str) or not path.strip() or has_control_chars(path):
         raise TaskPathError()
     source = _inside(root / path, root)  # root / "/abs" is "/abs": absolute paths are checked too

@@ -257,6 +257,81 @@ _PREDICT_BODY = {"requestBody": {"required": True, "content": {
 }}}
 
 
+class _Service:
+    """The state every route shares (the model, limits, admin settings, the in-flight count, the
+    batcher and metrics): one object instead of closures over ``create_app``'s locals."""
+
+    def __init__(self, model: MultiTaskModel, *, max_batch: int, batch_window_ms: float, max_upload_bytes: int,
+                 max_pixels: int, admin: bool, admin_token: str | None, root: Path | None, max_inflight: int,
+                 max_decodes: int, max_decode_bytes: int | None, default_top_k: int) -> None:
+        self.model = model
+        self.max_batch, self.batch_window_ms = max_batch, batch_window_ms
+        self.max_upload_bytes, self.max_pixels = max_upload_bytes, max_pixels
+        self.admin, self.admin_token, self.root = admin, admin_token, root
+        self.max_inflight, self.max_decodes, self.max_decode_bytes = max_inflight, max_decodes, max_decode_bytes
+        self.default_top_k = default_top_k
+        self.decode_slots = threading.BoundedSemaphore(max_decodes)
+        self.inflight = 0
+        self.metrics = ServiceMetrics(model, max_batch=max_batch, max_inflight=max_inflight,
+                                      queue_depth=lambda: self.batcher.pending, inflight=lambda: self.inflight,
+                                      ready=self.is_ready)
+        self.batcher = Batcher(self.run, max_batch=max_batch, window=batch_window_ms / 1000.0)
+
+    def is_ready(self) -> bool:
+        """Ready = the batch worker runs and at least one task is loaded (``/ready``, metrics)."""
+        return self.batcher.running and bool(self.model.task_names())
+
+    def decode(self, data: bytes, tasks: list[str] | None) -> list[Sample]:
+        """Decode one upload; the semaphore queues decodes so few full-size images are in memory."""
+        with self.decode_slots:  # a queue: at most max_decodes full-size images in memory at once
+            return prepare(self.model, data, tasks, self.max_pixels, self.max_decode_bytes)
+
+    def run(self, items: list[tuple[Sample, int, float | None]]) -> list[Any]:
+        """One mixed batch: forward + JSON, atomic with respect to task add/remove."""
+        model = self.model
+        with model.lock:
+            results: list[Any] = [None] * len(items)
+            live = []
+            for i, (s, _, _) in enumerate(items):
+                if s.task in model:
+                    live.append(i)
+                else:
+                    results[i] = UnknownTaskError(f"task {s.task!r} was removed while the request waited")
+            if live:
+                self.metrics.batch_size.observe(len(live))
+                outputs = model.forward(torch.stack([items[i][0].x for i in live]), [items[i][0].task for i in live])
+                for i, out in zip(live, outputs):
+                    s, top, thr = items[i]
+                    results[i] = finish(model, s, out, top=top, score_threshold=thr)
+            return results
+
+    def backbone(self) -> dict[str, Any]:
+        """The backbone as /health and /tasks show it (a local weights file by name, not path)."""
+        model = self.model
+        info = model.info
+        weights = info.weights
+        if weights is not None and ("/" in str(weights) or os.sep in str(weights)):
+            weights = Path(weights).name  # a local weights file: its name, not where it lives
+        return {"name": info.name, "arch": info.arch, "img_size": info.img_size, "weights": weights,
+                "fingerprint": model.fingerprint[:16], "bf16": model.bf16,
+                "precision": model.precision.name, "precision_reason": model.precision.reason}
+
+    def task_info(self, task: Any) -> dict[str, Any]:
+        """One task as the API shows it: its path relative to the task root, or null."""
+        info = task.info()
+        info["path"] = public_path(task.path, self.root)  # relative to the task root, or null
+        return info
+
+    def require_admin(self, request: Request, what: str) -> None:
+        """403 while the admin API is off; 401 without the token. Checked before the body is read."""
+        if not self.admin:
+            raise ForbiddenError(f"the task admin API is off (read-only service): tasks cannot be {what}; "
+                                 "start vistune serve with --admin to allow it")
+        assert self.admin_token is not None
+        if not token_matches(request.headers.get("authorization"), self.admin_token):
+            raise UnauthorizedError(f"tasks can be {what} only with the header 'Authorization: Bearer <admin token>'")
+
+
 def create_app(model: MultiTaskModel, *, max_batch: int = 16, batch_window_ms: float = 5.0,
                max_upload_bytes: int = 16 * 2**20, max_pixels: int = MAX_PIXELS, admin: bool = False,
                admin_token: str | None = None, task_root: str | os.PathLike | None = None,
@@ -278,50 +353,31 @@ def create_app(model: MultiTaskModel, *, max_batch: int = 16, batch_window_ms: f
         root = resolve_root(task_root)
     if max_inflight < 1 or max_decodes < 1:
         raise ServeError(f"max_inflight and max_decodes must be >= 1, got {max_inflight} and {max_decodes}")
-    decode_slots = threading.BoundedSemaphore(max_decodes)
-    inflight = 0
-    batcher: Batcher
-
-    def is_ready() -> bool:
-        return batcher.running and bool(model.task_names())
-
-    metrics = ServiceMetrics(model, max_batch=max_batch, max_inflight=max_inflight,
-                             queue_depth=lambda: batcher.pending, inflight=lambda: inflight, ready=is_ready)
-
-    def decode(data: bytes, tasks: list[str] | None) -> list[Sample]:
-        with decode_slots:  # a queue: at most max_decodes full-size images in memory at once
-            return prepare(model, data, tasks, max_pixels, max_decode_bytes)
-
-    def run(items: list[tuple[Sample, int, float | None]]) -> list[Any]:
-        """One mixed batch: forward + JSON, atomic with respect to task add/remove."""
-        with model.lock:
-            results: list[Any] = [None] * len(items)
-            live = []
-            for i, (s, _, _) in enumerate(items):
-                if s.task in model:
-                    live.append(i)
-                else:
-                    results[i] = UnknownTaskError(f"task {s.task!r} was removed while the request waited")
-            if live:
-                metrics.batch_size.observe(len(live))
-                outputs = model.forward(torch.stack([items[i][0].x for i in live]), [items[i][0].task for i in live])
-                for i, out in zip(live, outputs):
-                    s, top, thr = items[i]
-                    results[i] = finish(model, s, out, top=top, score_threshold=thr)
-            return results
-
-    batcher = Batcher(run, max_batch=max_batch, window=batch_window_ms / 1000.0)
+    svc = _Service(model, max_batch=max_batch, batch_window_ms=batch_window_ms, max_upload_bytes=max_upload_bytes,
+                   max_pixels=max_pixels, admin=admin, admin_token=admin_token, root=root,
+                   max_inflight=max_inflight, max_decodes=max_decodes, max_decode_bytes=max_decode_bytes,
+                   default_top_k=default_top_k)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher.start()
+        svc.batcher.start()
         yield
-        await batcher.stop()
+        await svc.batcher.stop()
 
     app = FastAPI(title="vistune serve", summary="one frozen backbone, many tuned tasks", lifespan=lifespan)
     app.state.model = model
-    app.state.batcher = batcher
-    app.state.metrics = metrics
+    app.state.batcher = svc.batcher
+    app.state.metrics = svc.metrics
+    _add_error_handlers(app, root)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    _add_status_routes(app, svc)
+    _add_task_routes(app, svc)
+    _add_predict_route(app, svc)
+    return app
+
+
+def _add_error_handlers(app: FastAPI, root: Path | None) -> None:
+    """Every error becomes ``{"detail": "<one line>"}`` with its status; server paths are scrubbed."""
 
     @app.exception_handler(VistuneError)
     async def _vistune_error(request: Request, err: VistuneError) -> JSONResponse:
@@ -346,33 +402,22 @@ def create_app(model: MultiTaskModel, *, max_batch: int = 16, batch_window_ms: f
         return JSONResponse({"detail": f"internal error ({type(err).__name__}); the server log has the details"},
                             status_code=500)
 
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+def _add_status_routes(app: FastAPI, svc: _Service) -> None:
+    """The page, liveness, readiness and Prometheus metrics: read-only, never touch a task."""
+    model, batcher = svc.model, svc.batcher
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    def backbone() -> dict[str, Any]:
-        info = model.info
-        weights = info.weights
-        if weights is not None and ("/" in str(weights) or os.sep in str(weights)):
-            weights = Path(weights).name  # a local weights file: its name, not where it lives
-        return {"name": info.name, "arch": info.arch, "img_size": info.img_size, "weights": weights,
-                "fingerprint": model.fingerprint[:16], "bf16": model.bf16,
-                "precision": model.precision.name, "precision_reason": model.precision.reason}
-
-    def task_info(task: Any) -> dict[str, Any]:
-        info = task.info()
-        info["path"] = public_path(task.path, root)  # relative to the task root, or null
-        return info
-
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "backbone": backbone(), "tasks": len(model.task_names()),
-                "admin": admin, "max_batch": max_batch, "batch_window_ms": batch_window_ms,
-                "max_upload_bytes": max_upload_bytes, "inflight": inflight, "max_inflight": max_inflight,
-                "max_decodes": max_decodes,
-                "max_decode_bytes": max_decode_bytes, "queued": batcher.pending, "ready": is_ready(),
+        return {"status": "ok", "backbone": svc.backbone(), "tasks": len(model.task_names()),
+                "admin": svc.admin, "max_batch": svc.max_batch, "batch_window_ms": svc.batch_window_ms,
+                "max_upload_bytes": svc.max_upload_bytes, "inflight": svc.inflight,
+                "max_inflight": svc.max_inflight, "max_decodes": svc.max_decodes,
+                "max_decode_bytes": svc.max_decode_bytes, "queued": batcher.pending, "ready": svc.is_ready(),
                 "batching": batcher.stats.to_dict()}
 
     @app.get("/ready", responses={503: {"description": "not ready: starting, stopping, or no task loaded"}})
@@ -389,32 +434,28 @@ def create_app(model: MultiTaskModel, *, max_batch: int = 16, batch_window_ms: f
 
     @app.get("/metrics", response_class=Response)
     def prometheus_metrics() -> Response:  # a plain def: runs in the thread pool, off the event loop
-        body, content_type = metrics.render()
+        body, content_type = svc.metrics.render()
         return Response(body, media_type=content_type)
+
+
+def _add_task_routes(app: FastAPI, svc: _Service) -> None:
+    """List and show tasks (everyone); add and remove them (admin API only)."""
+    model = svc.model
 
     @app.get("/tasks")
     async def list_tasks() -> dict[str, Any]:
-        return {"backbone": backbone(), "tasks": [task_info(t) for t in model.tasks.values()]}
+        return {"backbone": svc.backbone(), "tasks": [svc.task_info(t) for t in model.tasks.values()]}
 
     @app.get("/tasks/{name}")
     async def get_task(name: str) -> dict[str, Any]:
         task = model.tasks.get(name)
         if task is None:
             raise UnknownTaskError(f"no task {name!r} is loaded (loaded: {', '.join(model.task_names()) or 'none'})")
-        return task_info(task)
-
-    def require_admin(request: Request, what: str) -> None:
-        """403 while the admin API is off; 401 without the token. Checked before the body is read."""
-        if not admin:
-            raise ForbiddenError(f"the task admin API is off (read-only service): tasks cannot be {what}; "
-                                 "start vistune serve with --admin to allow it")
-        assert admin_token is not None
-        if not token_matches(request.headers.get("authorization"), admin_token):
-            raise UnauthorizedError(f"tasks can be {what} only with the header 'Authorization: Bearer <admin token>'")
+        return svc.task_info(task)
 
     @app.post("/tasks", status_code=201)
     async def add_task(request: Request) -> dict[str, Any]:
-        require_admin(request, "added")
+        svc.require_admin(request, "added")
         payload = _json(await _read_body(request, 64 * 1024))
         if not isinstance(payload, dict) or not isinstance(payload.get("name"), str) \
                 or not isinstance(payload.get("path"), str):
@@ -423,43 +464,47 @@ def create_app(model: MultiTaskModel, *, max_batch: int = 16, batch_window_ms: f
         name = check_task_name(payload["name"])
         if name in model:
             raise DuplicateTaskError(f"task {name!r} is already loaded (remove it first)")
-        assert root is not None
-        source = await run_in_threadpool(confine, root, payload["path"])
+        assert svc.root is not None
+        source = await run_in_threadpool(confine, svc.root, payload["path"])
         task = await run_in_threadpool(model.add_task, name, source)
-        return task_info(task)
+        return svc.task_info(task)
 
     @app.delete("/tasks/{name}")
     async def remove_task(request: Request, name: str) -> dict[str, Any]:
-        require_admin(request, "removed")
+        svc.require_admin(request, "removed")
         await run_in_threadpool(model.remove_task, name)
         return {"removed": name, "tasks": model.task_names()}
 
+
+def _add_predict_route(app: FastAPI, svc: _Service) -> None:
+    """``POST /predict``: admission (503 past ``max_inflight``), parse, decode, batch, metrics."""
+    model = svc.model
+
     @app.post("/predict", openapi_extra=_PREDICT_BODY)
     async def predict(request: Request) -> dict[str, Any]:
-        nonlocal inflight
         started = time.perf_counter()
         asked: list[str] = []  # loaded tasks this request asks for, as soon as known (metrics labels)
         status = 499  # unless set below: the client went away before its answer
         try:
-            if inflight >= max_inflight:  # no await between the check and the count: one event loop
-                raise BusyError(f"the service is busy ({max_inflight} predictions in progress, the most it admits); "
-                                f"retry in {RETRY_AFTER_S} s")
-            inflight += 1
+            if svc.inflight >= svc.max_inflight:  # no await between the check and the count: one event loop
+                raise BusyError(f"the service is busy ({svc.max_inflight} predictions in progress, the most it "
+                                f"admits); retry in {RETRY_AFTER_S} s")
+            svc.inflight += 1
             try:
-                data, tasks, top_k, threshold = await _parse_predict(request, max_upload_bytes)
+                data, tasks, top_k, threshold = await _parse_predict(request, svc.max_upload_bytes)
                 asked = [t for t in (tasks if tasks is not None else model.task_names()) if t in model]
-                top = default_top_k if top_k in (None, "") else _int_param(top_k, "top_k", 1, 1000)
+                top = svc.default_top_k if top_k in (None, "") else _int_param(top_k, "top_k", 1, 1000)
                 thr = None if threshold in (None, "") else _float_param(threshold, "score_threshold", 0.0, 1.0)
-                samples = await run_in_threadpool(decode, data, tasks)
+                samples = await run_in_threadpool(svc.decode, data, tasks)
                 del data
                 asked = [s.task for s in samples]
                 try:
-                    results = await batcher.submit([(s, top, thr) for s in samples])
+                    results = await svc.batcher.submit([(s, top, thr) for s in samples])
                 except BatcherClosedError:
                     raise BusyError(f"the service is shutting down; retry in {RETRY_AFTER_S} s "
                                     "(another instance, or this one once restarted)") from None
             finally:
-                inflight -= 1
+                svc.inflight -= 1
             status = 200
             return {"results": {s.task: r for s, r in zip(samples, results)}}
         except VistuneError as err:
@@ -469,6 +514,4 @@ def create_app(model: MultiTaskModel, *, max_batch: int = 16, batch_window_ms: f
             status = 500
             raise
         finally:
-            metrics.observe_request(asked, status, time.perf_counter() - started)
-
-    return app
+            svc.metrics.observe_request(asked, status, time.perf_counter() - started)

@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import os
 import signal
+import socket
 import sys
 import threading
 import typing
@@ -34,8 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from vistune.config import PRECISIONS
-from vistune.serve.admin import ADMIN_TOKEN_ENV, check_token, resolve_root
-from vistune.serve.multitask import ServeError
+from vistune.engine.distributed import resolve_device
+from vistune.methods.base import coerce_value
+from vistune.serve.admin import ADMIN_TOKEN_ENV, check_token, is_loopback, resolve_root
+from vistune.serve.multitask import MultiTaskModel, ServeError
 
 
 class ServeConfigError(ServeError):
@@ -137,8 +140,6 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """The YAML file's keys, checked against :class:`ServeConfig` and coerced to its types."""
     import yaml
 
-    from vistune.methods.base import coerce_value
-
     p = Path(path)
     try:
         data = yaml.safe_load(p.read_text())
@@ -194,9 +195,6 @@ def build_model(cfg: ServeConfig):
     """The backbone (named, or the first task's) with every task added, in order."""
     import torch
 
-    from vistune.engine.distributed import resolve_device
-    from vistune.serve.multitask import MultiTaskModel
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     first = next(iter(cfg.tasks.values()))
@@ -216,8 +214,6 @@ def build_model(cfg: ServeConfig):
 def _check_can_listen(host: str, port: int) -> None:
     """Bind the address once before loading anything: uvicorn reports a bad host or a busy port
     as several log lines and exit code 3, after the models are loaded."""
-    import socket
-
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, kind, proto, _, address = infos[0]
@@ -233,11 +229,12 @@ def serve(cfg: ServeConfig) -> int:
     try:
         import uvicorn
 
-        from vistune.serve.app import create_app
+        from vistune.serve.app import (
+            create_app,  # local: imports fastapi (optional extra serve)
+        )
     except ImportError as err:
         raise ServeConfigError(f"vistune serve needs FastAPI and uvicorn ({err}); install them with "
                                "pip install 'vistune[serve]'") from None
-    from vistune.serve.admin import is_loopback
 
     _check_can_listen(cfg.host, cfg.port)
     model = build_model(cfg)

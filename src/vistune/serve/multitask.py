@@ -62,12 +62,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from vistune.backbones import backbone_info, classifier
+from vistune.backbones import (
+    backbone_for_file,
+    backbone_info,
+    classifier,
+    seeded_backbone,
+)
+from vistune.dense.features import FeatureExtractor, StopForward
 from vistune.errors import MethodError, TunedFileError, VistuneError
 from vistune.precision import resolve_precision
 from vistune.tasks import get_task, kind_of_run
 from vistune.tasks.base import tuned_file_of
-from vistune.tuning import MethodSpec, attach, check_backbone, fingerprint, load_tensors, read_tuned_file
+from vistune.tuning import (
+    MethodSpec,
+    attach,
+    check_backbone,
+    fingerprint,
+    load_tensors,
+    read_tuned_file,
+)
 
 #: Task names travel in URLs and JSON: keep them to a safe alphabet.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -444,8 +457,6 @@ class MultiTaskModel:
                   precision: str = "auto", bf16: bool | None = None,
                   device: str | torch.device | None = None) -> MultiTaskModel:
         """Build the backbone the way training did (``vistune train --backbone NAME ...``)."""
-        from vistune.backbones import seeded_backbone
-
         return cls(seeded_backbone(name, weights, img_size), precision=precision, bf16=bf16, device=device)
 
     @classmethod
@@ -453,8 +464,6 @@ class MultiTaskModel:
                  bf16: bool | None = None, device: str | torch.device | None = None) -> MultiTaskModel:
         """The backbone a tuned file (or dense run) names in its metadata (its weights are a
         label: a run trained on a local weights file needs ``weights`` passed again)."""
-        from vistune.backbones import backbone_for_file
-
         tuned = _tuned_path(path)
         meta, _ = read_tuned_file(tuned)
         return cls(backbone_for_file(meta.get("backbone"), tuned, weights), precision=precision, bf16=bf16,
@@ -665,8 +674,6 @@ class MultiTaskModel:
     __call__ = forward
 
     def _run_pass(self, model: nn.Module, x: torch.Tensor, names: list[str], routed: bool) -> list[Any]:
-        from vistune.dense.features import FeatureExtractor, StopForward
-
         rows: dict[str, torch.Tensor] = {}
         for j, t in enumerate(names):
             rows.setdefault(t, []).append(j)  # type: ignore[arg-type]

@@ -18,6 +18,13 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from vistune.data.transforms import Normalize, decode_bytes, pil_to_chw
+from vistune.dense.datasets import (
+    letterbox_geometry,
+    letterbox_image,
+    segmentation_to_original,
+)
+from vistune.dense.predict import palette
 from vistune.serve.multitask import MultiTaskModel, ServeError, Task, UnknownTaskError
 from vistune.tasks import get_task
 
@@ -65,8 +72,6 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
 
 def _check_bytes(im: Image.Image, max_bytes: int | None, rgb: bool) -> None:
     """Refuse, before ``load()``, an image whose decode would hold more than ``max_bytes``."""
-    from vistune.data.transforms import decode_bytes
-
     need = decode_bytes(im.mode, im.width, im.height, rgb=rgb)
     if max_bytes is not None and need > max_bytes:
         raise ImageTooLargeError(
@@ -89,8 +94,6 @@ def decode(data: bytes, max_pixels: int = MAX_PIXELS, max_bytes: int | None = MA
 def classify_input(data: bytes, size: int, mean, std, max_pixels: int = MAX_PIXELS,
                    max_bytes: int | None = MAX_DECODE_BYTES) -> torch.Tensor:
     """``(3, S, S)``: exactly what the data loaders give the model for this file at eval time."""
-    from vistune.data.transforms import Normalize, pil_to_chw
-
     im = _open(data, max_pixels)
     try:
         if im.format == "JPEG":
@@ -110,8 +113,6 @@ def classify_input(data: bytes, size: int, mean, std, max_pixels: int = MAX_PIXE
 
 def dense_input(image: Image.Image, size: int, mean, std) -> tuple[torch.Tensor, Any]:
     """``(3, S, S)`` letterboxed as ``vistune predict`` does, and the letterbox geometry."""
-    from vistune.dense.datasets import letterbox_geometry, letterbox_image
-
     rgb = image if image.mode == "RGB" else image.convert("RGB")  # convert copies even RGB -> RGB
     lb = letterbox_geometry(rgb.width, rgb.height, size)
     x = torch.from_numpy(letterbox_image(rgb, lb)).float().div(255)
@@ -168,9 +169,6 @@ def top_k(logits: torch.Tensor, classes: list[str], k: int) -> list[dict[str, An
 
 def segment_result(logits: torch.Tensor, lb: Any, classes: list[str], alpha: int = 140) -> dict[str, Any]:
     """Label map in the upload's pixels: PNG of class indices, a coloured RGBA overlay, class shares."""
-    from vistune.dense.datasets import segmentation_to_original
-    from vistune.dense.predict import palette
-
     mask = segmentation_to_original(logits[0].float(), lb).cpu().numpy()
     colors = palette(len(classes))
     counts = np.bincount(mask.reshape(-1), minlength=len(classes))
@@ -193,8 +191,6 @@ def segment_result(logits: torch.Tensor, lb: Any, classes: list[str], alpha: int
 
 def detect_result(raw: dict[str, Any], task: Task, lb: Any, threshold: float) -> dict[str, Any]:
     """Boxes (x1, y1, x2, y2) in the upload's pixels with labels and scores, as ``vistune predict``."""
-    from vistune.dense.predict import palette
-
     det = task.head.task_head.detections(raw)[0]
     keep = det["scores"] >= threshold
     boxes = lb.boxes_to_original(det["boxes"][keep].float().cpu())

@@ -40,6 +40,7 @@ from torch import nn
 from vistune.backbones import seeded_backbone, set_fused_attention
 from vistune.config import ConfigError, TrainConfig, config_keys, make_config
 from vistune.errors import TunedFileError
+from vistune.methods import get_method
 from vistune.precision import Precision, resolve_precision
 from vistune.tuning import TunedModel, attach, attach_from_file
 
@@ -351,8 +352,6 @@ class Task:
         unless the method needs data, as SPT does). In a distributed job rank 0 prepares first
         (it may write a file the others then read).
         """
-        from vistune.methods import get_method
-
         options = dict(cfg.options)
         if cfg.init_from:
             if reseed:

@@ -10,6 +10,7 @@ structure (:meth:`TunedModel.features_are_static`), not by the method's name.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from vistune.backbones import backbone_info, classifier
+from vistune.backbones import backbone_for_file, backbone_info, classifier
 from vistune.config import ConfigError, TrainConfig
 from vistune.data import DataSplits, load_data
 from vistune.data.errors import DataError
@@ -29,6 +30,8 @@ from vistune.engine.autocompile import AutoCompile
 from vistune.errors import TunedFileError
 from vistune.io import json_text
 from vistune.precision import cpu_capability
+from vistune.serve.multitask import class_names
+from vistune.serve.predict import classify_input, top_k
 from vistune.tasks.base import (
     Batches,
     Runtime,
@@ -39,7 +42,13 @@ from vistune.tasks.base import (
     saved_config,
     seed_everything,
 )
-from vistune.tuning import TunedModel, read_tuned_file, read_tuned_meta
+from vistune.tuning import (
+    TunedModel,
+    load_tensors,
+    load_tuned,
+    read_tuned_file,
+    read_tuned_meta,
+)
 
 SENSITIVITY_BATCH = 32  # SPT's reference: the first 16 unshuffled batches of 32 training images
 #: Logit scale of the prototype head for a feature of average norm (cosine classifiers use 10-30).
@@ -127,8 +136,6 @@ class ClassifyTask(Task):
     @classmethod
     def serve_head(cls, source: Path, tuned_path: Path, meta: dict[str, Any], view: nn.Module,
                    device: torch.device) -> ServedHead:
-        from vistune.serve.multitask import class_names
-
         num_classes = int(meta["num_classes"])
         if num_classes < 1:
             raise TunedFileError(f"tuned file {tuned_path} has no classification head (num_classes=0) "
@@ -137,9 +144,6 @@ class ClassifyTask(Task):
 
     @classmethod
     def load_model(cls, path: Path, weights: str | None, load_device: torch.device | str = "cpu") -> SavedRun:
-        from vistune.backbones import backbone_for_file
-        from vistune.tuning import load_tuned
-
         tuned_path = path / "tuned.safetensors" if path.is_dir() else path
         meta, _ = read_tuned_file(tuned_path)
         # the recorded weights are a label: a run on a local weights file needs it given again
@@ -178,8 +182,6 @@ class ClassifyTask(Task):
     @classmethod
     def serve_input(cls, data: bytes, size: int, mean: tuple, std: tuple, max_pixels: int,
                     max_bytes: int | None) -> tuple[torch.Tensor, Any]:
-        from vistune.serve.predict import classify_input
-
         return classify_input(data, size, mean, std, max_pixels, max_bytes), None
 
     @classmethod
@@ -191,8 +193,6 @@ class ClassifyTask(Task):
     @classmethod
     def serve_result(cls, output: Any, context: Any, loaded: Any, *, top: int,
                      score_threshold: float | None) -> dict[str, Any]:
-        from vistune.serve.predict import top_k
-
         return {"top": top_k(output, loaded.classes, top)}
 
     @classmethod
@@ -403,8 +403,6 @@ class ClassifyTask(Task):
         return self.tuned.tuned_state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor], what: str) -> None:
-        from vistune.tuning import load_tensors
-
         load_tensors(self.tuned, state, what)
 
     def describe(self) -> dict[str, Any]:
@@ -473,8 +471,6 @@ def group_top1(per_class: Sequence[float | None], train_counts: Sequence[int],
 def image_hashes(dataset: Any, limit: int | None = None) -> list[str]:
     """Short content hashes of a split's decoded images (same backbone => same resolution), used
     to prove that no PVP source image is a target test image."""
-    import hashlib
-
     n = len(dataset) if limit is None else min(limit, len(dataset))
     return [hashlib.sha1(dataset.uint8(i).contiguous().numpy().tobytes()).hexdigest()[:16] for i in range(n)]
 

@@ -26,17 +26,46 @@ from torch.utils.data import DataLoader
 
 from vistune.backbones import backbone_info
 from vistune.config import ConfigError, TrainConfig
-from vistune.dense.datasets import DenseDataset, DenseSplits, collate, load_dense_data, segmentation_to_original
+from vistune.dense.datasets import (
+    DenseDataset,
+    DenseSplits,
+    collate,
+    load_dense_data,
+    segmentation_to_original,
+)
 from vistune.dense.features import FeatureExtractor
 from vistune.dense.heads import DenseHead, HeadConfig
-from vistune.dense.metrics import DetectionMetric, SegmentationMetric, segmentation_scores
-from vistune.dense.model import (DenseModel, build_dense_model, dense_files, head_config, is_dense_run,
-                                 load_dense, read_head_file, resolve_run)
+from vistune.dense.metrics import (
+    DetectionMetric,
+    SegmentationMetric,
+    segmentation_scores,
+)
+from vistune.dense.model import (
+    DenseModel,
+    build_dense_model,
+    dense_files,
+    head_config,
+    is_dense_run,
+    load_dense,
+    read_head_file,
+    resolve_run,
+)
 from vistune.errors import TunedFileError
+from vistune.export.onnx_format import DenseGraph
 from vistune.io import json_text
-from vistune.tasks.base import (Runtime, SavedRun, ServedHead, Task, TaskProbe, check_no_dense_fewshot, saved_config,
-                                seed_everything)
-from vistune.tuning import TunedModel, read_tuned_file
+from vistune.serve.multitask import class_names, tensor_bytes
+from vistune.serve.predict import decode, dense_input, detect_result, segment_result
+from vistune.tasks.base import (
+    Runtime,
+    SavedRun,
+    ServedHead,
+    Task,
+    TaskProbe,
+    check_no_dense_fewshot,
+    saved_config,
+    seed_everything,
+)
+from vistune.tuning import TunedModel, load_tensors, read_tuned_file
 
 
 def load_dense_for(cfg: TrainConfig, task: str, model: nn.Module, *, training: bool = True) -> DenseSplits:
@@ -183,8 +212,6 @@ class DenseTask(Task):
     @classmethod
     def serve_head(cls, source: Path, tuned_path: Path, meta: dict[str, Any], view: nn.Module,
                    device: torch.device) -> ServedHead:
-        from vistune.serve.multitask import class_names, tensor_bytes
-
         head_path = resolve_run(source)[1]
         head_meta, head_tensors = read_head_file(head_path)
         if (meta["backbone"]["fingerprint"] != head_meta.get("backbone_fingerprint")
@@ -204,8 +231,6 @@ class DenseTask(Task):
     @classmethod
     def serve_input(cls, data: bytes, size: int, mean: tuple, std: tuple, max_pixels: int,
                     max_bytes: int | None) -> tuple[torch.Tensor, Any]:
-        from vistune.serve.predict import decode, dense_input
-
         return dense_input(decode(data, max_pixels, max_bytes), size, mean, std)
 
     @classmethod
@@ -325,8 +350,6 @@ class DenseTask(Task):
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor], what: str) -> None:
-        from vistune.tuning import load_tensors
-
         load_tensors(self.tuned, {k[6:]: v for k, v in state.items() if k.startswith("tuned.")}, what)
         self.model.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
 
@@ -359,8 +382,6 @@ class SegmentTask(DenseTask):
 
     @classmethod
     def export_graph(cls, run: Any, size: int) -> tuple[nn.Module, tuple[str, ...], dict[str, Any]]:
-        from vistune.export.onnx_format import DenseGraph
-
         return DenseGraph(run.dense).eval(), ("logits",), {
             "logits": f"(batch, {run.dense.head.cfg.num_classes}, {size}, {size}) per-pixel class logits at the "
             "input resolution; argmax over dim 1 is the mask on the letterboxed canvas",
@@ -369,8 +390,6 @@ class SegmentTask(DenseTask):
     @classmethod
     def serve_result(cls, output: Any, context: Any, loaded: Any, *, top: int,
                      score_threshold: float | None) -> dict[str, Any]:
-        from vistune.serve.predict import segment_result
-
         return segment_result(output, context, loaded.classes)
 
 
@@ -383,8 +402,6 @@ class DetectTask(DenseTask):
     @classmethod
     def export_graph(cls, run: Any, size: int) -> tuple[nn.Module, tuple[str, ...], dict[str, Any]]:
         """Decoded FCOS candidates (scores, boxes); the sidecar documents the post-processing."""
-        from vistune.export.onnx_format import DenseGraph
-
         cfg = run.dense.head.cfg
         with torch.no_grad():
             raw = run.dense(torch.zeros(1, 3, size, size))
@@ -410,7 +427,5 @@ class DetectTask(DenseTask):
     @classmethod
     def serve_result(cls, output: Any, context: Any, loaded: Any, *, top: int,
                      score_threshold: float | None) -> dict[str, Any]:
-        from vistune.serve.predict import detect_result
-
         thr = loaded.score_threshold if score_threshold is None else float(score_threshold)
         return detect_result(output, loaded, context, thr)

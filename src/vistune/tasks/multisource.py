@@ -23,7 +23,13 @@ from vistune.config import ConfigError, TrainConfig
 from vistune.data import DataSplits
 from vistune.methods import get_method, method_names
 from vistune.tasks.base import Batches, Runtime, Task, TaskProbe, seed_everything
-from vistune.tasks.classify import SENSITIVITY_BATCH, classification_metrics, image_hashes, load_classification_data
+from vistune.tasks.classify import (
+    SENSITIVITY_BATCH,
+    classification_metrics,
+    image_hashes,
+    load_classification_data,
+)
+from vistune.tuning import load_tensors
 
 MODULES_FILE = "modules.safetensors"
 HEADS_FILE = "heads.safetensors"
@@ -156,8 +162,6 @@ class MultiSourceTask(Task):
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor], what: str) -> None:
-        from vistune.tuning import load_tensors
-
         load_tensors(self.tuned, {k: v for k, v in state.items() if not k.startswith("extra_heads.")}, what)
         self.extra_heads.load_state_dict({k[12:]: v for k, v in state.items() if k.startswith("extra_heads.")})
 

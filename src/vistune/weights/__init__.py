@@ -34,6 +34,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import vistune.cifar_resnet  # noqa: F401  (registers resnet*_cifar with timm)
+from vistune import __version__
 from vistune.weights import cache, cifar, dinov2, efficientnet, mobilenet
 from vistune.weights.cache import weights_dir
 from vistune.weights.errors import WeightsDownloadError, WeightsError
@@ -235,8 +236,6 @@ def _check_against_timm(entry: ZooEntry, tensors: Mapping[str, torch.Tensor]) ->
 
 
 def _metadata(entry: ZooEntry, recipe: _Recipe) -> dict[str, str]:
-    from vistune import __version__
-
     return {
         "format": "pt",
         "name": entry.name,

@@ -29,12 +29,12 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from vistune.io import write_set_atomic
 from vistune.weights.errors import WeightsDownloadError, WeightsError
 
 ENV_WEIGHTS_DIR = "VISTUNE_WEIGHTS_DIR"
 DEFAULT_WEIGHTS_DIR = Path("~/.cache/vistune/weights")
 SUFFIX = ".safetensors"
-SIDECAR_SUFFIX = ".safetensors.sha256"
 TMP_PREFIX = ".tmp-"
 _CHUNK = 1 << 20
 
@@ -135,8 +135,6 @@ def save_safetensors_atomic(tensors: Mapping[str, object], out: Path, metadata: 
     Returns the sha256 of the written file.
     """
     from safetensors.torch import save_file
-
-    from vistune.io import write_set_atomic
 
     digest: dict[str, str] = {}
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vistune.weights.cache import rename_state_dict
 
 if TYPE_CHECKING:
     import torch
@@ -68,6 +69,4 @@ def rename_key(key: str) -> str:
 
 def convert_pth(path: str | Path) -> dict[str, torch.Tensor]:
     """State dict for timm ``mobilenetv2_100`` (1000 classes) from torchvision's file."""
-    from vistune.weights.cache import rename_state_dict
-
     return rename_state_dict(path, rename_key)

@@ -15,7 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from vistune.config import ConfigError, TrainConfig
+from vistune.data import longtail_counts
+from vistune.engine.distributed import init_distributed
 from vistune.io import save_figure_atomic, write_json_atomic, write_text_atomic
+from vistune.methods import get_method, parse_options
+from vistune.workflows.train import train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,10 +55,6 @@ def split_options(options: dict[str, Any], method: str) -> dict[str, Any]:
 
 def check_variants(variants: list[Variant], pvp_files: dict[str, str], options: dict[str, Any]) -> None:
     """Every variant must be runnable before the first run starts (no half tables)."""
-    from pathlib import Path
-
-    from vistune.methods import get_method, parse_options
-
     for v in variants:
         cls = get_method(v.method)
         parse_options(cls, split_options(options, v.method))
@@ -83,9 +83,6 @@ def run_fewshot(
     A finished run folder is reused (its metrics.json read back), so a killed protocol resumes
     with the same command; under torchrun every run is data-parallel and rank 0 writes the table.
     """
-    from vistune.engine.distributed import init_distributed
-    from vistune.workflows.train import train
-
     check_variants(variants, pvp_files, base.options)
     check_imbalance(base.imbalance, shots)
     dist = dist or init_distributed(base.device)
@@ -126,7 +123,6 @@ def check_imbalance(imbalance: float | None, shots: list[int]) -> None:
     first run, a K whose tail would be empty (that does not depend on the number of classes)."""
     if imbalance is None or imbalance <= 1:
         return
-    from vistune.data import longtail_counts
 
     bad = [k for k in shots if longtail_counts(k, imbalance, 2)[-1] < 1]
     if bad:

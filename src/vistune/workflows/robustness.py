@@ -30,11 +30,38 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from vistune.backbones import backbone_info
 from vistune.config import ConfigError
 from vistune.data.fewshot import class_orders, proportional_quota
+from vistune.engine.distributed import resolve_device
 from vistune.io import write_atomic, write_json_atomic
 from vistune.precision import Precision, resolve_precision
-from vistune.robustness.corruptions import RobustnessError, corrupt, image_seed, implementation
+from vistune.robustness.attacks import (
+    INSTALL_HINT,
+    PixelModel,
+    art_classifier,
+    attack_batch,
+    make_attack,
+    pgd_alpha,
+    predict,
+)
+from vistune.robustness.corruptions import (
+    RobustnessError,
+    corrupt,
+    image_seed,
+    implementation,
+    load_imagecorruptions,
+)
+from vistune.robustness.ood import check_map_sources, read_class_map, select_ood
+from vistune.robustness.report import build_report, write_report
+from vistune.tasks import kind_of_run
+from vistune.tasks.classify import ClassifyTask, load_classification_data
+from vistune.workflows.train import (
+    check_class_names,
+    open_classification_run,
+    trained_precision,
+    with_changes,
+)
 
 #: Stream tag of the ``max_images`` choice (distinct from the loader's carving and capping tags).
 PURPOSE_ROBUSTNESS = 7
@@ -89,10 +116,6 @@ class LoadedRun:
 def load_run(path: str, data_spec: str | None, device: torch.device, weights: str | None,
              precision: str) -> LoadedRun:
     """Rebuild a classification run from its tuned file and data, as ``evaluate_run`` does."""
-    from vistune.backbones import backbone_info
-    from vistune.tasks.classify import load_classification_data
-    from vistune.workflows.train import check_class_names, open_classification_run, trained_precision
-
     run = open_classification_run(path, data_spec, weights, device=str(device))
     tuned_path, meta, tuned, cfg = run.tuned_path, run.meta, run.tuned, run.cfg
     extra, recorded, spec = run.extra, run.recorded, cfg.data
@@ -287,10 +310,6 @@ class Plan:
 
 def prepare(s: RobustnessSettings) -> Plan:
     """Validate and load everything (runs, data, optional packages); writes nothing."""
-    from vistune.engine.distributed import resolve_device
-    from vistune.tasks import kind_of_run
-    from vistune.tasks.classify import ClassifyTask
-
     if not (s.corruptions or s.attacks or s.ood):
         raise RobustnessError("nothing to do: give --corruptions, --attack and/or --ood")
     if s.class_map and not s.ood:
@@ -304,8 +323,6 @@ def prepare(s: RobustnessSettings) -> Plan:
     check_out(Path(s.out))
     device = resolve_device(s.device)
     if s.corruptions:
-        from vistune.robustness.corruptions import load_imagecorruptions
-
         load_imagecorruptions()
     if s.attacks:
         resolve_precision(s.attack_precision, device)
@@ -323,8 +340,6 @@ def prepare(s: RobustnessSettings) -> Plan:
 
 
 def _import_art() -> None:
-    from vistune.robustness.attacks import INSTALL_HINT
-
     try:
         import art.attacks.evasion  # noqa: F401
     except ImportError as err:
@@ -343,10 +358,6 @@ def _same_images(split: Any, ref: Any, positions: Sequence[int], what: str) -> l
 
 
 def _prepare_ood(s: RobustnessSettings, plan: Plan) -> None:
-    from vistune.robustness.ood import check_map_sources, read_class_map, select_ood
-    from vistune.tasks.classify import load_classification_data
-    from vistune.workflows.train import with_changes
-
     run = plan.run
     if s.class_map:
         plan.class_map = read_class_map(s.class_map, run.class_names)
@@ -395,8 +406,6 @@ def corruption_cells(s: RobustnessSettings, run: LoadedRun, positions: list[int]
 
 def attack_cells(s: RobustnessSettings, run: LoadedRun, positions: list[int]) -> dict:
     """Clean and robust accuracy (per attack and eps) on the same images, in ``attack_precision``."""
-    from vistune.robustness.attacks import PixelModel, art_classifier, make_attack, pgd_alpha, predict
-
     device = next(run.model.parameters()).device
     prec = resolve_precision(s.attack_precision, device)
     model = PixelModel(run.model, run.mean, run.std, lambda: prec.autocast(device.type)).to(device).eval()
@@ -435,8 +444,6 @@ def attack_cells(s: RobustnessSettings, run: LoadedRun, positions: list[int]) ->
 
 def _robust_accuracy(model: Any, attack: Any, batches: Iterable, clean_ok: list[int], device: torch.device,
                      seed: int, name: str, eps: float) -> dict[str, Any]:
-    from vistune.robustness.attacks import attack_batch, predict
-
     correct = n = 0
     for b, (x, y) in enumerate(batches):
         adv = attack_batch(attack, x, y, image_seed(seed, name, b, f"{eps:.8f}"))
@@ -464,8 +471,6 @@ def ood_cells(s: RobustnessSettings, plan: Plan) -> list[dict[str, Any]]:
 
 def run_robustness(s: RobustnessSettings) -> dict[str, Any]:
     """Check, load, evaluate every cell (reusing finished ones), then write the report as one set."""
-    from vistune.robustness.report import build_report, write_report
-
     t0 = time.perf_counter()
     plan = prepare(s)
     Path(s.out).mkdir(parents=True, exist_ok=True)

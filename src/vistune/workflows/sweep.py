@@ -34,27 +34,38 @@ VPT's base rates scaled by ``batch_size / 256``, as VPT scales them.
 from __future__ import annotations
 
 import dataclasses
+import gc
+import itertools
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import time
+import typing
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from vistune.config import ConfigError, TrainConfig
+from vistune.engine import tracking as trk
 from vistune.engine.callbacks import Callback, FitState
 from vistune.engine.loop import DivergedError
-from vistune.engine.rundir import FolderLock, RunDirError, recorded_settings, settings_diff, settings_of
+from vistune.engine.rundir import (
+    FolderLock,
+    RunDirError,
+    recorded_settings,
+    settings_diff,
+    settings_of,
+)
 from vistune.io import save_figure_atomic, write_json_atomic, write_text_atomic
 from vistune.methods import get_method
 from vistune.methods.base import MODULE_ADAMW_LRS, VPT_SGD_BASE_LRS
 from vistune.tasks import get_task, task_of
-
+from vistune.workflows.train import check_method, train
 
 #: Run settings a search dimension may name besides method options.
 CONFIG_DIMENSIONS = ("lr", "wd", "head_lr", "warmup_epochs", "epochs", "momentum", "optimizer")
@@ -130,8 +141,6 @@ def split_searched_options(method: str, options: dict[str, Any]) -> tuple[dict[s
     """``-o length=5,10,50`` (or ``-o vpt:length=...``) on a scalar option is a search dimension;
     commas inside a list-typed option (``targets=q,v``) are its value — write ``q,v|q,k,v`` to
     search those. Returns (fixed options, searched options)."""
-    import typing
-
     hints = typing.get_type_hints(get_method(method).Options)
     fixed: dict[str, Any] = {}
     searched: dict[str, list[Any]] = {}
@@ -270,7 +279,7 @@ def _grid_sampler(values: dict[str, list[Any]], seed: int) -> Any:
 
 
 def open_study(out: Path, storage_url: str | None, name: str, sampler: str, space: Space, pruner: str,
-               epochs: int, seed: int, create: bool = True, direction: str = "maximize") -> Any:
+               epochs: int, seed: int, direction: str = "maximize") -> Any:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -484,8 +493,6 @@ def search(base: TrainConfig, space: Space, out: Path, study: Any, sampler: str,
     """This worker's share of stage 1: trials until the grid is exhausted (or N trials exist)."""
     import optuna
 
-    from vistune.workflows.train import train
-
     started = time.perf_counter() if started is None else started
 
     def objective(trial: Any) -> float:
@@ -554,8 +561,6 @@ def search(base: TrainConfig, space: Space, out: Path, study: Any, sampler: str,
 def _run_trial(study: Any, trial: Any, objective: Any) -> bool:
     """Optuna's ``optimize`` step without its logging: a trial's error reaches the CLI as one line.
     False when another process holds the trial's run folder."""
-    import gc
-
     import optuna
     from optuna.storages._heartbeat import get_heartbeat_thread  # what optimize() runs a trial in
     from optuna.trial import TrialState
@@ -608,7 +613,6 @@ def _work_left(study: Any, space: Space, sampler: str, trials: int | None,
     taken = [t for t in all_trials if _settled(t) or t.state == TrialState.RUNNING]
     if sampler == "tpe":
         return len(taken) < (trials or 0)
-    import itertools
 
     names = {trial_name(t.params) for t in taken} | set(busy)
     keys = list(space.values)
@@ -635,7 +639,6 @@ def _settled(t: Any) -> bool:
 def _grid_done(study: Any, space: Space) -> bool:
 
     done = {trial_name(t.params) for t in study.get_trials(deepcopy=False) if _settled(t)}
-    import itertools
 
     keys = list(space.values)
     return all(trial_name(dict(zip(keys, combo))) in done for combo in itertools.product(*space.values.values()))
@@ -688,21 +691,8 @@ def run_sweep(
 
     ``tracking`` (:class:`vistune.engine.tracking.Tracking`, from ``--log``) logs every trial and
     final retrain as a run of its own, nested under one MLflow run of the sweep."""
-    from vistune.engine import tracking as trk
-
     started = time.perf_counter()
-    if sampler not in ("grid", "tpe"):
-        raise SweepError(f"--sampler must be grid or tpe, got {sampler!r}")
-    if sampler == "tpe" and not trials:
-        raise SweepError("--sampler tpe needs --trials N")
-    if stage not in ("all", "search", "final"):
-        raise SweepError(f"--stage must be all, search or final, got {stage!r}")
-    if jobs < 1:
-        raise SweepError(f"--jobs must be >= 1, got {jobs}")
-    if not seeds:
-        raise SweepError("--seeds must be >= 1")
-    from vistune.workflows.train import check_method
-
+    _check_sweep_args(sampler, trials, stage, jobs, seeds)
     fixed, searched = split_searched_options(base.method, base.options)
     base = dataclasses.replace(base, options=fixed)
     check_method(base)
@@ -712,31 +702,11 @@ def run_sweep(
     if not worker:
         lock.acquire()
     try:
-        if not worker:  # before the study records this sweep's settings: a refusal changes nothing
-            check_trial_folders(base, space, out)
-        if not worker and storage is None:
-            repaired = repair_journal(out / "study.journal")
-            if repaired:
-                print(f"vistune sweep: {repaired}", file=sys.stderr)
-        direction = "maximize" if get_task(base.task).higher_is_better else "minimize"
-        study = open_study(out, storage, study_name, sampler, space, pruner, base.epochs, base.seed,
-                           direction=direction)
-        check_settings(study, sweep_settings(base, space), out)
+        study = _open_sweep_study(base, space, out, storage, study_name, sampler, pruner, worker)
         tracking = trk.for_sweep(tracking, study, out.name, worker=worker)
         if stage in ("all", "search"):
-            if not worker:
-                if storage is None:
-                    n = retry_stale_trials(study, out)
-                    if n:
-                        print(f"vistune sweep: retrying {n} trial(s) a killed worker left running", file=sys.stderr)
-                children = _start_workers(jobs - 1, argv or [], out)
-            else:
-                die_with_parent()
-                (out / f".worker-{os.getpid()}.ready").touch()  # tells the first process this worker is in
-            search(base, space, out, study, sampler, trials, max_trials, base.progress, pruner != "none", tracking,
-                   started)
-            if not worker:
-                _wait(children, out)
+            _search_stage(base, space, out, study, sampler, trials, max_trials, pruner, storage, jobs, worker,
+                          argv, tracking, started)
         if worker:
             return {}
         result = summarise(study, space, out, base)
@@ -751,6 +721,56 @@ def run_sweep(
         raise
     finally:
         lock.release()
+
+
+def _check_sweep_args(sampler: str, trials: int | None, stage: str, jobs: int, seeds: Sequence[int]) -> None:
+    """The sweep's own flags, refused before the folder is locked or anything is read."""
+    if sampler not in ("grid", "tpe"):
+        raise SweepError(f"--sampler must be grid or tpe, got {sampler!r}")
+    if sampler == "tpe" and not trials:
+        raise SweepError("--sampler tpe needs --trials N")
+    if stage not in ("all", "search", "final"):
+        raise SweepError(f"--stage must be all, search or final, got {stage!r}")
+    if jobs < 1:
+        raise SweepError(f"--jobs must be >= 1, got {jobs}")
+    if not seeds:
+        raise SweepError("--seeds must be >= 1")
+
+
+def _open_sweep_study(base: TrainConfig, space: Space, out: Path, storage: str | None, study_name: str,
+                      sampler: str, pruner: str, worker: bool) -> Any:
+    """The Optuna study (a local journal repaired first), refused when its recorded settings differ."""
+    if not worker:  # before the study records this sweep's settings: a refusal changes nothing
+        check_trial_folders(base, space, out)
+    if not worker and storage is None:
+        repaired = repair_journal(out / "study.journal")
+        if repaired:
+            print(f"vistune sweep: {repaired}", file=sys.stderr)
+    direction = "maximize" if get_task(base.task).higher_is_better else "minimize"
+    study = open_study(out, storage, study_name, sampler, space, pruner, base.epochs, base.seed,
+                       direction=direction)
+    check_settings(study, sweep_settings(base, space), out)
+    return study
+
+
+def _search_stage(base: TrainConfig, space: Space, out: Path, study: Any, sampler: str,
+                  trials: int | None, max_trials: int | None, pruner: str, storage: str | None, jobs: int,
+                  worker: bool, argv: Sequence[str] | None, tracking: Any, started: float) -> None:
+    """Run trials in this process, beside ``jobs - 1`` workers the first process starts (a worker
+    itself only searches); stale trials of a killed worker are retried first."""
+    if not worker:
+        if storage is None:
+            n = retry_stale_trials(study, out)
+            if n:
+                print(f"vistune sweep: retrying {n} trial(s) a killed worker left running", file=sys.stderr)
+        children = _start_workers(jobs - 1, argv or [], out)
+    else:
+        die_with_parent()
+        (out / f".worker-{os.getpid()}.ready").touch()  # tells the first process this worker is in
+    search(base, space, out, study, sampler, trials, max_trials, base.progress, pruner != "none", tracking,
+           started)
+    if not worker:
+        _wait(children, out)
 
 
 def _start_workers(n: int, argv: Sequence[str], out: Path) -> list[subprocess.Popen]:
@@ -797,7 +817,6 @@ def die_with_parent() -> None:
     if not parent or not sys.platform.startswith("linux"):
         return
     import ctypes
-    import signal
 
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
@@ -847,8 +866,6 @@ def summarise(study: Any, space: Space, out: Path, base: TrainConfig) -> dict[st
 def final_stage(base: TrainConfig, space: Space, study: Any, out: Path, seeds: Sequence[int],
                 trainval: bool, tracking: Any = None, started: float | None = None) -> dict[str, Any]:
     """Retrain the best configuration per seed (on train+val with ``trainval``); test once each."""
-    from vistune.workflows.train import train
-
     started = time.perf_counter() if started is None else started
 
     best = best_trial(study)

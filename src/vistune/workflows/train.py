@@ -16,13 +16,13 @@ from typing import Any
 
 from vistune.config import ConfigError, TrainConfig
 from vistune.engine.callbacks import Callback, ending
-from vistune.engine.distributed import Dist, init_distributed
+from vistune.engine.distributed import Dist, init_distributed, resolve_device
 from vistune.engine.loop import fit
 from vistune.engine.rundir import RunDir
+from vistune.methods import get_method, parse_options
 from vistune.precision import resolve_precision
 from vistune.tasks import DEFAULT_TASK, get_task, kind_of_run, make_task
 from vistune.tasks.base import SavedRun, saved_config, trained_precision  # noqa: F401 - their old home
-
 
 
 def train(
@@ -60,8 +60,6 @@ def train(
 
 def check_method(cfg: TrainConfig) -> None:
     """Unknown methods and bad method options fail before anything is created or loaded."""
-    from vistune.methods import get_method, parse_options
-
     parse_options(get_method(cfg.method), cfg.options)
 
 
@@ -72,8 +70,6 @@ def check_shared_settings(cfg: TrainConfig) -> None:
     A sweep trial that fails on one of these fails inside Optuna, which logs the trial's
     traceback before the CLI's one line; checked here, the sweep stops with the one line only.
     """
-    from vistune.engine.distributed import resolve_device
-
     check_method(cfg)
     resolve_device(cfg.device)
     task = make_task(cfg.task)
