@@ -52,7 +52,7 @@ def test_short_run_stays_eager_and_never_compiles(tmp_path, capsys):
     handed = drive(ac, clock, [1.0] * 20)
     assert compiled == [] and all(h is model for h in handed)
     assert ac.report["decision"] == "eager" and ac.report["eager_step_s"] == pytest.approx(1.0)
-    # 20 steps: 2 warm-up + 3 probe, decided at call 6 with 15 left: 15 * 1 * 0.15 < 60
+    # 20 steps: 2 warm-up + 3 probe, decided at call 6 with 15 left: 15 * 1 * 0.10 < 50
     assert ac.report["steps_left"] == 15
     assert "staying eager" in capsys.readouterr().err
     assert not (tmp_path / "c.json").exists()  # nothing measured, nothing recorded

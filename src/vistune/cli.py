@@ -192,7 +192,7 @@ def _add_train_args(p: argparse.ArgumentParser, multi_data: bool = False, shots:
     p.add_argument("--compile", nargs="?", const="on", default=None, choices=["on", "off", "auto"],
                    help="torch.compile the training forward (classification; eval stays eager). --compile = on; "
                         "auto: measure the first eager steps and compile only if the run's remaining steps repay the "
-                        "compile (15-20%% off a LoRA step on CPU; the compile costs about a minute); default off")
+                        "compile (0-18%% off a step on CPU, per method; the compile costs 30-50 s); default off")
     p.add_argument("--trainval", action="store_const", const=True, default=None,
                    help="train on train+val (VTAB's final protocol); no validation split")
     p.add_argument("--select", choices=["last", "best-val"], default=None,
