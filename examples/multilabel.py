@@ -32,8 +32,7 @@ this kind, and vistune rebuilds it with whatever class is registered under that 
 from __future__ import annotations
 
 import dataclasses
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
-from vistune.backbones import backbone_info, classifier
+from vistune.backbones import backbone_info
 from vistune.config import ConfigError, TrainConfig
 from vistune.data import DataError, Reader, ReadOptions, register_reader, select_dense
 from vistune.data.dense import read_camvid
@@ -51,9 +50,7 @@ from vistune.data.sources import RawSplit, SourceData
 from vistune.data.transforms import Normalize, make_augment
 from vistune.io import json_text
 from vistune.tasks import register_task
-from vistune.tasks.base import Runtime, TaskProbe, seed_everything
-from vistune.tasks.classify import SENSITIVITY_BATCH, ClassifyTask
-from vistune.tuning import TunedModel
+from vistune.tasks.classify import ClassifyTask
 
 #: A class is one of an image's labels when it covers at least this share of the image's pixels.
 MIN_FRACTION = 0.005
@@ -258,50 +255,18 @@ class MultiLabelTask(ClassifyTask):
         if cfg.head_init == "prototypes":
             raise ConfigError(f"head_init=prototypes needs one class per image; task {cls.name!r} has several")
 
-    def setup(self, cfg: TrainConfig, rt: Runtime, out: Path | None, *, data: MultiLabelData | None = None,
-              backbone: nn.Module | None = None, tuned: TunedModel | None = None) -> None:
-        """As classification: backbone -> data -> method -> fresh head (``tuned``: a loaded run)."""
-        self.cfg, self.rt = cfg, rt
-        seed_everything(cfg.seed)
-        training = tuned is None
-        if training:
-            backbone = backbone if backbone is not None else self.build_backbone(cfg)
-        model = tuned.model if tuned is not None else backbone
-        self.data = data if data is not None else self.load_data(cfg, model)
-        self.train_counts = None
-        if tuned is None:
-            probe = TaskProbe(self.sensitivity_losses, self.scores_path(cfg, out), cfg.data, SENSITIVITY_BATCH,
-                              "binary cross-entropy")
-            tuned = self.attach_method(cfg, backbone, self.data.num_classes, probe,
-                                       reseed=lambda: seed_everything(cfg.seed))
-        self.tuned = self.place(tuned)
-        self.head = classifier(self.tuned.model)
-        self.use_cache = bool(cfg.cache_features and not cfg.augment and self.tuned.features_are_static())
-        self._cache = {}
-        if self.use_cache and training:
-            t0 = time.perf_counter()
-            self._features("train")
-            if self.data.val is not None:
-                self._features("val")
-            self.cache_seconds = time.perf_counter() - t0
-        if training:
-            self.init_head(cfg.head_init)
+    def count_train_classes(self) -> None:
+        return None  # an image holds several labels: no per-class image count
 
     def load_data(self, cfg: TrainConfig, model: nn.Module) -> MultiLabelData:  # type: ignore[override]
         return load_multilabel_data(cfg, model)
 
     # -- training -----------------------------------------------------------------------------
-    def sensitivity_losses(self, model: nn.Module, num_batches: int,
-                           batch_size: int = SENSITIVITY_BATCH) -> Iterator[torch.Tensor]:
-        """BCE through a fresh linear head (SPT's sensitivity pass for this kind's loss)."""
-        head = nn.Linear(int(model.num_features), self.data.num_classes).to(self.rt.device)
-        loader = torch.utils.data.DataLoader(self.data.train, batch_size=batch_size, shuffle=False)
-        for i, (x, y) in enumerate(loader):
-            if i >= num_batches:
-                break
-            x, y = x.to(self.rt.device), y.to(self.rt.device)
-            feats = model.forward_head(model.forward_features(x), pre_logits=True)
-            yield nn.functional.binary_cross_entropy_with_logits(head(feats), y)
+    criterion_name = "binary cross-entropy"
+
+    def criterion(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """BCE on multi-hot targets (also what SPT's sensitivity pass measures for this kind)."""
+        return nn.functional.binary_cross_entropy_with_logits(logits, y.float())
 
     def loss(self, batch: Any) -> tuple[torch.Tensor, int, dict[str, float]]:
         x, y = batch[0].to(self.rt.device), batch[1].to(self.rt.device).float()

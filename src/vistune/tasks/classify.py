@@ -90,14 +90,14 @@ class ClassifyTask(Task):
         if training:
             backbone = backbone if backbone is not None else self.build_backbone(cfg)
         model = tuned.model if tuned is not None else backbone
-        self.data = data if data is not None else load_classification_data(cfg, model)
+        self.data = data if data is not None else self.load_data(cfg, model)
         # evaluation reloads the data without the run's shots: its train split is not the run's
-        self.train_counts = class_counts(self.data.train.targets, self.data.num_classes) if training else None
+        self.train_counts = self.count_train_classes() if training else None
         if tuned is None:
             if cfg.init_from:
                 check_source_target_disjoint(cfg.init_from, self.data.test)
             probe = TaskProbe(self.sensitivity_losses, self.scores_path(cfg, out), cfg.data, SENSITIVITY_BATCH,
-                              "cross-entropy")
+                              self.criterion_name)
             tuned = self.attach_method(cfg, backbone, self.data.num_classes, probe,
                                        reseed=lambda: seed_everything(cfg.seed))
         self.tuned = self.place(tuned)
@@ -230,6 +230,11 @@ class ClassifyTask(Task):
     def load_data(self, cfg: TrainConfig, model: nn.Module) -> DataSplits:
         return load_classification_data(cfg, model)
 
+    def count_train_classes(self) -> list[int] | None:
+        """Training images per class (group metrics, metrics.json); None for a kind whose images
+        carry several classes."""
+        return class_counts(self.data.train.targets, self.data.num_classes)
+
     @torch.no_grad()
     def init_head(self, mode: str) -> None:
         """``random``: timm's init (as attached). ``zeros``. ``prototypes``: each class's weight is the
@@ -262,7 +267,15 @@ class ClassifyTask(Task):
                 break
             x, y = x.to(self.rt.device), y.to(self.rt.device)
             feats = model.forward_head(model.forward_features(x), pre_logits=True)
-            yield nn.functional.cross_entropy(head(feats), y)
+            yield self.criterion(head(feats), y)
+
+    #: how :meth:`criterion` is named where SPT records what its sensitivity measured
+    criterion_name = "cross-entropy"
+
+    def criterion(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """This kind's loss on a batch's logits and targets (a kind with other targets overrides it,
+        and SPT's sensitivity pass then measures gradients of that loss)."""
+        return nn.functional.cross_entropy(logits, y)
 
     # -- feature cache -----------------------------------------------------------------------
     def _split(self, split: str) -> Any:
