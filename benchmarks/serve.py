@@ -550,9 +550,7 @@ def main(argv: list[str] | None = None) -> int:
               "RSS loaded MB | RSS peak MB |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        one, alone = _ratios(r, results, args.methods)
-        base = "multitask" if r["mode"].startswith("alone ") else r["mode"]
-        p95 = next((r["p95_ms"] / o["p95_ms"] for o in results if o["mode"] == base and o["tasks"] == 1), None)
+        one, alone, p95 = _ratios(r, results, args.methods)
         print(f"| {r['mode']} | {r['tasks']} | {r['req_per_s']:.1f} | {_fmt(one)} | {_fmt(alone)} | {r['p50_ms']:.0f} | "
               f"{r['p95_ms']:.0f} | {_fmt(p95)} | {r['mean_batch']:.1f} | {r['rss_loaded_mb']:.0f} | "
               f"{r['rss_peak_mb']:.0f} |")
@@ -570,8 +568,9 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
-def _ratios(r: dict, results: list[dict], methods: list[str]) -> tuple[float | None, float | None]:
-    """(req/s over the same mode's one-task row, req/s over the 'alone' expectation).
+def _ratios(r: dict, results: list[dict], methods: list[str]) -> tuple[float | None, float | None, float | None]:
+    """(req/s over the same mode's one-task row, req/s over the 'alone' expectation, p95 over the
+    one-task row's p95); an 'alone' row compares with the multitask one-task row.
 
     The expectation for N tasks with methods cycled and each request's task drawn uniformly: the
     mean time per request is the mean over tasks of 1 / (its method's single-task req/s), so the
@@ -581,15 +580,16 @@ def _ratios(r: dict, results: list[dict], methods: list[str]) -> tuple[float | N
     base = "multitask" if r["mode"].startswith("alone ") else r["mode"]
     one = next((o for o in results if o["mode"] == base and o["tasks"] == 1), None)
     ratio_one = r["req_per_s"] / one["req_per_s"] if one else None
+    p95 = r["p95_ms"] / one["p95_ms"] if one else None
     if r["mode"] != "multitask" or one is None:
-        return ratio_one, None
+        return ratio_one, None, p95
     speed = {methods[0]: one["req_per_s"]}
     speed.update({o["mode"].split(" ", 1)[1]: o["req_per_s"] for o in results if o["mode"].startswith("alone ")})
     cycled = [methods[k % len(methods)] for k in range(r["tasks"])]
     if not all(m in speed for m in cycled):
-        return ratio_one, None
+        return ratio_one, None, p95
     expected = 1.0 / (sum(1.0 / speed[m] for m in cycled) / len(cycled))
-    return ratio_one, r["req_per_s"] / expected
+    return ratio_one, r["req_per_s"] / expected, p95
 
 
 def print_load_test(res: dict, args: argparse.Namespace, out: Path) -> int:

@@ -147,11 +147,17 @@ class AutoCompile:
             self.state = "probe"
             self.times = []
 
-    def _on_probe(self, interval: float | None) -> None:
+    def _measured(self, interval: float | None) -> float | None:
+        """Adds this step's time to the measurement under way; once it holds ``probe`` steps, the
+        slowest rank's median step time (every rank gets the same number), else None."""
         self.times.append(float(interval or 0.0))
-        if len(self.times) < self.probe:
+        return _median_max(self.times, self.gather) if len(self.times) >= self.probe else None
+
+    def _on_probe(self, interval: float | None) -> None:
+        eager_s = self._measured(interval)
+        if eager_s is None:
             return
-        self.eager_s = _median_max(self.times, self.gather)
+        self.eager_s = eager_s
         left = self.total - self.calls + 1
         est = load_estimate(self.key, self.cache)
         gain = left * self.eager_s * est.saving
@@ -179,10 +185,9 @@ class AutoCompile:
         self.state = "check"
 
     def _on_check(self, interval: float | None) -> None:
-        self.times.append(float(interval or 0.0))
-        if len(self.times) < self.probe:
+        compiled_s = self._measured(interval)
+        if compiled_s is None:
             return
-        compiled_s = _median_max(self.times, self.gather)
         compile_s = max(float(t) for t in self.gather(self.compile_step_s)) - compiled_s
         saving = 1.0 - compiled_s / self.eager_s if self.eager_s > 0 else 0.0
         save_estimate(self.key, Estimate(max(compile_s, 0.0), max(saving, 0.0)), self.cache)

@@ -268,26 +268,16 @@ class _Router:
             return None
         batch = self._check_batch(args)
         self.saved.append(args)
+        active = [(route, rows) for route, rows in active if route.pre and not route.rerun]
+        if not active:
+            return None
         if len(active) == 1 and len(active[0][1]) == batch:  # one task holds every row: no split, no copy
-            route = active[0][0]
-            if route.rerun or not route.pre:
-                return None
-            new = args
-            for fn in route.pre:
-                res = fn(route.host, new)
-                if res is not None:
-                    new = res if isinstance(res, tuple) else (res,)
+            new = _pre_inputs(active[0][0], args)
             return None if new is args else new
         changed: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for route, rows in active:
-            if route.rerun or not route.pre:
-                continue
             sub = _take(args, rows, batch)
-            new = sub
-            for fn in route.pre:
-                res = fn(route.host, new)
-                if res is not None:
-                    new = res if isinstance(res, tuple) else (res,)
+            new = _pre_inputs(route, sub)
             for i, (a, b) in enumerate(zip(sub, new)):
                 if a is not b:
                     changed.setdefault(i, []).append((rows, b))
@@ -309,46 +299,49 @@ class _Router:
         batch = self.owner._batch_size
         fresh = not _aliased(out, called)
         if len(active) == 1 and len(active[0][1]) == batch and fresh:  # one task holds every row
-            return self._whole(active[0][0], called, args, out)
+            return _post_output(active[0][0], called, args, out, None, batch)
         pieces = []
         for route, rows in active:
-            if route.rerun:
-                y = route.host(*_take(called, rows, batch))
-            else:
-                if not route.post and route.bias is None:
-                    continue
-                y = out.index_select(0, rows)
-                if route.bias is not None:
-                    shape = [1] * y.dim()
-                    shape[route.bias_dim] = -1
-                    y = y + route.bias.view(shape).to(y.dtype) if route.bias_dim != -1 else y + route.bias.to(y.dtype)
-                sub = _take(args, rows, batch)
-                for fn in route.post:
-                    res = fn(route.host, sub, y)
-                    if res is not None:
-                        y = res
-            pieces.append((rows, y))
+            y = _post_output(route, called, args, out, rows, batch)
+            if y is not None:
+                pieces.append((rows, y))
         if not pieces:
             return None
         return _assemble(out, pieces, f"module {self.name!r}", in_place=fresh)
 
-    @staticmethod
-    def _whole(route: _Route, called: tuple, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
-        """``post`` for a pass whose rows all belong to one task: the route on the whole output."""
-        if route.rerun:
-            return route.host(*called)
-        if not route.post and route.bias is None:
-            return None
-        y = out
-        if route.bias is not None:
-            shape = [1] * y.dim()
-            shape[route.bias_dim] = -1
-            y = y + route.bias.view(shape).to(y.dtype) if route.bias_dim != -1 else y + route.bias.to(y.dtype)
-        for fn in route.post:
-            res = fn(route.host, args, y)
-            if res is not None:
-                y = res
-        return y
+
+def _pre_inputs(route: _Route, args: tuple) -> tuple:
+    """``args`` through the route's pre-hooks (the same tuple when none changes them)."""
+    new = args
+    for fn in route.pre:
+        res = fn(route.host, new)
+        if res is not None:
+            new = res if isinstance(res, tuple) else (res,)
+    return new
+
+
+def _post_output(route: _Route, called: tuple, args: tuple, out: torch.Tensor, rows: torch.Tensor | None,
+                 batch: int) -> torch.Tensor | None:
+    """The route's output for its ``rows`` (None: every row, computed on ``out`` itself), or None
+    when the route leaves this module's output as it is."""
+    def take(a: tuple) -> tuple:
+        return a if rows is None else _take(a, rows, batch)
+
+    if route.rerun:
+        return route.host(*take(called))
+    if not route.post and route.bias is None:
+        return None
+    y = out if rows is None else out.index_select(0, rows)
+    if route.bias is not None:
+        shape = [1] * y.dim()
+        shape[route.bias_dim] = -1
+        y = y + route.bias.view(shape).to(y.dtype) if route.bias_dim != -1 else y + route.bias.to(y.dtype)
+    sub = take(args)
+    for fn in route.post:
+        res = fn(route.host, sub, y)
+        if res is not None:
+            y = res
+    return y
 
 
 # ------------------------------------------------------------------------------------------------

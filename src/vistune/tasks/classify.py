@@ -80,6 +80,8 @@ class ClassifyTask(Task):
     #: training images per class of the run (group metrics); None when unknown (``vistune eval`` of
     #: a file that does not record them)
     train_counts: list[int] | None = None
+    #: the epoch this process started training at (0, or later when resumed)
+    first_epoch: int | None = None
 
     def setup(self, cfg: TrainConfig, rt: Runtime, out: Path | None, *, data: DataSplits | None = None,
               backbone: nn.Module | None = None, tuned: TunedModel | None = None) -> None:
@@ -321,7 +323,8 @@ class ClassifyTask(Task):
         return len(self._train_loader(0))  # a streamed (wds:) split's step count is its loader's
 
     def train_batches(self, epoch: int) -> Batches:
-        self.__dict__.setdefault("_first_epoch", epoch)  # a resumed run starts later: fewer steps left
+        if self.first_epoch is None:  # a resumed run starts later: fewer steps left to repay a compile
+            self.first_epoch = epoch
         return self._train_loader(epoch)
 
     def _train_loader(self, epoch: int) -> Batches:
@@ -350,7 +353,7 @@ class ClassifyTask(Task):
             torch.__version__, self.rt.device.type, cpu_capability(), torch.get_num_threads(), cfg.backbone,
             backbone_info(self.tuned.model).img_size, cfg.method, json.dumps(cfg.options, sort_keys=True, default=str),
             cfg.batch_size, self.precision.name))
-        epochs_left = cfg.epochs - self.__dict__.get("_first_epoch", 0)
+        epochs_left = cfg.epochs - (self.first_epoch or 0)
         return AutoCompile(self.tuned, self.num_train_batches() * epochs_left, key, gather=self.rt.gather)
 
     def _compile_report(self) -> dict[str, Any] | str:
