@@ -74,6 +74,38 @@ DINO = {  # label: (method, options, optimizer, lrs)
     # lack of steps? The same search with 50 epochs answers that.
     "linear-50ep": ("linear", [], "sgd", SGD_LOW),
 }
+# SPT's headline (issue 22): SPT-LoRA / SPT-Adapter vs LoRA / Adapter at equal budgets, and SPT
+# with sparse entries only. The base's own size sets each budget (LoRA r on q,v: 18,432 r;
+# Adapter bottleneck b: 12 (769 b + 384)), SPT gets that number, and the realised counts
+# (within 2%, SPT's closest top-k) are in each cell's metrics. Every SPT cell of a task reads
+# one sensitivity file computed on that task's 800 training images (never val or test).
+SPT_BUDGETS = {  # budget label: (LoRA rank, adapter bottleneck)
+    "0.15M": (8, 16),
+    "0.5M": (27, 54),
+}
+SPT_VS_BASE: dict[str, tuple[str, list[str], str, tuple[str, ...]]] = {}
+for _b, (_r, _k) in SPT_BUDGETS.items():
+    _lora, _adapter = 18_432 * _r, 12 * (769 * _k + 384)
+    _sfx = "" if _b == "0.15M" else f"-{_b}"
+    SPT_VS_BASE.update({
+        f"lora-r{_r}": ("lora", [f"rank={_r}"], "adamw", ADAMW_MODULES),
+        f"spt-lora{_sfx}": ("spt", [f"budget={_lora}", "structured=lora"], "adamw", ADAMW_MODULES),
+        f"spt-sparse{_sfx}": ("spt", [f"budget={_lora}", "structured=none"], "adamw", ADAMW_MODULES),
+        f"adapter-b{_k}": ("adapter", [f"bottleneck={_k}"], "adamw", ADAMW_MODULES),
+        f"spt-adapter{_sfx}": ("spt", [f"budget={_adapter}", "structured=adapter"], "adamw", ADAMW_MODULES),
+    })
+SPT_VS_BASE["lora"] = SPT_VS_BASE.pop("lora-r8")  # the table-1 row is LoRA r8: one cell, not two
+
+# Grid edges (issue 22 item 4): where table 1's search chose the edge of its two-point grid (full
+# fine-tuning the smaller rate everywhere, the linear probe and VPT-deep the larger one on most
+# tasks), the same search with one more point beyond that edge (x5, the grid's own step).
+EDGES = {
+    "full-edge": ("full", [], "adamw", (*ADAMW_FULL, "2e-5")),
+    "linear-edge": ("linear", [], "sgd", ("3.125", *SGD_LOW)),
+    "vpt-deep-edge": ("vpt", ["length=10", "deep=true"], "adamw", ("5e-2", *ADAMW_PROMPTS)),
+}
+EDGE_OF = {"full-edge": ("full", "2e-5"), "linear-edge": ("linear", "3.125"), "vpt-deep-edge": ("vpt-deep", "5e-2")}
+
 EPOCHS = {"linear-50ep": 50}  # label -> epochs, where not the common --epochs
 EFFNET = {k: DINO[k] for k in ("linear", "full", "bitfit", "protuning", "linear-50ep")}
 # The CNN forms of the transformer methods (issue 21): Conv-LoRA on every pointwise conv (the
@@ -85,7 +117,7 @@ CNN_FORMS = {
 }
 EFFNET.update(CNN_FORMS)
 MOBILENET = {k: EFFNET[k] for k in ("linear", "full", "bitfit", "protuning", "lora", "adapter", "vpt-pad")}
-BACKBONES = {"dinov2-s14": (56, DINO), "efficientnet-lite0": (64, EFFNET), "mobilenetv2": (64, MOBILENET)}
+BACKBONES = {"dinov2-s14": (56, {**DINO, **SPT_VS_BASE, **EDGES}), "efficientnet-lite0": (64, EFFNET), "mobilenetv2": (64, MOBILENET)}
 
 FEWSHOT_VARIANTS = {  # label: (method, options, optimizer, lrs, pvp, head_init)
     "linear": ("linear", [], "adamw", ("1e-2", "1e-3"), False, "random"),
@@ -132,6 +164,8 @@ def matrix(args: argparse.Namespace) -> None:
                 grid = [] if args.full else ["--grid", "lr=" + ",".join(lrs), "--grid", "wd=1e-4"]
                 opt = [] if args.full else ["--optimizer", optimizer]
                 o = [x for kv in opts for x in ("-o", kv)]
+                if method == "spt":  # one scores file per task, from its 800 training images
+                    o += ["--sensitivity", str(out.parent / "sensitivity.safetensors")]
                 rc = vistune("sweep", "--method", method, *o, *common, *grid, *opt, log=out.parent / f"{label}.log")
                 print(f"matrix {backbone} {task} {label}: {'ok' if rc == 0 else f'exit {rc}'}", flush=True)
 
@@ -164,6 +198,8 @@ def fewshot(args: argparse.Namespace) -> None:
                 if done(out):
                     continue
                 o = [x for kv in opts for x in ("-o", kv)]
+                if method == "spt":  # one scores file per task, from its 800 training images
+                    o += ["--sensitivity", str(out.parent / "sensitivity.safetensors")]
                 extra = ["--init-from", str(files[method])] if pvp else []
                 rc = vistune("sweep", "--method", method, *o, *extra, "--backbone", "dinov2-s14",
                              "--img-size", str(args.img_size or 56), "--data", TASKS[task], "--shots", str(k),
@@ -202,6 +238,7 @@ def _cell(r: dict | None) -> str:
 def matrix_tables(out: Path, tasks: list[str]) -> str:
     lines = []
     for backbone, (size, methods) in BACKBONES.items():
+        methods = [m for m in methods if m in DINO or backbone != "dinov2-s14"]  # SPT pairs: spt_table
         results = {(m, t): _final(out / "matrix" / backbone / t / m) for m in methods for t in tasks}
         if not any(results.values()):
             continue
@@ -241,6 +278,67 @@ def matrix_tables(out: Path, tasks: list[str]) -> str:
         lines += ["", "chosen learning rates: " + "; ".join(
             f"{m}@{t} {results[(m, t)]['best'].get('lr'):g}" for m in methods for t in tasks if results[(m, t)])]
     return "\n".join(lines)
+
+
+def spt_table(out: Path, tasks: list[str]) -> str:
+    """SPT vs its structured base at each budget: both counts, test top-1, and SPT minus base."""
+    folder = out / "matrix" / "dinov2-s14"
+    results = {(m, t): _final(folder / t / m) for m in SPT_VS_BASE for t in tasks}
+    if not any(results.values()):
+        return ""
+    made = [{"method": f"{m}@{t}", "machine": r["machine"], "precision": r["precision"]}
+            for (m, t), r in results.items() if r]
+    head = ("\n**SPT vs its base at equal budgets** (DINOv2-S) — test top-1 % (mean ± std over seeds); "
+            "tuned params = the method's own (the head excluded); Δ = SPT minus base (* = beyond both stds)\n")
+    lines = [head,
+             *machine_lines(made), "",
+             "| budget | method | tuned params | " + " | ".join(tasks) + " | mean |",
+             "|---|---|---|" + "---|" * (len(tasks) + 1)]
+    for budget, (r, k) in SPT_BUDGETS.items():
+        sfx = "" if budget == "0.15M" else f"-{budget}"
+        base_lora = "lora" if r == 8 else f"lora-r{r}"
+        groups = [(base_lora, f"spt-lora{sfx}"), (f"adapter-b{k}", f"spt-adapter{sfx}"), (base_lora, f"spt-sparse{sfx}")]
+        for base, spt in groups:
+            for m in ((base, spt) if base != base_lora or spt.startswith("spt-lora") else (spt,)):
+                row = [results[(m, t)] for t in tasks]
+                tuned = next((x["tuned"] for x in row if x and x["tuned"] is not None), None)
+                means = [x["mean"] for x in row if x]
+                avg = f"{statistics.fmean(means):.1f}" if len(means) == len(tasks) else "-"
+                lines.append(f"| {budget} | {m} | {tuned:,} | " if tuned is not None else f"| {budget} | {m} | - | ")
+                lines[-1] += " | ".join(_cell(x) for x in row) + f" | {avg} |"
+            deltas = []
+            for t in tasks:
+                a, b = results[(spt, t)], results[(base, t)]
+                if a is None or b is None:
+                    deltas.append("-")
+                    continue
+                d = a["mean"] - b["mean"]
+                deltas.append(f"{d:+.1f}{'*' if abs(d) > a['std'] + b['std'] else ''}")
+            lines.append(f"| {budget} | Δ {spt} − {base} | | " + " | ".join(deltas) + " | |")
+    lines += ["", "chosen learning rates: " + "; ".join(
+        f"{m}@{t} {results[(m, t)]['best'].get('lr'):g}" for m in SPT_VS_BASE for t in tasks if results[(m, t)])]
+    return "\n".join(lines)
+
+
+def edge_table(out: Path, tasks: list[str]) -> str:
+    """Per edge cell: val top-1 of every grid point, the choice, and its test top-1 (the question:
+    does one more point beyond the chosen edge move the choice, and the verdict?)."""
+    folder = out / "matrix" / "dinov2-s14"
+    lines = []
+    for label, (base, new) in EDGE_OF.items():
+        for t in tasks:
+            f = folder / t / label / "sweep.json"
+            r = _final(folder / t / label)
+            if r is None:
+                continue
+            trials = json.loads(f.read_text())["trials"]
+            vals = ", ".join(f"{x['params']['lr']:g}: {x['value']:.1f}" for x in trials if x.get("value") is not None)
+            moved = "**moved to the new point**" if abs(r["best"]["lr"] - float(new)) < 1e-12 else "same choice"
+            lines.append(f"| {base} | {t} | {vals} | {r['best']['lr']:g} ({moved}) | {_cell(r)} |")
+    if not lines:
+        return ""
+    return "\n".join(["\n**Grid edges** (DINOv2-S): the two-point search plus one point beyond the edge it chose",
+                      "", "| method | task | val top-1 per lr | chosen lr | test top-1 |", "|---|---|---|---|---|", *lines])
 
 
 def fewshot_tables(out: Path, tasks: list[str]) -> str:
@@ -290,6 +388,8 @@ def main() -> int:
         if "fewshot" in args.parts:
             fewshot(args)
     print(matrix_tables(args.out, args.tasks))
+    print(spt_table(args.out, args.tasks))
+    print(edge_table(args.out, args.tasks))
     print(fewshot_tables(args.out, args.tasks))
     return 0
 

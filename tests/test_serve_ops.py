@@ -364,7 +364,8 @@ def test_dockerfile_parses_copies_files_that_exist_and_runs_vistune_serve_with_r
 def test_load_test_runs_briefly_and_loses_nothing(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "serve.py"), "--load-test", "--backbone", "test_vit",
-         "--img-size", "32", "--tasks", "2", "--ramp-seconds", "1", "--seconds", "2", "--out", str(tmp_path)],
+         "--img-size", "32", "--tasks", "2", "--ramp-seconds", "0.5", "--seconds", "1", "--max-inflight", "4",
+         "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "load.json").read_text())

@@ -22,6 +22,7 @@ The same code runs in one process (``world == 1``: every collective is a no-op) 
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -177,6 +178,10 @@ def init_distributed(device: str = "auto") -> Dist:
         torch.distributed.init_process_group(
             backend, timeout=datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)
         )
+        # a script that calls train() under torchrun (not `python -m vistune`, whose exit leaves
+        # the group) would otherwise reach interpreter teardown with gloo's threads alive, and
+        # a rank then aborts at exit ("terminate called without an active exception", SIGABRT)
+        atexit.register(shutdown_current)
     return Dist(rank=rank, world=world, local_rank=local_rank, device=dev)
 
 
