@@ -65,3 +65,44 @@ def test_lora_profile_prints_each_models_gemm_share():
     assert lines[0].startswith("vistune lora r8 q,v: ") and "GEMMs" in lines[0]
     if importlib.util.find_spec("peft") is not None:
         assert lines[1].startswith("peft lora r8 qkv: ")
+
+
+def _fake_cell(folder: Path, lrs: list[float], chosen: float, values: list[float], tuned: int) -> None:
+    """A finished evidence cell as `vistune sweep` leaves it: trials, best, final runs' metrics."""
+    import json
+
+    runs = []
+    for seed, v in enumerate(values):
+        run = folder / "final" / f"seed{seed}"
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps({"test_top1": v, "tuned_params": tuned, "head_params": 1925,
+                                                      "machine": {"cpu": "x"}, "precision": "fp32"}))
+        runs.append({"dir": f"final/seed{seed}", "test_top1": v})
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    (folder / "sweep.json").write_text(json.dumps({
+        "trials": [{"params": {"lr": lr}, "value": 50.0 + i} for i, lr in enumerate(lrs)],
+        "best": {"params": {"lr": chosen}, "val": 60.0},
+        "final": {"mean": mean, "std": std, "metric": "test_top1", "runs": runs}}))
+
+
+def test_evidence_spt_and_edge_tables(tmp_path):
+    """The SPT-vs-base table states each method's own count (not the head's) and SPT minus base,
+    starred only beyond both spreads; the grid-edge table says when the choice moved."""
+    spec = importlib.util.spec_from_file_location("evidence", ROOT / "benchmarks" / "evidence.py")
+    ev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ev)
+    cells = tmp_path / "matrix" / "dinov2-s14" / "flowers5"
+    _fake_cell(cells / "lora", [5e-3, 1e-3], 5e-3, [70.0, 71.0, 72.0], 147_456)
+    _fake_cell(cells / "spt-lora", [5e-3, 1e-3], 5e-3, [73.0, 74.0, 75.0], 145_625)
+    _fake_cell(cells / "adapter-b16", [5e-3, 1e-3], 1e-3, [70.0, 71.0, 72.0], 152_256)
+    _fake_cell(cells / "spt-adapter", [5e-3, 1e-3], 1e-3, [70.5, 71.5, 72.5], 150_134)
+    _fake_cell(cells / "full-edge", [5e-4, 1e-4, 2e-5], 2e-5, [60.0, 61.0, 62.0], 21_536_640)
+    table = ev.spt_table(tmp_path, ["flowers5"])
+    assert "| 0.15M | lora | 147,456 | 71.0 ± 1.0 |" in table
+    assert "| 0.15M | spt-lora | 145,625 | 74.0 ± 1.0 |" in table
+    assert "| 0.15M | Δ spt-lora − lora | | +3.0* |" in table  # 3.0 > 1.0 + 1.0
+    assert "| 0.15M | Δ spt-adapter − adapter-b16 | | +0.5 |" in table  # inside the spreads: no star
+    assert "| 0.5M | lora-r27 | - | - |" in table  # a cell not run is a dash, not a missing row
+    edges = ev.edge_table(tmp_path, ["flowers5"])
+    assert "| full | flowers5 | 0.0005: 50.0, 0.0001: 51.0, 2e-05: 52.0 | 2e-05 (**moved to the new point**) |" in edges
