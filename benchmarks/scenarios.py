@@ -6,7 +6,7 @@ It stresses the runs the evidence table already made (``benchmarks/evidence.py -
 with seeds 0-2), so the clean column is that table's and nothing here selects on test:
 
 * ``vistune robustness`` on each retrained seed: all 19 ImageNet-C corruptions at severities
-  1, 3, 5 (mCA), PGD-10 at eps 1/255 and 4/255, and Tiny-ImageNet images of 7 CIFAR-10 classes
+  1-5 (mCA), PGD-10 at eps 1/255 and 4/255, and Tiny-ImageNet images of 7 CIFAR-10 classes
   (OOD), on the same 500 seeded test images for every run; the corrupted images are made once
   (``--image-cache``) and shared by all runs.
 * class imbalance: the same recipe retrained with ``--imbalance 10`` (CIFAR-10-LT on the 1,000
@@ -40,6 +40,7 @@ OOD = f"npz:{SHARED}/data/tinyimagenet/tinyimagenet200_val_train20_jpeg.npz"
 CLASS_MAP = ROOT / "configs" / "classmaps" / "cifar10_from_tinyimagenet.yaml"
 METHODS = ("linear", "full", "bitfit", "lora", "adapter", "protuning", "vpt-pad")
 SEEDS = (0, 1, 2)
+SEVERITIES = (1, 2, 3, 4, 5)
 
 
 def vistune(*args: str, log: Path) -> int:
@@ -59,13 +60,21 @@ def robustness(args: argparse.Namespace, label: str) -> None:
     for seed in SEEDS:
         run = cell_dir(args, label) / "final" / f"seed{seed}"
         out = args.out / "robustness" / label / f"seed{seed}"
-        if not (run / "tuned.safetensors").is_file() or (out / "robustness.json").is_file():
+        if not (run / "tuned.safetensors").is_file() or _severities(out) == SEVERITIES:
             continue
+        # a report made with other severities is extended in place: its finished cells (clean,
+        # attacks, OOD, the severities it had) are reused, only the new severities are computed
         rc = vistune("robustness", "--tuned", str(run), "--out", str(out), "--corruptions", "all",
-                     "--severities", "1,3,5", "--attack", "pgd", "--eps", "1/255,4/255", "--pgd-steps", "10",
+                     "--severities", ",".join(map(str, SEVERITIES)), "--attack", "pgd", "--eps", "1/255,4/255", "--pgd-steps", "10",
                      "--max-images", str(args.max_images), "--ood", OOD, "--class-map", str(CLASS_MAP),
                      "--image-cache", str(args.out / "image-cache"), "--no-progress", log=out.parent / "log.txt")
         print(f"robustness {label} seed {seed}: {'ok' if rc == 0 else f'exit {rc}'}", flush=True)
+
+
+def _severities(out: Path) -> tuple[int, ...] | None:
+    """The severities a finished report covers (None: no report yet)."""
+    f = out / "robustness.json"
+    return tuple(json.loads(f.read_text())["settings"]["severities"]) if f.is_file() else None
 
 
 def imbalance(args: argparse.Namespace, label: str) -> None:
@@ -127,7 +136,10 @@ def table(args: argparse.Namespace) -> str:
             if m.is_file():
                 met = json.loads(m.read_text())
                 made.append({"method": label, "machine": met.get("machine"), "precision": met.get("precision")})
-    heads = {"clean": "clean top-1", "mca": "mCA (19 corr. x sev 1,3,5)", "pgd1": "PGD-10 1/255",
+    made_with = {_severities(args.out / "robustness" / label / f"seed{seed}")
+                 for label in args.methods.split(",") for seed in SEEDS} - {None}
+    sev = ",".join(map(str, made_with.pop())) if len(made_with) == 1 else "MIXED: rerun to complete"
+    heads = {"clean": "clean top-1", "mca": f"mCA (19 corr. x sev {sev})", "pgd1": "PGD-10 1/255",
              "pgd4": "PGD-10 4/255", "ood": "OOD top-1 (Tiny-ImageNet)", "lt_bal": "LT-10 balanced top-1"}
     rows = {label: collect(args, label) for label in args.methods.split(",") if label in BACKBONES[args.backbone][1]}
     lines = [f"**{args.backbone}, CIFAR-10** — % (mean ± std over seeds 0-2); * = gap to full fine-tuning "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,13 @@ def _seed():
 # fixture (module-scoped ones build models too) and inherited by the subprocesses tests start. Tests
 # of ``auto`` itself override it with monkeypatch.
 os.environ["VISTUNE_CPU_BF16"] = "0"
+
+# torch.compile's on-disk cache (inductor) does not key its kernels by the ATen CPU capability:
+# kernels cached by a run under one capability and reused under another gave NaN losses or a
+# SIGABRT (measured: a suite with ATEN_CPU_CAPABILITY=avx2 after one without). One cache folder
+# per capability keeps the warm cache and never mixes them (an explicit setting wins).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(
+    Path(tempfile.gettempdir()) / f"torchinductor_vistune_tests_{torch.backends.cpu.get_cpu_capability()}"))
 
 
 @pytest.fixture
