@@ -84,27 +84,25 @@ SPT_BUDGETS = {  # budget label: (LoRA rank, adapter bottleneck)
     "0.5M": (27, 54),
 }
 SPT_VS_BASE: dict[str, tuple[str, list[str], str, tuple[str, ...]]] = {}
+SPT_PAIRS: dict[str, list[tuple[str, str]]] = {}  # budget label -> (base, SPT) labels, table order
 for _b, (_r, _k) in SPT_BUDGETS.items():
     _lora, _adapter = 18_432 * _r, 12 * (769 * _k + 384)
     _sfx = "" if _b == "0.15M" else f"-{_b}"
+    _base = "lora" if _r == 8 else f"lora-r{_r}"  # the table-1 row is LoRA r8: one cell, not two
     SPT_VS_BASE.update({
-        f"lora-r{_r}": ("lora", [f"rank={_r}"], "adamw", ADAMW_MODULES),
+        _base: ("lora", [f"rank={_r}"], "adamw", ADAMW_MODULES),
         f"spt-lora{_sfx}": ("spt", [f"budget={_lora}", "structured=lora"], "adamw", ADAMW_MODULES),
         f"spt-sparse{_sfx}": ("spt", [f"budget={_lora}", "structured=none"], "adamw", ADAMW_MODULES),
         f"adapter-b{_k}": ("adapter", [f"bottleneck={_k}"], "adamw", ADAMW_MODULES),
         f"spt-adapter{_sfx}": ("spt", [f"budget={_adapter}", "structured=adapter"], "adamw", ADAMW_MODULES),
     })
-SPT_VS_BASE["lora"] = SPT_VS_BASE.pop("lora-r8")  # the table-1 row is LoRA r8: one cell, not two
+    SPT_PAIRS[_b] = [(_base, f"spt-lora{_sfx}"), (f"adapter-b{_k}", f"spt-adapter{_sfx}"), (_base, f"spt-sparse{_sfx}")]
 
 # Grid edges (issue 22 item 4): where table 1's search chose the edge of its two-point grid (full
 # fine-tuning the smaller rate everywhere, the linear probe and VPT-deep the larger one on most
 # tasks), the same search with one more point beyond that edge (x5, the grid's own step).
-EDGES = {
-    "full-edge": ("full", [], "adamw", (*ADAMW_FULL, "2e-5")),
-    "linear-edge": ("linear", [], "sgd", ("3.125", *SGD_LOW)),
-    "vpt-deep-edge": ("vpt", ["length=10", "deep=true"], "adamw", ("5e-2", *ADAMW_PROMPTS)),
-}
-EDGE_OF = {"full-edge": ("full", "2e-5"), "linear-edge": ("linear", "3.125"), "vpt-deep-edge": ("vpt-deep", "5e-2")}
+EDGE_POINTS = {"full": "2e-5", "linear": "3.125", "vpt-deep": "5e-2"}  # table-1 label -> the added rate
+EDGES = {f"{b}-edge": (*DINO[b][:3], (*DINO[b][3], lr)) for b, lr in EDGE_POINTS.items()}
 
 EPOCHS = {"linear-50ep": 50}  # label -> epochs, where not the common --epochs
 EFFNET = {k: DINO[k] for k in ("linear", "full", "bitfit", "protuning", "linear-50ep")}
@@ -117,7 +115,9 @@ CNN_FORMS = {
 }
 EFFNET.update(CNN_FORMS)
 MOBILENET = {k: EFFNET[k] for k in ("linear", "full", "bitfit", "protuning", "lora", "adapter", "vpt-pad")}
-BACKBONES = {"dinov2-s14": (56, {**DINO, **SPT_VS_BASE, **EDGES}), "efficientnet-lite0": (64, EFFNET), "mobilenetv2": (64, MOBILENET)}
+BACKBONES = {"dinov2-s14": (56, DINO), "efficientnet-lite0": (64, EFFNET), "mobilenetv2": (64, MOBILENET)}
+# cells run beside table 1 but printed in tables of their own (spt_table, edge_table)
+EXTRA_CELLS = {"dinov2-s14": {**SPT_VS_BASE, **EDGES}}
 
 FEWSHOT_VARIANTS = {  # label: (method, options, optimizer, lrs, pvp, head_init)
     "linear": ("linear", [], "adamw", ("1e-2", "1e-3"), False, "random"),
@@ -149,7 +149,7 @@ def matrix(args: argparse.Namespace) -> None:
     for backbone, (size, methods) in BACKBONES.items():
         if args.backbones and backbone not in args.backbones:
             continue
-        for label, (method, opts, optimizer, lrs) in methods.items():
+        for label, (method, opts, optimizer, lrs) in {**methods, **EXTRA_CELLS.get(backbone, {})}.items():
             if args.methods and label not in args.methods:
                 continue
             for task in args.tasks:
@@ -198,8 +198,6 @@ def fewshot(args: argparse.Namespace) -> None:
                 if done(out):
                     continue
                 o = [x for kv in opts for x in ("-o", kv)]
-                if method == "spt":  # one scores file per task, from its 800 training images
-                    o += ["--sensitivity", str(out.parent / "sensitivity.safetensors")]
                 extra = ["--init-from", str(files[method])] if pvp else []
                 rc = vistune("sweep", "--method", method, *o, *extra, "--backbone", "dinov2-s14",
                              "--img-size", str(args.img_size or 56), "--data", TASKS[task], "--shots", str(k),
@@ -235,10 +233,24 @@ def _cell(r: dict | None) -> str:
     return "-" if r is None else f"{r['mean']:.1f} ± {r['std']:.1f}"
 
 
+def _delta(r: dict, ref: dict) -> str:
+    """``r`` minus ``ref`` in points, starred when the gap exceeds both spreads."""
+    d = r["mean"] - ref["mean"]
+    return f"{d:+.1f}{'*' if abs(d) > r['std'] + ref['std'] else ''}"
+
+
+def _method_row(prefix: str, row: list[dict | None]) -> str:
+    """``| prefix | tuned params | one cell per task | mean |`` (mean only when every task has one)."""
+    tuned = next((r["tuned"] for r in row if r and r["tuned"] is not None), None)
+    means = [r["mean"] for r in row if r]
+    avg = f"{statistics.fmean(means):.1f}" if len(means) == len(row) else "-"
+    return (f"| {prefix} | {tuned:,} | " if tuned is not None else f"| {prefix} | - | ") + \
+        " | ".join(_cell(r) for r in row) + f" | {avg} |"
+
+
 def matrix_tables(out: Path, tasks: list[str]) -> str:
     lines = []
     for backbone, (size, methods) in BACKBONES.items():
-        methods = [m for m in methods if m in DINO or backbone != "dinov2-s14"]  # SPT pairs: spt_table
         results = {(m, t): _final(out / "matrix" / backbone / t / m) for m in methods for t in tasks}
         if not any(results.values()):
             continue
@@ -248,12 +260,7 @@ def matrix_tables(out: Path, tasks: list[str]) -> str:
                   *machine_lines(made), "",
                   "| method | tuned params | " + " | ".join(tasks) + " | mean |", "|---|---|" + "---|" * (len(tasks) + 1)]
         for m in methods:
-            row = [results[(m, t)] for t in tasks]
-            tuned = next((r["tuned"] for r in row if r), None)
-            means = [r["mean"] for r in row if r]
-            avg = f"{statistics.fmean(means):.1f}" if len(means) == len(tasks) else "-"
-            lines.append(f"| {m} | {tuned:,} | " if tuned is not None else f"| {m} | - | ")
-            lines[-1] += " | ".join(_cell(r) for r in row) + f" | {avg} |"
+            lines.append(_method_row(m, [results[(m, t)] for t in tasks]))
         lines += ["", "Δ vs linear probing / vs full fine-tuning (pt; * = the gap exceeds both stds):", "",
                   "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
         for m in methods:
@@ -265,15 +272,7 @@ def matrix_tables(out: Path, tasks: list[str]) -> str:
                 if r is None:
                     cells.append("-")
                     continue
-                parts = []
-                for ref in (lin, full):
-                    if ref is None:
-                        parts.append("?")
-                        continue
-                    d = r["mean"] - ref["mean"]
-                    sig = "*" if abs(d) > r["std"] + ref["std"] else ""
-                    parts.append(f"{d:+.1f}{sig}")
-                cells.append(" / ".join(parts))
+                cells.append(" / ".join("?" if ref is None else _delta(r, ref) for ref in (lin, full)))
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines += ["", "chosen learning rates: " + "; ".join(
             f"{m}@{t} {results[(m, t)]['best'].get('lr'):g}" for m in methods for t in tasks if results[(m, t)])]
@@ -294,26 +293,15 @@ def spt_table(out: Path, tasks: list[str]) -> str:
              *machine_lines(made), "",
              "| budget | method | tuned params | " + " | ".join(tasks) + " | mean |",
              "|---|---|---|" + "---|" * (len(tasks) + 1)]
-    for budget, (r, k) in SPT_BUDGETS.items():
-        sfx = "" if budget == "0.15M" else f"-{budget}"
-        base_lora = "lora" if r == 8 else f"lora-r{r}"
-        groups = [(base_lora, f"spt-lora{sfx}"), (f"adapter-b{k}", f"spt-adapter{sfx}"), (base_lora, f"spt-sparse{sfx}")]
-        for base, spt in groups:
-            for m in ((base, spt) if base != base_lora or spt.startswith("spt-lora") else (spt,)):
-                row = [results[(m, t)] for t in tasks]
-                tuned = next((x["tuned"] for x in row if x and x["tuned"] is not None), None)
-                means = [x["mean"] for x in row if x]
-                avg = f"{statistics.fmean(means):.1f}" if len(means) == len(tasks) else "-"
-                lines.append(f"| {budget} | {m} | {tuned:,} | " if tuned is not None else f"| {budget} | {m} | - | ")
-                lines[-1] += " | ".join(_cell(x) for x in row) + f" | {avg} |"
-            deltas = []
-            for t in tasks:
-                a, b = results[(spt, t)], results[(base, t)]
-                if a is None or b is None:
-                    deltas.append("-")
-                    continue
-                d = a["mean"] - b["mean"]
-                deltas.append(f"{d:+.1f}{'*' if abs(d) > a['std'] + b['std'] else ''}")
+    for budget, pairs in SPT_PAIRS.items():
+        shown: set[str] = set()  # a base shared by two pairs (LoRA for SPT-LoRA and sparse SPT) is listed once
+        for base, spt in pairs:
+            for m in (base, spt):
+                if m not in shown:
+                    shown.add(m)
+                    lines.append(_method_row(f"{budget} | {m}", [results[(m, t)] for t in tasks]))
+            deltas = ["-" if results[(spt, t)] is None or results[(base, t)] is None
+                      else _delta(results[(spt, t)], results[(base, t)]) for t in tasks]
             lines.append(f"| {budget} | Δ {spt} − {base} | | " + " | ".join(deltas) + " | |")
     lines += ["", "chosen learning rates: " + "; ".join(
         f"{m}@{t} {results[(m, t)]['best'].get('lr'):g}" for m in SPT_VS_BASE for t in tasks if results[(m, t)])]
@@ -325,7 +313,8 @@ def edge_table(out: Path, tasks: list[str]) -> str:
     does one more point beyond the chosen edge move the choice, and the verdict?)."""
     folder = out / "matrix" / "dinov2-s14"
     lines = []
-    for label, (base, new) in EDGE_OF.items():
+    for base, new in EDGE_POINTS.items():
+        label = f"{base}-edge"
         for t in tasks:
             f = folder / t / label / "sweep.json"
             r = _final(folder / t / label)
