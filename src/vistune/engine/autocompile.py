@@ -188,7 +188,7 @@ class AutoCompile:
         compiled_s = self._measured(interval)
         if compiled_s is None:
             return
-        compile_s = max(float(t) for t in self.gather(self.compile_step_s)) - compiled_s
+        compile_s = _median_max([self.compile_step_s], self.gather) - compiled_s  # the slowest rank's
         saving = 1.0 - compiled_s / self.eager_s if self.eager_s > 0 else 0.0
         save_estimate(self.key, Estimate(max(compile_s, 0.0), max(saving, 0.0)), self.cache)
         self.report.update(compile_s=round(compile_s, 1), compiled_step_s=round(compiled_s, 4),
