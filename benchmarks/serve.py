@@ -11,7 +11,9 @@ costs. A second table measures what adding one task costs in memory, per method,
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/serve.py                       # DINOv2-S @84 px
     .venv/bin/python benchmarks/serve.py --backbone test_vit --img-size 32 --tasks 1,2 --requests 40   # smoke
 
-Take final numbers on a quiet machine: the clients and the server share its cores.
+All servers of a run are started first and measured round-robin (``--rounds`` bursts each), so
+drift over the run hits every row alike. Take final numbers on a quiet machine: the clients and
+the server share its cores.
 
 ``--load-test`` instead runs the overload test: a real ``vistune serve`` on 127.0.0.1 (never
 another address), its capacity measured with a short closed-loop ramp (1, 2, 4 ... clients up to
@@ -155,6 +157,8 @@ def run_server(args: argparse.Namespace) -> None:
         model = MultiTaskModel.for_file(first, precision=args.precision)
         for name, f in files.items():
             model.add_task(name, f)
+        if args.pass_cost_tokens is not None:
+            model.pass_cost_tokens = args.pass_cost_tokens
     # every client admitted: the benchmark measures throughput, not the service's 503s when busy
     app = create_app(model, max_batch=args.max_batch, batch_window_ms=args.window_ms,
                      max_inflight=max(16, args.concurrency))
@@ -194,83 +198,125 @@ def _image_bytes(img_size: int) -> bytes:
     return buf.getvalue()
 
 
-def measure(mode: str, files: dict[str, Path], args: argparse.Namespace, image: bytes) -> dict:
-    import httpx
+class Server:
+    """One benchmark server subprocess (``--mode`` over ``files``), started and waited for."""
 
-    port = _free_port()
-    cmd = [sys.executable, __file__, "--_server", "--mode", mode, "--port", str(port), "--threads", str(args.threads),
-           "--files", json.dumps({k: str(v) for k, v in files.items()}), "--max-batch", str(args.max_batch),
-           "--window-ms", str(args.window_ms), "--concurrency", str(args.concurrency), "--precision", args.precision]
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen(cmd, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        started = time.time()
+    def __init__(self, mode: str, files: dict[str, Path], args: argparse.Namespace) -> None:
+        self.mode, self.files = mode, files
+        port = _free_port()
+        cmd = [sys.executable, __file__, "--_server", "--mode", mode, "--port", str(port), "--threads",
+               str(args.threads), "--files", json.dumps({k: str(v) for k, v in files.items()}), "--max-batch",
+               str(args.max_batch), "--window-ms", str(args.window_ms), "--concurrency", str(args.concurrency),
+               "--precision", args.precision]
+        if args.pass_cost_tokens is not None:
+            cmd += ["--pass-cost-tokens", str(args.pass_cost_tokens)]
+        env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.url = f"http://127.0.0.1:{port}"
+        self.started = time.time()
+        self.proc = subprocess.Popen(cmd, env=env)
+        self.load_s = float("nan")
+        self.rss_loaded = 0
+
+    def wait_ready(self) -> None:
+        import httpx
+
         while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{mode} server with {len(files)} tasks exited with {proc.returncode}")
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.mode} server with {len(self.files)} tasks exited with {self.proc.returncode}")
             try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
-            if time.time() - started > 600:
+            if time.time() - self.started > 600:
                 raise RuntimeError("server did not start within 600 s")
             time.sleep(0.2)
-        load_s = time.time() - started
-        rss_loaded = _status_kb(proc.pid, "VmRSS")
-        names = list(files)
-        rng = random.Random(0)
-        plan = [rng.choice(names) for _ in range(args.requests + args.warmup)]
-        failures: list[str] = []
+        self.load_s = time.time() - self.started
+        self.rss_loaded = _status_kb(self.proc.pid, "VmRSS")
 
-        def run_clients(tasks: list[str], clients: int) -> list[float]:
-            """Send ``tasks`` (one request each) from ``clients`` threads; per-request latencies."""
-            todo, done, lock = iter(tasks), [], threading.Lock()
-
-            def client() -> None:
-                with httpx.Client(base_url=url, timeout=300) as c:
-                    while True:
-                        with lock:
-                            task = next(todo, None)
-                        if task is None:
-                            return
-                        t0 = time.perf_counter()
-                        r = c.post("/predict", files={"file": ("img.jpg", image, "image/jpeg")}, data={"task": task})
-                        dt = time.perf_counter() - t0
-                        with lock:
-                            (done.append(dt) if r.status_code == 200 else failures.append(r.text))
-
-            threads = [threading.Thread(target=client) for _ in range(clients)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            return done
-
-        run_clients(plan[: args.warmup], 1)
-        before = httpx.get(url + "/health").json()["batching"]
-        t0 = time.perf_counter()
-        latencies = run_clients(plan[args.warmup:], args.concurrency)
-        wall = time.perf_counter() - t0
-        after = httpx.get(url + "/health").json()["batching"]
-        if failures:
-            raise RuntimeError(f"{len(failures)} requests failed, e.g. {failures[0]}")
-        lat = sorted(latencies)
-        batches = after["batches"] - before["batches"]
-        return {
-            "mode": mode, "tasks": len(files), "requests": len(lat), "req_per_s": len(lat) / wall,
-            "p50_ms": 1000 * statistics.median(lat), "p95_ms": 1000 * lat[min(len(lat) - 1, int(0.95 * len(lat)))],
-            "mean_batch": (after["samples"] - before["samples"]) / max(1, batches),
-            "rss_loaded_mb": rss_loaded / 1024, "rss_peak_mb": _status_kb(proc.pid, "VmHWM") / 1024,
-            "load_s": load_s,
-        }
-    finally:
-        proc.send_signal(signal.SIGTERM)
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            self.proc.kill()
+
+
+def burst(server: Server, tasks: list[str], clients: int, image: bytes) -> tuple[list[float], float, dict]:
+    """Send ``tasks`` (one request each) from ``clients`` threads: per-request latencies, the wall
+    time of the burst, and the server's batching counters before and after."""
+    import httpx
+
+    todo, done, failures, lock = iter(tasks), [], [], threading.Lock()
+
+    def client() -> None:
+        with httpx.Client(base_url=server.url, timeout=300) as c:
+            while True:
+                with lock:
+                    task = next(todo, None)
+                if task is None:
+                    return
+                t0 = time.perf_counter()
+                r = c.post("/predict", files={"file": ("img.jpg", image, "image/jpeg")}, data={"task": task})
+                dt = time.perf_counter() - t0
+                with lock:
+                    (done.append(dt) if r.status_code == 200 else failures.append(r.text))
+
+    before = httpx.get(server.url + "/health").json()["batching"]
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    after = httpx.get(server.url + "/health").json()["batching"]
+    if failures:
+        raise RuntimeError(f"{len(failures)} requests failed, e.g. {failures[0]}")
+    return done, wall, {k: after[k] - before[k] for k in ("batches", "samples")}
+
+
+def measure_all(configs: list[tuple[str, str, dict[str, Path]]], args: argparse.Namespace, image: bytes) -> list[dict]:
+    """Every (row label, mode, files) config as its own server, all started first, then measured
+    round-robin: ``--rounds`` rounds, each sending every server its share of ``--requests``.
+
+    Why round-robin: on a shared 2-core machine throughput drifts by 10% or more over minutes
+    (measured here: the one-task row gave 108 and 122 req/s a few minutes apart), more than the
+    differences between rows. Interleaved bursts expose every row to the same drift, so the
+    ratios between rows hold even when the absolute numbers wander. Idle servers cost nothing.
+    """
+    servers = [(label, Server(mode, files, args)) for label, mode, files in configs]
+    try:
+        for _, s in servers:
+            s.wait_ready()
+        rng = random.Random(0)
+        per = max(1, args.requests // args.rounds)
+        stats = [{"lat": [], "wall": 0.0, "batches": 0, "samples": 0} for _ in servers]  # labels repeat: by index
+        for _, s in servers:  # warm-up: first requests pay one-off allocations
+            names = list(s.files)
+            burst(s, [rng.choice(names) for _ in range(args.warmup)], 1, image)
+        for _ in range(args.rounds):
+            for st, (_, s) in zip(stats, servers):
+                names = list(s.files)
+                lat, wall, counts = burst(s, [rng.choice(names) for _ in range(per)], args.concurrency, image)
+                st["lat"] += lat
+                st["wall"] += wall
+                st["batches"] += counts["batches"]
+                st["samples"] += counts["samples"]
+        results = []
+        for st, (label, s) in zip(stats, servers):
+            lat = sorted(st["lat"])
+            results.append({
+                "mode": label, "tasks": len(s.files), "requests": len(lat), "req_per_s": len(lat) / st["wall"],
+                "p50_ms": 1000 * statistics.median(lat), "p95_ms": 1000 * lat[min(len(lat) - 1, int(0.95 * len(lat)))],
+                "mean_batch": st["samples"] / max(1, st["batches"]),
+                "rss_loaded_mb": s.rss_loaded / 1024, "rss_peak_mb": _status_kb(s.proc.pid, "VmHWM") / 1024,
+                "load_s": s.load_s,
+            })
+        return results
+    finally:
+        for _, s in servers:
+            s.stop()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -363,9 +409,9 @@ def _server_answered(url: str) -> int:
 
 def load_test(args: argparse.Namespace, out: Path) -> dict:
     """Capacity ramp, then ``args.seconds`` at ``args.factor`` x capacity, against ``vistune serve``."""
-    import httpx
-
     import resource
+
+    import httpx
 
     # Open loop: every unanswered request holds a socket in the client and one in the server (which
     # inherits this limit). Run out of descriptors and the client's own failures would count as lost.
@@ -471,7 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", default="1,2,4,8", help="numbers of loaded tasks")
     p.add_argument("--methods", default="lora,vpt,adapter,linear", help="cycled over the synthetic tasks")
     p.add_argument("--modes", default="multitask,naive")
-    p.add_argument("--requests", type=int, default=200, help="timed requests per (mode, N)")
+    p.add_argument("--requests", type=int, default=600, help="timed requests per (mode, N), over all rounds")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="round-robin rounds: every server gets requests/rounds per round (see measure_all)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--concurrency", type=int, default=8, help="client threads")
     p.add_argument("--max-batch", type=int, default=16)
@@ -485,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also serve each method as the only task, for the 'x alone' column: measured req/s over "
                         "what the same mix would reach if mixing cost nothing (each request at its own method's "
                         "single-task speed)")
+    p.add_argument("--pass-cost-tokens", type=int, default=None,
+                   help="MultiTaskModel.pass_cost_tokens in the server (0: a pass per prompt length, never padded)")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--memory-only", action="store_true", help="only the per-task memory table")
     p.add_argument("--memory-methods", default="linear,lora,vpt,adapter,bitfit,protuning,full",
@@ -526,16 +576,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.memory_only:
         files = make_tasks(out / "tasks", args.backbone, args.weights, args.img_size, max(counts), args.methods)
         image = _image_bytes(args.img_size)
+        configs = []
         for mode in [m.strip() for m in args.modes.split(",")]:
-            for n in counts:
-                res = measure(mode, dict(list(files.items())[:n]), args, image)
-                results.append(res)
-                print(json.dumps(res), flush=True)
+            configs += [(mode, mode, dict(list(files.items())[:n])) for n in counts]
             if mode == "multitask" and args.alone:
-                for name, path in list(files.items())[1:len(args.methods)]:  # the first is the 1-task row
-                    res = {**measure(mode, {name: path}, args, image), "mode": f"alone {name.split('-', 1)[1]}"}
-                    results.append(res)
-                    print(json.dumps(res), flush=True)
+                configs += [(f"alone {name.split('-', 1)[1]}", mode, {name: path})
+                            for name, path in list(files.items())[1:len(args.methods)]]  # the first is the 1-task row
+        results = measure_all(configs, args, image)
+        for res in results:
+            print(json.dumps(res), flush=True)
     mem = [] if args.skip_memory else memory_per_task(args, out)
     (out / "serve.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
                                                 "throughput": results, "memory": mem}, indent=2))
@@ -544,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + machine_line(resolve_precision(args.precision, "cpu").name, threads=args.threads))
     if results:
         print(f"{args.backbone} @{args.img_size}px, methods cycled {','.join(args.methods)}; "
-              f"{args.requests} requests, {args.concurrency} clients, server: {args.threads} torch thread(s), "
+              f"{args.requests} requests in {args.rounds} round-robin rounds, {args.concurrency} clients, server: {args.threads} torch thread(s), "
               f"max batch {args.max_batch}, window {args.window_ms} ms\n")
         print("| mode | tasks | req/s | x 1 task | x alone | p50 ms | p95 ms | p95 x 1 task | mean batch | "
               "RSS loaded MB | RSS peak MB |")

@@ -211,6 +211,34 @@ def test_every_vit_method_in_one_mixed_batch_equals_its_own_model(vit_files):
     assert base(images(2, VIT[1])).shape == (2, base.num_features)  # a plain backbone again
 
 
+def test_prompt_lengths_share_one_padded_pass_and_each_row_equals_its_own_model(vit_files):
+    """VPT rows (3 and 5 prompts) and rows with none share one pass, padded to 5 tokens and masked
+    out of attention; each row must still equal its own model. A wrong mask (padding attended),
+    padding placed where the prompts are, or a strip that cuts real tokens breaks the equality."""
+    names = [n for n in vit_files if n != "protuning"]  # Pro-tuning reshapes tokens: never padded
+    files = {n: vit_files[n] for n in names}
+    mt = MultiTaskModel(backbone(*VIT))
+    for name, path in files.items():
+        mt.add_task(name, path)
+    tasks = mixed(names, 1, seed=5)
+    keys = {key: sorted({tasks[i] for i in idx}) for key, idx in mt.passes(tasks)}
+    routed = sorted(set(names) - {"full", "spt_heavy"})
+    assert keys == {(5, ""): routed, (0, "full"): ["full"], (0, "spt_heavy"): ["spt_heavy"]}
+    check_against_own(mt, files, VIT[1])
+    # the padding is paid per row: with a pass valued at no tokens the split comes back, same outputs
+    x = images(len(tasks), VIT[1], seed=6)
+    merged = mt.forward(x, tasks)
+    mt.pass_cost_tokens = 0
+    assert {k for k, _ in mt.passes(tasks)} >= {(0, ""), (3, ""), (5, "")}
+    split = mt.forward(x, tasks)
+    for a, b in zip(merged, split):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # one Pro-tuning row keeps every prompt length in its own pass again
+    mt.pass_cost_tokens = 10**6
+    mt.add_task("protuning", vit_files["protuning"])
+    assert {k for k, _ in mt.passes([*tasks, "protuning"])} >= {(0, ""), (3, ""), (5, "")}
+
+
 def test_every_cnn_method_in_one_mixed_batch_equals_its_own_model(cnn_files):
     mt = MultiTaskModel(backbone(*CNN))
     for name, path in cnn_files.items():
@@ -710,7 +738,7 @@ def test_serve_benchmark_runs_and_each_task_adds_its_file(tmp_path):
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(
         [sys.executable, str(root / "benchmarks" / "serve.py"), "--backbone", "test_vit", "--img-size", "32",
-         "--tasks", "1", "--requests", "8", "--warmup", "2", "--concurrency", "2",
+         "--tasks", "1", "--requests", "8", "--rounds", "2", "--warmup", "2", "--concurrency", "2",
          "--memory-methods", "linear,lora", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -81,6 +81,7 @@ class Adapter(Method):
     name = "adapter"
     not_mergeable_reason = "its bottlenecks sit behind a GELU beside the MLPs, so no weight change reproduces them"
     Options = AdapterOptions
+    tokenwise_hooks = True  # see Routing.tokenwise
 
     def attach(self, model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> None:
         try:

@@ -107,11 +107,17 @@ class Routing:
     * ``own_pass``: the hooks cannot run on a subset of rows at all (VPT on Swin hooks window
       attention, whose batch is B·nW; VPT-pad feeds the stem a larger image). The server runs
       the task's view as a standalone model, on that task's rows only, in a pass of its own.
+    * ``tokenwise``: every hook treats the tokens after those it inserted one by one (never
+      reshapes them into a map or pools over them), so its rows may carry trailing padding
+      tokens that attention masks out. That lets rows of tasks with different ``tokens`` share
+      one padded pass instead of a pass per prompt length. False unless a method says so
+      (Pro-tuning reshapes the patch tokens into a feature map).
     """
 
     swaps: tuple[nn.Module, ...] = ()
     tokens: int = 0
     own_pass: bool = False
+    tokenwise: bool = False
 
 
 #: VPT's grids (tune_vtab.py::get_lrwd_range): base learning rates for SGD, and weight decays.
@@ -213,9 +219,13 @@ class Method:
     def unmerge(self, model: nn.Module) -> None:
         raise NotMergeableError(f"method {self.name!r} is not mergeable, so there is nothing to unmerge")
 
+    #: The attachment's hooks are token-wise (see :attr:`Routing.tokenwise`); a method that
+    #: overrides :meth:`routing` says it there instead.
+    tokenwise_hooks: ClassVar[bool] = False
+
     def routing(self) -> Routing:
         """How a multi-task server may route this attachment (see :class:`Routing`)."""
-        return Routing()
+        return Routing(tokenwise=self.tokenwise_hooks)
 
     def export_formats(self) -> tuple[str, ...]:
         """The formats that can carry this attachment (an unmergeable one never becomes plain timm)."""

@@ -16,6 +16,7 @@ class BitFit(NothingToMerge, Method):
     name = "bitfit"
     formats = ("timm", "onnx")
     search_space = VPT_SGD_SEARCH
+    tokenwise_hooks = True  # see Routing.tokenwise
 
     def attach(self, model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> None:
         head = {id(p) for p in head_parameters(model)}

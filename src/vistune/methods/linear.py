@@ -15,6 +15,7 @@ class Linear(NothingToMerge, Method):
     formats = ("timm", "onnx")
     search_space = VPT_SGD_SEARCH
     pretrainable = False  # no modules: nothing to transfer
+    tokenwise_hooks = True  # see Routing.tokenwise
 
     def attach(self, model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> None:
         """Nothing to insert: the tuning contract always trains the head."""

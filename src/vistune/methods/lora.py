@@ -189,6 +189,7 @@ class LoRA(Method):
     formats = ("timm", "onnx", "peft")
     Options = LoRAOptions
     mergeable = True
+    tokenwise_hooks = True  # see Routing.tokenwise
 
     def attach(self, model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> None:
         opts: LoRAOptions = self.options

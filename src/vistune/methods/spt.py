@@ -446,7 +446,7 @@ class SPT(Method):
 
     def routing(self) -> Routing:
         """Sparse deltas swap their host's parameters during its forward: a server re-runs those hosts."""
-        return Routing(swaps=tuple(host for host, kind, _ in self._sites if kind == SPARSE))
+        return Routing(swaps=tuple(host for host, kind, _ in self._sites if kind == SPARSE), tokenwise=True)
 
     @torch.no_grad()
     def merge(self, model: nn.Module) -> None:

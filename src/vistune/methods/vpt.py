@@ -225,7 +225,7 @@ class VPT(Method):
             for i in range(1, len(blocks)):
                 self.add_hook(blocks[i].register_forward_pre_hook(make_replace(i)))
         self.add_hook(blocks[-1].register_forward_hook(strip))
-        self._routing = Routing(tokens=p)
+        self._routing = Routing(tokens=p, tokenwise=True)  # prompts first, patches after: padding may trail
 
     # -- Swin ---------------------------------------------------------------------------
     def _attach_swin(self, model: nn.Module, anat: Anatomy) -> None:

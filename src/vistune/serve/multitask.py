@@ -36,8 +36,13 @@ LoRA branch) to that task's rows only:
   the task's view of the module is re-run on the task's rows, with all its hooks.
 
 Passes: rows whose tasks change the sequence length differently (VPT's prompts,
-``Method.routing().tokens``) cannot share a tensor, so the batch is split into one pass per
-prompt length: VPT tasks of equal length share a pass, each row getting its own task's prompts.
+``Method.routing().tokens``) cannot share a tensor as they are. VPT tasks of equal length share a
+pass, each row getting its own task's prompts; different lengths (and rows without prompts) share
+one *padded* pass when every task in it is token-wise (``Routing.tokenwise``) and classifies:
+each row's sequence is padded at its end to the longest, and an attention mask keeps the padding
+out of every real token's attention, so each row's output is still its own model's. The pass is
+padded only when the padding costs less than the pass it saves (:meth:`MultiTaskModel.passes`);
+otherwise, and for other tasks, the batch is split into one pass per prompt length.
 A task whose re-run modules hold at least half the backbone's parameters (full fine-tuning,
 which keeps a private copy of every weight), that changes the root module itself, or whose
 method declares ``Routing.own_pass`` (VPT on Swin, VPT-pad) runs its view as a standalone
@@ -51,6 +56,7 @@ Every pass is exact per sample: out[i] equals what task(i)'s own model (``load_t
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import re
 import threading
@@ -81,6 +87,12 @@ from vistune.tuning import (
     load_tensors,
     read_tuned_file,
 )
+
+#: A pass's fixed cost in tokens of one row (see MultiTaskModel.passes), measured: DINOv2-S @84 px
+#: (37 tokens; VPT 10 prompts), bf16, one thread, one padded pass vs a pass per prompt length was
+#: 20.0 vs 24.2 ms with 10 padding tokens (LoRA + VPT row), 32.8 vs 34.8 with 30 (four tasks, one
+#: row each), 57.9 vs 53.0 with 60 (two rows each): break-even near 40.
+PASS_COST_TOKENS = 40
 
 #: Task names travel in URLs and JSON: keep them to a safe alphabet.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -205,10 +217,32 @@ def _aliased(out: torch.Tensor, args: tuple) -> bool:
     return any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == ptr for a in args)
 
 
+def _fit_tokens(t: torch.Tensor, length: int) -> torch.Tensor:
+    """``t`` (rows, tokens, ...) with zero tokens appended or trailing tokens cut to ``length``."""
+    n = t.shape[1]
+    if n > length:
+        return t[:, :length]
+    if n < length:
+        return torch.cat([t, t.new_zeros((t.shape[0], length - n, *t.shape[2:]))], dim=1)
+    return t
+
+
 def _assemble(base: torch.Tensor, pieces: list[tuple[torch.Tensor, torch.Tensor]], where: str,
-              in_place: bool = False) -> torch.Tensor:
+              in_place: bool = False, padded: bool = False) -> torch.Tensor:
     """``base`` with each ``(rows, values)`` written in: into ``base`` itself when ``in_place``
-    (a module's own fresh output), else into a new tensor (``base`` may be aliased)."""
+    (a module's own fresh output), else into a new tensor (``base`` may be aliased).
+
+    ``padded`` (a padded pass, see :meth:`MultiTaskModel.passes`): pieces whose token count
+    differs from the rest are brought to one length at the end of the token axis, where each
+    row's padding sits. A route that lengthened its rows (prompts inserted) sets the length and
+    the other rows get zero tokens appended; one that shortened them (prompts stripped) cuts
+    every row to the shortest, which drops exactly the padding.
+    """
+    if padded and base.dim() >= 3 and any(v.shape[1] != base.shape[1] for _, v in pieces):
+        lengths = [base.shape[1], *(v.shape[1] for _, v in pieces)]
+        length = max(lengths) if max(lengths) > base.shape[1] else min(lengths)
+        base = _fit_tokens(base, length)
+        pieces = [(r, _fit_tokens(v, length)) for r, v in pieces]
     same = all(v.shape[1:] == base.shape[1:] for _, v in pieces)
     dtype = base.dtype
     for _, v in pieces:
@@ -285,7 +319,7 @@ class _Router:
             return None
         out = list(args)
         for i, pieces in changed.items():
-            out[i] = _assemble(args[i], pieces, f"module {self.name!r} (input {i})")
+            out[i] = _assemble(args[i], pieces, f"module {self.name!r} (input {i})", padded=self.owner._padded)
         return tuple(out)
 
     def post(self, module: nn.Module, args: tuple, out: Any) -> Any:
@@ -307,7 +341,7 @@ class _Router:
                 pieces.append((rows, y))
         if not pieces:
             return None
-        return _assemble(out, pieces, f"module {self.name!r}", in_place=fresh)
+        return _assemble(out, pieces, f"module {self.name!r}", in_place=fresh, padded=self.owner._padded)
 
 
 def _pre_inputs(route: _Route, args: tuple) -> tuple:
@@ -361,6 +395,7 @@ class Task:
     report: dict[str, Any]  # TunedModel.parameter_report() (+ dense head params)
     file_bytes: int  # tensor bytes of its file(s)
     tokens: int  # sequence tokens its method adds (VPT): the pass it runs in
+    tokenwise: bool  # may share a padded pass with other token counts (Routing.tokenwise)
     head: nn.Module  # the classifier (classify) or the DenseHead
     levels: list[Any] = field(default_factory=list)  # dense: vistune.dense.features.Level
     view: nn.Module | None = None  # set when the task runs as a standalone model (own pass)
@@ -439,6 +474,12 @@ class MultiTaskModel:
         # The batch being routed: task -> row indices, for the duration of one pass only.
         self._rows: dict[str, torch.Tensor] | None = None
         self._batch_size = 0
+        self._padded = False  # the pass in progress pads rows to one token count (see passes)
+        #: Rows with different prompt lengths share one padded pass when the padding costs less
+        #: than the passes it saves, a pass's fixed cost counted as this many tokens (see passes).
+        self.pass_cost_tokens = PASS_COST_TOKENS
+        # a padded pass hands timm's blocks an attention mask through forward_features
+        self._maskable = _takes_attn_mask(backbone)
 
     @property
     def bf16(self) -> bool:
@@ -535,7 +576,7 @@ class MultiTaskModel:
         routing = tuned.method.routing()
         task = Task(name=name, kind=kind.name, path=str(source), method=spec.name, options=dict(tuned.spec.options),
                     classes=classes, report=report, file_bytes=file_bytes, tokens=int(routing.tokens),
-                    head=head, levels=levels)
+                    tokenwise=bool(routing.tokenwise), head=head, levels=levels)
         if routing.own_pass:
             task.view = view  # hooks that cannot run on a subset of rows (Routing.own_pass)
         else:
@@ -544,6 +585,9 @@ class MultiTaskModel:
                 task.view = view  # full fine-tuning & co: a standalone model over private weights
             else:
                 task.routes = routes
+                # a re-run gets the host's positional inputs only: a padded pass's attention mask
+                # is a keyword argument (of blocks and attention), so no re-run host may take one
+                task.tokenwise &= not any(r.rerun and _takes_attn_mask(r.host, features=False) for r in routes.values())
         task.private = self._private_tensors(view, task)
         return task
 
@@ -631,12 +675,32 @@ class MultiTaskModel:
                 raise UnknownTaskError(f"no task {t!r} is loaded (loaded: {', '.join(self._tasks) or 'none'})")
 
     def passes(self, tasks: Sequence[str]) -> list[tuple[tuple[int, str], list[int]]]:
-        """How ``forward`` splits a batch: (prompt tokens, own-pass task or '') -> sample indices."""
+        """How ``forward`` splits a batch: (prompt tokens, own-pass task or '') -> sample indices.
+
+        Rows of tasks that add different numbers of tokens (VPT with other prompt lengths, or
+        none) cannot share a tensor as they are. When every such task is token-wise
+        (``Routing.tokenwise``), classifies, and the backbone's blocks take an attention mask,
+        they share one pass instead, each row padded at the end of its sequence to the longest
+        (key: that longest count), the padding masked out of attention so every row's output is
+        its own model's. Padding costs compute, a pass costs a fixed overhead (hooks, small
+        GEMMs): the pass is merged when the padded tokens, summed over rows, are at most
+        ``pass_cost_tokens`` per pass saved.
+        """
         groups: dict[tuple[int, str], list[int]] = {}
         for i, t in enumerate(tasks):
             task = self._tasks[t]
             key = (0, t) if task.own_pass else (task.tokens, "")
             groups.setdefault(key, []).append(i)
+        shared = {k: idx for k, idx in groups.items() if not k[1]}
+        if len(shared) > 1 and self._maskable and all(
+                self._tasks[tasks[i]].tokenwise and not self._tasks[tasks[i]].levels
+                for idx in shared.values() for i in idx):
+            longest = max(p for p, _ in shared)
+            padding = sum((longest - p) * len(idx) for (p, _), idx in shared.items())
+            if padding <= self.pass_cost_tokens * (len(shared) - 1):
+                for k in shared:
+                    del groups[k]
+                groups[(longest, "")] = sorted(i for idx in shared.values() for i in idx)
         return sorted(groups.items())
 
     @torch.no_grad()
@@ -681,11 +745,14 @@ class MultiTaskModel:
         extractor = FeatureExtractor(model, list(levels.values())) if levels else None
         captured: dict[int, Any] = {}
         pre, maps = None, {}
+        mask = self._padding_mask(model, x, [tasks[t].tokens for t in names]) if routed else None
         if routed:
-            self._rows, self._batch_size = rows, x.shape[0]
+            self._rows, self._batch_size, self._padded = rows, x.shape[0], mask is not None
         try:
             with self.precision.autocast(x.device.type):
-                if extractor is None:
+                if mask is not None:  # passes() admits classification tasks only here
+                    pre = model.forward_head(model.forward_features(x, attn_mask=mask), pre_logits=True)
+                elif extractor is None:
                     pre = model.forward_head(model.forward_features(x), pre_logits=True)
                 else:
                     with extractor.capture(stop=not classify) as captured:
@@ -705,27 +772,54 @@ class MultiTaskModel:
                 return outputs
         finally:
             if routed:
-                self._rows, self._batch_size = None, 0
+                self._rows, self._batch_size, self._padded = None, 0, False
                 for router in self._routers.values():
                     router.saved.clear()
+
+    @staticmethod
+    def _padding_mask(model: nn.Module, x: torch.Tensor, tokens: list[int]) -> torch.Tensor | None:
+        """The key mask of a padded pass (None when every row adds the same tokens): row i's
+        sequence is its prefix, its ``tokens[i]`` prompts and the patches, then padding up to the
+        longest row; (B, 1, 1, N) booleans, True where attention may look."""
+        longest = max(tokens)
+        if min(tokens) == longest:
+            return None
+        real = int(getattr(model, "num_prefix_tokens", 0)) + _patch_count(model, x)
+        t = torch.tensor(tokens, device=x.device)
+        keys = torch.arange(real + longest, device=x.device)
+        return (keys[None, :] < (real + t)[:, None])[:, None, None, :]
 
     def _maps(self, extractor: Any, captured: dict[int, Any], x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Captured level outputs -> NCHW maps by module name; prompt tokens are dropped first (the
         extractor reads the last H*W tokens; VPT's prompts sit between the prefix and the patches)."""
         if extractor.vit:
             model = extractor.model
-            pe = model.patch_embed
-            if getattr(model, "dynamic_img_size", False):
-                ph, pw = pe.patch_size if isinstance(pe.patch_size, (tuple, list)) else (pe.patch_size,) * 2
-                patches = (x.shape[-2] // ph) * (x.shape[-1] // pw)
-            else:
-                patches = int(pe.grid_size[0]) * int(pe.grid_size[1])
+            patches = _patch_count(model, x)
             prefix = int(getattr(model, "num_prefix_tokens", 0))
             for i, out in captured.items():
                 if isinstance(out, torch.Tensor) and out.dim() == 3 and out.shape[1] > prefix + patches:
                     captured[i] = torch.cat([out[:, :prefix], out[:, out.shape[1] - patches:]], dim=1)
         maps = extractor.maps(captured, x)
         return {lv.module: m for lv, m in zip(extractor.levels, maps)}
+
+
+def _patch_count(model: nn.Module, x: torch.Tensor) -> int:
+    """Patch tokens a timm ViT makes of ``x``."""
+    pe = model.patch_embed
+    if getattr(model, "dynamic_img_size", False):
+        ph, pw = pe.patch_size if isinstance(pe.patch_size, (tuple, list)) else (pe.patch_size,) * 2
+        return (x.shape[-2] // ph) * (x.shape[-1] // pw)
+    return int(pe.grid_size[0]) * int(pe.grid_size[1])
+
+
+def _takes_attn_mask(model: nn.Module, features: bool = True) -> bool:
+    """Whether ``model.forward_features`` (``features``; timm's VisionTransformer passes it on to
+    its blocks, which a padded pass needs) or ``model.forward`` takes an attention mask."""
+    try:
+        params = inspect.signature(model.forward_features if features else model.forward).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return "attn_mask" in params and (not features or (hasattr(model, "blocks") and hasattr(model, "patch_embed")))
 
 
 _tuned_path = tuned_file_of  # the one resolution of "a tuned file or its run folder" (vistune.tasks.base)
