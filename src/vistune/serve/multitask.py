@@ -703,7 +703,10 @@ class MultiTaskModel:
                 groups[(longest, "")] = sorted(i for idx in shared.values() for i in idx)
         return sorted(groups.items())
 
-    @torch.no_grad()
+    # inference_mode, not no_grad: no version counters or view tracking on the many small ops
+    # routing adds (measured on DINOv2-S @84, one thread: -6% on one task's batch of 4, -10% on
+    # a batch of four tasks); the outputs are inference tensors (read them, do not edit in place)
+    @torch.inference_mode()
     def forward(self, images: torch.Tensor, tasks: Sequence[str]) -> list[Any]:
         """Per sample, what that sample's task model returns for ``images[i:i+1]``.
 
