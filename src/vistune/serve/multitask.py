@@ -91,8 +91,11 @@ from vistune.tuning import (
 #: A pass's fixed cost in tokens of one row (see MultiTaskModel.passes), measured: DINOv2-S @84 px
 #: (37 tokens; VPT 10 prompts), bf16, one thread, one padded pass vs a pass per prompt length was
 #: 20.0 vs 24.2 ms with 10 padding tokens (LoRA + VPT row), 32.8 vs 34.8 with 30 (four tasks, one
-#: row each), 57.9 vs 53.0 with 60 (two rows each): break-even near 40.
-PASS_COST_TOKENS = 40
+#: row each), 57.9 vs 53.0 with 60 (two rows each): break-even near 40. Behind HTTP (batches of
+#: 5-6, benchmarks/serve.py) merging up to 40 showed no gain over never merging in three paired
+#: runs (it leaned the other way, within the noise), so the default merges only where the gain is
+#: clear: at most 20 padding tokens per pass saved.
+PASS_COST_TOKENS = 20
 
 #: Task names travel in URLs and JSON: keep them to a safe alphabet.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
