@@ -105,7 +105,7 @@ def test_evidence_spt_and_edge_tables(tmp_path):
     assert "| 0.15M | Δ spt-adapter − adapter-b16 | | +0.5 |" in table  # inside the spreads: no star
     assert "| 0.5M | lora-r27 | - | - |" in table  # a cell not run is a dash, not a missing row
     edges = ev.edge_table(tmp_path, ["flowers5"])
-    assert "| full | flowers5 | 0.0005: 50.0, 0.0001: 51.0, 2e-05: 52.0 | 2e-05 (**moved to the new point**) |" in edges
+    assert "| full (+2e-05) | flowers5 | 0.0005: 50.0, 0.0001: 51.0, 2e-05: 52.0 | 2e-05 (**moved to the new point**) |" in edges
 
 
 def test_serve_passes_compares_one_padded_pass_with_a_pass_per_prompt_length():
