@@ -34,12 +34,18 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VISTUNE_SHARED", ROOT.parent / "shared"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "src"))
-from evidence import BACKBONES, TASKS  # noqa: E402
+from evidence import BACKBONES, EXTRA_CELLS, TASKS  # noqa: E402
 
 OOD = f"npz:{SHARED}/data/tinyimagenet/tinyimagenet200_val_train20_jpeg.npz"
 CLASS_MAP = ROOT / "configs" / "classmaps" / "cifar10_from_tinyimagenet.yaml"
 METHODS = ("linear", "full", "bitfit", "lora", "adapter", "protuning", "vpt-pad")
 SEEDS = (0, 1, 2)
+
+
+def evidence_cells(backbone: str) -> dict:
+    """Every evidence cell of ``backbone``: table 1's methods and the cells run beside it (e.g.
+    ``full-edge``, full fine-tuning with one more learning rate), which can be stressed too."""
+    return {**BACKBONES[backbone][1], **EXTRA_CELLS.get(backbone, {})}
 SEVERITIES = (1, 2, 3, 4, 5)
 
 
@@ -81,7 +87,7 @@ def imbalance(args: argparse.Namespace, label: str) -> None:
     sweep = cell_dir(args, label) / "sweep.json"
     if not sweep.is_file():
         return
-    method, opts, optimizer, _ = BACKBONES[args.backbone][1][label]
+    method, opts, optimizer, _ = evidence_cells(args.backbone)[label]
     lr = json.loads(sweep.read_text())["best"]["params"]["lr"]
     size = BACKBONES[args.backbone][0]
     for seed in SEEDS:
@@ -141,11 +147,11 @@ def table(args: argparse.Namespace) -> str:
     sev = ",".join(map(str, made_with.pop())) if len(made_with) == 1 else "MIXED: rerun to complete"
     heads = {"clean": "clean top-1", "mca": f"mCA (19 corr. x sev {sev})", "pgd1": "PGD-10 1/255",
              "pgd4": "PGD-10 4/255", "ood": "OOD top-1 (Tiny-ImageNet)", "lt_bal": "LT-10 balanced top-1"}
-    rows = {label: collect(args, label) for label in args.methods.split(",") if label in BACKBONES[args.backbone][1]}
-    lines = [f"**{args.backbone}, CIFAR-10** — % (mean ± std over seeds 0-2); * = gap to full fine-tuning "
-             "exceeds both spreads", "", *machine_lines(made), "",
+    rows = {label: collect(args, label) for label in args.methods.split(",") if label in evidence_cells(args.backbone)}
+    lines = [f"**{args.backbone}, CIFAR-10** — % (mean ± std over seeds 0-2); (gap to {args.reference}; * = it "
+             "exceeds both spreads)", "", *machine_lines(made), "",
              "| method | " + " | ".join(heads.values()) + " |", "|---|" + "---|" * len(heads)]
-    full = rows.get("full", {})
+    full = rows.get(args.reference, {})
     for label, cols in rows.items():
         cells = []
         for key in heads:
@@ -155,7 +161,7 @@ def table(args: argparse.Namespace) -> str:
                 continue
             text = f"{v[0]:.1f} ± {v[1]:.1f}"
             ref = full.get(key)
-            if label != "full" and ref is not None:
+            if label != args.reference and ref is not None:
                 d = v[0] - ref[0]
                 text += f" ({d:+.1f}{'*' if abs(d) > v[1] + ref[1] else ''})"
             cells.append(text)
@@ -171,12 +177,14 @@ def main() -> int:
     ap.add_argument("--methods", default=",".join(METHODS), help="labels of the evidence table (VPT: vpt-pad on "
                     "CNNs, vpt-deep on DINOv2)")
     ap.add_argument("--parts", default="robustness,imbalance")
+    ap.add_argument("--reference", default="full", help="the row every gap is measured against (e.g. full-edge: "
+                    "full fine-tuning with the grid extended one rate below)")
     ap.add_argument("--max-images", type=int, default=500)
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
     args.out = args.out or args.evidence / "scenarios" / args.backbone
     if not args.table_only:
-        for label in [m for m in args.methods.split(",") if m in BACKBONES[args.backbone][1]]:
+        for label in [m for m in args.methods.split(",") if m in evidence_cells(args.backbone)]:
             if "robustness" in args.parts:
                 robustness(args, label)
             if "imbalance" in args.parts:
