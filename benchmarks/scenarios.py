@@ -40,13 +40,13 @@ OOD = f"npz:{SHARED}/data/tinyimagenet/tinyimagenet200_val_train20_jpeg.npz"
 CLASS_MAP = ROOT / "configs" / "classmaps" / "cifar10_from_tinyimagenet.yaml"
 METHODS = ("linear", "full", "bitfit", "lora", "adapter", "protuning", "vpt-pad")
 SEEDS = (0, 1, 2)
+SEVERITIES = (1, 2, 3, 4, 5)
 
 
 def evidence_cells(backbone: str) -> dict:
     """Every evidence cell of ``backbone``: table 1's methods and the cells run beside it (e.g.
     ``full-edge``, full fine-tuning with one more learning rate), which can be stressed too."""
     return {**BACKBONES[backbone][1], **EXTRA_CELLS.get(backbone, {})}
-SEVERITIES = (1, 2, 3, 4, 5)
 
 
 def vistune(*args: str, log: Path) -> int:

@@ -285,8 +285,10 @@ def measure_all(configs: list[tuple[str, str, dict[str, Path]]], args: argparse.
     differences between rows. Interleaved bursts expose every row to the same drift, so the
     ratios between rows hold even when the absolute numbers wander. Idle servers cost nothing.
     """
-    servers = [(label, Server(mode, files, args)) for label, mode, files in configs]
+    servers: list[tuple[str, Server]] = []
     try:
+        for label, mode, files in configs:  # inside the try: a failed start still stops the others
+            servers.append((label, Server(mode, files, args)))
         for _, s in servers:
             s.wait_ready()
         rng = random.Random(0)
@@ -308,7 +310,7 @@ def measure_all(configs: list[tuple[str, str, dict[str, Path]]], args: argparse.
             lat = sorted(st["lat"])
             results.append({
                 "mode": label, "tasks": len(s.files), "requests": len(lat), "req_per_s": len(lat) / st["wall"],
-                "p50_ms": 1000 * statistics.median(lat), "p95_ms": 1000 * lat[min(len(lat) - 1, int(0.95 * len(lat)))],
+                "p50_ms": 1000 * statistics.median(lat), "p95_ms": 1000 * _percentile(lat, 0.95),
                 "mean_batch": st["samples"] / max(1, st["batches"]),
                 "rss_loaded_mb": s.rss_loaded / 1024, "rss_peak_mb": _status_kb(s.proc.pid, "VmHWM") / 1024,
                 "load_s": s.load_s,

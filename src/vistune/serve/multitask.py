@@ -482,7 +482,8 @@ class MultiTaskModel:
         #: than the passes it saves, a pass's fixed cost counted as this many tokens (see passes).
         self.pass_cost_tokens = PASS_COST_TOKENS
         # a padded pass hands timm's blocks an attention mask through forward_features
-        self._maskable = _takes_attn_mask(backbone)
+        self._maskable = (hasattr(backbone, "blocks") and hasattr(backbone, "patch_embed")
+                          and _accepts_attn_mask(getattr(backbone, "forward_features", None)))
 
     @property
     def bf16(self) -> bool:
@@ -590,7 +591,7 @@ class MultiTaskModel:
                 task.routes = routes
                 # a re-run gets the host's positional inputs only: a padded pass's attention mask
                 # is a keyword argument (of blocks and attention), so no re-run host may take one
-                task.tokenwise &= not any(r.rerun and _takes_attn_mask(r.host, features=False) for r in routes.values())
+                task.tokenwise &= not any(r.rerun and _accepts_attn_mask(r.host.forward) for r in routes.values())
         task.private = self._private_tensors(view, task)
         return task
 
@@ -818,14 +819,14 @@ def _patch_count(model: nn.Module, x: torch.Tensor) -> int:
     return int(pe.grid_size[0]) * int(pe.grid_size[1])
 
 
-def _takes_attn_mask(model: nn.Module, features: bool = True) -> bool:
-    """Whether ``model.forward_features`` (``features``; timm's VisionTransformer passes it on to
-    its blocks, which a padded pass needs) or ``model.forward`` takes an attention mask."""
+def _accepts_attn_mask(fn: Any) -> bool:
+    """Whether ``fn`` takes an ``attn_mask`` argument (timm's VisionTransformer.forward_features
+    passes it on to every block, which a padded pass needs; a re-run host that takes one would
+    not get it)."""
     try:
-        params = inspect.signature(model.forward_features if features else model.forward).parameters
-    except (AttributeError, TypeError, ValueError):
+        return "attn_mask" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
         return False
-    return "attn_mask" in params and (not features or (hasattr(model, "blocks") and hasattr(model, "patch_embed")))
 
 
 _tuned_path = tuned_file_of  # the one resolution of "a tuned file or its run folder" (vistune.tasks.base)
