@@ -6,7 +6,9 @@ image for one task drawn at random from the N. Reported per (mode, N): requests/
 p95, the mean batch the server ran, and the server's resident memory after loading (RSS) and at
 its peak (VmHWM). ``naive`` is the same service code (batcher, preprocessing, JSON) around one
 complete model per task, each with its own backbone, which is what serving without vistune.serve
-costs. A second table measures what adding one task costs in memory, per method, in-process.
+costs; ``tokens`` is vistune.serve with deep VPT prompts kept as tokens (``kv_prompts=False``)
+instead of attention keys/values. A second table measures what adding one task costs in memory,
+per method, in-process.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/serve.py                       # DINOv2-S @84 px
     .venv/bin/python benchmarks/serve.py --backbone test_vit --img-size 32 --tasks 1,2 --requests 40   # smoke
@@ -154,7 +156,7 @@ def run_server(args: argparse.Namespace) -> None:
         model = NaiveModels({k: Path(v) for k, v in files.items()}, args.precision)
     else:
         first = next(iter(files.values()))
-        model = MultiTaskModel.for_file(first, precision=args.precision)
+        model = MultiTaskModel.for_file(first, precision=args.precision, kv_prompts=args.mode != "tokens")
         for name, f in files.items():
             model.add_task(name, f)
         if args.pass_cost_tokens is not None:
@@ -518,7 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--img-size", type=int, default=84)
     p.add_argument("--tasks", default="1,2,4,8", help="numbers of loaded tasks")
     p.add_argument("--methods", default="lora,vpt,adapter,linear", help="cycled over the synthetic tasks")
-    p.add_argument("--modes", default="multitask,naive")
+    p.add_argument("--modes", default="multitask,naive",
+                   help="multitask (vistune serve), naive (a model per task), tokens (vistune serve with deep VPT "
+                        "prompts kept as tokens, MultiTaskModel(kv_prompts=False): the serving before keys/values)")
     p.add_argument("--requests", type=int, default=600, help="timed requests per (mode, N), over all rounds")
     p.add_argument("--rounds", type=int, default=5,
                    help="round-robin rounds: every server gets requests/rounds per round (see measure_all)")

@@ -1,11 +1,12 @@
-"""One padded pass vs a pass per prompt length: the multi-task model's forward, in-process.
+"""How a mixed batch runs: deep prompts as keys/values, one padded pass, or a pass per prompt length.
 
 Why: a VPT task's rows carry extra prompt tokens, so a mixed batch used to run as one pass per
-prompt length. ``MultiTaskModel.passes`` now merges them into one pass, padded at the end of each
+prompt length. ``MultiTaskModel.passes`` merges them into one pass, padded at the end of each
 shorter row and masked out of attention, when the padding is cheaper than the pass it saves
-(``pass_cost_tokens``). This measures both policies on the same batches, round-robin in one
-process (drift hits both alike), median of rounds, so the break-even behind
-``PASS_COST_TOKENS`` can be re-measured on other hardware::
+(``pass_cost_tokens``); and deep prompts (``Routing.kv_prompts``) are served as constant keys and
+values of each block's attention, so their rows need neither. This measures the three on the same
+batches, round-robin in one process (drift hits all alike), median of rounds, and each batch
+against an all-LoRA batch of the same size (the single-task cost)::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/serve_passes.py                 # DINOv2-S @84 px
     .venv/bin/python benchmarks/serve_passes.py --backbone test_vit --img-size 32 --rounds 1   # smoke
@@ -31,7 +32,7 @@ from vistune.precision import machine_line
 from vistune.serve.multitask import MultiTaskModel
 
 #: batch compositions over the loaded tasks L(oRA), V(PT-deep), A(dapter), l(inear)
-BATCHES = ("LLLL", "VVVV", "LV", "LVAl", "LVLV", "LLLLLLLL", "LVAlLVAl", "LVAlLVAlLVAlLVAl")
+BATCHES = ("LLLL", "VVVV", "LV", "LVAl", "LVLV", "LLLLLLLL", "LVAlLVAl", "L" * 16, "LVAl" * 4)
 
 
 def main() -> int:
@@ -48,36 +49,47 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     files = make_tasks(Path(tempfile.mkdtemp()), args.backbone, args.weights, args.img_size, 4,
                        ["lora", "vpt", "adapter", "linear"])
-    model = MultiTaskModel.for_file(next(iter(files.values())), weights=args.weights, precision=args.precision)
-    for name, path in files.items():
-        model.add_task(name, path)
-    policy = model.pass_cost_tokens if args.pass_cost_tokens is None else args.pass_cost_tokens
+    models = {}
+    for kv in (True, False):  # deep prompts as keys/values, or as tokens (two backbones, same weights)
+        models[kv] = MultiTaskModel.for_file(next(iter(files.values())), weights=args.weights,
+                                             precision=args.precision, kv_prompts=kv)
+        for name, path in files.items():
+            models[kv].add_task(name, path)
+    policy = models[True].pass_cost_tokens if args.pass_cost_tokens is None else args.pass_cost_tokens
+    variants = {"kv": (models[True], policy), "padded": (models[False], policy), "split": (models[False], 0)}
     by_letter = dict(zip("LVAl", files))
     batches = {b: [by_letter[c] for c in b] for b in BATCHES}
     x = torch.randn(max(len(t) for t in batches.values()), 3, args.img_size, args.img_size,
                     generator=torch.Generator().manual_seed(0))
-    times: dict[tuple[str, int], list[float]] = {(b, c): [] for b in batches for c in (policy, 0)}
+    times: dict[tuple[str, str], list[float]] = {(b, v): [] for b in batches for v in variants}
     passes = {}
-    for cost in (policy, 0):  # warm-up, and the number of passes each policy runs
+    for v, (model, cost) in variants.items():  # warm-up, and the number of passes each runs
         model.pass_cost_tokens = cost
         for b, tasks in batches.items():
             model(x[:len(tasks)], tasks)
-            passes[b, cost] = len(model.passes(tasks))
+            passes[b, v] = len(model.passes(tasks))
     for _ in range(args.rounds):
         for b, tasks in batches.items():
-            for cost in (policy, 0):
+            for v, (model, cost) in variants.items():
                 model.pass_cost_tokens = cost
                 t0 = time.perf_counter()
                 model(x[:len(tasks)], tasks)
-                times[b, cost].append(time.perf_counter() - t0)
-    print(machine_line(model.precision.name, threads=args.threads))
+                times[b, v].append(time.perf_counter() - t0)
+    ms = {k: 1000 * statistics.median(t) for k, t in times.items()}
+    print(machine_line(models[True].precision.name, threads=args.threads))
     print(f"{args.backbone} @{args.img_size} px; tasks L=LoRA r8, V=VPT-deep 10 prompts, A=adapter b8, l=linear; "
-          f"median of {args.rounds} round-robin rounds; policy = pass_cost_tokens {policy}, split = 0\n")
-    print("| batch | rows | passes (policy / split) | policy ms | split ms | policy / split |")
-    print("|---|---|---|---|---|---|")
+          f"median of {args.rounds} round-robin rounds; kv = deep prompts as attention keys/values (the default), "
+          f"padded / split = prompts as tokens with pass_cost_tokens {policy} / 0; x LoRA = kv ms over the "
+          "all-LoRA batch of the same size\n")
+    print("| batch | rows | passes (kv / padded / split) | kv ms | padded ms | split ms | kv / best tokens | x LoRA |")
+    print("|---|---|---|---|---|---|---|---|")
     for b, tasks in batches.items():
-        p, s = (1000 * statistics.median(times[b, c]) for c in (policy, 0))
-        print(f"| {b} | {len(tasks)} | {passes[b, policy]} / {passes[b, 0]} | {p:.1f} | {s:.1f} | {p / s:.2f} |")
+        lora = ms.get(("L" * len(b), "kv"))
+        x_lora = f"{ms[b, 'kv'] / lora:.2f}" if lora else "-"
+        print(f"| {b if len(b) <= 8 else b[:4] + ' x' + str(len(b) // 4)} | {len(tasks)} | "
+              f"{passes[b, 'kv']} / {passes[b, 'padded']} / {passes[b, 'split']} | {ms[b, 'kv']:.1f} | "
+              f"{ms[b, 'padded']:.1f} | {ms[b, 'split']:.1f} | {ms[b, 'kv'] / min(ms[b, 'padded'], ms[b, 'split']):.2f} "
+              f"| {x_lora} |")
     return 0
 
 

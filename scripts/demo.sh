@@ -9,6 +9,8 @@
 #   2. Fashion-MNIST from the Debian package dataset-fashion-mnist (/usr/share/datasets/fashion-mnist,
 #      or VISTUNE_FASHION_MNIST_DIR),
 #   3. Fashion-MNIST downloaded by torchvision (30 MB, needs the network; VISTUNE_DATA_ROOT sets where),
+#   4. as root on Debian (VISTUNE_FASHION_MNIST_DIR unset), the package dataset-fashion-mnist installed
+#      from the package registry,
 # else it stops with one line saying what to install. `scripts/demo.sh --dry-run` only says which
 # data it would use (fetching it if that is the choice) and the commands it would run.
 set -euo pipefail
@@ -39,6 +41,14 @@ elif ERR=$("$PY" -m vistune.data fetch tv:FashionMNIST 2>&1 >/dev/null); then
     DATA=(--data tv:FashionMNIST)
     OUT=runs/demo-fashion-mnist
     WHAT="Fashion-MNIST from torchvision in ${VISTUNE_DATA_ROOT:-~/.cache/vistune/data} ($FLOWERS is absent, no Debian package; 800/200 train/val, 10,000 test)"
+elif [ -z "${VISTUNE_FASHION_MNIST_DIR:-}" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && {
+        echo "demo: no Fashion-MNIST here and no network for torchvision: installing Debian's dataset-fashion-mnist (31 MB)" >&2
+        # as .ci/run does for chromium: root on a Debian machine can fetch it from the package registry
+        timeout 300 bash -c 'apt-get install -y -qq dataset-fashion-mnist || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }' \
+            >/tmp/demo-fashion-mnist.log 2>&1; } && has_fashion_mnist "$FMNIST"; then
+    DATA=(--data "fashion-mnist:$FMNIST")
+    OUT=runs/demo-fashion-mnist
+    WHAT="Fashion-MNIST from $FMNIST (Debian package dataset-fashion-mnist, installed by this demo; $FLOWERS is absent; 800/200 train/val, 10,000 test)"
 else
     echo "demo: no data set on this machine: install Fashion-MNIST with 'apt-get install dataset-fashion-mnist' (as root), or connect to the network so torchvision can download it, or set VISTUNE_SHARED to a folder holding data/flowers5 ($FLOWERS is absent, $FMNIST has no Fashion-MNIST, and ${ERR#*error: })" >&2
     exit 2

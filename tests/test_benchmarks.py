@@ -108,12 +108,13 @@ def test_evidence_spt_and_edge_tables(tmp_path):
     assert "| full (+2e-05) | flowers5 | 0.0005: 50.0, 0.0001: 51.0, 2e-05: 52.0 | 2e-05 (**moved to the new point**) |" in edges
 
 
-def test_serve_passes_compares_one_padded_pass_with_a_pass_per_prompt_length():
+def test_serve_passes_compares_keys_values_a_padded_pass_and_a_pass_per_prompt_length():
     cmd = [sys.executable, str(ROOT / "benchmarks" / "serve_passes.py"), "--backbone", "test_vit", "--img-size", "32",
            "--rounds", "1", "--pass-cost-tokens", "1000"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {c[0]: c for c in ([x.strip() for x in line.strip("|").split("|")] for line in proc.stdout.splitlines()
                               if line.startswith("| ") and not line.startswith("| batch"))}
-    assert rows["LV"][2] == "1 / 2" and rows["LLLL"][2] == "1 / 1"  # merged under the policy, split at 0
-    assert rows["LVAlLVAlLVAlLVAl"][2] == "1 / 2"
+    # keys/values: one plain pass; tokens: merged under the policy, split at 0
+    assert rows["LV"][2] == "1 / 1 / 2" and rows["LLLL"][2] == "1 / 1 / 1" and rows["VVVV"][2] == "1 / 1 / 1"
+    assert rows["LVAl x4"][2] == "1 / 1 / 2" and rows["LLLL"][-1] == "1.00"

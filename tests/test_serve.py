@@ -192,11 +192,14 @@ def test_every_vit_method_in_one_mixed_batch_equals_its_own_model(vit_files):
         mt.add_task(name, path)
     check_against_own(mt, vit_files, VIT[1])
     # Who shares the backbone pass: everything but full fine-tuning and the SPT allocation spread
-    # over most weights (own passes), and VPT by prompt length (3 and 5: two more passes).
+    # over most weights (own passes), and shallow VPT (its prompts are tokens: a pass of 3). Deep
+    # prompts join the plain pass as attention keys/values.
     tasks = list(vit_files)
     keys = {key: sorted({tasks[i] for i in idx}) for key, idx in mt.passes(tasks)}
-    assert keys[(0, "")] == sorted(set(tasks) - {"vpt3", "vpt3deep", "vpt5deep", "full", "spt_heavy"})
-    assert keys[(3, "")] == ["vpt3", "vpt3deep"] and keys[(5, "")] == ["vpt5deep"]
+    assert keys[(0, "")] == sorted(set(tasks) - {"vpt3", "full", "spt_heavy"})
+    assert keys[(3, "")] == ["vpt3"] and (5, "") not in keys
+    assert mt.tasks["vpt5deep"].kv and mt.tasks["vpt5deep"].info()["prompts_as_kv"]
+    assert not mt.tasks["vpt3"].kv and mt.tasks["vpt3"].tokens == 3
     assert keys[(0, "full")] == ["full"] and keys[(0, "spt_heavy")] == ["spt_heavy"]
     # The routed SPT tasks really exercise all three routes (hooks, bias delta, re-run).
     kinds = {n: ("rerun" if r.rerun else "bias" if r.bias is not None else "hooks")
@@ -217,7 +220,7 @@ def test_prompt_lengths_share_one_padded_pass_and_each_row_equals_its_own_model(
     padding placed where the prompts are, or a strip that cuts real tokens breaks the equality."""
     names = [n for n in vit_files if n != "protuning"]  # Pro-tuning reshapes tokens: never padded
     files = {n: vit_files[n] for n in names}
-    mt = MultiTaskModel(backbone(*VIT))
+    mt = MultiTaskModel(backbone(*VIT), kv_prompts=False)  # deep prompts as tokens too
     for name, path in files.items():
         mt.add_task(name, path)
     tasks = mixed(names, 1, seed=5)
@@ -239,6 +242,56 @@ def test_prompt_lengths_share_one_padded_pass_and_each_row_equals_its_own_model(
     mt.pass_cost_tokens = 10**6
     mt.add_task("protuning", vit_files["protuning"])
     assert {k for k, _ in mt.passes([*tasks, "protuning"])} >= {(0, ""), (3, ""), (5, "")}
+
+
+def test_deep_prompts_served_as_keys_and_values_equal_their_own_model(vit_files):
+    """Deep VPT rows run at the plain sequence length, their prompts added to each block's
+    attention as constant keys/values: the same output as the prompt tokens, in the plain pass
+    and in a pass padded for shallow prompts (the padding keys masked out of the merge too)."""
+    names = ["vpt3deep", "vpt5deep", "vpt3", "lora", "adapter", "linear"]
+    files = {n: vit_files[n] for n in names}
+    mt = MultiTaskModel(backbone(*VIT))
+    for name, path in files.items():
+        mt.add_task(name, path)
+    deep = mt.tasks["vpt5deep"]
+    assert deep.tokens == 0 and sorted(deep.kv) == [f"blocks.{i}.attn" for i in range(6)]
+    assert all(k.shape == v.shape == (2, 5, 32) for k, v in deep.kv.values())  # heads, prompts, head dim
+    assert not deep.routes  # the prompt hooks are gone: nothing but the keys/values
+    # the merge is paid for in memory: keys and values of every block, beside the prompts
+    kv_bytes = sum(k.numel() + v.numel() for k, v in deep.kv.values()) * 4
+    assert mt.memory_report()["tasks"]["vpt5deep"]["tensor_bytes"] >= kv_bytes + 6 * 5 * 64 * 4
+    tasks = mixed(names, 2, seed=2)
+    mt.pass_cost_tokens = 0  # a pass per prompt length: deep rows share the plain one
+    assert {k for k, _ in mt.passes(tasks)} == {(0, ""), (3, "")}
+    check_against_own(mt, files, VIT[1])
+    mt.pass_cost_tokens = 10**6  # one pass padded to 3 tokens: deep rows carry padding keys
+    assert [k for k, _ in mt.passes(tasks)] == [(3, "")]
+    check_against_own(mt, files, VIT[1])
+    # the same numbers as serving the prompts as tokens
+    tokens = MultiTaskModel(backbone(*VIT), kv_prompts=False)
+    for name, path in files.items():
+        tokens.add_task(name, path)
+    assert tokens.tasks["vpt5deep"].tokens == 5 and not tokens.tasks["vpt5deep"].kv
+    x = images(len(tasks), VIT[1], seed=4)
+    for a, b in zip(mt.forward(x, tasks), tokens.forward(x, tasks)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_deep_prompts_stay_tokens_where_keys_and_values_do_not_reproduce_the_model(vit_files, monkeypatch):
+    """add_task checks the keys/values against the task's own model on a probe image: wrong ones
+    (here: keys of zero) are caught, warned about, and the prompts are served as tokens."""
+    from vistune.serve import multitask
+
+    real = multitask.prompt_kv
+    monkeypatch.setattr(multitask, "prompt_kv", lambda block, p: (torch.zeros_like(real(block, p)[0]),
+                                                                   real(block, p)[1]))
+    mt = MultiTaskModel(backbone(*VIT))
+    with pytest.warns(UserWarning, match="'vpt3deep': its deep prompts served as attention keys/values did not "
+                                         "reproduce its model"):
+        mt.add_task("vpt3deep", vit_files["vpt3deep"])
+    task = mt.tasks["vpt3deep"]
+    assert not task.kv and task.tokens == 3 and not mt._kv_routers
+    check_against_own(mt, {"vpt3deep": vit_files["vpt3deep"]}, VIT[1])
 
 
 def test_every_cnn_method_in_one_mixed_batch_equals_its_own_model(cnn_files):
@@ -337,7 +390,10 @@ def test_each_task_costs_its_file_not_a_backbone(vit_files, dense_runs):
     report = mt.memory_report()
     assert report["backbone_bytes"] == backbone_bytes
     for name, row in report["tasks"].items():
-        assert row["tensor_bytes"] == row["file_bytes"] > 0, name  # exactly its tensors, nothing else
+        # exactly its tensors, nothing else (deep prompts: also their keys and values, per block)
+        kv = sum(t.numel() * t.element_size() for pair in mt.tasks[name].kv.values() for t in pair)
+        assert row["tensor_bytes"] == row["file_bytes"] + kv > 0, name
+        assert (kv > 0) == name.endswith("deep"), name
         if name != "full":
             assert row["tensor_bytes"] < backbone_bytes / 10, name
     # the views' untouched tensors are the backbone's own memory, not copies
@@ -348,7 +404,8 @@ def test_each_task_costs_its_file_not_a_backbone(vit_files, dense_runs):
     for name, path in dense_runs.items():
         dense.add_task(name, path)
     for name, row in dense.memory_report()["tasks"].items():
-        assert row["tensor_bytes"] == row["file_bytes"], name  # dense: tuned file + head file
+        kv = sum(t.numel() * t.element_size() for pair in dense.tasks[name].kv.values() for t in pair)
+        assert row["tensor_bytes"] == row["file_bytes"] + kv, name  # dense: tuned file + head file
 
 
 def test_files_for_other_weights_or_size_are_refused(vit_files, tmp_path):

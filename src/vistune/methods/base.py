@@ -11,7 +11,7 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -112,12 +112,20 @@ class Routing:
       tokens that attention masks out. That lets rows of tasks with different ``tokens`` share
       one padded pass instead of a pass per prompt length. False unless a method says so
       (Pro-tuning reshapes the patch tokens into a feature map).
+    * ``kv_prompts``: every hook only inserts, replaces and finally strips prompt tokens, and the
+      prompts each block sees are learned constants whose outputs are never read (deep VPT:
+      replaced at the next block, stripped after the last). Such prompts act on the image tokens
+      only as extra keys and values of each block's attention, and those are constants too. A
+      callable returning ``[(block, prompts (p, D)), ...]`` lets the server drop the hooks and
+      add the precomputed keys/values to attention instead: the rows keep the plain sequence
+      length (no extra pass, no padding) and skip the prompts' projections and MLPs.
     """
 
     swaps: tuple[nn.Module, ...] = ()
     tokens: int = 0
     own_pass: bool = False
     tokenwise: bool = False
+    kv_prompts: Callable[[], list[tuple[nn.Module, torch.Tensor]]] | None = None
 
 
 #: VPT's grids (tune_vtab.py::get_lrwd_range): base learning rates for SGD, and weight decays.

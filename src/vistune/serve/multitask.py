@@ -35,7 +35,16 @@ LoRA branch) to that task's rows only:
 * anything else (SPT's sparse deltas, declared by ``Method.routing().swaps``; a private weight):
   the task's view of the module is re-run on the task's rows, with all its hooks.
 
-Passes: rows whose tasks change the sequence length differently (VPT's prompts,
+Deep prompts: VPT-deep's prompts are learned constants at every block whose outputs are never
+read (replaced at the next block, stripped after the last), so they reach the image tokens only
+as extra keys and values of each block's attention, and those are constants too
+(``Routing.kv_prompts``). The server computes them once per task when it is added and merges
+them into the attention output of the task's rows (:class:`_KVRouter`); the rows keep the plain
+sequence length and share the plain pass, at the cost of a plain row. ``add_task`` checks the
+result against the task's own model on a probe image and keeps the prompts as tokens where it
+differs (or where the blocks are not timm's pre-norm ``Block``/``Attention``).
+
+Passes: rows whose tasks change the sequence length differently (shallow VPT's prompts,
 ``Method.routing().tokens``) cannot share a tensor as they are. VPT tasks of equal length share a
 pass, each row getting its own task's prompts; different lengths (and rows without prompts) share
 one *padded* pass when every task in it is token-wise (``Routing.tokenwise``) and classifies:
@@ -60,6 +69,7 @@ import inspect
 import os
 import re
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -381,6 +391,116 @@ def _post_output(route: _Route, called: tuple, args: tuple, out: torch.Tensor, r
     return y
 
 
+def _kv_attention(block: nn.Module) -> nn.Module | None:
+    """``block.attn`` when prompts given to ``block`` reach the image tokens only as keys and
+    values that :class:`_KVRouter` can add (else None, and the prompts stay tokens).
+
+    Exact classes only: timm's ``Block`` feeds ``attn(norm1(x))``, and its ``Attention`` ends
+    in ``proj(norm(o))`` with ``o`` the per-head attention output; the router merges extra
+    keys into ``o`` just before ``proj``, which needs ``norm`` to be the identity and no gate
+    between them. Anything else (post-norm blocks, fused or windowed attention) keeps tokens.
+    """
+    try:
+        from timm.models.vision_transformer import Attention, Block
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return None
+    attn = getattr(block, "attn", None)
+    if type(block) is not Block or type(attn) is not Attention:
+        return None
+    if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity) or getattr(attn, "gate", None) is not None:
+        return None
+    if int(attn.num_heads) * int(attn.head_dim) != int(getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)):
+        return None
+    return attn
+
+
+def prompt_kv(block: nn.Module, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values (heads, p, head_dim) that ``prompts`` (p, D) contribute to ``block``'s
+    attention, computed by the block's own modules (so a task's hooks on them apply)."""
+    attn = block.attn
+    p = prompts.shape[0]
+    x = block.norm1(prompts[None])
+    qkv = attn.qkv(x).reshape(1, p, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    return attn.k_norm(qkv[1])[0].contiguous(), qkv[2][0].contiguous()
+
+
+class _KVRouter:
+    """Adds each task's constant prompt keys/values to one timm attention module, for its rows.
+
+    Attention over ``[K; K_p]`` splits exactly into attention over the image keys ``K`` (what
+    the module computes anyway, ``o``) and over the prompt keys ``K_p`` (``o_p``), mixed by
+    their softmax masses: ``o' = w o + (1 - w) o_p`` with ``w = sigmoid(lse(qK^T s) -
+    lse(qK_p^T s))``. The router reads ``q`` and ``k`` where the module normalises them
+    (``q_norm``/``k_norm``: after every route on ``qkv``) and rewrites the task's rows of
+    ``proj``'s input, so the module's own code runs unchanged and a prompt costs two small
+    products per block instead of a token through every projection and MLP.
+    """
+
+    def __init__(self, owner: MultiTaskModel, name: str, attn: nn.Module) -> None:
+        self.owner = owner
+        self.name = name
+        self.attn = attn
+        self.kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.q: torch.Tensor | None = None
+        self.k: torch.Tensor | None = None
+        self.handles = [attn.q_norm.register_forward_hook(self._read_q),
+                        attn.k_norm.register_forward_hook(self._read_k),
+                        # first of proj's pre-hooks: a router there saves the merged input
+                        attn.proj.register_forward_pre_hook(self._merge, prepend=True)]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def clear(self) -> None:
+        self.q = self.k = None
+
+    def _active(self) -> list[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
+        rows = self.owner._rows
+        return [(self.kv[t], r) for t, r in rows.items() if t in self.kv] if rows else []
+
+    def _read_q(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if self._active():
+            self.q = out
+
+    def _read_k(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if self._active():
+            self.k = out
+
+    def _merge(self, module: nn.Module, args: tuple) -> tuple | None:
+        active = self._active()
+        if not active:
+            return None
+        x, q, k = args[0], self.q, self.k
+        self.clear()
+        batch = self.owner._batch_size
+        if q is None or k is None or q.shape[0] != batch or x.shape[0] != batch:
+            raise ServeError(f"cannot add prompt keys at {self.name!r}: the attention did not run on the "
+                             f"batch of {batch} rows as expected")
+        heads, dim = q.shape[1], q.shape[-1]
+        scale = float(getattr(self.attn, "scale", dim ** -0.5))
+        mask = self.owner._mask  # a padded pass: the padding keys are masked out of attention
+        pieces = []
+        with torch.autocast(x.device.type, enabled=False):  # the merge in fp32, whatever the pass runs in
+            for (kp, vp), rows in active:
+                def take(t: torch.Tensor, rows: torch.Tensor = rows) -> torch.Tensor:
+                    return t if len(rows) == batch else t.index_select(0, rows)
+
+                qr = take(q).float()
+                o = take(x).float().unflatten(-1, (heads, dim)).transpose(1, 2)
+                s = (qr @ take(k).float().transpose(-2, -1)) * scale
+                if mask is not None:
+                    s = s.masked_fill(~take(mask), float("-inf"))
+                sp = (qr @ kp.transpose(-2, -1)) * scale
+                w = torch.sigmoid(torch.logsumexp(s, -1, keepdim=True) - torch.logsumexp(sp, -1, keepdim=True))
+                merged = torch.lerp(torch.softmax(sp, -1) @ vp, o, w)
+                pieces.append((rows, merged.transpose(1, 2).flatten(2).to(x.dtype)))
+        if len(pieces) == 1 and len(pieces[0][0]) == batch:  # one task holds every row
+            return (pieces[0][1], *args[1:])
+        return (_assemble(x, pieces, f"module {self.name!r}"), *args[1:])
+
+
 # ------------------------------------------------------------------------------------------------
 # Tasks
 
@@ -403,6 +523,9 @@ class Task:
     levels: list[Any] = field(default_factory=list)  # dense: vistune.dense.features.Level
     view: nn.Module | None = None  # set when the task runs as a standalone model (own pass)
     routes: dict[str, _Route] = field(default_factory=dict)
+    #: deep prompts served as keys/values: attention module name -> (k, v), each (heads, p, dim)
+    kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    kv_probe: Any = None  # (image, its own model's features) until add_task has checked ``kv``
     private: list[torch.Tensor] = field(default_factory=list)  # every tensor only this task holds
     score_threshold: float = 0.3
 
@@ -423,6 +546,7 @@ class Task:
             "head_params": int(self.report.get("head_params", 0)),
             "file_bytes": int(self.file_bytes),
             "shares_backbone_pass": not self.own_pass,
+            "prompts_as_kv": bool(self.kv),
             "path": self.path,
         }
 
@@ -447,7 +571,7 @@ class MultiTaskModel:
     """
 
     def __init__(self, backbone: nn.Module, *, precision: str = "auto", bf16: bool | None = None,
-                 device: str | torch.device | None = None) -> None:
+                 device: str | torch.device | None = None, kv_prompts: bool = True) -> None:
         for name, m in backbone.named_modules():
             if _has_hooks(m):
                 raise ServeError(
@@ -473,11 +597,16 @@ class MultiTaskModel:
         self._modules = dict(backbone.named_modules())
         self._tasks: dict[str, Task] = {}
         self._routers: dict[str, _Router] = {}
+        self._kv_routers: dict[str, _KVRouter] = {}
+        #: serve deep prompts (``Routing.kv_prompts``) as attention keys/values where the blocks
+        #: allow it; False keeps them tokens (padded or separate passes), e.g. to compare the two
+        self.kv_prompts = kv_prompts
         self.lock = threading.RLock()  # held by forward/add/remove; hold it to make several calls atomic
         # The batch being routed: task -> row indices, for the duration of one pass only.
         self._rows: dict[str, torch.Tensor] | None = None
         self._batch_size = 0
         self._padded = False  # the pass in progress pads rows to one token count (see passes)
+        self._mask: torch.Tensor | None = None  # that pass's attention mask
         #: Rows with different prompt lengths share one padded pass when the padding costs less
         #: than the passes it saves, a pass's fixed cost counted as this many tokens (see passes).
         self.pass_cost_tokens = PASS_COST_TOKENS
@@ -493,19 +622,21 @@ class MultiTaskModel:
     @classmethod
     def from_name(cls, name: str, *, weights: str | None = None, img_size: int | None = None,
                   precision: str = "auto", bf16: bool | None = None,
-                  device: str | torch.device | None = None) -> MultiTaskModel:
+                  device: str | torch.device | None = None, kv_prompts: bool = True) -> MultiTaskModel:
         """Build the backbone the way training did (``vistune train --backbone NAME ...``)."""
-        return cls(seeded_backbone(name, weights, img_size), precision=precision, bf16=bf16, device=device)
+        return cls(seeded_backbone(name, weights, img_size), precision=precision, bf16=bf16, device=device,
+                   kv_prompts=kv_prompts)
 
     @classmethod
     def for_file(cls, path: str | os.PathLike, *, weights: str | None = None, precision: str = "auto",
-                 bf16: bool | None = None, device: str | torch.device | None = None) -> MultiTaskModel:
+                 bf16: bool | None = None, device: str | torch.device | None = None,
+                 kv_prompts: bool = True) -> MultiTaskModel:
         """The backbone a tuned file (or dense run) names in its metadata (its weights are a
         label: a run trained on a local weights file needs ``weights`` passed again)."""
         tuned = _tuned_path(path)
         meta, _ = read_tuned_file(tuned)
         return cls(backbone_for_file(meta.get("backbone"), tuned, weights), precision=precision, bf16=bf16,
-                   device=device)
+                   device=device, kv_prompts=kv_prompts)
 
     # -- tasks ----------------------------------------------------------------------------------
     @property
@@ -524,14 +655,48 @@ class MultiTaskModel:
         with self.lock:
             if name in self._tasks:
                 raise DuplicateTaskError(f"task {name!r} is already loaded (remove it first)")
-            task = self._build_task(name, Path(source))
-            for host_name, route in task.routes.items():
-                router = self._routers.get(host_name)
-                if router is None:
-                    router = self._routers[host_name] = _Router(self, host_name, self._modules[host_name])
-                router.routes[name] = route
-            self._tasks[name] = task
+            task = self._install(self._build_task(name, Path(source)))
+            if task.kv and not self._kv_reproduces(task):
+                self.remove_task(name)  # keys/values that do not reproduce the model: prompts stay tokens
+                task = self._install(self._build_task(name, Path(source), kv=False))
             return task
+
+    def _install(self, task: Task) -> Task:
+        """Put ``task``'s routes on the backbone's modules and list it (the lock is held)."""
+        name = task.name
+        for host_name, route in task.routes.items():
+            router = self._routers.get(host_name)
+            if router is None:
+                router = self._routers[host_name] = _Router(self, host_name, self._modules[host_name])
+            router.routes[name] = route
+        for attn_name, kv in task.kv.items():
+            kv_router = self._kv_routers.get(attn_name)
+            if kv_router is None:
+                kv_router = self._kv_routers[attn_name] = _KVRouter(self, attn_name, self._modules[attn_name])
+            kv_router.kv[name] = kv
+        self._tasks[name] = task
+        return task
+
+    def _kv_reproduces(self, task: Task) -> bool:
+        """Whether the backbone with ``task``'s prompt keys/values gives the features its own model
+        (hooks and prompt tokens) gave on a probe image: a guard against blocks that look like
+        timm's but compute otherwise (another timm version, a subclass), where the task then
+        keeps its prompts as tokens."""
+        probe, want = task.kv_probe
+        with torch.inference_mode():
+            self._rows, self._batch_size = {task.name: torch.zeros(1, dtype=torch.long, device=probe.device)}, 1
+            try:
+                got = self.backbone.forward_features(probe)
+            finally:
+                self._clear_pass()
+        task.kv_probe = None
+        ok = got.shape == want.shape and bool(torch.allclose(got, want, rtol=1e-3, atol=1e-4))
+        if not ok:
+            diff = (got - want).abs().max().item() if got.shape == want.shape else f"shape {tuple(got.shape)}"
+            warnings.warn(f"task {task.name!r}: its deep prompts served as attention keys/values did not reproduce "
+                          f"its model on a probe image (max difference {diff}); they are served as tokens",
+                          stacklevel=3)
+        return ok
 
     def remove_task(self, name: str) -> None:
         with self.lock:
@@ -544,8 +709,14 @@ class MultiTaskModel:
                 if not router.routes:
                     router.remove()
                     del self._routers[host_name]
+            for attn_name in task.kv:
+                kv_router = self._kv_routers[attn_name]
+                kv_router.kv.pop(name, None)
+                if not kv_router.kv:
+                    kv_router.remove()
+                    del self._kv_routers[attn_name]
 
-    def _build_task(self, name: str, source: Path) -> Task:
+    def _build_task(self, name: str, source: Path, kv: bool = True) -> Task:
         kind = kind_of_run(source)  # the run's task class: it knows its files and its head
         tuned_path = kind.tuned_file(source)
         meta, tensors = read_tuned_file(tuned_path)
@@ -578,14 +749,25 @@ class MultiTaskModel:
         head, levels, classes = served.head, served.levels, served.classes
 
         routing = tuned.method.routing()
+        prompt_kv = self._prompt_kv(view, routing) if kv else {}
+        probe = None
+        if prompt_kv:  # the hooks go: the prompts enter as keys/values (checked against them in add_task)
+            probe = torch.randn(1, 3, self.info.img_size, self.info.img_size,
+                                generator=torch.Generator().manual_seed(0)).to(next(self.backbone.parameters()).device)
+            with torch.inference_mode():
+                probe = (probe, view.forward_features(probe))
+            tuned.method.remove_hooks()
         task = Task(name=name, kind=kind.name, path=str(source), method=spec.name, options=dict(tuned.spec.options),
-                    classes=classes, report=report, file_bytes=file_bytes, tokens=int(routing.tokens),
-                    tokenwise=bool(routing.tokenwise), head=head, levels=levels)
+                    classes=classes, report=report, file_bytes=file_bytes,
+                    tokens=0 if prompt_kv else int(routing.tokens), tokenwise=bool(routing.tokenwise), head=head,
+                    levels=levels, kv=prompt_kv, kv_probe=probe)
         if routing.own_pass:
             task.view = view  # hooks that cannot run on a subset of rows (Routing.own_pass)
         else:
             routes, rerun_numel = self._routes(view, head, {id(m) for m in routing.swaps})
             if "" in routes or 2 * rerun_numel >= self._numel:
+                if prompt_kv:  # a standalone model needs its prompt hooks back
+                    return self._build_task(name, source, kv=False)
                 task.view = view  # full fine-tuning & co: a standalone model over private weights
             else:
                 task.routes = routes
@@ -594,6 +776,21 @@ class MultiTaskModel:
                 task.tokenwise &= not any(r.rerun and _accepts_attn_mask(r.host.forward) for r in routes.values())
         task.private = self._private_tensors(view, task)
         return task
+
+    def _prompt_kv(self, view: nn.Module, routing: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each attention module's prompt keys/values when the method's prompts may be served
+        that way (``Routing.kv_prompts``) and every block they enter allows it; else {}."""
+        if not self.kv_prompts or routing.kv_prompts is None or routing.own_pass:
+            return {}
+        names = {id(m): n for n, m in view.named_modules()}
+        out = {}
+        with torch.no_grad():
+            for block, prompts in routing.kv_prompts():
+                name = names.get(id(block))
+                if name is None or _kv_attention(block) is None or f"{name}.attn" not in self._modules:
+                    return {}
+                out[f"{name}.attn"] = prompt_kv(block, prompts.detach().float())
+        return out
 
     def _unshare_trained_in_place(self, view: nn.Module, tuned: Any) -> None:
         """Give private storage to the backbone tensors a method trains in place, before loading."""
@@ -660,6 +857,7 @@ class MultiTaskModel:
             add(m.parameters())
             add(m.buffers())
         add(r.bias for r in task.routes.values() if r.bias is not None)
+        add(t for kv in task.kv.values() for t in kv)
         return out
 
     # -- memory ---------------------------------------------------------------------------------
@@ -754,7 +952,7 @@ class MultiTaskModel:
         pre, maps = None, {}
         mask = self._padding_mask(model, x, [tasks[t].tokens for t in names]) if routed else None
         if routed:
-            self._rows, self._batch_size, self._padded = rows, x.shape[0], mask is not None
+            self._rows, self._batch_size, self._padded, self._mask = rows, x.shape[0], mask is not None, mask
         try:
             with self.precision.autocast(x.device.type):
                 if mask is not None:  # passes() admits classification tasks only here
@@ -779,9 +977,15 @@ class MultiTaskModel:
                 return outputs
         finally:
             if routed:
-                self._rows, self._batch_size, self._padded = None, 0, False
-                for router in self._routers.values():
-                    router.saved.clear()
+                self._clear_pass()
+
+    def _clear_pass(self) -> None:
+        """Forget the pass in progress (rows, mask, what routers saved of it)."""
+        self._rows, self._batch_size, self._padded, self._mask = None, 0, False, None
+        for router in self._routers.values():
+            router.saved.clear()
+        for kv_router in self._kv_routers.values():
+            kv_router.clear()
 
     @staticmethod
     def _padding_mask(model: nn.Module, x: torch.Tensor, tokens: list[int]) -> torch.Tensor | None:
