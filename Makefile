@@ -15,8 +15,12 @@ venv: $(VENV_STAMP)
 demo: $(VENV_STAMP)
 	bash scripts/demo.sh
 
+# pytest-xdist workers: one per core, at most 4 (each holds torch and its models); 0 = one process.
+# Measured on a 2-core AVX2-only EPYC: 428 s in one process, 276 s on 2 workers (same 1003 tests).
+TEST_JOBS ?= $(shell python3 -c "import os; n = len(os.sched_getaffinity(0)); print(min(4, n) if n > 1 else 0)")
+
 test: $(VENV_STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n $(TEST_JOBS) tests
 
 clean:
 	rm -rf .venv

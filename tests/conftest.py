@@ -17,7 +17,10 @@ if os.environ.get("VISTUNE_TEST_CUDA") != "1":
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One torch thread per pytest-xdist worker (``make test`` runs one worker per core): two workers of
+# two threads each on two cores measured slower than either alone.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VISTUNE_SHARED", REPO.parent / "shared"))

@@ -118,3 +118,17 @@ def test_serve_passes_compares_keys_values_a_padded_pass_and_a_pass_per_prompt_l
     # keys/values: one plain pass; tokens: merged under the policy, split at 0
     assert rows["LV"][2] == "1 / 1 / 2" and rows["LLLL"][2] == "1 / 1 / 1" and rows["VVVV"][2] == "1 / 1 / 1"
     assert rows["LVAl x4"][2] == "1 / 1 / 2" and rows["LLLL"][-1] == "1.00"
+
+
+def test_cuda_check_runs_its_checks_on_cpu(tmp_path):
+    """The GPU machine's check script (benchmarks/cuda_check.py) keeps working on CPU: precision,
+    training, exact resume and serving checks all pass (fp16 needs CUDA and is skipped)."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "cuda_check.py"), "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert "all checks passed" in lines and not any(line.startswith("FAIL") for line in lines)
+    for name in ("exact resume on the device", "serve: every row equals its own model on cpu (fp32)",
+                 "deep prompts served as keys/values", "train lora --precision auto"):
+        assert any(line.startswith(f"ok   {name}") for line in lines), name

@@ -277,6 +277,23 @@ def test_deep_prompts_served_as_keys_and_values_equal_their_own_model(vit_files)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_deep_prompts_stay_tokens_where_tokens_cost_less(tmp_path):
+    """Keys/values recompute the image tokens' scores (N^2 d per row and block), tokens run the
+    prompts through the projections and MLP (p (4d^2 + 2dh)). test_vit (d 64, h 192) at 112 px
+    has N = 50: 2,500 <= p * 640 holds for 5 prompts (3,200), not for 3 (1,920)."""
+    files = {}
+    for i, p in enumerate((3, 5)):
+        tuned = attach(backbone("test_vit", 112), "vpt", num_classes=3, length=p, deep=True)
+        perturb(tuned.tuned_parameters(), 30 + i)
+        files[f"deep{p}"] = tuned.save_tuned(tmp_path / f"deep{p}.safetensors")
+    mt = MultiTaskModel(backbone("test_vit", 112))
+    for name, path in files.items():
+        mt.add_task(name, path)
+    assert mt.tasks["deep5"].kv and mt.tasks["deep5"].tokens == 0
+    assert not mt.tasks["deep3"].kv and mt.tasks["deep3"].tokens == 3
+    check_against_own(mt, files, 112)
+
+
 def test_deep_prompts_stay_tokens_where_keys_and_values_do_not_reproduce_the_model(vit_files, monkeypatch):
     """add_task checks the keys/values against the task's own model on a probe image: wrong ones
     (here: keys of zero) are caught, warned about, and the prompts are served as tokens."""

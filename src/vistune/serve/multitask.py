@@ -787,10 +787,26 @@ class MultiTaskModel:
         with torch.no_grad():
             for block, prompts in routing.kv_prompts():
                 name = names.get(id(block))
-                if name is None or _kv_attention(block) is None or f"{name}.attn" not in self._modules:
+                if (name is None or _kv_attention(block) is None or f"{name}.attn" not in self._modules
+                        or not self._kv_pays(block, prompts.shape[0])):
                     return {}
                 out[f"{name}.attn"] = prompt_kv(block, prompts.detach().float())
         return out
+
+    def _kv_pays(self, block: nn.Module, prompts: int) -> bool:
+        """Whether keys/values cost less than tokens, in multiply-adds per row and block: the
+        merge recomputes the image tokens' scores, ``N^2 d``, where ``p`` prompt tokens would
+        run the projections and the MLP, ``p (4 d^2 + 2 d h)`` (the attention terms in ``N p d``
+        are alike). So keys/values where ``N^2 <= p (4 d + 2 h)``: DINOv2-S (d 384, h 1536) with
+        10 prompts up to N = 215 tokens (196 px), with 50 prompts up to 480."""
+        d = int(block.attn.qkv.in_features)
+        fc1 = getattr(getattr(block, "mlp", None), "fc1", None)
+        h = int(getattr(fc1, "out_features", 4 * d))
+        grid = getattr(getattr(self.backbone, "patch_embed", None), "grid_size", None)
+        if grid is None:
+            return True
+        n = int(getattr(self.backbone, "num_prefix_tokens", 0)) + int(grid[0]) * int(grid[1])
+        return n * n <= prompts * (4 * d + 2 * h)
 
     def _unshare_trained_in_place(self, view: nn.Module, tuned: Any) -> None:
         """Give private storage to the backbone tensors a method trains in place, before loading."""
