@@ -440,7 +440,7 @@ class _KVRouter:
         self.owner = owner
         self.name = name
         self.attn = attn
-        self.kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.routes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # task -> its (k, v) here
         self.q: torch.Tensor | None = None
         self.k: torch.Tensor | None = None
         self.handles = [attn.q_norm.register_forward_hook(self._read_q),
@@ -458,7 +458,7 @@ class _KVRouter:
 
     def _active(self) -> list[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
         rows = self.owner._rows
-        return [(self.kv[t], r) for t, r in rows.items() if t in self.kv] if rows else []
+        return [(self.routes[t], r) for t, r in rows.items() if t in self.routes] if rows else []
 
     def _read_q(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
         if self._active():
@@ -664,16 +664,12 @@ class MultiTaskModel:
     def _install(self, task: Task) -> Task:
         """Put ``task``'s routes on the backbone's modules and list it (the lock is held)."""
         name = task.name
-        for host_name, route in task.routes.items():
-            router = self._routers.get(host_name)
-            if router is None:
-                router = self._routers[host_name] = _Router(self, host_name, self._modules[host_name])
-            router.routes[name] = route
-        for attn_name, kv in task.kv.items():
-            kv_router = self._kv_routers.get(attn_name)
-            if kv_router is None:
-                kv_router = self._kv_routers[attn_name] = _KVRouter(self, attn_name, self._modules[attn_name])
-            kv_router.kv[name] = kv
+        for routers, table, kind in ((self._routers, task.routes, _Router), (self._kv_routers, task.kv, _KVRouter)):
+            for host_name, route in table.items():
+                router = routers.get(host_name)
+                if router is None:
+                    router = routers[host_name] = kind(self, host_name, self._modules[host_name])
+                router.routes[name] = route
         self._tasks[name] = task
         return task
 
@@ -703,18 +699,13 @@ class MultiTaskModel:
             if name not in self._tasks:
                 raise UnknownTaskError(f"no task {name!r} is loaded (loaded: {', '.join(self._tasks) or 'none'})")
             task = self._tasks.pop(name)
-            for host_name in task.routes:
-                router = self._routers[host_name]
-                router.routes.pop(name, None)
-                if not router.routes:
-                    router.remove()
-                    del self._routers[host_name]
-            for attn_name in task.kv:
-                kv_router = self._kv_routers[attn_name]
-                kv_router.kv.pop(name, None)
-                if not kv_router.kv:
-                    kv_router.remove()
-                    del self._kv_routers[attn_name]
+            for routers, table in ((self._routers, task.routes), (self._kv_routers, task.kv)):
+                for host_name in table:
+                    router = routers[host_name]
+                    router.routes.pop(name, None)
+                    if not router.routes:
+                        router.remove()
+                        del routers[host_name]
 
     def _build_task(self, name: str, source: Path, kv: bool = True) -> Task:
         kind = kind_of_run(source)  # the run's task class: it knows its files and its head
