@@ -573,14 +573,17 @@ def cmd_import_peft(args: argparse.Namespace) -> int:
 
 
 def cmd_robustness(args: argparse.Namespace) -> int:
-    from vistune.robustness.attacks import parse_attacks, parse_eps
     from vistune.robustness.corruptions import parse_corruptions, parse_severities
+
+    # numpy-only checks first: a mistyped corruption or severity fails before torch is imported
+    corruptions = parse_corruptions(args.corruptions) if args.corruptions else []
+    severities = parse_severities(args.severities)
+    from vistune.robustness.attacks import parse_attacks, parse_eps
     from vistune.workflows.robustness import RobustnessSettings, run_robustness
 
     s = RobustnessSettings(
-        tuned=args.tuned, out=args.out, data=args.data,
-        corruptions=parse_corruptions(args.corruptions) if args.corruptions else [],
-        severities=parse_severities(args.severities), attacks=parse_attacks(args.attack) if args.attack else [],
+        tuned=args.tuned, out=args.out, data=args.data, corruptions=corruptions,
+        severities=severities, attacks=parse_attacks(args.attack) if args.attack else [],
         eps=parse_eps(args.eps), pgd_steps=args.pgd_steps, pgd_alpha=args.pgd_alpha,
         ood=[x.strip() for x in args.ood.split(",") if x.strip()] if args.ood else [], class_map=args.class_map,
         baseline=args.baseline, max_images=args.max_images, batch_size=args.batch_size, device=args.device,
