@@ -17,8 +17,8 @@ if os.environ.get("VISTUNE_TEST_CUDA") != "1":
 import pytest
 import torch
 
-# One torch thread per pytest-xdist worker (``make test`` runs one worker per core): two workers of
-# two threads each on two cores measured slower than either alone.
+# One torch thread per pytest-xdist worker (``make test`` runs one worker per core), so the workers
+# together use the cores once instead of oversubscribing them.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 

@@ -225,12 +225,13 @@ class VPT(Method):
             for i in range(1, len(blocks)):
                 self.add_hook(blocks[i].register_forward_pre_hook(make_replace(i)))
         self.add_hook(blocks[-1].register_forward_hook(strip))
-        kv = None
-        if prompts.deep is not None:  # each block's prompts are constants, replaced before they are read
-            def kv() -> list[tuple[nn.Module, torch.Tensor]]:
-                return [(blocks[0], prompts.shallow[0]), *((blocks[i], prompts.deep[i - 1]) for i in range(1, len(blocks)))]
-        # prompts first, patches after: padding may trail
-        self._routing = Routing(tokens=p, tokenwise=True, kv_prompts=kv)
+        def kv_prompts() -> list[tuple[nn.Module, torch.Tensor]]:
+            return [(blocks[0], prompts.shallow[0]), *((blocks[i], prompts.deep[i - 1]) for i in range(1, len(blocks)))]
+
+        # prompts first, patches after: padding may trail; deep prompts are constants at every block,
+        # replaced before their outputs are read, so they may be served as keys/values
+        self._routing = Routing(tokens=p, tokenwise=True,
+                                kv_prompts=kv_prompts if prompts.deep is not None else None)
 
     # -- Swin ---------------------------------------------------------------------------
     def _attach_swin(self, model: nn.Module, anat: Anatomy) -> None:

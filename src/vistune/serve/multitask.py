@@ -525,7 +525,6 @@ class Task:
     routes: dict[str, _Route] = field(default_factory=dict)
     #: deep prompts served as keys/values: attention module name -> (k, v), each (heads, p, dim)
     kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    kv_probe: Any = None  # (image, its own model's features) until add_task has checked ``kv``
     private: list[torch.Tensor] = field(default_factory=list)  # every tensor only this task holds
     score_threshold: float = 0.3
 
@@ -655,13 +654,15 @@ class MultiTaskModel:
         with self.lock:
             if name in self._tasks:
                 raise DuplicateTaskError(f"task {name!r} is already loaded (remove it first)")
-            task = self._install(self._build_task(name, Path(source)))
-            if task.kv and not self._kv_reproduces(task):
+            task, probe = self._build_task(name, Path(source))
+            self._install(task)
+            if probe is not None and not self._kv_reproduces(task, *probe):
                 self.remove_task(name)  # keys/values that do not reproduce the model: prompts stay tokens
-                task = self._install(self._build_task(name, Path(source), kv=False))
+                task, _ = self._build_task(name, Path(source), kv=False)
+                self._install(task)
             return task
 
-    def _install(self, task: Task) -> Task:
+    def _install(self, task: Task) -> None:
         """Put ``task``'s routes on the backbone's modules and list it (the lock is held)."""
         name = task.name
         for routers, table, kind in ((self._routers, task.routes, _Router), (self._kv_routers, task.kv, _KVRouter)):
@@ -671,21 +672,18 @@ class MultiTaskModel:
                     router = routers[host_name] = kind(self, host_name, self._modules[host_name])
                 router.routes[name] = route
         self._tasks[name] = task
-        return task
 
-    def _kv_reproduces(self, task: Task) -> bool:
+    def _kv_reproduces(self, task: Task, probe: torch.Tensor, want: torch.Tensor) -> bool:
         """Whether the backbone with ``task``'s prompt keys/values gives the features its own model
         (hooks and prompt tokens) gave on a probe image: a guard against blocks that look like
         timm's but compute otherwise (another timm version, a subclass), where the task then
         keeps its prompts as tokens."""
-        probe, want = task.kv_probe
         with torch.inference_mode():
             self._rows, self._batch_size = {task.name: torch.zeros(1, dtype=torch.long, device=probe.device)}, 1
             try:
                 got = self.backbone.forward_features(probe)
             finally:
                 self._clear_pass()
-        task.kv_probe = None
         ok = got.shape == want.shape and bool(torch.allclose(got, want, rtol=1e-3, atol=1e-4))
         if not ok:
             diff = (got - want).abs().max().item() if got.shape == want.shape else f"shape {tuple(got.shape)}"
@@ -707,7 +705,9 @@ class MultiTaskModel:
                         router.remove()
                         del routers[host_name]
 
-    def _build_task(self, name: str, source: Path, kv: bool = True) -> Task:
+    def _build_task(self, name: str, source: Path, kv: bool = True) -> tuple[Task, tuple | None]:
+        """The task, and when its prompts are served as keys/values, ``(probe image, the features
+        its own model gave)`` for :meth:`_kv_reproduces` (the hooks are gone once this returns)."""
         kind = kind_of_run(source)  # the run's task class: it knows its files and its head
         tuned_path = kind.tuned_file(source)
         meta, tensors = read_tuned_file(tuned_path)
@@ -740,9 +740,9 @@ class MultiTaskModel:
         head, levels, classes = served.head, served.levels, served.classes
 
         routing = tuned.method.routing()
-        prompt_kv = self._prompt_kv(view, routing) if kv else {}
+        keys_values = self._prompt_kv(view, routing) if kv else {}
         probe = None
-        if prompt_kv:  # the hooks go: the prompts enter as keys/values (checked against them in add_task)
+        if keys_values:  # the hooks go: the prompts enter as keys/values (checked against them in add_task)
             probe = torch.randn(1, 3, self.info.img_size, self.info.img_size,
                                 generator=torch.Generator().manual_seed(0)).to(next(self.backbone.parameters()).device)
             with torch.inference_mode():
@@ -750,14 +750,14 @@ class MultiTaskModel:
             tuned.method.remove_hooks()
         task = Task(name=name, kind=kind.name, path=str(source), method=spec.name, options=dict(tuned.spec.options),
                     classes=classes, report=report, file_bytes=file_bytes,
-                    tokens=0 if prompt_kv else int(routing.tokens), tokenwise=bool(routing.tokenwise), head=head,
-                    levels=levels, kv=prompt_kv, kv_probe=probe)
+                    tokens=0 if keys_values else int(routing.tokens), tokenwise=bool(routing.tokenwise), head=head,
+                    levels=levels, kv=keys_values)
         if routing.own_pass:
             task.view = view  # hooks that cannot run on a subset of rows (Routing.own_pass)
         else:
             routes, rerun_numel = self._routes(view, head, {id(m) for m in routing.swaps})
             if "" in routes or 2 * rerun_numel >= self._numel:
-                if prompt_kv:  # a standalone model needs its prompt hooks back
+                if keys_values:  # a standalone model needs its prompt hooks back
                     return self._build_task(name, source, kv=False)
                 task.view = view  # full fine-tuning & co: a standalone model over private weights
             else:
@@ -766,7 +766,7 @@ class MultiTaskModel:
                 # is a keyword argument (of blocks and attention), so no re-run host may take one
                 task.tokenwise &= not any(r.rerun and _accepts_attn_mask(r.host.forward) for r in routes.values())
         task.private = self._private_tensors(view, task)
-        return task
+        return task, probe
 
     def _prompt_kv(self, view: nn.Module, routing: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Each attention module's prompt keys/values when the method's prompts may be served
