@@ -16,7 +16,7 @@ demo: $(VENV_STAMP)
 	bash scripts/demo.sh
 
 # pytest-xdist workers: one per core, at most 4 (each holds torch and its models); 0 = one process.
-# Measured on a 2-core AVX2-only EPYC: 428 s in one process, 276-369 s on 2 workers (six runs).
+# Measured on a 2-core AVX2-only EPYC: 428 s in one process, 276-369 s on 2 workers (seven runs).
 TEST_JOBS ?= $(shell python3 -c "import os; n = len(os.sched_getaffinity(0)); print(min(4, n) if n > 1 else 0)")
 
 test: $(VENV_STAMP)
