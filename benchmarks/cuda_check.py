@@ -16,9 +16,9 @@ nothing is downloaded. Prints one line per check and a summary.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,14 +61,18 @@ def squares_npz(path: Path, n: int = 256, size: int = 32, classes: int = 4) -> P
 
 
 def train(data: Path, out: Path, device: str, precision: str, *extra: str) -> tuple[int, dict, str]:
-    cmd = [sys.executable, "-m", "vistune", "train", "--backbone", "test_vit", "--img-size", "32", "--data",
-           f"npz:{data}", "--method", "lora", "--epochs", "2", "--batch-size", "32", "--lr", "3e-3",
-           "--optimizer", "adamw", "--device", device, "--precision", precision, "--out", str(out),
-           "--no-progress", *extra]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+    """``vistune train`` through its own entry point (argument parsing, precision resolution, run
+    files), in this process: a second interpreter would add only another torch import."""
+    from vistune.cli import main
+
+    argv = ["train", "--backbone", "test_vit", "--img-size", "32", "--data", f"npz:{data}", "--method", "lora",
+            "--epochs", "2", "--batch-size", "32", "--lr", "3e-3", "--optimizer", "adamw", "--device", device,
+            "--precision", precision, "--out", str(out), "--no-progress", *extra]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(argv)
     metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else {}
-    return proc.returncode, metrics, proc.stderr[-1500:] + proc.stdout[-500:]
+    return rc, metrics, err.getvalue()[-2000:]
 
 
 def check_precision(device: str) -> None:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
+import runpy
+import sys
 import tempfile
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 
 # The suite is the CPU suite (CI has no GPU): with a GPU visible, ``--device auto`` and
@@ -64,3 +69,37 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent (real data/weights live in ../shared on the project's machines)")
     return path
+
+
+@dataclass
+class ScriptRun:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_script(path: str | os.PathLike, *args: object) -> ScriptRun:
+    """Run a benchmark script as ``__main__`` in this process, as ``python path args...`` would.
+
+    Why not a subprocess: the scripts' tests check that they run end to end and print what they
+    should; a fresh interpreter adds nothing to that but a second import of torch and timm
+    (5-6 s each on the 2-core AVX2 CPU, eight scripts). What the script changes in the process is
+    put back: argv, sys.path, torch's thread count; a test that needs a clean process (signals,
+    exit codes of a real ``vistune`` process, fresh plugin registries) still starts one."""
+    saved_argv, saved_path, threads = sys.argv, list(sys.path), torch.get_num_threads()
+    out, err = io.StringIO(), io.StringIO()
+    sys.argv = [str(path), *(str(a) for a in args)]
+    code: object = 0
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                runpy.run_path(str(path), run_name="__main__")
+            except SystemExit as stop:
+                code = stop.code
+                if isinstance(code, str):  # sys.exit("message"): printed, exit status 1
+                    print(code, file=sys.stderr)
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+        torch.set_num_threads(threads)
+    returncode = 0 if code is None else code if isinstance(code, int) else 1
+    return ScriptRun(returncode, out.getvalue(), err.getvalue())

@@ -4,23 +4,22 @@ when the code under it moves. Their numbers are measured on real backbones, not 
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import timm
+
+from conftest import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_speed_benchmark_table():
     has_peft = importlib.util.find_spec("peft") is not None
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--backbone", "test_vit", "--img-size", "32",
-           "--rounds", "1", "--steps", "1", "--warmup", "1", "--precisions", "fp32"]
+    args = ["--backbone", "test_vit", "--img-size", "32", "--rounds", "1", "--steps", "1", "--warmup", "1",
+            "--precisions", "fp32"]
     if not has_peft:
-        cmd.append("--no-peft")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        args.append("--no-peft")
+    proc = run_script(ROOT / "benchmarks" / "speed.py", *args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {}
     for line in proc.stdout.splitlines():
@@ -44,10 +43,9 @@ def test_speed_benchmark_table():
 
 
 def test_spt_profile_prints_ops_and_round_robin_ratios():
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_spt.py"), "--backbone", "test_vit", "--img-size", "32",
-           "--batch-size", "4", "--rounds", "1", "--top", "3", "--profile", "spt-lora 0.15M",
-           "--variants", "full;lora r8 q,v;spt-lora 0.15M"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_script(ROOT / "benchmarks" / "profile_spt.py", "--backbone", "test_vit", "--img-size", "32",
+                      "--batch-size", "4", "--rounds", "1", "--top", "3", "--profile", "spt-lora 0.15M",
+                      "--variants", "full;lora r8 q,v;spt-lora 0.15M")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout.splitlines()
     assert any(line.startswith("spt-lora 0.15M: ") and "op calls" in line for line in out)
@@ -56,9 +54,8 @@ def test_spt_profile_prints_ops_and_round_robin_ratios():
 
 
 def test_lora_profile_prints_each_models_gemm_share():
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_lora.py"), "--backbone", "test_vit", "--img-size", "32",
-           "--steps", "1", "--top", "3"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_script(ROOT / "benchmarks" / "profile_lora.py", "--backbone", "test_vit", "--img-size", "32",
+                      "--steps", "1", "--top", "3")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("machine: ")
     lines = [ln for ln in proc.stdout.splitlines() if "self CPU per step" in ln]
@@ -109,9 +106,8 @@ def test_evidence_spt_and_edge_tables(tmp_path):
 
 
 def test_serve_passes_compares_keys_values_a_padded_pass_and_a_pass_per_prompt_length():
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "serve_passes.py"), "--backbone", "test_vit", "--img-size", "32",
-           "--rounds", "1", "--pass-cost-tokens", "1000"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_script(ROOT / "benchmarks" / "serve_passes.py", "--backbone", "test_vit", "--img-size", "32",
+                      "--rounds", "1", "--pass-cost-tokens", "1000")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {c[0]: c for c in ([x.strip() for x in line.strip("|").split("|")] for line in proc.stdout.splitlines()
                               if line.startswith("| ") and not line.startswith("| batch"))}
@@ -123,9 +119,7 @@ def test_serve_passes_compares_keys_values_a_padded_pass_and_a_pass_per_prompt_l
 def test_cuda_check_runs_its_checks_on_cpu(tmp_path):
     """The GPU machine's check script (benchmarks/cuda_check.py) keeps working on CPU: precision,
     training, exact resume and serving checks all pass (fp16 needs CUDA and is skipped)."""
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "cuda_check.py"), "--device", "cpu"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_script(ROOT / "benchmarks" / "cuda_check.py", "--device", "cpu")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert "all checks passed" in lines and not any(line.startswith("FAIL") for line in lines)

@@ -6,6 +6,7 @@ aborts at interpreter exit after finishing its work).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -61,13 +62,25 @@ SCRIPT = textwrap.dedent("""
     rc = 0
     for argv in {jobs!r}:
         rc = rc or main(argv)
+    {streamed}
     sys.exit(rc)
 """)
 
+# A training run on a streamed wds: split (the CLI caches a split this small, so the API streams it).
+STREAMED = textwrap.dedent("""
+    from tests.test_engine import cfg_for
+    from vistune.data import load_data
+    from vistune.workflows.train import train
+    data = load_data({spec!r}, img_size=32, cache_mb=0)
+    assert data.train.stream is not None
+    train(cfg_for({shards!r}, {out!r}, method="lora", epochs=2, batch_size=6, data={spec!r}), data=data)
+""")
 
-def _torchrun(tmp_path: Path, jobs: list[list[str]], nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+
+def _torchrun(tmp_path: Path, jobs: list[list[str]], nproc: int = 2, timeout: float = 240,
+              streamed: str = "") -> subprocess.CompletedProcess:
     script = tmp_path / "job.py"
-    script.write_text(SCRIPT.format(jobs=jobs))
+    script.write_text(SCRIPT.format(jobs=jobs, streamed=f"exec({streamed!r})" if streamed else ""))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(script)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
@@ -80,13 +93,24 @@ def _common(data: str, out: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory):
-    """One torchrun job (2 ranks, gloo) that trains classification, segmentation and pretrain."""
+    """One torchrun job (2 ranks, gloo) that trains classification, segmentation and pretrain, and
+    a run on streamed wds: shards: one job because each rank's start (importing torch and timm)
+    costs more than the training."""
     from tests.test_dense import make_camvid
 
     root = tmp_path_factory.mktemp("ddp")
     folder = make_folder(root / "data", classes=3, per_class=9)  # 27 train: last batch of 3 splits 1/2
     (folder / "test" / "class0" / "0.png").unlink()  # 11 test images: 2 ranks score 5 and 6
     camvid = make_camvid(root / "cv")
+    streamed = ""
+    if importlib.util.find_spec("webdataset") is not None:
+        from vistune.data.__main__ import main as data_main
+
+        # 3 classes x 8 train images in shards of 5: 5 shards, so rank 0 holds 14 samples, rank 1 10
+        shard_src = make_folder(root / "wds-folder", classes=3, per_class=8)
+        assert data_main(["shard", f"folder:{shard_src}", "--out", str(root / "shards"), "--shard-size", "5"]) == 0
+        streamed = STREAMED.format(spec=f"wds:{root / 'shards'}", shards=str(root / "shards"),
+                                   out=str(root / "two" / "streamed"))
     jobs = {
         "classify": ["train", "--method", "lora", *_common(f"folder:{folder}", root / "two" / "classify")],
         "segment": ["train", "--task", "segment", "--method", "linear", "--optimizer", "adamw", "--lr", "1e-2",
@@ -94,7 +118,7 @@ def two_process_runs(tmp_path_factory):
         "pretrain": ["pretrain", "--method", "vpt", "-o", "length=2", *_common(f"folder:{folder}", root / "two" / "pre")],
     }
     t0 = time.perf_counter()
-    proc = _torchrun(root, list(jobs.values()))
+    proc = _torchrun(root, list(jobs.values()), streamed=streamed)
     return {"root": root, "folder": folder, "camvid": camvid, "jobs": jobs, "proc": proc,
             "seconds": time.perf_counter() - t0}
 
@@ -142,6 +166,19 @@ def test_two_processes_train_segmentation_and_pretrain(two_process_runs):
     pm = json.loads((pre / "metrics.json").read_text())
     assert pm["world_size"] == 2 and (pre / "modules.safetensors").is_file() and (pre / "heads.safetensors").is_file()
     assert pm["sources"][0]["num_train"] == 27
+
+
+def test_two_gloo_processes_train_on_a_streamed_split(two_process_runs):
+    """A 2-rank job on streamed shards (5 shards: ranks hold 14 and 10 samples, so rank 1 runs out
+    first and must keep joining the gradient sum): it finishes, rank 0 writes."""
+    pytest.importorskip("webdataset")
+    r = two_process_runs
+    run = r["root"] / "two" / "streamed"
+    assert (run / "metrics.json").is_file(), r["proc"].stderr[-3000:]
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["num_train"] == 24 and m["num_test"] == 12
+    log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
 
 
 def _rank1_fails_at_step_2(tmp_path: Path, failure: str, *torchrun_args: str) -> subprocess.CompletedProcess:

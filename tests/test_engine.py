@@ -208,11 +208,19 @@ def test_log_is_rewritten_from_checkpoint_on_resume(folder, tmp_path):
 @pytest.mark.parametrize("method,optimizer,precision", [("lora", "sgd", "fp32"), ("linear", "sgd", "bf16"),
                                                         ("full", "sgd", "fp32")])
 def test_diverging_run_stops_and_writes_no_model(folder, tmp_path, capsys, method, optimizer, precision):
+    import vistune.precision
+
+    # bf16 here is emulated (conftest), which warns once per process: clear that memory so this
+    # test sees the same lines whichever tests ran before it in this worker
+    vistune.precision._warn_once.cache_clear()
     out = tmp_path / "nan"
     rc = main(["train", "--backbone", "test_vit", "--img-size", "32", "--method", method, "--data", f"folder:{folder}",
                "--epochs", "3", "--batch-size", "8", "--lr", "1e8", "--clip-grad", "0", "--optimizer", optimizer,
                "--precision", precision, "--out", str(out), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
+    warnings = [line for line in err if line.startswith("vistune: warning:")]
+    assert len(warnings) == (precision == "bf16") and all("bf16 autocast is emulated" in w for w in warnings)
+    err = [line for line in err if line not in warnings]
     assert rc == 2 and len(err) == 1 and "diverged" in err[0] and "lower the learning rate" in err[0]
     assert not (out / "tuned.safetensors").exists() and not (out / "metrics.json").exists()
 
@@ -374,11 +382,20 @@ def test_vtab_subset_draws_train_and_val_from_the_training_pool(tmp_path):
     assert set(split2["splits"]["train"]["ids"]) == train_ids | val_ids  # the same 15 whatever the seed
 
 
-def test_compiled_training_matches_eager(folder, tmp_path):
+def test_compiled_training_matches_eager(folder, tmp_path, monkeypatch):
     """--compile changes how the step runs, not what it computes: same losses to float rounding,
-    and the tuned file holds the eager model's own keys (no torch.compile wrapper prefix)."""
+    and the tuned file holds the eager model's own keys (no torch.compile wrapper prefix).
+
+    The run's ``torch.compile`` traces with dynamo and AOT autograd (where a method's forward or
+    its gradients could go wrong) but hands the graphs to ``aot_eager`` instead of inductor: what
+    is vistune's here is the tracing and the wrapper, not inductor's kernels, and inductor's cold
+    C++ compile took 70-78 s of this test on a fresh machine (2-core AVX2 EPYC). Inductor itself
+    is measured by benchmarks/compile_cost.py."""
+    import functools
+
     from safetensors import safe_open
 
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     eager = train(cfg_for(folder, tmp_path / "eager", epochs=2))
     compiled = train(cfg_for(folder, tmp_path / "compiled", epochs=2, compile=True))
     for a, b in zip(*[[json.loads(line)["train_loss"] for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]

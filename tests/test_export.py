@@ -155,9 +155,35 @@ def run_plain_timm(tmp: Path, jobs: list[dict]) -> None:
     assert res.returncode == 0 and "plain-timm-ok" in res.stdout, res.stderr[-3000:]
 
 
+def _dinov2_cache() -> Path:
+    return Path(os.environ.get("VISTUNE_WEIGHTS_DIR", Path.home() / ".cache" / "vistune" / "weights"))
+
+
+def _dinov2_job(tmp: Path) -> tuple[dict, torch.Tensor, torch.Tensor] | None:
+    """dinov2-s14 at 112 px, LoRA, exported to timm (None when its weights are not cached)."""
+    if not (_dinov2_cache() / "dinov2-s14.safetensors").is_file():
+        return None
+    tuned = attach(seeded_backbone("dinov2-s14", None, 112), "lora", num_classes=5, rank=2)
+    perturb(tuned)
+    tuned.save_tuned(tmp / "dinov2-run" / "tuned.safetensors", extra={"class_names": CLASSES})
+    export(tmp / "dinov2-run", "timm", tmp / "dinov2-timm")
+    run = load_run(tmp / "dinov2-run")
+    try:
+        x = real_photos(112, run.backbone["mean"], run.backbone["std"])
+    except pytest.skip.Exception:
+        x = generated_images(2, size=112)
+    np.save(tmp / "dinov2-x.npy", x.numpy())
+    with torch.no_grad():
+        ref = run.model(x)
+    job = {"dir": str(tmp / "dinov2-timm"), "x": str(tmp / "dinov2-x.npy"), "out_local": str(tmp / "dinov2-a.npy"),
+           "out_overlay": str(tmp / "dinov2-b.npy"), "pos_embed": str(tmp / "dinov2-pos.npy")}
+    return job, ref, run.tuned.model.pos_embed.detach().clone()
+
+
 @pytest.fixture(scope="module")
 def timm_results(runs, tmp_path_factory):
-    """Export every mergeable case once, load all with plain timm in one subprocess."""
+    """Export every mergeable case once (and DINOv2 when its weights are cached), load all with
+    plain timm in one subprocess: each fresh interpreter costs a torch and timm import."""
     tmp = tmp_path_factory.mktemp("timm")
     jobs, expected = [], {}
     for case in MERGEABLE:
@@ -168,9 +194,16 @@ def timm_results(runs, tmp_path_factory):
         expected[case] = vistune_outputs(runs(case), x)
         jobs.append({"dir": str(out), "x": str(tmp / f"{case}-x.npy"), "out_local": str(tmp / f"{case}-a.npy"),
                      "out_overlay": str(tmp / f"{case}-b.npy")})
+    dinov2 = _dinov2_job(tmp)
+    if dinov2 is not None:
+        jobs.append(dinov2[0])
     run_plain_timm(tmp, jobs)
-    return {case: (expected[case], np.load(tmp / f"{case}-a.npy"), np.load(tmp / f"{case}-b.npy"))
-            for case in MERGEABLE}
+    results = {case: (expected[case], np.load(tmp / f"{case}-a.npy"), np.load(tmp / f"{case}-b.npy"))
+               for case in MERGEABLE}
+    if dinov2 is not None:
+        job, ref, pos = dinov2
+        results["dinov2"] = (ref, np.load(job["out_local"]), np.load(job["out_overlay"]), np.load(job["pos_embed"]), pos)
+    return results
 
 
 @pytest.mark.parametrize("case", MERGEABLE)
@@ -651,32 +684,17 @@ def test_cli_export_and_import(runs, tmp_path, capsys):
 # ---------------------------------------------------------------------------------- real weights
 
 @pytest.mark.slow
-def test_dinov2_timm_export_keeps_the_antialias_free_pos_embed(tmp_path):
+def test_dinov2_timm_export_keeps_the_antialias_free_pos_embed(timm_results):
     """dinov2-s14 at 112 px: vistune resamples the 37x37 grid without antialias after timm's load;
     the timm export must carry that tensor so plain timm reproduces vistune's logits."""
     from vistune.weights import get_entry  # noqa: F401  (the zoo exists)
 
-    cache = Path(os.environ.get("VISTUNE_WEIGHTS_DIR", Path.home() / ".cache" / "vistune" / "weights"))
-    if not (cache / "dinov2-s14.safetensors").is_file():
-        pytest.skip(f"dinov2-s14 weights are not cached in {cache} (vistune weights get dinov2-s14)")
-    tuned = attach(seeded_backbone("dinov2-s14", None, 112), "lora", num_classes=5, rank=2)
-    perturb(tuned)
-    tuned.save_tuned(tmp_path / "run" / "tuned.safetensors", extra={"class_names": CLASSES})
-    export(tmp_path / "run", "timm", tmp_path / "timm")
-    run = load_run(tmp_path / "run")
-    try:
-        x = real_photos(112, run.backbone["mean"], run.backbone["std"])
-    except pytest.skip.Exception:
-        x = generated_images(2, size=112)
-    np.save(tmp_path / "x.npy", x.numpy())
-    run_plain_timm(tmp_path, [{"dir": str(tmp_path / "timm"), "x": str(tmp_path / "x.npy"),
-                               "out_local": str(tmp_path / "a.npy"), "out_overlay": str(tmp_path / "b.npy"),
-                               "pos_embed": str(tmp_path / "pos.npy")}])
-    with torch.no_grad():
-        ref = run.model(x)
-    assert np.array_equal(np.load(tmp_path / "pos.npy"), run.tuned.model.pos_embed.detach().numpy())
-    assert max_diff(np.load(tmp_path / "a.npy"), ref) <= 1e-4
-    assert max_diff(np.load(tmp_path / "b.npy"), ref) <= 1e-4
+    if "dinov2" not in timm_results:
+        pytest.skip(f"dinov2-s14 weights are not cached in {_dinov2_cache()} (vistune weights get dinov2-s14)")
+    ref, local_dir, overlay, plain_pos, vistune_pos = timm_results["dinov2"]
+    assert np.array_equal(plain_pos, vistune_pos.numpy())
+    assert max_diff(local_dir, ref) <= 1e-4
+    assert max_diff(overlay, ref) <= 1e-4
 
 
 def test_a_failure_inside_the_export_leaves_nothing(runs, tmp_path, monkeypatch):

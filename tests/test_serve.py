@@ -808,15 +808,11 @@ def test_serve_benchmark_runs_and_each_task_adds_its_file(tmp_path):
     """benchmarks/serve.py end to end on a tiny model (it once broke silently when a module it
     imported moved): both modes answer over HTTP, and adding a LoRA task adds exactly its file's
     tensors to the service's memory."""
-    import subprocess
-    import sys
+    from conftest import run_script
 
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "serve.py"), "--backbone", "test_vit", "--img-size", "32",
-         "--tasks", "1", "--requests", "8", "--rounds", "2", "--warmup", "2", "--concurrency", "2",
-         "--memory-methods", "linear,lora", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_script(Path(__file__).resolve().parents[1] / "benchmarks" / "serve.py", "--backbone", "test_vit",
+                      "--img-size", "32", "--tasks", "1", "--requests", "8", "--rounds", "2", "--warmup", "2",
+                      "--concurrency", "2", "--memory-methods", "linear,lora", "--out", tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line
             for line in proc.stdout.splitlines() if line.startswith("|")}

@@ -25,6 +25,7 @@ import pytest
 
 from test_serve import PNG, backbone, free_port, live_server
 from test_serve_security import tuned_file
+from conftest import run_script
 from vistune.serve.batching import Batcher, BatcherClosedError
 from vistune.serve.multitask import MultiTaskModel
 
@@ -362,11 +363,8 @@ def test_dockerfile_parses_copies_files_that_exist_and_runs_vistune_serve_with_r
 
 @pytest.mark.slow
 def test_load_test_runs_briefly_and_loses_nothing(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "serve.py"), "--load-test", "--backbone", "test_vit",
-         "--img-size", "32", "--tasks", "2", "--ramp-seconds", "0.5", "--seconds", "1", "--max-inflight", "4",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_script(REPO / "benchmarks" / "serve.py", "--load-test", "--backbone", "test_vit", "--img-size", "32",
+                      "--tasks", "2", "--ramp-seconds", "0.5", "--seconds", "1", "--max-inflight", "4", "--out", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "load.json").read_text())
     assert report["sent"] > 0 and report["ok"] > 0

@@ -3,6 +3,7 @@ event reader and MLflow's client on a local file store, so no server is needed."
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -10,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("tensorboard", reason="tensorboard (the tracking extra) is not installed")
-pytest.importorskip("mlflow", reason="mlflow-skinny (the tracking extra) is not installed")
+# find_spec, not importorskip: importing mlflow costs ~2 s, which every pytest-xdist worker would
+# pay at collection; the tests import it when they run
+for _extra, _dist in (("tensorboard", "tensorboard"), ("mlflow", "mlflow-skinny")):
+    if importlib.util.find_spec(_extra) is None:
+        pytest.skip(f"{_dist} (the tracking extra) is not installed", allow_module_level=True)
 
 from tests.test_engine import cfg_for, make_folder  # noqa: E402
 from vistune.cli import main  # noqa: E402

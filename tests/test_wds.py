@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import shared_path
+from conftest import shared_path
 from tests.test_engine import cfg_for, make_folder
 from vistune.data import DataError, load_data
 from vistune.data.__main__ import main as data_main
@@ -297,16 +297,11 @@ def test_pretrain_from_tinyimagenet_shards_gives_the_modules_of_the_npz(tmp_path
 
 def test_read_benchmark_runs_on_a_tiny_input(sharded):
     """benchmarks/wds_read.py end to end on 20 images (its numbers are measured elsewhere, alone)."""
-    import os
-    import subprocess
-    import sys
+    from conftest import run_script
 
     folder, _ = sharded
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "wds_read.py"
-    proc = subprocess.run([sys.executable, str(script), "--data", f"folder:{folder}", "--limit", "20", "--img-size", "16",
-                           "--workers", "1", "--shard-size", "5", "--batch-size", "4"],
-                          check=False, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_script(Path(__file__).resolve().parents[1] / "benchmarks" / "wds_read.py", "--data", f"folder:{folder}",
+                      "--limit", "20", "--img-size", "16", "--workers", "1", "--shard-size", "5", "--batch-size", "4")
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("machine: ")
@@ -314,32 +309,3 @@ def test_read_benchmark_runs_on_a_tiny_input(sharded):
     assert [r[0] for r in rows] == ["wds (streamed)", "npz (by index)", "folder (by index)"]
     assert all(r[2] == "20" for r in rows)  # every copy read all 20 images once
 
-
-def test_two_gloo_processes_train_on_a_streamed_split(sharded, tmp_path):
-    """A real 2-rank torchrun job on streamed shards (5 shards: ranks hold 14 and 10 samples, so
-    rank 1 runs out first and must keep joining the gradient sum): it finishes, rank 0 writes."""
-    import os
-    import subprocess
-    import sys
-    import textwrap
-
-    _, shards = sharded
-    root = Path(__file__).resolve().parents[1]
-    script = tmp_path / "job.py"
-    script.write_text(textwrap.dedent(f"""
-        from tests.test_engine import cfg_for
-        from vistune.data import load_data
-        from vistune.workflows.train import train
-        data = load_data({f"wds:{shards}"!r}, img_size=32, cache_mb=0)
-        assert data.train.stream is not None
-        train(cfg_for({str(shards)!r}, {str(tmp_path / "run")!r}, method="lora", epochs=2, batch_size=6,
-                      data={f"wds:{shards}"!r}), data=data)
-    """))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script)], check=False, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert m["world_size"] == 2 and m["num_train"] == 24 and m["num_test"] == 12
-    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in log] == [1, 2]
