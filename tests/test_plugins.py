@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -277,6 +278,18 @@ def test_an_installed_package_is_found_without_an_import(clean_registry, tmp_pat
     assert cls.__module__ == "ia3" and cls.name == "ia3"
     with torch.no_grad():
         assert attach(vit(), "ia3").parameter_report()["tuned_params"] == 6 * (2 * 64 + 192)
+
+
+def test_a_package_installed_while_the_process_runs_is_found(clean_registry, tmp_path, monkeypatch):
+    """Entry points are read once per state of the sys.path folders (a command asks ~10 times):
+    a dist-info folder that appears in a folder already on the path (``pip install`` into
+    site-packages while a server runs) is still found, as it was before the memo."""
+    monkeypatch.delitem(sys.modules, "ia3", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "ia3" not in method_names()  # read (and kept) with tmp_path on the path, empty
+    time.sleep(0.05)  # a later clock tick than tmp_path's creation: file times are tick-grained
+    fake_distribution(tmp_path, "vistune_ia3", {"ia3": "ia3:IA3"})
+    assert "ia3" in method_names() and get_method("ia3").name == "ia3"
 
 
 def test_a_broken_entry_point_fails_only_its_own_method(clean_registry, tmp_path, monkeypatch, capsys):
