@@ -83,7 +83,7 @@ def run_script(path: str | os.PathLike, *args: object) -> ScriptRun:
 
     Why not a subprocess: the scripts' tests check that they run end to end and print what they
     should; a fresh interpreter adds nothing to that but a second import of torch and timm
-    (5-6 s each on the 2-core AVX2 CPU, eight scripts). What the script changes in the process is
+    (5-6 s on the 2-core AVX2 CPU, per script). What the script changes in the process is
     put back: argv, sys.path, torch's thread count; a test that needs a clean process (signals,
     exit codes of a real ``vistune`` process, fresh plugin registries) still starts one."""
     saved_argv, saved_path, threads = sys.argv, list(sys.path), torch.get_num_threads()

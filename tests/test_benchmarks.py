@@ -4,6 +4,7 @@ when the code under it moves. Their numbers are measured on real backbones, not 
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import timm
@@ -126,3 +127,12 @@ def test_cuda_check_runs_its_checks_on_cpu(tmp_path):
     for name in ("exact resume on the device", "serve: every row equals its own model on cpu (fp32)",
                  "deep prompts served as keys/values", "train lora --precision auto"):
         assert any(line.startswith(f"ok   {name}") for line in lines), name
+
+
+def test_calibrate_prints_the_machine_and_both_timings():
+    proc = run_script(ROOT / "benchmarks" / "calibrate.py")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    machine, line = proc.stdout.strip().splitlines()
+    assert machine.startswith("machine: ") and "1 threads" in machine
+    timings = [float(x) for x in re.findall(r"(\d+\.\d+) s\b", line)]
+    assert line.startswith("calibration: ") and len(timings) == 2 and all(t > 0 for t in timings)
