@@ -17,7 +17,7 @@ demo: $(VENV_STAMP)
 
 # pytest-xdist workers: one per core, at most 4 (each holds torch and its models); 0 = one process.
 # Measured on a 2-core AVX2-only EPYC: 428 s in one process, 276-369 s on 2 workers before the
-# 2026-12-04 cuts, then 270-298 s (benchmarks/RESULTS.md: the suite's time on the AVX2-only CPU).
+# 2026-12-04 cuts, then 270-298 s in three runs (RESULTS.md: the suite's time on the AVX2-only CPU).
 TEST_JOBS ?= $(shell python3 -c "import os; n = len(os.sched_getaffinity(0)); print(min(4, n) if n > 1 else 0)")
 
 # Bytecode is written for the suite even where PYTHONDONTWRITEBYTECODE is set (it is on the project's
