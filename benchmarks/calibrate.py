@@ -1,7 +1,7 @@
 """How fast this machine is right now, in two fixed single-thread workloads.
 
 Why: the project's 2-core VMs run the same code at very different speeds from hour to hour (on the
-AVX2 EPYC the Python loop below took 0.26-0.59 s within one session, with no steal time reported),
+AVX2 EPYC the Python loop below took 0.11-0.59 s within one session, with no steal time reported),
 so a suite or benchmark time means little without the machine's speed when it was taken. Run it
 just before and after a measurement and quote both::
 
