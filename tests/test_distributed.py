@@ -80,7 +80,7 @@ STREAMED = textwrap.dedent("""
 def _torchrun(tmp_path: Path, jobs: list[list[str]], nproc: int = 2, timeout: float = 240,
               streamed: str = "") -> subprocess.CompletedProcess:
     script = tmp_path / "job.py"
-    script.write_text(SCRIPT.format(jobs=jobs, streamed=f"exec({streamed!r})" if streamed else ""))
+    script.write_text(SCRIPT.format(jobs=jobs, streamed=streamed))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(script)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
@@ -104,11 +104,10 @@ def two_process_runs(tmp_path_factory):
     camvid = make_camvid(root / "cv")
     streamed = ""
     if importlib.util.find_spec("webdataset") is not None:
-        from vistune.data.__main__ import main as data_main
+        from tests.test_wds import shard
 
         # 3 classes x 8 train images in shards of 5: 5 shards, so rank 0 holds 14 samples, rank 1 10
-        shard_src = make_folder(root / "wds-folder", classes=3, per_class=8)
-        assert data_main(["shard", f"folder:{shard_src}", "--out", str(root / "shards"), "--shard-size", "5"]) == 0
+        shard(f"folder:{make_folder(root / 'wds-folder', classes=3, per_class=8)}", root / "shards", 5)
         streamed = STREAMED.format(spec=f"wds:{root / 'shards'}", shards=str(root / "shards"),
                                    out=str(root / "two" / "streamed"))
     jobs = {

@@ -155,13 +155,11 @@ def run_plain_timm(tmp: Path, jobs: list[dict]) -> None:
     assert res.returncode == 0 and "plain-timm-ok" in res.stdout, res.stderr[-3000:]
 
 
-def _dinov2_cache() -> Path:
-    return Path(os.environ.get("VISTUNE_WEIGHTS_DIR", Path.home() / ".cache" / "vistune" / "weights"))
-
-
 def _dinov2_job(tmp: Path) -> tuple[dict, torch.Tensor, torch.Tensor] | None:
     """dinov2-s14 at 112 px, LoRA, exported to timm (None when its weights are not cached)."""
-    if not (_dinov2_cache() / "dinov2-s14.safetensors").is_file():
+    from vistune.weights.cache import weights_dir
+
+    if not (weights_dir() / "dinov2-s14.safetensors").is_file():
         return None
     tuned = attach(seeded_backbone("dinov2-s14", None, 112), "lora", num_classes=5, rank=2)
     perturb(tuned)
@@ -687,10 +685,10 @@ def test_cli_export_and_import(runs, tmp_path, capsys):
 def test_dinov2_timm_export_keeps_the_antialias_free_pos_embed(timm_results):
     """dinov2-s14 at 112 px: vistune resamples the 37x37 grid without antialias after timm's load;
     the timm export must carry that tensor so plain timm reproduces vistune's logits."""
-    from vistune.weights import get_entry  # noqa: F401  (the zoo exists)
+    from vistune.weights.cache import weights_dir
 
     if "dinov2" not in timm_results:
-        pytest.skip(f"dinov2-s14 weights are not cached in {_dinov2_cache()} (vistune weights get dinov2-s14)")
+        pytest.skip(f"dinov2-s14 weights are not cached in {weights_dir()} (vistune weights get dinov2-s14)")
     ref, local_dir, overlay, plain_pos, vistune_pos = timm_results["dinov2"]
     assert np.array_equal(plain_pos, vistune_pos.numpy())
     assert max_diff(local_dir, ref) <= 1e-4

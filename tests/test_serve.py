@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import run_script
 from vistune import attach, create_backbone, load_tuned
 from vistune.dense.model import build_dense_model, load_dense, save_dense
 from vistune.backbones import seeded_backbone
@@ -258,8 +259,8 @@ def test_deep_prompts_served_as_keys_and_values_equal_their_own_model(vit_files)
     assert all(k.shape == v.shape == (2, 5, 32) for k, v in deep.kv.values())  # heads, prompts, head dim
     assert not deep.routes  # the prompt hooks are gone: nothing but the keys/values
     # the merge is paid for in memory: keys and values of every block, beside the prompts
-    kv_bytes = sum(k.numel() + v.numel() for k, v in deep.kv.values()) * 4
-    assert mt.memory_report()["tasks"]["vpt5deep"]["tensor_bytes"] >= kv_bytes + 6 * 5 * 64 * 4
+    assert kv_bytes(deep) == 6 * 2 * (2 * 5 * 32) * 4  # blocks x (k, v) x (heads, prompts, head dim) x fp32
+    assert mt.memory_report()["tasks"]["vpt5deep"]["tensor_bytes"] >= kv_bytes(deep) + 6 * 5 * 64 * 4
     tasks = mixed(names, 2, seed=2)
     mt.pass_cost_tokens = 0  # a pass per prompt length: deep rows share the plain one
     assert {k for k, _ in mt.passes(tasks)} == {(0, ""), (3, "")}
@@ -399,6 +400,11 @@ def test_cnn_dense_tasks_equal_their_own_models(tmp_path):
             torch.testing.assert_close(torch.cat([out[i] for i in idx]), want, rtol=1e-5, atol=1e-5)
 
 
+def kv_bytes(task) -> int:
+    """What a task's deep-prompt keys and values hold (memory_report counts them as the task's)."""
+    return sum(t.numel() * t.element_size() for pair in task.kv.values() for t in pair)
+
+
 def test_each_task_costs_its_file_not_a_backbone(vit_files, dense_runs):
     mt = MultiTaskModel(backbone(*VIT))
     backbone_bytes = mt.memory_report()["backbone_bytes"]
@@ -408,7 +414,7 @@ def test_each_task_costs_its_file_not_a_backbone(vit_files, dense_runs):
     assert report["backbone_bytes"] == backbone_bytes
     for name, row in report["tasks"].items():
         # exactly its tensors, nothing else (deep prompts: also their keys and values, per block)
-        kv = sum(t.numel() * t.element_size() for pair in mt.tasks[name].kv.values() for t in pair)
+        kv = kv_bytes(mt.tasks[name])
         assert row["tensor_bytes"] == row["file_bytes"] + kv > 0, name
         assert (kv > 0) == name.endswith("deep"), name
         if name != "full":
@@ -421,8 +427,7 @@ def test_each_task_costs_its_file_not_a_backbone(vit_files, dense_runs):
     for name, path in dense_runs.items():
         dense.add_task(name, path)
     for name, row in dense.memory_report()["tasks"].items():
-        kv = sum(t.numel() * t.element_size() for pair in dense.tasks[name].kv.values() for t in pair)
-        assert row["tensor_bytes"] == row["file_bytes"] + kv, name  # dense: tuned file + head file
+        assert row["tensor_bytes"] == row["file_bytes"] + kv_bytes(dense.tasks[name]), name  # dense: tuned file + head file
 
 
 def test_files_for_other_weights_or_size_are_refused(vit_files, tmp_path):
@@ -808,8 +813,6 @@ def test_serve_benchmark_runs_and_each_task_adds_its_file(tmp_path):
     """benchmarks/serve.py end to end on a tiny model (it once broke silently when a module it
     imported moved): both modes answer over HTTP, and adding a LoRA task adds exactly its file's
     tensors to the service's memory."""
-    from conftest import run_script
-
     proc = run_script(Path(__file__).resolve().parents[1] / "benchmarks" / "serve.py", "--backbone", "test_vit",
                       "--img-size", "32", "--tasks", "1", "--requests", "8", "--rounds", "2", "--warmup", "2",
                       "--concurrency", "2", "--memory-methods", "linear,lora", "--out", tmp_path)

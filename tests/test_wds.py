@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import shared_path
+from conftest import run_script, shared_path
 from tests.test_engine import cfg_for, make_folder
 from vistune.data import DataError, load_data
 from vistune.data.__main__ import main as data_main
@@ -297,8 +297,6 @@ def test_pretrain_from_tinyimagenet_shards_gives_the_modules_of_the_npz(tmp_path
 
 def test_read_benchmark_runs_on_a_tiny_input(sharded):
     """benchmarks/wds_read.py end to end on 20 images (its numbers are measured elsewhere, alone)."""
-    from conftest import run_script
-
     folder, _ = sharded
     proc = run_script(Path(__file__).resolve().parents[1] / "benchmarks" / "wds_read.py", "--data", f"folder:{folder}",
                       "--limit", "20", "--img-size", "16", "--workers", "1", "--shard-size", "5", "--batch-size", "4")
